@@ -1,0 +1,226 @@
+// permute / unpermute on the CPU (SPEC.md section 3): stable expert-major order of the
+// (token, slot) rows, optional padding of each expert's segment to `align` rows, and the
+// weighted combine with accumulation in opmath (fp32 for half types). 64-bit row offsets.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "common/dispatch.h"
+#include "common/nvtx.h"
+#include "permute/permute.h"
+
+namespace moe_kernels::permute {
+namespace {
+
+constexpr int64_t kPairsPerChunk = 1 << 14;
+
+// Row of every (token, slot) pair, in expert order and, within an expert, in pair order (token
+// then slot). Chunks of pairs are counted in parallel; each chunk then starts, inside every
+// expert's segment, after the pairs of the chunks before it, so the order is stable whatever
+// the threads do. Returns the number of rows, padding included.
+int64_t compute_row_map(const int64_t* ids, int64_t num_pairs, int64_t num_experts, int64_t align,
+                        int64_t* row_map, int64_t* tokens_per_expert) {
+  const int64_t num_chunks = std::max<int64_t>(1, (num_pairs + kPairsPerChunk - 1) / kPairsPerChunk);
+  std::vector<int64_t> chunk_rows(num_chunks * num_experts, 0);
+  at::parallel_for(0, num_chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      int64_t* counts = chunk_rows.data() + c * num_experts;
+      const int64_t stop = std::min(num_pairs, (c + 1) * kPairsPerChunk);
+      for (int64_t i = c * kPairsPerChunk; i < stop; ++i) ++counts[ids[i]];
+    }
+  });
+  // Turn per-chunk counts into per-chunk starting rows.
+  int64_t next_row = 0;
+  for (int64_t e = 0; e < num_experts; ++e) {
+    int64_t row = next_row;
+    for (int64_t c = 0; c < num_chunks; ++c) {
+      const int64_t count = chunk_rows[c * num_experts + e];
+      chunk_rows[c * num_experts + e] = row;
+      row += count;
+    }
+    tokens_per_expert[e] = row - next_row;
+    next_row += (tokens_per_expert[e] + align - 1) / align * align;
+  }
+  at::parallel_for(0, num_chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      int64_t* start = chunk_rows.data() + c * num_experts;
+      const int64_t stop = std::min(num_pairs, (c + 1) * kPairsPerChunk);
+      for (int64_t i = c * kPairsPerChunk; i < stop; ++i) row_map[i] = start[ids[i]]++;
+    }
+  });
+  return next_row;
+}
+
+// rows[row_map[t, j]] = weights[t, j] * hidden[t] (a plain copy without weights).
+template <typename scalar_t>
+void scatter_rows(const at::Tensor& hidden, const int64_t* row_map, int64_t topk,
+                  const at::Tensor& weights, at::Tensor& rows) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t T = hidden.size(0), H = hidden.size(1);
+  const scalar_t* src = hidden.const_data_ptr<scalar_t>();
+  const acc_t* w = weights.defined() ? weights.const_data_ptr<acc_t>() : nullptr;
+  scalar_t* dst = rows.mutable_data_ptr<scalar_t>();
+  at::parallel_for(0, T, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, H * topk)),
+                   [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const scalar_t* x = src + t * H;
+      for (int64_t j = 0; j < topk; ++j) {
+        scalar_t* y = dst + row_map[t * topk + j] * H;
+        if (w == nullptr) {
+          std::memcpy(y, x, H * sizeof(scalar_t));
+        } else {
+          const acc_t wj = w[t * topk + j];
+          for (int64_t h = 0; h < H; ++h) y[h] = static_cast<scalar_t>(wj * static_cast<acc_t>(x[h]));
+        }
+      }
+    }
+  });
+}
+
+at::ScalarType opmath_dtype(at::ScalarType dtype) {
+  return dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+at::Tensor weights_in_opmath(const std::optional<at::Tensor>& weights, at::ScalarType dtype) {
+  return weights.has_value() ? weights->to(opmath_dtype(dtype)).contiguous() : at::Tensor();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> permute_cpu(const at::Tensor& hidden_in,
+                                                           const at::Tensor& topk_ids_in,
+                                                           int64_t num_experts, int64_t align) {
+  MOE_KERNELS_NVTX_RANGE("permute");
+  check_permute_args(hidden_in, topk_ids_in, num_experts, align);
+  check_index_range(topk_ids_in, num_experts, "topk_ids", "num_experts");
+  const at::Tensor hidden = hidden_in.contiguous();
+  const at::Tensor ids = topk_ids_in.to(at::kLong).contiguous();
+  auto row_map = at::empty(ids.sizes(), ids.options());
+  auto tokens_per_expert = at::empty({num_experts}, ids.options());
+  const int64_t num_rows = compute_row_map(ids.const_data_ptr<int64_t>(), ids.numel(), num_experts,
+                                           align, row_map.mutable_data_ptr<int64_t>(),
+                                           tokens_per_expert.mutable_data_ptr<int64_t>());
+  // Padding rows (align > 1) are zero; without padding every row is written.
+  auto rows = num_rows == ids.numel() ? at::empty({num_rows, hidden.size(1)}, hidden.options())
+                                      : at::zeros({num_rows, hidden.size(1)}, hidden.options());
+  MOE_KERNELS_DISPATCH_FLOATING(hidden.scalar_type(), "permute_cpu", [&] {
+    scatter_rows<scalar_t>(hidden, row_map.const_data_ptr<int64_t>(), ids.size(1), at::Tensor(), rows);
+  });
+  return {rows, row_map, tokens_per_expert};
+}
+
+at::Tensor permute_with_map_cpu(const at::Tensor& hidden_in, const at::Tensor& row_map_in,
+                                const std::optional<at::Tensor>& weights, int64_t num_rows) {
+  MOE_KERNELS_NVTX_RANGE("permute_with_map");
+  check_dim(hidden_in, 2, "hidden");
+  check_floating(hidden_in, "hidden");
+  check_row_map_args(row_map_in, weights, hidden_in, "hidden");
+  check_size(row_map_in, 0, hidden_in.size(0), "row_map", "num_tokens");
+  TORCH_CHECK(num_rows >= 0, "num_rows must be >= 0, got ", num_rows);
+  check_index_range(row_map_in, num_rows, "row_map", "num_rows");
+  const at::Tensor row_map = row_map_in.to(at::kLong).contiguous();
+  // Two pairs writing one row would race: a row map is a one-to-one assignment.
+  std::vector<uint8_t> taken(num_rows, 0);
+  for (const int64_t* r = row_map.const_data_ptr<int64_t>(); r != row_map.const_data_ptr<int64_t>() + row_map.numel(); ++r) {
+    TORCH_CHECK(!taken[*r], "row_map must not repeat a row, but row ", *r, " appears twice");
+    taken[*r] = 1;
+  }
+  const at::Tensor hidden = hidden_in.contiguous();
+  const at::Tensor w = weights_in_opmath(weights, hidden.scalar_type());
+  auto rows = num_rows == row_map.numel() ? at::empty({num_rows, hidden.size(1)}, hidden.options())
+                                          : at::zeros({num_rows, hidden.size(1)}, hidden.options());
+  MOE_KERNELS_DISPATCH_FLOATING(hidden.scalar_type(), "permute_with_map_cpu", [&] {
+    scatter_rows<scalar_t>(hidden, row_map.const_data_ptr<int64_t>(), row_map.size(1), w, rows);
+  });
+  return rows;
+}
+
+// out[t] = sum_j weights[t, j] * rows[row_map[t, j]], accumulated in opmath.
+at::Tensor unpermute_cpu(const at::Tensor& rows_in, const at::Tensor& row_map_in,
+                         const std::optional<at::Tensor>& weights) {
+  MOE_KERNELS_NVTX_RANGE("unpermute");
+  check_dim(rows_in, 2, "rows");
+  check_floating(rows_in, "rows");
+  check_row_map_args(row_map_in, weights, rows_in, "rows");
+  check_index_range(row_map_in, rows_in.size(0), "row_map", "rows.size(0)");
+  const at::Tensor rows = rows_in.contiguous();
+  const at::Tensor row_map = row_map_in.to(at::kLong).contiguous();
+  const at::Tensor w = weights_in_opmath(weights, rows.scalar_type());
+  const int64_t T = row_map.size(0), K = row_map.size(1), H = rows.size(1);
+  auto out = at::empty({T, H}, rows.options());
+  MOE_KERNELS_DISPATCH_FLOATING(rows.scalar_type(), "unpermute_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* src = rows.const_data_ptr<scalar_t>();
+    const int64_t* map = row_map.const_data_ptr<int64_t>();
+    const acc_t* wp = w.defined() ? w.const_data_ptr<acc_t>() : nullptr;
+    scalar_t* dst = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, T, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, H * K)),
+                     [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> acc(H);
+      for (int64_t t = begin; t < end; ++t) {
+        std::fill(acc.begin(), acc.end(), acc_t(0));
+        for (int64_t j = 0; j < K; ++j) {
+          const scalar_t* y = src + map[t * K + j] * H;
+          const acc_t wj = wp ? wp[t * K + j] : acc_t(1);
+          for (int64_t h = 0; h < H; ++h) acc[h] += wj * static_cast<acc_t>(y[h]);
+        }
+        for (int64_t h = 0; h < H; ++h) dst[t * H + h] = static_cast<scalar_t>(acc[h]);
+      }
+    });
+  });
+  return out;
+}
+
+// d(loss)/d(topk_weights)[t, j] = <grad_output[t], rows[row_map[t, j]]>, in opmath.
+at::Tensor unpermute_weights_grad_cpu(const at::Tensor& grad_in, const at::Tensor& rows_in,
+                                      const at::Tensor& row_map_in) {
+  MOE_KERNELS_NVTX_RANGE("unpermute_weights_grad");
+  check_dim(rows_in, 2, "rows");
+  check_floating(rows_in, "rows");
+  check_dim(grad_in, 2, "grad_output");
+  check_same_dtype(grad_in, rows_in, "grad_output", "rows");
+  check_same_device(grad_in, rows_in, "grad_output", "rows");
+  check_row_map_args(row_map_in, std::nullopt, rows_in, "rows");
+  check_size(row_map_in, 0, grad_in.size(0), "row_map", "grad_output.size(0)");
+  check_size(grad_in, 1, rows_in.size(1), "grad_output", "rows.size(1)");
+  check_index_range(row_map_in, rows_in.size(0), "row_map", "rows.size(0)");
+  const at::Tensor rows = rows_in.contiguous();
+  const at::Tensor grad = grad_in.contiguous();
+  const at::Tensor row_map = row_map_in.to(at::kLong).contiguous();
+  const int64_t T = row_map.size(0), K = row_map.size(1), H = rows.size(1);
+  auto grad_weights = at::empty({T, K}, rows.options().dtype(opmath_dtype(rows.scalar_type())));
+  MOE_KERNELS_DISPATCH_FLOATING(rows.scalar_type(), "unpermute_weights_grad_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* y = rows.const_data_ptr<scalar_t>();
+    const scalar_t* g = grad.const_data_ptr<scalar_t>();
+    const int64_t* map = row_map.const_data_ptr<int64_t>();
+    acc_t* out = grad_weights.mutable_data_ptr<acc_t>();
+    at::parallel_for(0, T, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, H * K)),
+                     [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        for (int64_t j = 0; j < K; ++j) {
+          const scalar_t* row = y + map[t * K + j] * H;
+          acc_t dot = 0;
+          for (int64_t h = 0; h < H; ++h) dot += static_cast<acc_t>(g[t * H + h]) * static_cast<acc_t>(row[h]);
+          out[t * K + j] = dot;
+        }
+      }
+    });
+  });
+  return grad_weights;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(moe_kernels, CPU, m) {
+  m.impl("permute", &permute_cpu);
+  m.impl("permute_with_map", &permute_with_map_cpu);
+  m.impl("unpermute", &unpermute_cpu);
+  m.impl("unpermute_weights_grad", &unpermute_weights_grad_cpu);
+}
+
+}  // namespace moe_kernels::permute

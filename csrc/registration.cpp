@@ -1,0 +1,64 @@
+// Every op's schema, declared once. Kernels register per dispatch key in their own files
+// (TORCH_LIBRARY_IMPL); fake kernels and autograd are registered in moe_kernels/_meta.py and
+// moe_kernels/_autograd.py. pybind11 carries only what is not an op.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+#include <torch/library.h>
+
+#include <map>
+#include <string>
+
+TORCH_LIBRARY(moe_kernels, m) {
+  // Routing (SPEC.md section 1).
+  m.def(
+      "biased_topk(Tensor logits, Tensor? bias, int k, str score_fn=\"sigmoid\", int n_groups=1, "
+      "int topk_groups=1, bool normalize=True, float scale=1.0, str group_score=\"top2\") -> "
+      "(Tensor topk_weights, Tensor topk_ids, Tensor tokens_per_expert)");
+  m.def(
+      "biased_topk_backward(Tensor grad_weights, Tensor logits, Tensor topk_ids, str score_fn, "
+      "bool normalize, float scale) -> Tensor");
+  m.def("expert_histogram(Tensor topk_ids, int num_experts) -> Tensor");
+
+  // Loss-free balancing (SPEC.md section 2).
+  m.def("update_bias(Tensor(a!) bias, Tensor tokens_per_expert, float rate, str rule=\"sign\") -> ()");
+
+  // Permutation (SPEC.md section 3).
+  m.def(
+      "permute(Tensor hidden, Tensor topk_ids, int num_experts, int align=1) -> "
+      "(Tensor rows, Tensor row_map, Tensor tokens_per_expert)");
+  m.def("permute_with_map(Tensor hidden, Tensor row_map, Tensor? topk_weights, int num_rows) -> Tensor");
+  m.def("unpermute(Tensor rows, Tensor row_map, Tensor? topk_weights) -> Tensor");
+  m.def("unpermute_weights_grad(Tensor grad_output, Tensor rows, Tensor row_map) -> Tensor");
+
+  // Grouped GEMM (SPEC.md section 4).
+  m.def("grouped_gemm(Tensor a, Tensor b, Tensor tokens_per_expert, bool trans_b=False) -> Tensor");
+  m.def(
+      "grouped_gemm_wgrad(Tensor a, Tensor grad_c, Tensor tokens_per_expert, bool trans_b=False) "
+      "-> Tensor");
+}
+
+namespace {
+
+std::map<std::string, std::string> build_info() {
+  std::map<std::string, std::string> info;
+#if defined(MOE_KERNELS_WITH_CUDA)
+  info["cuda"] = "1";
+  info["cuda_archs"] = MOE_KERNELS_CUDA_ARCHS;
+#else
+  info["cuda"] = "0";
+  info["cuda_archs"] = "";
+#endif
+#if defined(MOE_KERNELS_WITH_NVTX)
+  info["nvtx"] = "1";
+#else
+  info["nvtx"] = "0";
+#endif
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "moe_kernels native library: ops are in torch.ops.moe_kernels";
+  m.def("build_info", &build_info, "How this module was built: CUDA kernels, archs, NVTX.");
+}

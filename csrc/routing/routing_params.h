@@ -1,0 +1,74 @@
+// The checked parameters of biased_topk, shared by every backend (SPEC.md section 1).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <string_view>
+
+#include "common/checks.h"
+
+namespace moe_kernels::routing {
+
+enum class ScoreFn { kSigmoid, kSoftmax };
+
+struct RoutingParams {
+  int64_t num_tokens;
+  int64_t num_experts;
+  int64_t topk;
+  int64_t n_groups;
+  int64_t topk_groups;
+  int64_t experts_per_group;
+  // How many of a group's best choice values sum to its score: DeepSeek-V3's "top2" rule sums
+  // min(2, E/G); Megatron-Core's "topk_per_group" sums k / topk_groups.
+  int64_t group_score_size;
+  ScoreFn score_fn;
+  bool normalize;
+  double scale;
+};
+
+inline ScoreFn parse_score_fn(std::string_view score_fn) {
+  check_choice(score_fn, {"sigmoid", "softmax"}, "score_fn");
+  return score_fn == "sigmoid" ? ScoreFn::kSigmoid : ScoreFn::kSoftmax;
+}
+
+inline RoutingParams check_biased_topk_args(const at::Tensor& logits,
+                                            const std::optional<at::Tensor>& bias, int64_t k,
+                                            std::string_view score_fn, int64_t n_groups,
+                                            int64_t topk_groups, bool normalize, double scale,
+                                            std::string_view group_score) {
+  check_dim(logits, 2, "logits");
+  check_floating(logits, "logits");
+  const int64_t num_experts = logits.size(1);
+  TORCH_CHECK(num_experts >= 1, "logits must have at least one expert column, got shape ",
+              logits.sizes());
+  if (bias.has_value()) {
+    check_dim(*bias, 1, "bias");
+    check_dtype(*bias, at::kFloat, "bias");
+    check_same_device(*bias, logits, "bias", "logits");
+    check_size(*bias, 0, num_experts, "bias", "num_experts");
+  }
+  TORCH_CHECK(k >= 1 && k <= num_experts, "k must be in [1, num_experts=", num_experts, "], got ",
+              k);
+  TORCH_CHECK(n_groups >= 1 && num_experts % n_groups == 0, "n_groups must be >= 1 and divide ",
+              "num_experts=", num_experts, ", got ", n_groups);
+  TORCH_CHECK(topk_groups >= 1 && topk_groups <= n_groups, "topk_groups must be in [1, n_groups=",
+              n_groups, "], got ", topk_groups);
+  const int64_t experts_per_group = num_experts / n_groups;
+  TORCH_CHECK(topk_groups * experts_per_group >= k, "topk_groups * (num_experts / n_groups) = ",
+              topk_groups * experts_per_group, " must be >= k=", k,
+              " (too few experts left to choose from)");
+  check_finite(scale, "scale");
+  check_choice(group_score, {"top2", "topk_per_group"}, "group_score");
+  int64_t group_score_size = std::min<int64_t>(2, experts_per_group);
+  if (group_score == "topk_per_group") {
+    TORCH_CHECK(k % topk_groups == 0, "group_score='topk_per_group' needs topk_groups to divide ",
+                "k=", k, ", got topk_groups=", topk_groups);
+    group_score_size = k / topk_groups;
+  }
+  return RoutingParams{logits.size(0),      num_experts, k,         n_groups,
+                       topk_groups,         experts_per_group,     group_score_size,
+                       parse_score_fn(score_fn), normalize,   scale};
+}
+
+}  // namespace moe_kernels::routing

@@ -1,0 +1,40 @@
+"""Fused Mixture-of-Experts kernels for PyTorch, with auxiliary-loss-free load balancing.
+
+Importing the package loads the native library (``moe_kernels._C``), which registers the ops
+under ``torch.ops.moe_kernels``, then their fake kernels and autograd formulas. It never
+initialises CUDA, so it imports on machines without a GPU.
+"""
+
+import torch  # noqa: F401  (the native library links against torch: load torch first)
+
+from . import _C  # noqa: F401  (registers torch.ops.moe_kernels.*)
+from . import _autograd, _meta  # noqa: F401  (fake kernels and autograd of those ops)
+from .ops import (
+    biased_topk,
+    expert_histogram,
+    grouped_gemm,
+    padded_tokens_per_expert,
+    permute,
+    unpermute,
+    update_bias,
+)
+
+__version__ = "0.1.0"
+
+
+def build_info() -> dict[str, object]:
+    """How the native library was built: ``{"cuda": bool, "cuda_archs": str, "nvtx": bool}``."""
+    info = _C.build_info()
+    return {"cuda": info["cuda"] == "1", "cuda_archs": info["cuda_archs"], "nvtx": info["nvtx"] == "1"}
+
+
+__all__ = [
+    "biased_topk",
+    "build_info",
+    "expert_histogram",
+    "grouped_gemm",
+    "padded_tokens_per_expert",
+    "permute",
+    "unpermute",
+    "update_bias",
+]

@@ -1,0 +1,94 @@
+"""Autograd formulas of the differentiable ops, each written with the package's own ops.
+
+- biased_topk: d/d(logits) through the unbiased weights (``biased_topk_backward``); ids and
+  counts are integers, and the bias only chooses, so it gets no gradient.
+- permute: the gradient of the rows is summed back per token (``unpermute`` without weights).
+- unpermute: rows get ``w * grad`` scattered to their slots (``permute_with_map``); weights get
+  ``<grad_out[t], rows[row_map[t, j]]>`` (``unpermute_weights_grad``).
+- grouped_gemm: dA is a grouped GEMM with b transposed, dB a per-expert ``a_e^T @ dC_e``
+  (``grouped_gemm_wgrad``).
+"""
+
+import torch
+
+_ops = torch.ops.moe_kernels
+
+
+def _biased_topk_setup(ctx, inputs, output):
+    logits, _bias, _k, score_fn, _n_groups, _topk_groups, normalize, scale, _group_score = inputs
+    _weights, ids, _counts = output
+    ctx.save_for_backward(logits, ids)
+    ctx.score_fn, ctx.normalize, ctx.scale = score_fn, normalize, scale
+
+
+def _biased_topk_backward(ctx, grad_weights, _grad_ids, _grad_counts):
+    logits, ids = ctx.saved_tensors
+    grad_logits = None
+    if grad_weights is not None and ctx.needs_input_grad[0]:
+        grad_logits = _ops.biased_topk_backward(
+            grad_weights, logits, ids, ctx.score_fn, ctx.normalize, ctx.scale
+        )
+    return grad_logits, None, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd(
+    "moe_kernels::biased_topk", _biased_topk_backward, setup_context=_biased_topk_setup
+)
+
+
+def _permute_setup(ctx, inputs, output):
+    _rows, row_map, _counts = output
+    ctx.save_for_backward(row_map)
+
+
+def _permute_backward(ctx, grad_rows, _grad_row_map, _grad_counts):
+    (row_map,) = ctx.saved_tensors
+    grad_hidden = None if grad_rows is None else _ops.unpermute(grad_rows, row_map, None)
+    return grad_hidden, None, None, None
+
+
+torch.library.register_autograd(
+    "moe_kernels::permute", _permute_backward, setup_context=_permute_setup
+)
+
+
+def _unpermute_setup(ctx, inputs, output):
+    rows, row_map, weights = inputs
+    ctx.save_for_backward(rows, row_map, weights)
+    ctx.num_rows = rows.shape[0]
+
+
+def _unpermute_backward(ctx, grad_out):
+    rows, row_map, weights = ctx.saved_tensors
+    grad_rows = grad_weights = None
+    if ctx.needs_input_grad[0]:
+        grad_rows = _ops.permute_with_map(grad_out, row_map, weights, ctx.num_rows)
+    if weights is not None and ctx.needs_input_grad[2]:
+        grad_weights = _ops.unpermute_weights_grad(grad_out, rows, row_map).to(weights.dtype)
+    return grad_rows, None, grad_weights
+
+
+torch.library.register_autograd(
+    "moe_kernels::unpermute", _unpermute_backward, setup_context=_unpermute_setup
+)
+
+
+def _grouped_gemm_setup(ctx, inputs, output):
+    a, b, tokens_per_expert, trans_b = inputs
+    ctx.save_for_backward(a, b, tokens_per_expert)
+    ctx.trans_b = trans_b
+
+
+def _grouped_gemm_backward(ctx, grad_c):
+    a, b, tokens_per_expert = ctx.saved_tensors
+    grad_a = grad_b = None
+    if ctx.needs_input_grad[0]:
+        grad_a = _ops.grouped_gemm(grad_c, b, tokens_per_expert, not ctx.trans_b)
+    if ctx.needs_input_grad[1]:
+        grad_b = _ops.grouped_gemm_wgrad(a, grad_c, tokens_per_expert, ctx.trans_b)
+    return grad_a, grad_b, None, None
+
+
+torch.library.register_autograd(
+    "moe_kernels::grouped_gemm", _grouped_gemm_backward, setup_context=_grouped_gemm_setup
+)

@@ -1,0 +1,152 @@
+"""Typed Python API over ``torch.ops.moe_kernels``: the fused MoE ops.
+
+Notation: T tokens, H hidden size, E experts, k experts per token, G expert groups, R permuted
+rows. Every op runs on CPU tensors (native C++ kernels); CUDA kernels join as they land (see
+``moe_kernels.build_info()``). Every op is a ``torch.library`` custom op with a fake kernel,
+so it works under ``torch.compile(fullgraph=True)``; the differentiable ones have autograd.
+
+Precision: routing scores, weights and all reductions are computed in fp32 for fp32/bf16/fp16
+inputs (fp64 for fp64 inputs). Integer outputs (ids, counts, row maps) are int64 and exact.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+_ops = torch.ops.moe_kernels
+
+
+def biased_topk(
+    logits: Tensor,
+    bias: Tensor | None,
+    k: int,
+    score_fn: str = "sigmoid",
+    n_groups: int = 1,
+    topk_groups: int = 1,
+    normalize: bool = True,
+    scale: float = 1.0,
+    group_score: str = "top2",
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Route each token to k experts, choosing with a loss-free balancing bias.
+
+    One pass over the logits: ``scores = score_fn(logits)``; ``choice = scores + bias`` decides
+    *which* experts are picked (group-limited when ``n_groups > 1``) but never enters the
+    weights, which are gathered from the unbiased scores, normalised to sum 1 when
+    ``normalize``, then multiplied by ``scale``; the per-expert histogram of the choice is
+    counted on the way.
+
+    Args:
+        logits: [T, E] router logits, fp32, bf16, fp16 (or fp64).
+        bias: [E] fp32 loss-free balancing bias on the device of ``logits``, or None.
+        k: experts per token, 1 <= k <= E.
+        score_fn: "sigmoid" (DeepSeek-V3) or "softmax" (over the E axis). Both take a bias.
+        n_groups: G, expert groups for group-limited routing; must divide E.
+        topk_groups: groups kept per token, with topk_groups * E / G >= k.
+        normalize: divide the k weights of a token by their sum (a zero sum stays zero).
+        scale: multiply the weights by this (DeepSeek's routed scaling factor).
+        group_score: "top2" scores a group by the sum of its top-min(2, E/G) choice values
+            (DeepSeek-V3); "topk_per_group" by its top-(k / topk_groups) (Megatron-Core).
+
+    Returns:
+        topk_weights: [T, k] fp32 (fp64 for fp64 logits), differentiable w.r.t. ``logits``.
+        topk_ids: [T, k] int64, best first; ties go to the lower expert index.
+        tokens_per_expert: [E] int64, exact counts of (token, slot) pairs, summing to T * k.
+
+    NaN scores never win a slot (they rank as -inf), so ids are always valid and distinct; the
+    weights of a token with NaN logits are NaN.
+    """
+    return _ops.biased_topk(
+        logits, bias, k, score_fn, n_groups, topk_groups, normalize, scale, group_score
+    )
+
+
+def expert_histogram(topk_ids: Tensor, num_experts: int) -> Tensor:
+    """Count how many (token, slot) pairs each expert received.
+
+    Args:
+        topk_ids: int64 or int32 ids of any shape, each in [0, num_experts).
+        num_experts: E.
+
+    Returns:
+        [E] int64 counts. On CUDA, ids out of range are not counted (checking them would need a
+        host synchronisation); on the CPU they raise.
+    """
+    return _ops.expert_histogram(topk_ids, num_experts)
+
+
+def update_bias(bias: Tensor, tokens_per_expert: Tensor, rate: float = 1e-3, rule: str = "sign") -> None:
+    """Loss-free balancing step, in place: nudge overloaded experts down, underloaded up.
+
+    ``rule="sign"``: ``bias += rate * sign(mean(counts) - counts)`` (Algorithm 1 of arXiv
+    2408.15664); ``rule="proportional"``: ``bias += rate * (mean - counts) / mean``. The sign
+    is computed from the integer counts, so it is exact.
+
+    Args:
+        bias: [E] fp32, contiguous; updated in place.
+        tokens_per_expert: [E] int64 or int32 counts of the whole batch of the step (summed
+            over data/expert-parallel ranks before the call); must be >= 0.
+        rate: the update rate u >= 0 (default 1e-3).
+        rule: "sign" or "proportional".
+    """
+    _ops.update_bias(bias, tokens_per_expert, rate, rule)
+
+
+def permute(
+    hidden: Tensor, topk_ids: Tensor, num_experts: int, align: int = 1
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gather every (token, slot) row of ``hidden`` into expert order.
+
+    Stable: within one expert, rows follow token index, then slot. With ``align > 1`` each
+    expert's segment is padded with zero rows to a multiple of ``align`` rows, so grouped GEMM
+    tiles never straddle two experts (pass ``padded_tokens_per_expert(counts, align)`` to it).
+
+    Args:
+        hidden: [T, H] fp32, bf16, fp16 (or fp64).
+        topk_ids: [T, k] int64 or int32 expert ids in [0, num_experts).
+        num_experts: E.
+        align: segment alignment in rows, >= 1.
+
+    Returns:
+        rows: [R, H] in the dtype of ``hidden``, R = sum(round_up(counts, align)) (= T * k
+            when align is 1). Differentiable w.r.t. ``hidden``.
+        row_map: [T, k] int64, the row of pair (t, j) in ``rows``.
+        tokens_per_expert: [E] int64 real (unpadded) rows per expert.
+    """
+    return _ops.permute(hidden, topk_ids, num_experts, align)
+
+
+def unpermute(rows: Tensor, row_map: Tensor, topk_weights: Tensor | None = None) -> Tensor:
+    """Combine expert outputs back per token: ``out[t] = sum_j w[t, j] * rows[row_map[t, j]]``.
+
+    Args:
+        rows: [R, H] expert outputs (padding rows are never read).
+        row_map: [T, k] int64 or int32, from ``permute``.
+        topk_weights: [T, k] floating weights, or None for a plain sum.
+
+    Returns:
+        [T, H] in the dtype of ``rows``, accumulated in fp32 (fp64 for fp64 rows).
+        Differentiable w.r.t. ``rows`` and ``topk_weights``.
+    """
+    return _ops.unpermute(rows, row_map, topk_weights)
+
+
+def grouped_gemm(a: Tensor, b: Tensor, tokens_per_expert: Tensor, trans_b: bool = False) -> Tensor:
+    """Per-expert matrix products over consecutive row segments: ``c_e = a_e @ b[e]``.
+
+    Args:
+        a: [M, K] fp32, bf16, fp16 (or fp64); segment e is the next ``tokens_per_expert[e]`` rows.
+        b: [E, K, N], or [E, N, K] with ``trans_b`` (then ``c_e = a_e @ b[e].T``); dtype of a.
+        tokens_per_expert: [E] int64 or int32, >= 0, summing to M (empty experts are legal).
+        trans_b: whether b holds each expert's weight transposed, [N, K].
+
+    Returns:
+        [M, N] in the dtype of ``a``, accumulated in fp32 for bf16/fp16. Differentiable w.r.t.
+        ``a`` and ``b`` (an expert with no rows gets a zero gradient).
+    """
+    return _ops.grouped_gemm(a, b, tokens_per_expert, trans_b)
+
+
+def padded_tokens_per_expert(tokens_per_expert: Tensor, align: int) -> Tensor:
+    """Segment sizes of ``permute(..., align=align)``'s rows: counts rounded up to ``align``."""
+    return (tokens_per_expert + align - 1) // align * align
