@@ -124,7 +124,8 @@ class CMakeBuild(build_ext):
                 f"-DCMAKE_CUDA_COMPILER={cuda_home / 'bin' / 'nvcc'}",
                 f"-DCUDAToolkit_ROOT={cuda_home}",
                 f"-DCMAKE_CUDA_ARCHITECTURES={cmake_cuda_architectures(arch_list)}",
-                f"-DMOE_KERNELS_CUDA_ARCH_LIST={arch_list}",
+                # Commas: a ';' would split the value into a CMake list.
+                "-DMOE_KERNELS_CUDA_ARCH_LIST=" + ",".join(re.split(r"[;\s]+", arch_list)),
             ]
         jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)
         subprocess.run(args, check=True)

@@ -1,0 +1,100 @@
+"""Pure-PyTorch definitions of every op: the oracle of the tests and the baseline of the
+benchmarks. Written for clarity, with the same signatures and semantics as ``moe_kernels.ops``
+(SPEC.md sections 1-4); differentiable through ordinary autograd.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _opmath(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _descending_order(values: Tensor) -> Tensor:
+    """Indices sorting the last axis by descending value, ties to the lower index."""
+    return torch.sort(values, dim=-1, descending=True, stable=True).indices
+
+
+def biased_topk(
+    logits: Tensor,
+    bias: Tensor | None,
+    k: int,
+    score_fn: str = "sigmoid",
+    n_groups: int = 1,
+    topk_groups: int = 1,
+    normalize: bool = True,
+    scale: float = 1.0,
+    group_score: str = "top2",
+) -> tuple[Tensor, Tensor, Tensor]:
+    x = logits.to(_opmath(logits.dtype))
+    scores = torch.sigmoid(x) if score_fn == "sigmoid" else torch.softmax(x, dim=-1)
+    choice = scores if bias is None else scores + bias.to(scores.dtype)
+    choice = choice.masked_fill(choice.isnan(), float("-inf"))
+    num_tokens, num_experts = choice.shape
+    if n_groups > 1:
+        per_group = num_experts // n_groups
+        size = min(2, per_group) if group_score == "top2" else k // topk_groups
+        grouped = choice.view(num_tokens, n_groups, per_group)
+        group_scores = grouped.topk(size, dim=-1).values.sum(dim=-1)
+        kept = _descending_order(group_scores)[:, :topk_groups]
+        keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, kept, True)
+        choice = grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).view(num_tokens, num_experts)
+    ids = _descending_order(choice)[:, :k]
+    weights = scores.gather(1, ids)
+    if normalize:
+        total = weights.sum(dim=-1, keepdim=True)
+        weights = weights / torch.where(total == 0, torch.ones_like(total), total)
+    weights = weights * scale
+    counts = torch.bincount(ids.flatten(), minlength=num_experts)
+    return weights, ids, counts
+
+
+def expert_histogram(topk_ids: Tensor, num_experts: int) -> Tensor:
+    return torch.bincount(topk_ids.flatten().long(), minlength=num_experts)
+
+
+def update_bias(bias: Tensor, tokens_per_expert: Tensor, rate: float = 1e-3, rule: str = "sign") -> None:
+    load = tokens_per_expert.double()
+    mean = load.mean()
+    if rule == "sign":
+        bias += rate * torch.sign(mean - load).float()
+    elif mean > 0:
+        bias += (rate * (mean - load) / mean).float()
+
+
+def permute(
+    hidden: Tensor, topk_ids: Tensor, num_experts: int, align: int = 1
+) -> tuple[Tensor, Tensor, Tensor]:
+    num_tokens, topk = topk_ids.shape
+    experts = topk_ids.flatten().long()
+    counts = torch.bincount(experts, minlength=num_experts)
+    padded = (counts + align - 1) // align * align
+    segment_start = torch.cumsum(padded, 0) - padded
+    first_pair = torch.cumsum(counts, 0) - counts  # of each expert, in the sorted order
+    order = torch.sort(experts, stable=True).indices  # pairs in expert order, then pair order
+    sorted_experts = experts[order]
+    rank = torch.arange(experts.numel(), device=experts.device) - first_pair[sorted_experts]
+    row_map = torch.empty_like(experts)
+    row_map[order] = segment_start[sorted_experts] + rank
+    rows = hidden.new_zeros(int(padded.sum()), hidden.shape[1])
+    rows = rows.index_copy(0, row_map, hidden.repeat_interleave(topk, dim=0))
+    return rows, row_map.view(num_tokens, topk), counts
+
+
+def unpermute(rows: Tensor, row_map: Tensor, topk_weights: Tensor | None = None) -> Tensor:
+    num_tokens, topk = row_map.shape
+    gathered = rows[row_map.flatten().long()].view(num_tokens, topk, rows.shape[1])
+    gathered = gathered.to(_opmath(rows.dtype))
+    if topk_weights is not None:
+        gathered = gathered * topk_weights.to(gathered.dtype).unsqueeze(-1)
+    return gathered.sum(dim=1).to(rows.dtype)
+
+
+def grouped_gemm(a: Tensor, b: Tensor, tokens_per_expert: Tensor, trans_b: bool = False) -> Tensor:
+    weights = b.transpose(1, 2) if trans_b else b
+    segments = a.split(tokens_per_expert.tolist())
+    outputs = [a_e @ w_e for a_e, w_e in zip(segments, weights.unbind(0))]
+    return torch.cat(outputs) if outputs else a.new_empty(0, weights.shape[2])

@@ -1,0 +1,54 @@
+"""Shared test inputs and backends.
+
+Backends: "cpu" always; "cuda" where a GPU is present, for the ops that have CUDA kernels.
+"""
+
+import pytest
+import torch
+
+import moe_kernels  # noqa: F401  (registers the ops)
+
+HAS_GPU = torch.cuda.is_available()
+
+
+def has_kernel(op: str, dispatch_key: str) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"moe_kernels::{op}", dispatch_key)
+
+
+def backends_for(op: str) -> list:
+    """The devices an op is tested on: the CPU, and CUDA when a GPU and the kernel exist."""
+    cuda = pytest.param(
+        "cuda",
+        marks=pytest.mark.skipif(
+            not (HAS_GPU and has_kernel(op, "CUDA")), reason="needs a GPU and the CUDA kernel"
+        ),
+    )
+    return ["cpu", cuda]
+
+
+def tie_free_logits(num_tokens: int, num_experts: int, dtype=torch.float32, seed: int = 0) -> torch.Tensor:
+    """Router logits whose scores never tie within a token, even after rounding to ``dtype``.
+
+    Each row is a random permutation of an evenly spaced grid on [-3, 3]: the grid step
+    (6 / (E - 1) >= 0.023 for E <= 256) is wider than a bf16 ulp there, so values stay
+    distinct in every dtype, and so do their sigmoid and softmax scores.
+    """
+    g = torch.Generator().manual_seed(seed)
+    grid = torch.linspace(-3.0, 3.0, num_experts, dtype=torch.float64)
+    order = torch.rand(num_tokens, num_experts, generator=g).argsort(dim=1)
+    return grid[order].to(dtype)
+
+
+def integer_bias(num_experts: int, seed: int = 1) -> torch.Tensor:
+    """A bias in {-1, 0, 1}: it decides the choice (scores lie in (0, 1)) without creating
+    ties, since two scores of one token never differ by a whole number."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(-1, 2, (num_experts,), generator=g).to(torch.float32)
+
+
+def random_ids(num_tokens: int, num_experts: int, topk: int, seed: int = 0, used: int | None = None):
+    """[T, k] distinct expert ids per token drawn from the first ``used`` experts (default all):
+    the others receive no token."""
+    used = num_experts if used is None else used
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(num_tokens, used, generator=g).argsort(dim=1)[:, :topk].contiguous()
