@@ -1,5 +1,6 @@
 """Fake (meta) kernels: output shapes and dtypes of every op, for torch.compile and opcheck.
 
+Defaults repeat the schema's: the dispatcher drops arguments equal to their default.
 Data-dependent sizes: ``permute`` returns T * k rows when ``align`` is 1 and an unbacked size
 (at least T * k) otherwise.
 """
@@ -12,8 +13,20 @@ def _opmath(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _check_device(tensor: Tensor | None, ref: Tensor, name: str, ref_name: str) -> None:
+    """The native ops' device check, repeated here: a meta or fake tensor mixed with real ones
+    dispatches to these kernels, never to the native ones."""
+    if tensor is not None:
+        torch._check(
+            tensor.device == ref.device,
+            lambda: f"{name} must be on the device of {ref_name} ({ref.device}), got {tensor.device}",
+        )
+
+
 @torch.library.register_fake("moe_kernels::biased_topk")
-def _(logits, bias, k, score_fn, n_groups, topk_groups, normalize, scale, group_score):
+def _(logits, bias, k, score_fn="sigmoid", n_groups=1, topk_groups=1, normalize=True, scale=1.0,
+      group_score="top2"):
+    _check_device(bias, logits, "bias", "logits")
     torch._check(logits.dim() == 2, lambda: f"logits must be a 2-D tensor, got {logits.dim()}-D")
     num_tokens, num_experts = logits.shape
     torch._check(1 <= k <= num_experts, lambda: f"k must be in [1, num_experts={num_experts}], got {k}")
@@ -25,6 +38,8 @@ def _(logits, bias, k, score_fn, n_groups, topk_groups, normalize, scale, group_
 
 @torch.library.register_fake("moe_kernels::biased_topk_backward")
 def _(grad_weights, logits, topk_ids, score_fn, normalize, scale):
+    _check_device(topk_ids, logits, "topk_ids", "logits")
+    _check_device(grad_weights, logits, "grad_weights", "logits")
     return torch.empty_like(logits)
 
 
@@ -34,12 +49,14 @@ def _(topk_ids, num_experts):
 
 
 @torch.library.register_fake("moe_kernels::update_bias")
-def _(bias, tokens_per_expert, rate, rule):
+def _(bias, tokens_per_expert, rate, rule="sign"):
+    _check_device(tokens_per_expert, bias, "tokens_per_expert", "bias")
     return None
 
 
 @torch.library.register_fake("moe_kernels::permute")
-def _(hidden, topk_ids, num_experts, align):
+def _(hidden, topk_ids, num_experts, align=1):
+    _check_device(topk_ids, hidden, "topk_ids", "hidden")
     num_pairs = topk_ids.shape[0] * topk_ids.shape[1]
     if align == 1:
         num_rows = num_pairs
@@ -54,26 +71,36 @@ def _(hidden, topk_ids, num_experts, align):
 
 @torch.library.register_fake("moe_kernels::permute_with_map")
 def _(hidden, row_map, topk_weights, num_rows):
+    _check_device(row_map, hidden, "row_map", "hidden")
+    _check_device(topk_weights, hidden, "topk_weights", "hidden")
     return hidden.new_empty((num_rows, hidden.shape[1]))
 
 
 @torch.library.register_fake("moe_kernels::unpermute")
 def _(rows, row_map, topk_weights):
+    _check_device(row_map, rows, "row_map", "rows")
+    _check_device(topk_weights, rows, "topk_weights", "rows")
     return rows.new_empty((row_map.shape[0], rows.shape[1]))
 
 
 @torch.library.register_fake("moe_kernels::unpermute_weights_grad")
 def _(grad_output, rows, row_map):
+    _check_device(grad_output, rows, "grad_output", "rows")
+    _check_device(row_map, rows, "row_map", "rows")
     return rows.new_empty(row_map.shape, dtype=_opmath(rows.dtype))
 
 
 @torch.library.register_fake("moe_kernels::grouped_gemm")
-def _(a: Tensor, b: Tensor, tokens_per_expert: Tensor, trans_b: bool):
+def _(a: Tensor, b: Tensor, tokens_per_expert: Tensor, trans_b: bool = False):
+    _check_device(b, a, "b", "a")
+    _check_device(tokens_per_expert, a, "tokens_per_expert", "a")
     n = b.shape[1] if trans_b else b.shape[2]
     return a.new_empty((a.shape[0], n))
 
 
 @torch.library.register_fake("moe_kernels::grouped_gemm_wgrad")
-def _(a: Tensor, grad_c: Tensor, tokens_per_expert: Tensor, trans_b: bool):
+def _(a: Tensor, grad_c: Tensor, tokens_per_expert: Tensor, trans_b: bool = False):
+    _check_device(grad_c, a, "grad_c", "a")
+    _check_device(tokens_per_expert, a, "tokens_per_expert", "a")
     num_experts, k, n = tokens_per_expert.shape[0], a.shape[1], grad_c.shape[1]
     return a.new_empty((num_experts, n, k) if trans_b else (num_experts, k, n))

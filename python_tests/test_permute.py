@@ -111,3 +111,20 @@ def test_gradcheck_fp64():
     rows = permute_rows(x).detach().requires_grad_()
     assert torch.autograd.gradcheck(permute_rows, (x,))
     assert torch.autograd.gradcheck(combine, (rows, weights))
+
+
+def test_parallel_and_serial_runs_agree():
+    # Enough pairs for several parallel chunks: the row order must not depend on threads.
+    x = hidden_states(9000, 8)
+    ids = random_ids(9000, 64, 6)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        serial = mk.permute(x, ids, 64, align=4)
+        torch.set_num_threads(max(2, threads))
+        parallel = mk.permute(x, ids, 64, align=4)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(serial, parallel):
+        assert torch.equal(a, b)
+    assert torch.equal(parallel[1], ref.permute(x, ids, 64, align=4)[1])

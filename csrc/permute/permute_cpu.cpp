@@ -23,9 +23,11 @@ constexpr int64_t kPairsPerChunk = 1 << 14;
 // Row of every (token, slot) pair, in expert order and, within an expert, in pair order (token
 // then slot). Chunks of pairs are counted in parallel; each chunk then starts, inside every
 // expert's segment, after the pairs of the chunks before it, so the order is stable whatever
-// the threads do. Returns the number of rows, padding included.
+// the threads do. Returns the number of rows R, padding included, and fills row_map [T*k],
+// tokens_per_expert [E] and source_pair [R] (the pair of each row, -1 for padding).
 int64_t compute_row_map(const int64_t* ids, int64_t num_pairs, int64_t num_experts, int64_t align,
-                        int64_t* row_map, int64_t* tokens_per_expert) {
+                        int64_t* row_map, int64_t* tokens_per_expert,
+                        std::vector<int64_t>& source_pair) {
   const int64_t num_chunks = std::max<int64_t>(1, (num_pairs + kPairsPerChunk - 1) / kPairsPerChunk);
   std::vector<int64_t> chunk_rows(num_chunks * num_experts, 0);
   at::parallel_for(0, num_chunks, 1, [&](int64_t begin, int64_t end) {
@@ -47,37 +49,46 @@ int64_t compute_row_map(const int64_t* ids, int64_t num_pairs, int64_t num_exper
     tokens_per_expert[e] = row - next_row;
     next_row += (tokens_per_expert[e] + align - 1) / align * align;
   }
+  source_pair.assign(next_row, -1);
   at::parallel_for(0, num_chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
       int64_t* start = chunk_rows.data() + c * num_experts;
       const int64_t stop = std::min(num_pairs, (c + 1) * kPairsPerChunk);
-      for (int64_t i = c * kPairsPerChunk; i < stop; ++i) row_map[i] = start[ids[i]]++;
+      for (int64_t i = c * kPairsPerChunk; i < stop; ++i) {
+        const int64_t row = start[ids[i]]++;
+        row_map[i] = row;
+        source_pair[row] = i;
+      }
     }
   });
   return next_row;
 }
 
-// rows[row_map[t, j]] = weights[t, j] * hidden[t] (a plain copy without weights).
+// rows[r] = weights[p] * hidden[p / topk] for p = source_pair[r] (a plain copy without
+// weights), and zero where p is -1. Written row after row: the writes stream through memory,
+// which matters far more than the order of the reads.
 template <typename scalar_t>
-void scatter_rows(const at::Tensor& hidden, const int64_t* row_map, int64_t topk,
-                  const at::Tensor& weights, at::Tensor& rows) {
+void gather_rows(const at::Tensor& hidden, const std::vector<int64_t>& source_pair, int64_t topk,
+                 const at::Tensor& weights, at::Tensor& rows) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t T = hidden.size(0), H = hidden.size(1);
+  const int64_t H = hidden.size(1);
   const scalar_t* src = hidden.const_data_ptr<scalar_t>();
   const acc_t* w = weights.defined() ? weights.const_data_ptr<acc_t>() : nullptr;
   scalar_t* dst = rows.mutable_data_ptr<scalar_t>();
-  at::parallel_for(0, T, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, H * topk)),
+  const int64_t num_rows = static_cast<int64_t>(source_pair.size());
+  at::parallel_for(0, num_rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, H)),
                    [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const scalar_t* x = src + t * H;
-      for (int64_t j = 0; j < topk; ++j) {
-        scalar_t* y = dst + row_map[t * topk + j] * H;
-        if (w == nullptr) {
-          std::memcpy(y, x, H * sizeof(scalar_t));
-        } else {
-          const acc_t wj = w[t * topk + j];
-          for (int64_t h = 0; h < H; ++h) y[h] = static_cast<scalar_t>(wj * static_cast<acc_t>(x[h]));
-        }
+    for (int64_t r = begin; r < end; ++r) {
+      scalar_t* y = dst + r * H;
+      const int64_t pair = source_pair[r];
+      if (pair < 0) {
+        std::fill_n(y, H, scalar_t(0));
+      } else if (w == nullptr) {
+        std::memcpy(y, src + (pair / topk) * H, H * sizeof(scalar_t));
+      } else {
+        const scalar_t* x = src + (pair / topk) * H;
+        const acc_t wp = w[pair];
+        for (int64_t h = 0; h < H; ++h) y[h] = static_cast<scalar_t>(wp * static_cast<acc_t>(x[h]));
       }
     }
   });
@@ -101,14 +112,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> permute_cpu(const at::Tensor& hid
   const at::Tensor ids = topk_ids_in.to(at::kLong).contiguous();
   auto row_map = at::empty(ids.sizes(), ids.options());
   auto tokens_per_expert = at::empty({num_experts}, ids.options());
+  std::vector<int64_t> source_pair;
   const int64_t num_rows = compute_row_map(ids.const_data_ptr<int64_t>(), ids.numel(), num_experts,
                                            align, row_map.mutable_data_ptr<int64_t>(),
-                                           tokens_per_expert.mutable_data_ptr<int64_t>());
-  // Padding rows (align > 1) are zero; without padding every row is written.
-  auto rows = num_rows == ids.numel() ? at::empty({num_rows, hidden.size(1)}, hidden.options())
-                                      : at::zeros({num_rows, hidden.size(1)}, hidden.options());
+                                           tokens_per_expert.mutable_data_ptr<int64_t>(), source_pair);
+  auto rows = at::empty({num_rows, hidden.size(1)}, hidden.options());
   MOE_KERNELS_DISPATCH_FLOATING(hidden.scalar_type(), "permute_cpu", [&] {
-    scatter_rows<scalar_t>(hidden, row_map.const_data_ptr<int64_t>(), ids.size(1), at::Tensor(), rows);
+    gather_rows<scalar_t>(hidden, source_pair, ids.size(1), at::Tensor(), rows);
   });
   return {rows, row_map, tokens_per_expert};
 }
@@ -123,18 +133,19 @@ at::Tensor permute_with_map_cpu(const at::Tensor& hidden_in, const at::Tensor& r
   TORCH_CHECK(num_rows >= 0, "num_rows must be >= 0, got ", num_rows);
   check_index_range(row_map_in, num_rows, "row_map", "num_rows");
   const at::Tensor row_map = row_map_in.to(at::kLong).contiguous();
-  // Two pairs writing one row would race: a row map is a one-to-one assignment.
-  std::vector<uint8_t> taken(num_rows, 0);
-  for (const int64_t* r = row_map.const_data_ptr<int64_t>(); r != row_map.const_data_ptr<int64_t>() + row_map.numel(); ++r) {
-    TORCH_CHECK(!taken[*r], "row_map must not repeat a row, but row ", *r, " appears twice");
-    taken[*r] = 1;
+  // The inverse map; two pairs writing one row would make the result depend on their order.
+  std::vector<int64_t> source_pair(num_rows, -1);
+  const int64_t* map = row_map.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < row_map.numel(); ++i) {
+    TORCH_CHECK(source_pair[map[i]] < 0, "row_map must not repeat a row, but row ", map[i],
+                " appears twice");
+    source_pair[map[i]] = i;
   }
   const at::Tensor hidden = hidden_in.contiguous();
   const at::Tensor w = weights_in_opmath(weights, hidden.scalar_type());
-  auto rows = num_rows == row_map.numel() ? at::empty({num_rows, hidden.size(1)}, hidden.options())
-                                          : at::zeros({num_rows, hidden.size(1)}, hidden.options());
+  auto rows = at::empty({num_rows, hidden.size(1)}, hidden.options());
   MOE_KERNELS_DISPATCH_FLOATING(hidden.scalar_type(), "permute_with_map_cpu", [&] {
-    scatter_rows<scalar_t>(hidden, row_map.const_data_ptr<int64_t>(), row_map.size(1), w, rows);
+    gather_rows<scalar_t>(hidden, source_pair, row_map.size(1), w, rows);
   });
   return rows;
 }

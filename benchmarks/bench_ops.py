@@ -1,0 +1,120 @@
+"""Each op of the package against the pure-PyTorch reference composition, in the same run.
+
+    python benchmarks/bench_ops.py [--device cpu|cuda] [--tokens 4096] [--repeats 7]
+
+Shapes of a small DeepSeek-V3-style MoE layer (64 experts, top-6 of 8 groups keeping 4,
+hidden 1024, expert FFN 512, fp32). Prints a table and writes results/bench_ops_<device>.json
+and .md. "speedup" is the reference's median time over ours (above 1: we are faster); the
+grouped GEMM also runs against torch._grouped_mm where this torch has it for the device.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+import moe_kernels as mk
+from moe_kernels import reference as ref
+
+from timer import measure, save
+
+
+@dataclass(frozen=True)
+class Shape:
+    num_tokens: int = 4096
+    hidden: int = 1024
+    ffn: int = 512
+    num_experts: int = 64
+    topk: int = 6
+    n_groups: int = 8
+    topk_groups: int = 4
+
+
+def expert_ffn(impl, x, logits, bias, w_gate_up, w_down, shape: Shape):
+    """Route -> permute -> SwiGLU experts -> unpermute, with ``impl`` = moe_kernels or reference."""
+    weights, ids, _ = impl.biased_topk(logits, bias, shape.topk, "sigmoid", shape.n_groups, shape.topk_groups)
+    rows, row_map, counts = impl.permute(x, ids, shape.num_experts)
+    gate, up = impl.grouped_gemm(rows, w_gate_up, counts).chunk(2, dim=-1)
+    y = impl.grouped_gemm(F.silu(gate) * up, w_down, counts)
+    return impl.unpermute(y, row_map, weights)
+
+
+def grouped_mm_baseline(device: str):
+    """torch._grouped_mm (offsets are cumulative int32 row ends), or None where unsupported."""
+    if not hasattr(torch, "_grouped_mm"):
+        return None
+
+    def run(a, b, counts):
+        return torch._grouped_mm(a, b, offs=torch.cumsum(counts, 0, dtype=torch.int32))
+
+    try:
+        run(torch.randn(4, 8, device=device), torch.randn(2, 8, 8, device=device), torch.tensor([1, 3], device=device))
+    except (RuntimeError, NotImplementedError):
+        return None
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--tokens", type=int, default=Shape.num_tokens)
+    parser.add_argument("--repeats", type=int, default=7)
+    args = parser.parse_args()
+    shape = Shape(num_tokens=args.tokens)
+    dev = args.device
+    g = torch.Generator().manual_seed(0)
+    T, H, Fh, E, k = shape.num_tokens, shape.hidden, shape.ffn, shape.num_experts, shape.topk
+    logits = torch.randn(T, E, generator=g).to(dev)
+    bias = (torch.randn(E, generator=g) * 0.1).to(dev)
+    x = torch.randn(T, H, generator=g).to(dev)
+    weights, ids, counts = mk.biased_topk(logits, bias, k, "sigmoid", shape.n_groups, shape.topk_groups)
+    rows, row_map, _ = mk.permute(x, ids, E)
+    w_gate_up = (torch.randn(E, H, 2 * Fh, generator=g) / H**0.5).to(dev)
+    w_down = (torch.randn(E, Fh, H, generator=g) / Fh**0.5).to(dev)
+    h = torch.randn(rows.shape[0], Fh, generator=g).to(dev)
+    grouped_mm = grouped_mm_baseline(dev)
+
+    def fwd_bwd(impl):
+        params = [p.detach().requires_grad_() for p in (x, logits, w_gate_up, w_down)]
+        xx, ll, wg, wd = params
+        expert_ffn(impl, xx, ll, bias, wg, wd, shape).sum().backward()
+
+    cases = [
+        ("biased_topk", lambda: mk.biased_topk(logits, bias, k, "sigmoid", shape.n_groups, shape.topk_groups),
+         lambda: ref.biased_topk(logits, bias, k, "sigmoid", shape.n_groups, shape.topk_groups), None),
+        ("expert_histogram", lambda: mk.expert_histogram(ids, E), lambda: ref.expert_histogram(ids, E), None),
+        ("update_bias", lambda: mk.update_bias(bias.clone(), counts, 1e-3), lambda: ref.update_bias(bias.clone(), counts, 1e-3), None),
+        ("permute", lambda: mk.permute(x, ids, E), lambda: ref.permute(x, ids, E), None),
+        ("permute align=16", lambda: mk.permute(x, ids, E, 16), lambda: ref.permute(x, ids, E, 16), None),
+        ("unpermute", lambda: mk.unpermute(rows, row_map, weights), lambda: ref.unpermute(rows, row_map, weights), None),
+        ("grouped_gemm [R,F]x[E,F,H]", lambda: mk.grouped_gemm(h, w_down, counts),
+         lambda: ref.grouped_gemm(h, w_down, counts),
+         (lambda: grouped_mm(h, w_down, counts)) if grouped_mm else None),
+        ("MoE FFN forward", lambda: expert_ffn(mk, x, logits, bias, w_gate_up, w_down, shape),
+         lambda: expert_ffn(ref, x, logits, bias, w_gate_up, w_down, shape), None),
+        ("MoE FFN forward+backward", lambda: fwd_bwd(mk), lambda: fwd_bwd(ref), None),
+    ]
+    results = []
+    for name, ours, baseline, grouped in cases:
+        t_ours = measure(ours, dev, repeats=args.repeats)
+        t_ref = measure(baseline, dev, repeats=args.repeats)
+        row = {"op": name, "ours_ms": t_ours.median_ms, "reference_ms": t_ref.median_ms,
+               "speedup": t_ref.median_ms / t_ours.median_ms}
+        if grouped is not None:
+            t_grouped = measure(grouped, dev, repeats=args.repeats)
+            row["grouped_mm_ms"] = t_grouped.median_ms
+            row["speedup_vs_grouped_mm"] = t_grouped.median_ms / t_ours.median_ms
+        results.append(row)
+        print(row, flush=True)
+    for row in results:
+        row["shape"] = asdict(shape)
+    save(f"bench_ops_{dev}", results,
+         ["op", "ours_ms", "reference_ms", "speedup", "grouped_mm_ms", "speedup_vs_grouped_mm"],
+         f"moe_kernels ops vs the pure-PyTorch reference ({dev}, fp32, {shape})")
+
+
+if __name__ == "__main__":
+    main()
