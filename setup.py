@@ -52,7 +52,9 @@ def cmake_cuda_architectures(arch_list: str) -> str:
         base = item.removesuffix("+PTX")
         match = re.fullmatch(r"(\d+)\.(\d+)([af]?)", base)
         if match is None:
-            raise SystemExit(f"TORCH_CUDA_ARCH_LIST: cannot parse '{item}' (expected e.g. 8.0, 9.0a, 9.0+PTX)")
+            raise SystemExit(
+                f"TORCH_CUDA_ARCH_LIST: cannot parse '{item}' (expected e.g. 8.0, 9.0a, 9.0+PTX)"
+            )
         sm = "".join(match.groups())
         archs.append(f"{sm}-real")
         if item.endswith("+PTX"):
@@ -90,7 +92,9 @@ class CMakeBuild(build_ext):
                 raise SystemExit("MOE_KERNELS_CUDA=1 but the installed torch is a CPU-only build")
             if cuda_home is None:
                 raise SystemExit("MOE_KERNELS_CUDA=1 but no CUDA toolkit was found (set CUDA_HOME)")
-        with_cuda = forced == "1" or (forced == "" and torch.version.cuda is not None and cuda_home is not None)
+        with_cuda = forced == "1" or (
+            forced == "" and torch.version.cuda is not None and cuda_home is not None
+        )
 
         include_dirs = wheel_include_dirs(site_packages)
         if cuda_home is not None:
@@ -99,16 +103,28 @@ class CMakeBuild(build_ext):
         arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip() or DEFAULT_CUDA_ARCHS
 
         variant = "cuda" if with_cuda else "cpu"
-        build_dir = ROOT / "build" / f"cmake-{variant}-py{sys.version_info.major}{sys.version_info.minor}"
+        build_dir = (
+            ROOT / "build" / f"cmake-{variant}-py{sys.version_info.major}{sys.version_info.minor}"
+        )
         output_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
         tool_bins = [Path(sys.executable).parent]
-        cmake = shutil.which("cmake", path=os.pathsep.join(map(str, tool_bins))) or shutil.which("cmake")
-        ninja = shutil.which("ninja", path=os.pathsep.join(map(str, tool_bins))) or shutil.which("ninja")
+        cmake = shutil.which("cmake", path=os.pathsep.join(map(str, tool_bins))) or shutil.which(
+            "cmake"
+        )
+        ninja = shutil.which("ninja", path=os.pathsep.join(map(str, tool_bins))) or shutil.which(
+            "ninja"
+        )
         if cmake is None or ninja is None:
             raise SystemExit("the build needs cmake>=3.28 and ninja: pip install cmake ninja")
 
         args = [
-            cmake, "-S", str(ROOT), "-B", str(build_dir), "-G", "Ninja",
+            cmake,
+            "-S",
+            str(ROOT),
+            "-B",
+            str(build_dir),
+            "-G",
+            "Ninja",
             f"-DCMAKE_MAKE_PROGRAM={ninja}",
             f"-DCMAKE_BUILD_TYPE={os.environ.get('MOE_KERNELS_BUILD_TYPE', 'Release')}",
             f"-DPython_EXECUTABLE={sys.executable}",
@@ -131,16 +147,19 @@ class CMakeBuild(build_ext):
         subprocess.run(args, check=True)
         subprocess.run([cmake, "--build", str(build_dir), "-j", jobs], check=True)
 
-        summary = "\n".join([
-            "moe_kernels build summary",
-            f"  variant      : {variant}" + (f" (forced by MOE_KERNELS_CUDA={forced})" if forced else " (auto)"),
-            f"  torch        : {torch.__version__} (CUDA {torch.version.cuda})",
-            f"  CUDA toolkit : {cuda_home if with_cuda else '-'}",
-            f"  CUDA archs   : {arch_list if with_cuda else '-'}",
-            f"  NVTX ranges  : {'on' if nvtx_include else 'off (nvtx3 headers not found)'}",
-            f"  build tree   : {build_dir}",
-            f"  module       : {self.get_ext_fullpath(ext.name)}",
-        ])
+        summary = "\n".join(
+            [
+                "moe_kernels build summary",
+                f"  variant      : {variant}"
+                + (f" (forced by MOE_KERNELS_CUDA={forced})" if forced else " (auto)"),
+                f"  torch        : {torch.__version__} (CUDA {torch.version.cuda})",
+                f"  CUDA toolkit : {cuda_home if with_cuda else '-'}",
+                f"  CUDA archs   : {arch_list if with_cuda else '-'}",
+                f"  NVTX ranges  : {'on' if nvtx_include else 'off (nvtx3 headers not found)'}",
+                f"  build tree   : {build_dir}",
+                f"  module       : {self.get_ext_fullpath(ext.name)}",
+            ]
+        )
         print(summary, file=sys.stderr)
         (ROOT / "build").mkdir(exist_ok=True)
         (ROOT / "build" / "summary.txt").write_text(summary + "\n")

@@ -18,7 +18,6 @@ import torch.nn.functional as F
 
 import moe_kernels as mk
 from moe_kernels import reference as ref
-
 from timer import measure, save
 
 
@@ -35,7 +34,9 @@ class Shape:
 
 def expert_ffn(impl, x, logits, bias, w_gate_up, w_down, shape: Shape):
     """Route -> permute -> SwiGLU experts -> unpermute, with ``impl`` = moe_kernels or reference."""
-    weights, ids, _ = impl.biased_topk(logits, bias, shape.topk, "sigmoid", shape.n_groups, shape.topk_groups)
+    weights, ids, _ = impl.biased_topk(
+        logits, bias, shape.topk, "sigmoid", shape.n_groups, shape.topk_groups
+    )
     rows, row_map, counts = impl.permute(x, ids, shape.num_experts)
     gate, up = impl.grouped_gemm(rows, w_gate_up, counts).chunk(2, dim=-1)
     y = impl.grouped_gemm(F.silu(gate) * up, w_down, counts)
@@ -51,14 +52,20 @@ def grouped_mm_baseline(device: str):
         return torch._grouped_mm(a, b, offs=torch.cumsum(counts, 0, dtype=torch.int32))
 
     try:
-        run(torch.randn(4, 8, device=device), torch.randn(2, 8, 8, device=device), torch.tensor([1, 3], device=device))
+        run(
+            torch.randn(4, 8, device=device),
+            torch.randn(2, 8, 8, device=device),
+            torch.tensor([1, 3], device=device),
+        )
     except (RuntimeError, NotImplementedError):
         return None
     return run
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--tokens", type=int, default=Shape.num_tokens)
     parser.add_argument("--repeats", type=int, default=7)
@@ -70,7 +77,9 @@ def main() -> None:
     logits = torch.randn(T, E, generator=g).to(dev)
     bias = (torch.randn(E, generator=g) * 0.1).to(dev)
     x = torch.randn(T, H, generator=g).to(dev)
-    weights, ids, counts = mk.biased_topk(logits, bias, k, "sigmoid", shape.n_groups, shape.topk_groups)
+    weights, ids, counts = mk.biased_topk(
+        logits, bias, k, "sigmoid", shape.n_groups, shape.topk_groups
+    )
     rows, row_map, _ = mk.permute(x, ids, E)
     w_gate_up = (torch.randn(E, H, 2 * Fh, generator=g) / H**0.5).to(dev)
     w_down = (torch.randn(E, Fh, H, generator=g) / Fh**0.5).to(dev)
@@ -83,26 +92,61 @@ def main() -> None:
         expert_ffn(impl, xx, ll, bias, wg, wd, shape).sum().backward()
 
     cases = [
-        ("biased_topk", lambda: mk.biased_topk(logits, bias, k, "sigmoid", shape.n_groups, shape.topk_groups),
-         lambda: ref.biased_topk(logits, bias, k, "sigmoid", shape.n_groups, shape.topk_groups), None),
-        ("expert_histogram", lambda: mk.expert_histogram(ids, E), lambda: ref.expert_histogram(ids, E), None),
-        ("update_bias", lambda: mk.update_bias(bias.clone(), counts, 1e-3), lambda: ref.update_bias(bias.clone(), counts, 1e-3), None),
+        (
+            "biased_topk",
+            lambda: mk.biased_topk(logits, bias, k, "sigmoid", shape.n_groups, shape.topk_groups),
+            lambda: ref.biased_topk(logits, bias, k, "sigmoid", shape.n_groups, shape.topk_groups),
+            None,
+        ),
+        (
+            "expert_histogram",
+            lambda: mk.expert_histogram(ids, E),
+            lambda: ref.expert_histogram(ids, E),
+            None,
+        ),
+        (
+            "update_bias",
+            lambda: mk.update_bias(bias.clone(), counts, 1e-3),
+            lambda: ref.update_bias(bias.clone(), counts, 1e-3),
+            None,
+        ),
         ("permute", lambda: mk.permute(x, ids, E), lambda: ref.permute(x, ids, E), None),
-        ("permute align=16", lambda: mk.permute(x, ids, E, 16), lambda: ref.permute(x, ids, E, 16), None),
-        ("unpermute", lambda: mk.unpermute(rows, row_map, weights), lambda: ref.unpermute(rows, row_map, weights), None),
-        ("grouped_gemm [R,F]x[E,F,H]", lambda: mk.grouped_gemm(h, w_down, counts),
-         lambda: ref.grouped_gemm(h, w_down, counts),
-         (lambda: grouped_mm(h, w_down, counts)) if grouped_mm else None),
-        ("MoE FFN forward", lambda: expert_ffn(mk, x, logits, bias, w_gate_up, w_down, shape),
-         lambda: expert_ffn(ref, x, logits, bias, w_gate_up, w_down, shape), None),
+        (
+            "permute align=16",
+            lambda: mk.permute(x, ids, E, 16),
+            lambda: ref.permute(x, ids, E, 16),
+            None,
+        ),
+        (
+            "unpermute",
+            lambda: mk.unpermute(rows, row_map, weights),
+            lambda: ref.unpermute(rows, row_map, weights),
+            None,
+        ),
+        (
+            "grouped_gemm [R,F]x[E,F,H]",
+            lambda: mk.grouped_gemm(h, w_down, counts),
+            lambda: ref.grouped_gemm(h, w_down, counts),
+            (lambda: grouped_mm(h, w_down, counts)) if grouped_mm else None,
+        ),
+        (
+            "MoE FFN forward",
+            lambda: expert_ffn(mk, x, logits, bias, w_gate_up, w_down, shape),
+            lambda: expert_ffn(ref, x, logits, bias, w_gate_up, w_down, shape),
+            None,
+        ),
         ("MoE FFN forward+backward", lambda: fwd_bwd(mk), lambda: fwd_bwd(ref), None),
     ]
     results = []
     for name, ours, baseline, grouped in cases:
         t_ours = measure(ours, dev, repeats=args.repeats)
         t_ref = measure(baseline, dev, repeats=args.repeats)
-        row = {"op": name, "ours_ms": t_ours.median_ms, "reference_ms": t_ref.median_ms,
-               "speedup": t_ref.median_ms / t_ours.median_ms}
+        row = {
+            "op": name,
+            "ours_ms": t_ours.median_ms,
+            "reference_ms": t_ref.median_ms,
+            "speedup": t_ref.median_ms / t_ours.median_ms,
+        }
         if grouped is not None:
             t_grouped = measure(grouped, dev, repeats=args.repeats)
             row["grouped_mm_ms"] = t_grouped.median_ms
@@ -111,9 +155,12 @@ def main() -> None:
         print(row, flush=True)
     for row in results:
         row["shape"] = asdict(shape)
-    save(f"bench_ops_{dev}", results,
-         ["op", "ours_ms", "reference_ms", "speedup", "grouped_mm_ms", "speedup_vs_grouped_mm"],
-         f"moe_kernels ops vs the pure-PyTorch reference ({dev}, fp32, {shape})")
+    save(
+        f"bench_ops_{dev}",
+        results,
+        ["op", "ours_ms", "reference_ms", "speedup", "grouped_mm_ms", "speedup_vs_grouped_mm"],
+        f"moe_kernels ops vs the pure-PyTorch reference ({dev}, fp32, {shape})",
+    )
 
 
 if __name__ == "__main__":

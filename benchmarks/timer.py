@@ -10,9 +10,9 @@ import json
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -26,7 +26,9 @@ class Timing:
     repeats: int
 
 
-def measure(fn: Callable[[], object], device: str = "cpu", warmup: int = 2, repeats: int = 7) -> Timing:
+def measure(
+    fn: Callable[[], object], device: str = "cpu", warmup: int = 2, repeats: int = 7
+) -> Timing:
     for _ in range(warmup):
         fn()
     times = []
@@ -62,7 +64,9 @@ def save(name: str, rows: list[dict[str, object]], columns: list[str], title: st
     """Writes results/<name>.json and results/<name>.md (a table of ``columns``)."""
     RESULTS.mkdir(exist_ok=True)
     env = machine()
-    (RESULTS / f"{name}.json").write_text(json.dumps({"machine": env, "rows": rows}, indent=2) + "\n")
+    (RESULTS / f"{name}.json").write_text(
+        json.dumps({"machine": env, "rows": rows}, indent=2) + "\n"
+    )
     lines = [f"# {title}", "", "Machine: " + ", ".join(f"{k} {v}" for k, v in env.items()), ""]
     lines.append("| " + " | ".join(columns) + " |")
     lines.append("|" + "---|" * len(columns))
@@ -74,4 +78,3 @@ def save(name: str, rows: list[dict[str, object]], columns: list[str], title: st
 
 def _fmt(value: object) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
-

@@ -20,13 +20,17 @@ TORCH_LIBRARY(moe_kernels, m) {
   m.def("expert_histogram(Tensor topk_ids, int num_experts) -> Tensor");
 
   // Loss-free balancing (SPEC.md section 2).
-  m.def("update_bias(Tensor(a!) bias, Tensor tokens_per_expert, float rate, str rule=\"sign\") -> ()");
+  m.def(
+      "update_bias(Tensor(a!) bias, Tensor tokens_per_expert, float rate, str rule=\"sign\") -> "
+      "()");
 
   // Permutation (SPEC.md section 3).
   m.def(
       "permute(Tensor hidden, Tensor topk_ids, int num_experts, int align=1) -> "
       "(Tensor rows, Tensor row_map, Tensor tokens_per_expert)");
-  m.def("permute_with_map(Tensor hidden, Tensor row_map, Tensor? topk_weights, int num_rows) -> Tensor");
+  m.def(
+      "permute_with_map(Tensor hidden, Tensor row_map, Tensor? topk_weights, int num_rows) -> "
+      "Tensor");
   m.def("unpermute(Tensor rows, Tensor row_map, Tensor? topk_weights) -> Tensor");
   m.def("unpermute_weights_grad(Tensor grad_output, Tensor rows, Tensor row_map) -> Tensor");
 

@@ -7,8 +7,9 @@ initialises CUDA, so it imports on machines without a GPU.
 
 import torch  # noqa: F401  (the native library links against torch: load torch first)
 
-from . import _C  # noqa: F401  (registers torch.ops.moe_kernels.*)
-from . import _autograd, _meta  # noqa: F401  (fake kernels and autograd of those ops)
+# The native library registers the ops (torch.ops.moe_kernels.*); _meta and _autograd then add
+# their fake kernels and autograd formulas.
+from . import _C, _autograd, _meta  # noqa: F401
 from .ops import (
     biased_topk,
     expert_histogram,
@@ -25,7 +26,11 @@ __version__ = "0.1.0"
 def build_info() -> dict[str, object]:
     """How the native library was built: ``{"cuda": bool, "cuda_archs": str, "nvtx": bool}``."""
     info = _C.build_info()
-    return {"cuda": info["cuda"] == "1", "cuda_archs": info["cuda_archs"], "nvtx": info["nvtx"] == "1"}
+    return {
+        "cuda": info["cuda"] == "1",
+        "cuda_archs": info["cuda_archs"],
+        "nvtx": info["nvtx"] == "1",
+    }
 
 
 __all__ = [

@@ -19,17 +19,30 @@ def _check_device(tensor: Tensor | None, ref: Tensor, name: str, ref_name: str) 
     if tensor is not None:
         torch._check(
             tensor.device == ref.device,
-            lambda: f"{name} must be on the device of {ref_name} ({ref.device}), got {tensor.device}",
+            lambda: (
+                f"{name} must be on the device of {ref_name} ({ref.device}), got {tensor.device}"
+            ),
         )
 
 
 @torch.library.register_fake("moe_kernels::biased_topk")
-def _(logits, bias, k, score_fn="sigmoid", n_groups=1, topk_groups=1, normalize=True, scale=1.0,
-      group_score="top2"):
+def _(
+    logits,
+    bias,
+    k,
+    score_fn="sigmoid",
+    n_groups=1,
+    topk_groups=1,
+    normalize=True,
+    scale=1.0,
+    group_score="top2",
+):
     _check_device(bias, logits, "bias", "logits")
     torch._check(logits.dim() == 2, lambda: f"logits must be a 2-D tensor, got {logits.dim()}-D")
     num_tokens, num_experts = logits.shape
-    torch._check(1 <= k <= num_experts, lambda: f"k must be in [1, num_experts={num_experts}], got {k}")
+    torch._check(
+        1 <= k <= num_experts, lambda: f"k must be in [1, num_experts={num_experts}], got {k}"
+    )
     weights = logits.new_empty((num_tokens, k), dtype=_opmath(logits.dtype))
     ids = logits.new_empty((num_tokens, k), dtype=torch.int64)
     counts = logits.new_empty((num_experts,), dtype=torch.int64)

@@ -75,7 +75,9 @@ def expert_histogram(topk_ids: Tensor, num_experts: int) -> Tensor:
     return _ops.expert_histogram(topk_ids, num_experts)
 
 
-def update_bias(bias: Tensor, tokens_per_expert: Tensor, rate: float = 1e-3, rule: str = "sign") -> None:
+def update_bias(
+    bias: Tensor, tokens_per_expert: Tensor, rate: float = 1e-3, rule: str = "sign"
+) -> None:
     """Loss-free balancing step, in place: nudge overloaded experts down, underloaded up.
 
     ``rule="sign"``: ``bias += rate * sign(mean(counts) - counts)`` (Algorithm 1 of arXiv

@@ -41,7 +41,9 @@ def biased_topk(
         group_scores = grouped.topk(size, dim=-1).values.sum(dim=-1)
         kept = _descending_order(group_scores)[:, :topk_groups]
         keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, kept, True)
-        choice = grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).view(num_tokens, num_experts)
+        choice = grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).view(
+            num_tokens, num_experts
+        )
     ids = _descending_order(choice)[:, :k]
     weights = scores.gather(1, ids)
     if normalize:
@@ -56,7 +58,9 @@ def expert_histogram(topk_ids: Tensor, num_experts: int) -> Tensor:
     return torch.bincount(topk_ids.flatten().long(), minlength=num_experts)
 
 
-def update_bias(bias: Tensor, tokens_per_expert: Tensor, rate: float = 1e-3, rule: str = "sign") -> None:
+def update_bias(
+    bias: Tensor, tokens_per_expert: Tensor, rate: float = 1e-3, rule: str = "sign"
+) -> None:
     load = tokens_per_expert.double()
     mean = load.mean()
     if rule == "sign":
@@ -96,5 +100,5 @@ def unpermute(rows: Tensor, row_map: Tensor, topk_weights: Tensor | None = None)
 def grouped_gemm(a: Tensor, b: Tensor, tokens_per_expert: Tensor, trans_b: bool = False) -> Tensor:
     weights = b.transpose(1, 2) if trans_b else b
     segments = a.split(tokens_per_expert.tolist())
-    outputs = [a_e @ w_e for a_e, w_e in zip(segments, weights.unbind(0))]
+    outputs = [a_e @ w_e for a_e, w_e in zip(segments, weights.unbind(0), strict=True)]
     return torch.cat(outputs) if outputs else a.new_empty(0, weights.shape[2])

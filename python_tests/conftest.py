@@ -26,7 +26,9 @@ def backends_for(op: str) -> list:
     return ["cpu", cuda]
 
 
-def tie_free_logits(num_tokens: int, num_experts: int, dtype=torch.float32, seed: int = 0) -> torch.Tensor:
+def tie_free_logits(
+    num_tokens: int, num_experts: int, dtype=torch.float32, seed: int = 0
+) -> torch.Tensor:
     """Router logits whose scores never tie within a token, even after rounding to ``dtype``.
 
     Each row is a random permutation of an evenly spaced grid on [-3, 3]: the grid step
@@ -46,7 +48,9 @@ def integer_bias(num_experts: int, seed: int = 1) -> torch.Tensor:
     return torch.randint(-1, 2, (num_experts,), generator=g).to(torch.float32)
 
 
-def random_ids(num_tokens: int, num_experts: int, topk: int, seed: int = 0, used: int | None = None):
+def random_ids(
+    num_tokens: int, num_experts: int, topk: int, seed: int = 0, used: int | None = None
+):
     """[T, k] distinct expert ids per token drawn from the first ``used`` experts (default all):
     the others receive no token."""
     used = num_experts if used is None else used

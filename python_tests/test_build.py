@@ -1,18 +1,27 @@
 """The package as installed: what was built, and what importing it does."""
 
+import os
 import shutil
 import subprocess
 import sys
 
 import pytest
-import torch
 
 import moe_kernels as mk
-
 from conftest import has_kernel
 
-OPS = ["biased_topk", "biased_topk_backward", "expert_histogram", "update_bias", "permute",
-       "permute_with_map", "unpermute", "unpermute_weights_grad", "grouped_gemm", "grouped_gemm_wgrad"]
+OPS = [
+    "biased_topk",
+    "biased_topk_backward",
+    "expert_histogram",
+    "update_bias",
+    "permute",
+    "permute_with_map",
+    "unpermute",
+    "unpermute_weights_grad",
+    "grouped_gemm",
+    "grouped_gemm_wgrad",
+]
 
 
 def test_every_op_has_a_cpu_kernel():
@@ -37,5 +46,30 @@ def test_import_never_initialises_cuda():
 def test_native_module_links_openmp():
     # ATen's OpenMP backend is inlined into the extension: built without OpenMP, every
     # at::parallel_for would silently run on one thread.
-    out = subprocess.run(["readelf", "-d", mk._C.__file__], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        ["readelf", "-d", mk._C.__file__], capture_output=True, text=True, check=True
+    )
     assert "libgomp" in out.stdout
+
+
+def _cuobjdump() -> str | None:
+    for root in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
+        if root and os.path.isfile(os.path.join(root, "bin", "cuobjdump")):
+            return os.path.join(root, "bin", "cuobjdump")
+    return shutil.which("cuobjdump")
+
+
+@pytest.mark.skipif(
+    not mk.build_info()["cuda"] or _cuobjdump() is None, reason="needs the CUDA build and cuobjdump"
+)
+def test_cuda_code_is_built_for_the_requested_archs():
+    # TORCH_CUDA_ARCH_LIST (default 8.0;9.0) decides the machine code in the module.
+    wanted = {
+        "sm_" + arch.removesuffix("+PTX").replace(".", "")
+        for arch in mk.build_info()["cuda_archs"].split(",")
+    }
+    out = subprocess.run(
+        [_cuobjdump(), "--list-elf", mk._C.__file__], capture_output=True, text=True, check=True
+    )
+    built = {name.split(".")[-2] for name in out.stdout.split() if name.endswith(".cubin")}
+    assert built == wanted

@@ -4,7 +4,6 @@ unpermute, forward and backward, with the same results as eager."""
 import torch
 
 import moe_kernels as mk
-
 from conftest import tie_free_logits
 
 NUM_EXPERTS, TOPK, HIDDEN, FFN = 16, 4, 32, 24
@@ -42,5 +41,5 @@ def test_compiled_moe_ffn_matches_eager():
     out_eager.square().sum().backward()
     out_compiled.square().sum().backward()
     torch.testing.assert_close(x_compiled.grad, x_eager.grad, rtol=1e-4, atol=1e-6)
-    for got, want in zip(compiled_params, eager_params):
+    for got, want in zip(compiled_params, eager_params, strict=True):
         torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-6)

@@ -63,7 +63,9 @@ def test_backward_with_broadcast_gradient():
     a.requires_grad_(), b.requires_grad_()
     mk.grouped_gemm(a, b, sizes).sum().backward()
     row_sums = b.detach().sum(dim=2)  # d(sum(a_e @ b_e))/d(a_e) = each row of b_e summed
-    torch.testing.assert_close(a.grad, torch.cat([row_sums[0].expand(5, 8), row_sums[2].expand(9, 8)]))
+    torch.testing.assert_close(
+        a.grad, torch.cat([row_sums[0].expand(5, 8), row_sums[2].expand(9, 8)])
+    )
     torch.testing.assert_close(b.grad[0], a.detach()[:5].sum(0).unsqueeze(1).expand(8, 6))
     assert torch.count_nonzero(b.grad[1]) == 0
 

@@ -4,9 +4,8 @@ import pytest
 import torch
 
 import moe_kernels as mk
-from moe_kernels import reference as ref
-
 from conftest import backends_for, random_ids
+from moe_kernels import reference as ref
 
 
 @pytest.mark.parametrize("device", backends_for("expert_histogram"))

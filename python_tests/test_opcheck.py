@@ -5,7 +5,6 @@ import pytest
 import torch
 
 import moe_kernels  # noqa: F401
-
 from conftest import integer_bias, random_ids, tie_free_logits
 
 ops = torch.ops.moe_kernels
@@ -23,21 +22,52 @@ def _sample_cases():
     b = torch.randn(16, 8, 6, generator=g)
     grad_c = torch.randn(a.shape[0], 6, generator=g)
     return {
-        "biased_topk_sigmoid_groups": (ops.biased_topk, (logits.requires_grad_(), integer_bias(16), 4, "sigmoid", 4, 2, True, 1.0, "top2")),
-        "biased_topk_softmax": (ops.biased_topk, (tie_free_logits(20, 16).requires_grad_(), None, 2, "softmax", 1, 1, False, 2.0, "top2")),
-        "biased_topk_bf16": (ops.biased_topk, (tie_free_logits(20, 16, torch.bfloat16), None, 3, "sigmoid", 1, 1, True, 1.0, "top2")),
-        "biased_topk_backward": (ops.biased_topk_backward, (weights, logits.detach(), ids, "sigmoid", True, 1.0)),
+        "biased_topk_sigmoid_groups": (
+            ops.biased_topk,
+            (logits.requires_grad_(), integer_bias(16), 4, "sigmoid", 4, 2, True, 1.0, "top2"),
+        ),
+        "biased_topk_softmax": (
+            ops.biased_topk,
+            (
+                tie_free_logits(20, 16).requires_grad_(),
+                None,
+                2,
+                "softmax",
+                1,
+                1,
+                False,
+                2.0,
+                "top2",
+            ),
+        ),
+        "biased_topk_bf16": (
+            ops.biased_topk,
+            (tie_free_logits(20, 16, torch.bfloat16), None, 3, "sigmoid", 1, 1, True, 1.0, "top2"),
+        ),
+        "biased_topk_backward": (
+            ops.biased_topk_backward,
+            (weights, logits.detach(), ids, "sigmoid", True, 1.0),
+        ),
         "expert_histogram": (ops.expert_histogram, (ids, 16)),
         "update_bias": (ops.update_bias, (torch.zeros(16), counts, 1e-3, "sign")),
-        "update_bias_proportional": (ops.update_bias, (torch.zeros(16), counts.int(), 1e-3, "proportional")),
+        "update_bias_proportional": (
+            ops.update_bias,
+            (torch.zeros(16), counts.int(), 1e-3, "proportional"),
+        ),
         "permute": (ops.permute, (hidden.clone().requires_grad_(), ids, 16, 1)),
         "permute_aligned": (ops.permute, (hidden.clone().requires_grad_(), ids, 16, 4)),
         "permute_with_map": (ops.permute_with_map, (hidden, row_map, weights, int(rows.shape[0]))),
-        "unpermute": (ops.unpermute, (rows.clone().requires_grad_(), row_map, weights.clone().requires_grad_())),
+        "unpermute": (
+            ops.unpermute,
+            (rows.clone().requires_grad_(), row_map, weights.clone().requires_grad_()),
+        ),
         "unpermute_unweighted": (ops.unpermute, (rows.clone().requires_grad_(), row_map, None)),
         "unpermute_weights_grad": (ops.unpermute_weights_grad, (hidden, rows, row_map)),
         "grouped_gemm": (ops.grouped_gemm, (a.requires_grad_(), b.requires_grad_(), sizes, False)),
-        "grouped_gemm_trans_b": (ops.grouped_gemm, (a, b.transpose(1, 2).contiguous().requires_grad_(), sizes, True)),
+        "grouped_gemm_trans_b": (
+            ops.grouped_gemm,
+            (a, b.transpose(1, 2).contiguous().requires_grad_(), sizes, True),
+        ),
         "grouped_gemm_wgrad": (ops.grouped_gemm_wgrad, (a.detach(), grad_c, sizes, False)),
     }
 
@@ -52,6 +82,10 @@ def test_opcheck(name):
 
 
 def test_every_op_is_covered():
-    declared = {name for name in dir(ops) if not name.startswith("_") and isinstance(getattr(ops, name), torch._ops.OpOverloadPacket)}
+    declared = {
+        name
+        for name in dir(ops)
+        if not name.startswith("_") and isinstance(getattr(ops, name), torch._ops.OpOverloadPacket)
+    }
     covered = {op._qualified_op_name.split("::")[1] for op, _ in CASES.values()}
     assert declared == covered

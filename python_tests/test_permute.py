@@ -4,9 +4,8 @@ import pytest
 import torch
 
 import moe_kernels as mk
-from moe_kernels import reference as ref
-
 from conftest import random_ids
+from moe_kernels import reference as ref
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -60,7 +59,11 @@ def test_unpermute_matches_reference(dtype, num_tokens, topk, weighted):
     x = hidden_states(num_tokens, 40, dtype)
     ids = random_ids(num_tokens, 64, topk, used=48)
     rows, row_map, _ = mk.permute(x, ids, 64, align=8)
-    weights = torch.rand(num_tokens, topk, generator=torch.Generator().manual_seed(1)) if weighted else None
+    weights = (
+        torch.rand(num_tokens, topk, generator=torch.Generator().manual_seed(1))
+        if weighted
+        else None
+    )
     got = mk.unpermute(rows, row_map, weights)
     want = ref.unpermute(rows, row_map, weights)
     assert got.dtype == dtype
@@ -86,7 +89,9 @@ def test_gradients_match_reference(align):
 
     def run(impl, x, weights):
         rows, row_map, _ = impl.permute(x, ids, 16, align=align)
-        return (impl.unpermute(rows * rows.sum(1, keepdim=True).tanh(), row_map, weights) * scale).sum()
+        return (
+            impl.unpermute(rows * rows.sum(1, keepdim=True).tanh(), row_map, weights) * scale
+        ).sum()
 
     run(mk, x, weights).backward()
     x_ref = x.detach().clone().requires_grad_()
@@ -125,6 +130,6 @@ def test_parallel_and_serial_runs_agree():
         parallel = mk.permute(x, ids, 64, align=4)
     finally:
         torch.set_num_threads(threads)
-    for a, b in zip(serial, parallel):
+    for a, b in zip(serial, parallel, strict=True):
         assert torch.equal(a, b)
     assert torch.equal(parallel[1], ref.permute(x, ids, 64, align=4)[1])

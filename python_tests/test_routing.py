@@ -5,9 +5,8 @@ import pytest
 import torch
 
 import moe_kernels as mk
-from moe_kernels import reference as ref
-
 from conftest import integer_bias, tie_free_logits
+from moe_kernels import reference as ref
 
 # (num_experts, topk): k in {1, 2, 8, E}, wherever k <= E.
 EXPERTS_TOPK = [(e, k) for e in (1, 8, 64, 256) for k in sorted({1, 2, 8, e}) if k <= e]
@@ -45,14 +44,22 @@ def test_weights_options(normalize, scale, with_bias):
 
 @pytest.mark.parametrize(
     "n_groups,topk_groups,topk,group_score",
-    [(8, 4, 8, "top2"), (8, 1, 4, "top2"), (8, 3, 6, "topk_per_group"), (64, 8, 8, "top2"),
-     (4, 2, 8, "topk_per_group"), (2, 2, 4, "top2")],
+    [
+        (8, 4, 8, "top2"),
+        (8, 1, 4, "top2"),
+        (8, 3, 6, "topk_per_group"),
+        (64, 8, 8, "top2"),
+        (4, 2, 8, "topk_per_group"),
+        (2, 2, 4, "top2"),
+    ],
 )
 @pytest.mark.parametrize("score_fn", ["sigmoid", "softmax"])
 def test_group_limited_routing(n_groups, topk_groups, topk, group_score, score_fn):
     logits = tie_free_logits(257, 64, seed=3)
     bias = integer_bias(64, seed=4)
-    kwargs = dict(score_fn=score_fn, n_groups=n_groups, topk_groups=topk_groups, group_score=group_score)
+    kwargs = dict(
+        score_fn=score_fn, n_groups=n_groups, topk_groups=topk_groups, group_score=group_score
+    )
     got = mk.biased_topk(logits, bias, topk, **kwargs)
     assert_routing_equal(got, ref.biased_topk(logits, bias, topk, **kwargs))
     # Every chosen expert lies in one of the kept groups.
@@ -121,7 +128,13 @@ def test_fp64_logits_compute_in_fp64():
 def test_gradient_matches_reference(score_fn, normalize, scale, n_groups, topk_groups):
     logits = tie_free_logits(40, 32, seed=5).requires_grad_()
     ref_logits = logits.detach().clone().requires_grad_()
-    kwargs = dict(score_fn=score_fn, normalize=normalize, scale=scale, n_groups=n_groups, topk_groups=topk_groups)
+    kwargs = dict(
+        score_fn=score_fn,
+        normalize=normalize,
+        scale=scale,
+        n_groups=n_groups,
+        topk_groups=topk_groups,
+    )
     upstream = torch.randn(40, 4, generator=torch.Generator().manual_seed(0))
     (mk.biased_topk(logits, integer_bias(32), 4, **kwargs)[0] * upstream).sum().backward()
     (ref.biased_topk(ref_logits, integer_bias(32), 4, **kwargs)[0] * upstream).sum().backward()

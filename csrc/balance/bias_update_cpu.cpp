@@ -22,7 +22,8 @@ void update_bias_cpu(const at::Tensor& bias, const at::Tensor& tokens_per_expert
     total += c[e];
   }
   float* b = bias.mutable_data_ptr<float>();
-  for (int64_t e = 0; e < num_experts; ++e) b[e] += bias_delta(total, num_experts, c[e], rate, rule);
+  for (int64_t e = 0; e < num_experts; ++e)
+    b[e] += bias_delta(total, num_experts, c[e], rate, rule);
 }
 
 }  // namespace

@@ -7,8 +7,8 @@ template <typename count_t>
 cudaError_t launch_update_bias(float* bias, const count_t* tokens_per_expert, int64_t num_experts,
                                double rate, BiasRule rule, cudaStream_t stream) {
   if (num_experts == 0) return cudaSuccess;
-  update_bias_kernel<count_t><<<1, kBiasUpdateThreads, 0, stream>>>(bias, tokens_per_expert,
-                                                                    num_experts, rate, rule);
+  update_bias_kernel<count_t>
+      <<<1, kBiasUpdateThreads, 0, stream>>>(bias, tokens_per_expert, num_experts, rate, rule);
   return cudaGetLastError();
 }
 

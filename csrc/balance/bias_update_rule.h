@@ -19,8 +19,9 @@ MOE_KERNELS_HOST_DEVICE float bias_delta(int64_t total, int64_t num_experts, int
   if (rule == BiasRule::kSign) {
     return static_cast<float>(rate) * static_cast<float>((diff > 0) - (diff < 0));
   }
-  return total == 0 ? 0.0f
-                    : static_cast<float>(rate * static_cast<double>(diff) / static_cast<double>(total));
+  return total == 0
+             ? 0.0f
+             : static_cast<float>(rate * static_cast<double>(diff) / static_cast<double>(total));
 }
 
 }  // namespace moe_kernels::balance

@@ -12,9 +12,9 @@ struct NvtxDomain {
 }  // namespace moe_kernels
 
 // The registered string is created once per op; the range lives until the end of the scope.
-#define MOE_KERNELS_NVTX_RANGE(op)                                                     \
+#define MOE_KERNELS_NVTX_RANGE(op)                                                   \
   static const nvtx3::registered_string_in<::moe_kernels::NvtxDomain> nvtx_op_name_{ \
-      "moe_kernels::" op};                                                             \
+      "moe_kernels::" op};                                                           \
   const nvtx3::scoped_range_in<::moe_kernels::NvtxDomain> nvtx_op_range_ { nvtx_op_name_ }
 #else
 #define MOE_KERNELS_NVTX_RANGE(op) \

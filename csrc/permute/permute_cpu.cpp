@@ -28,7 +28,8 @@ constexpr int64_t kPairsPerChunk = 1 << 14;
 int64_t compute_row_map(const int64_t* ids, int64_t num_pairs, int64_t num_experts, int64_t align,
                         int64_t* row_map, int64_t* tokens_per_expert,
                         std::vector<int64_t>& source_pair) {
-  const int64_t num_chunks = std::max<int64_t>(1, (num_pairs + kPairsPerChunk - 1) / kPairsPerChunk);
+  const int64_t num_chunks =
+      std::max<int64_t>(1, (num_pairs + kPairsPerChunk - 1) / kPairsPerChunk);
   std::vector<int64_t> chunk_rows(num_chunks * num_experts, 0);
   at::parallel_for(0, num_chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
@@ -78,20 +79,21 @@ void gather_rows(const at::Tensor& hidden, const std::vector<int64_t>& source_pa
   const int64_t num_rows = static_cast<int64_t>(source_pair.size());
   at::parallel_for(0, num_rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, H)),
                    [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      scalar_t* y = dst + r * H;
-      const int64_t pair = source_pair[r];
-      if (pair < 0) {
-        std::fill_n(y, H, scalar_t(0));
-      } else if (w == nullptr) {
-        std::memcpy(y, src + (pair / topk) * H, H * sizeof(scalar_t));
-      } else {
-        const scalar_t* x = src + (pair / topk) * H;
-        const acc_t wp = w[pair];
-        for (int64_t h = 0; h < H; ++h) y[h] = static_cast<scalar_t>(wp * static_cast<acc_t>(x[h]));
-      }
-    }
-  });
+                     for (int64_t r = begin; r < end; ++r) {
+                       scalar_t* y = dst + r * H;
+                       const int64_t pair = source_pair[r];
+                       if (pair < 0) {
+                         std::fill_n(y, H, scalar_t(0));
+                       } else if (w == nullptr) {
+                         std::memcpy(y, src + (pair / topk) * H, H * sizeof(scalar_t));
+                       } else {
+                         const scalar_t* x = src + (pair / topk) * H;
+                         const acc_t wp = w[pair];
+                         for (int64_t h = 0; h < H; ++h)
+                           y[h] = static_cast<scalar_t>(wp * static_cast<acc_t>(x[h]));
+                       }
+                     }
+                   });
 }
 
 at::ScalarType opmath_dtype(at::ScalarType dtype) {
@@ -113,9 +115,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> permute_cpu(const at::Tensor& hid
   auto row_map = at::empty(ids.sizes(), ids.options());
   auto tokens_per_expert = at::empty({num_experts}, ids.options());
   std::vector<int64_t> source_pair;
-  const int64_t num_rows = compute_row_map(ids.const_data_ptr<int64_t>(), ids.numel(), num_experts,
-                                           align, row_map.mutable_data_ptr<int64_t>(),
-                                           tokens_per_expert.mutable_data_ptr<int64_t>(), source_pair);
+  const int64_t num_rows =
+      compute_row_map(ids.const_data_ptr<int64_t>(), ids.numel(), num_experts, align,
+                      row_map.mutable_data_ptr<int64_t>(),
+                      tokens_per_expert.mutable_data_ptr<int64_t>(), source_pair);
   auto rows = at::empty({num_rows, hidden.size(1)}, hidden.options());
   MOE_KERNELS_DISPATCH_FLOATING(hidden.scalar_type(), "permute_cpu", [&] {
     gather_rows<scalar_t>(hidden, source_pair, ids.size(1), at::Tensor(), rows);
@@ -171,17 +174,18 @@ at::Tensor unpermute_cpu(const at::Tensor& rows_in, const at::Tensor& row_map_in
     scalar_t* dst = out.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, T, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, H * K)),
                      [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> acc(H);
-      for (int64_t t = begin; t < end; ++t) {
-        std::fill(acc.begin(), acc.end(), acc_t(0));
-        for (int64_t j = 0; j < K; ++j) {
-          const scalar_t* y = src + map[t * K + j] * H;
-          const acc_t wj = wp ? wp[t * K + j] : acc_t(1);
-          for (int64_t h = 0; h < H; ++h) acc[h] += wj * static_cast<acc_t>(y[h]);
-        }
-        for (int64_t h = 0; h < H; ++h) dst[t * H + h] = static_cast<scalar_t>(acc[h]);
-      }
-    });
+                       std::vector<acc_t> acc(H);
+                       for (int64_t t = begin; t < end; ++t) {
+                         std::fill(acc.begin(), acc.end(), acc_t(0));
+                         for (int64_t j = 0; j < K; ++j) {
+                           const scalar_t* y = src + map[t * K + j] * H;
+                           const acc_t wj = wp ? wp[t * K + j] : acc_t(1);
+                           for (int64_t h = 0; h < H; ++h) acc[h] += wj * static_cast<acc_t>(y[h]);
+                         }
+                         for (int64_t h = 0; h < H; ++h)
+                           dst[t * H + h] = static_cast<scalar_t>(acc[h]);
+                       }
+                     });
   });
   return out;
 }
@@ -212,15 +216,16 @@ at::Tensor unpermute_weights_grad_cpu(const at::Tensor& grad_in, const at::Tenso
     acc_t* out = grad_weights.mutable_data_ptr<acc_t>();
     at::parallel_for(0, T, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, H * K)),
                      [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) {
-        for (int64_t j = 0; j < K; ++j) {
-          const scalar_t* row = y + map[t * K + j] * H;
-          acc_t dot = 0;
-          for (int64_t h = 0; h < H; ++h) dot += static_cast<acc_t>(g[t * H + h]) * static_cast<acc_t>(row[h]);
-          out[t * K + j] = dot;
-        }
-      }
-    });
+                       for (int64_t t = begin; t < end; ++t) {
+                         for (int64_t j = 0; j < K; ++j) {
+                           const scalar_t* row = y + map[t * K + j] * H;
+                           acc_t dot = 0;
+                           for (int64_t h = 0; h < H; ++h)
+                             dot += static_cast<acc_t>(g[t * H + h]) * static_cast<acc_t>(row[h]);
+                           out[t * K + j] = dot;
+                         }
+                       }
+                     });
   });
   return grad_weights;
 }

@@ -1,4 +1,6 @@
 // expert_histogram on the CPU: exact int64 counts of each expert id in topk_ids (any shape).
+#include "routing/histogram_cpu.h"
+
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -8,7 +10,6 @@
 #include "common/dispatch.h"
 #include "common/nvtx.h"
 #include "routing/histogram.h"
-#include "routing/histogram_cpu.h"
 
 namespace moe_kernels::routing {
 namespace {

@@ -25,7 +25,8 @@ __global__ void expert_histogram_kernel(const index_t* __restrict__ topk_ids, in
   }
   __syncthreads();
   for (int e = threadIdx.x; e < num_experts; e += blockDim.x) {
-    if (block_counts[e] != 0) atomicAdd(&counts[e], static_cast<unsigned long long>(block_counts[e]));
+    if (block_counts[e] != 0)
+      atomicAdd(&counts[e], static_cast<unsigned long long>(block_counts[e]));
   }
 }
 

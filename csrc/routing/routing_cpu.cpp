@@ -55,8 +55,12 @@ struct ByChoice {
 template <typename acc_t>
 struct TokenScratch {
   explicit TokenScratch(const RoutingParams& p)
-      : scores(p.num_experts), choice(p.num_experts), group_scores(p.n_groups),
-        group_values(p.experts_per_group), groups(p.n_groups), candidates(p.num_experts) {}
+      : scores(p.num_experts),
+        choice(p.num_experts),
+        group_scores(p.n_groups),
+        group_values(p.experts_per_group),
+        groups(p.n_groups),
+        candidates(p.num_experts) {}
   std::vector<acc_t> scores, choice, group_scores, group_values;
   std::vector<int64_t> groups, candidates;
 };
@@ -135,15 +139,15 @@ at::ScalarType weight_dtype(at::ScalarType logits_dtype) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> biased_topk_cpu(
     const at::Tensor& logits_in, const std::optional<at::Tensor>& bias_in, int64_t k,
-    c10::string_view score_fn, int64_t n_groups, int64_t topk_groups, bool normalize,
-    double scale, c10::string_view group_score) {
+    c10::string_view score_fn, int64_t n_groups, int64_t topk_groups, bool normalize, double scale,
+    c10::string_view group_score) {
   MOE_KERNELS_NVTX_RANGE("biased_topk");
   const RoutingParams p = check_biased_topk_args(logits_in, bias_in, k, score_fn, n_groups,
                                                  topk_groups, normalize, scale, group_score);
   const at::Tensor logits = logits_in.contiguous();
   const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
-  auto weights = at::empty({p.num_tokens, p.topk},
-                           logits.options().dtype(weight_dtype(logits.scalar_type())));
+  auto weights =
+      at::empty({p.num_tokens, p.topk}, logits.options().dtype(weight_dtype(logits.scalar_type())));
   auto ids = at::empty({p.num_tokens, p.topk}, logits.options().dtype(at::kLong));
   auto counts = at::zeros({p.num_experts}, logits.options().dtype(at::kLong));
   MOE_KERNELS_DISPATCH_FLOATING(logits.scalar_type(), "biased_topk_cpu", [&] {
@@ -183,12 +187,14 @@ void biased_topk_backward_kernel(const at::Tensor& grad_weights, const at::Tenso
       if (u != acc_t(0)) {  // a zero sum leaves the weights constant at zero
         const acc_t correction = normalize ? dot / u : acc_t(0);
         for (int64_t j = 0; j < K; ++j) {
-          grad_scores[token_ids[j]] += static_cast<acc_t>(scale) / u * (static_cast<acc_t>(g[j]) - correction);
+          grad_scores[token_ids[j]] +=
+              static_cast<acc_t>(scale) / u * (static_cast<acc_t>(g[j]) - correction);
         }
       }
       scalar_t* out = out_ptr + t * E;
       if (score_fn == ScoreFn::kSigmoid) {
-        for (int64_t e = 0; e < E; ++e) out[e] = grad_scores[e] * scores[e] * (acc_t(1) - scores[e]);
+        for (int64_t e = 0; e < E; ++e)
+          out[e] = grad_scores[e] * scores[e] * (acc_t(1) - scores[e]);
       } else {
         acc_t inner = 0;
         for (int64_t e = 0; e < E; ++e) inner += grad_scores[e] * scores[e];
@@ -222,8 +228,8 @@ at::Tensor biased_topk_backward_cpu(const at::Tensor& grad_weights_in, const at:
   auto grad_logits = at::empty_like(logits);
   MOE_KERNELS_DISPATCH_FLOATING(logits.scalar_type(), "biased_topk_backward_cpu", [&] {
     using weight_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    biased_topk_backward_kernel<scalar_t, weight_t>(grad_weights, logits, ids, fn, normalize,
-                                                    scale, grad_logits);
+    biased_topk_backward_kernel<scalar_t, weight_t>(grad_weights, logits, ids, fn, normalize, scale,
+                                                    grad_logits);
   });
   return grad_logits;
 }

@@ -52,12 +52,12 @@ inline RoutingParams check_biased_topk_args(const at::Tensor& logits,
               k);
   TORCH_CHECK(n_groups >= 1 && num_experts % n_groups == 0, "n_groups must be >= 1 and divide ",
               "num_experts=", num_experts, ", got ", n_groups);
-  TORCH_CHECK(topk_groups >= 1 && topk_groups <= n_groups, "topk_groups must be in [1, n_groups=",
-              n_groups, "], got ", topk_groups);
+  TORCH_CHECK(topk_groups >= 1 && topk_groups <= n_groups,
+              "topk_groups must be in [1, n_groups=", n_groups, "], got ", topk_groups);
   const int64_t experts_per_group = num_experts / n_groups;
-  TORCH_CHECK(topk_groups * experts_per_group >= k, "topk_groups * (num_experts / n_groups) = ",
-              topk_groups * experts_per_group, " must be >= k=", k,
-              " (too few experts left to choose from)");
+  TORCH_CHECK(topk_groups * experts_per_group >= k,
+              "topk_groups * (num_experts / n_groups) = ", topk_groups * experts_per_group,
+              " must be >= k=", k, " (too few experts left to choose from)");
   check_finite(scale, "scale");
   check_choice(group_score, {"top2", "topk_per_group"}, "group_score");
   int64_t group_score_size = std::min<int64_t>(2, experts_per_group);
@@ -66,9 +66,16 @@ inline RoutingParams check_biased_topk_args(const at::Tensor& logits,
                 "k=", k, ", got topk_groups=", topk_groups);
     group_score_size = k / topk_groups;
   }
-  return RoutingParams{logits.size(0),      num_experts, k,         n_groups,
-                       topk_groups,         experts_per_group,     group_score_size,
-                       parse_score_fn(score_fn), normalize,   scale};
+  return RoutingParams{logits.size(0),
+                       num_experts,
+                       k,
+                       n_groups,
+                       topk_groups,
+                       experts_per_group,
+                       group_score_size,
+                       parse_score_fn(score_fn),
+                       normalize,
+                       scale};
 }
 
 }  // namespace moe_kernels::routing
