@@ -5,12 +5,15 @@
 Shapes of a small DeepSeek-V3-style MoE layer (64 experts, top-6 of 8 groups keeping 4,
 hidden 1024, expert FFN 512, fp32). Prints a table and writes results/bench_ops_<device>.json
 and .md. "speedup" is the reference's median time over ours (above 1: we are faster); the
-grouped GEMM also runs against torch._grouped_mm where this torch has it for the device.
+grouped GEMM also runs against torch._grouped_mm where this torch has it for the device, and
+the GEMM-bound rows against dense matrix products of equal FLOPs ("dense_over_ours" near 1:
+the op costs what its FLOPs cost).
 """
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -32,6 +35,18 @@ class Shape:
     topk_groups: int = 4
 
 
+@dataclass(frozen=True)
+class Case:
+    """One op timed against its baselines: the reference composition always; torch._grouped_mm
+    and dense GEMMs of equal FLOPs where they apply."""
+
+    name: str
+    ours: Callable[[], object]
+    reference: Callable[[], object]
+    grouped_mm: Callable[[], object] | None = None
+    dense: Callable[[], object] | None = None
+
+
 def expert_ffn(impl, x, logits, bias, w_gate_up, w_down, shape: Shape):
     """Route -> permute -> SwiGLU experts -> unpermute, with ``impl`` = moe_kernels or reference."""
     weights, ids, _ = impl.biased_topk(
@@ -41,6 +56,13 @@ def expert_ffn(impl, x, logits, bias, w_gate_up, w_down, shape: Shape):
     gate, up = impl.grouped_gemm(rows, w_gate_up, counts).chunk(2, dim=-1)
     y = impl.grouped_gemm(F.silu(gate) * up, w_down, counts)
     return impl.unpermute(y, row_map, weights)
+
+
+def dense_ffn(rows, w_gate_up, w_down):
+    """The same expert FFN as one dense matrix product per projection, on already-permuted
+    rows: the GEMM time of the layer's FLOPs, the floor a fused layer aims for."""
+    gate, up = (rows @ w_gate_up).chunk(2, dim=-1)
+    return (F.silu(gate) * up) @ w_down
 
 
 def grouped_mm_baseline(device: str):
@@ -91,66 +113,47 @@ def main() -> None:
         xx, ll, wg, wd = params
         expert_ffn(impl, xx, ll, bias, wg, wd, shape).sum().backward()
 
+    dense_weights = (w_gate_up[0], w_down[0])
+
+    def dense_fwd_bwd():
+        params = [p.detach().requires_grad_() for p in (rows, *dense_weights)]
+        dense_ffn(*params).sum().backward()
+
+    topk_args = (k, "sigmoid", shape.n_groups, shape.topk_groups)
     cases = [
-        (
-            "biased_topk",
-            lambda: mk.biased_topk(logits, bias, k, "sigmoid", shape.n_groups, shape.topk_groups),
-            lambda: ref.biased_topk(logits, bias, k, "sigmoid", shape.n_groups, shape.topk_groups),
-            None,
-        ),
-        (
-            "expert_histogram",
-            lambda: mk.expert_histogram(ids, E),
-            lambda: ref.expert_histogram(ids, E),
-            None,
-        ),
-        (
-            "update_bias",
-            lambda: mk.update_bias(bias.clone(), counts, 1e-3),
-            lambda: ref.update_bias(bias.clone(), counts, 1e-3),
-            None,
-        ),
-        ("permute", lambda: mk.permute(x, ids, E), lambda: ref.permute(x, ids, E), None),
-        (
-            "permute align=16",
-            lambda: mk.permute(x, ids, E, 16),
-            lambda: ref.permute(x, ids, E, 16),
-            None,
-        ),
-        (
-            "unpermute",
-            lambda: mk.unpermute(rows, row_map, weights),
-            lambda: ref.unpermute(rows, row_map, weights),
-            None,
-        ),
-        (
-            "grouped_gemm [R,F]x[E,F,H]",
-            lambda: mk.grouped_gemm(h, w_down, counts),
-            lambda: ref.grouped_gemm(h, w_down, counts),
-            (lambda: grouped_mm(h, w_down, counts)) if grouped_mm else None,
-        ),
-        (
-            "MoE FFN forward",
-            lambda: expert_ffn(mk, x, logits, bias, w_gate_up, w_down, shape),
-            lambda: expert_ffn(ref, x, logits, bias, w_gate_up, w_down, shape),
-            None,
-        ),
-        ("MoE FFN forward+backward", lambda: fwd_bwd(mk), lambda: fwd_bwd(ref), None),
-    ]
+        Case("biased_topk", lambda: mk.biased_topk(logits, bias, *topk_args),
+             lambda: ref.biased_topk(logits, bias, *topk_args)),
+        Case("expert_histogram", lambda: mk.expert_histogram(ids, E),
+             lambda: ref.expert_histogram(ids, E)),
+        Case("update_bias", lambda: mk.update_bias(bias.clone(), counts, 1e-3),
+             lambda: ref.update_bias(bias.clone(), counts, 1e-3)),
+        Case("permute", lambda: mk.permute(x, ids, E), lambda: ref.permute(x, ids, E)),
+        Case("permute align=16", lambda: mk.permute(x, ids, E, 16),
+             lambda: ref.permute(x, ids, E, 16)),
+        Case("unpermute", lambda: mk.unpermute(rows, row_map, weights),
+             lambda: ref.unpermute(rows, row_map, weights)),
+        Case("grouped_gemm [R,F]x[E,F,H]", lambda: mk.grouped_gemm(h, w_down, counts),
+             lambda: ref.grouped_gemm(h, w_down, counts),
+             grouped_mm=(lambda: grouped_mm(h, w_down, counts)) if grouped_mm else None,
+             dense=lambda: h @ w_down[0]),
+        Case("MoE FFN forward",
+             lambda: expert_ffn(mk, x, logits, bias, w_gate_up, w_down, shape),
+             lambda: expert_ffn(ref, x, logits, bias, w_gate_up, w_down, shape),
+             dense=lambda: dense_ffn(rows, *dense_weights)),
+        Case("MoE FFN forward+backward", lambda: fwd_bwd(mk), lambda: fwd_bwd(ref),
+             dense=dense_fwd_bwd),
+    ]  # fmt: skip
     results = []
-    for name, ours, baseline, grouped in cases:
-        t_ours = measure(ours, dev, repeats=args.repeats)
-        t_ref = measure(baseline, dev, repeats=args.repeats)
-        row = {
-            "op": name,
-            "ours_ms": t_ours.median_ms,
-            "reference_ms": t_ref.median_ms,
-            "speedup": t_ref.median_ms / t_ours.median_ms,
-        }
-        if grouped is not None:
-            t_grouped = measure(grouped, dev, repeats=args.repeats)
-            row["grouped_mm_ms"] = t_grouped.median_ms
-            row["speedup_vs_grouped_mm"] = t_grouped.median_ms / t_ours.median_ms
+    for case in cases:
+        t_ours = measure(case.ours, dev, repeats=args.repeats).median_ms
+        t_ref = measure(case.reference, dev, repeats=args.repeats).median_ms
+        row = {"op": case.name, "ours_ms": t_ours, "reference_ms": t_ref, "speedup": t_ref / t_ours}
+        if case.grouped_mm is not None:
+            row["grouped_mm_ms"] = measure(case.grouped_mm, dev, repeats=args.repeats).median_ms
+            row["speedup_vs_grouped_mm"] = row["grouped_mm_ms"] / t_ours
+        if case.dense is not None:
+            row["dense_equal_flops_ms"] = measure(case.dense, dev, repeats=args.repeats).median_ms
+            row["dense_over_ours"] = row["dense_equal_flops_ms"] / t_ours
         results.append(row)
         print(row, flush=True)
     for row in results:
@@ -158,7 +161,16 @@ def main() -> None:
     save(
         f"bench_ops_{dev}",
         results,
-        ["op", "ours_ms", "reference_ms", "speedup", "grouped_mm_ms", "speedup_vs_grouped_mm"],
+        [
+            "op",
+            "ours_ms",
+            "reference_ms",
+            "speedup",
+            "grouped_mm_ms",
+            "speedup_vs_grouped_mm",
+            "dense_equal_flops_ms",
+            "dense_over_ours",
+        ],
         f"moe_kernels ops vs the pure-PyTorch reference ({dev}, fp32, {shape})",
     )
 
