@@ -22,7 +22,8 @@ test: build
 	$(PY) -m pytest python_tests
 
 bench: build
-	$(PY) benchmarks/bench_ops.py
+	$(PY) benchmarks/bench_ops.py --dtype fp32
+	$(PY) benchmarks/bench_ops.py --dtype bf16
 
 PY_SOURCES := moe_kernels python_tests benchmarks setup.py
 CXX_SOURCES = $(shell git ls-files 'csrc/*.h' 'csrc/*.cpp' 'csrc/*.cu' 'csrc/*.cuh')

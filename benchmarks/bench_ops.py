@@ -1,10 +1,10 @@
 """Each op of the package against the pure-PyTorch reference composition, in the same run.
 
-    python benchmarks/bench_ops.py [--device cpu|cuda] [--tokens 4096] [--repeats 7]
+    python benchmarks/bench_ops.py [--device cpu|cuda] [--dtype fp32|bf16|fp16] [--tokens 4096]
 
 Shapes of a small DeepSeek-V3-style MoE layer (64 experts, top-6 of 8 groups keeping 4,
-hidden 1024, expert FFN 512, fp32). Prints a table and writes results/bench_ops_<device>.json
-and .md. "speedup" is the reference's median time over ours (above 1: we are faster); the
+hidden 1024, expert FFN 512); the router logits are fp32 whatever the model dtype. Prints a
+table and writes results/bench_ops_<device>_<dtype>.json and .md. "speedup" is the reference's median time over ours (above 1: we are faster); the
 grouped GEMM also runs against torch._grouped_mm where this torch has it for the device, and
 the GEMM-bound rows against dense matrix products of equal FLOPs ("dense_over_ours" near 1:
 the op costs what its FLOPs cost).
@@ -22,6 +22,8 @@ import torch.nn.functional as F
 import moe_kernels as mk
 from moe_kernels import reference as ref
 from timer import measure, save
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -91,21 +93,22 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--tokens", type=int, default=Shape.num_tokens)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     args = parser.parse_args()
     shape = Shape(num_tokens=args.tokens)
-    dev = args.device
+    dev, dtype = args.device, DTYPES[args.dtype]
     g = torch.Generator().manual_seed(0)
     T, H, Fh, E, k = shape.num_tokens, shape.hidden, shape.ffn, shape.num_experts, shape.topk
     logits = torch.randn(T, E, generator=g).to(dev)
     bias = (torch.randn(E, generator=g) * 0.1).to(dev)
-    x = torch.randn(T, H, generator=g).to(dev)
+    x = torch.randn(T, H, generator=g).to(dev, dtype)
     weights, ids, counts = mk.biased_topk(
         logits, bias, k, "sigmoid", shape.n_groups, shape.topk_groups
     )
     rows, row_map, _ = mk.permute(x, ids, E)
-    w_gate_up = (torch.randn(E, H, 2 * Fh, generator=g) / H**0.5).to(dev)
-    w_down = (torch.randn(E, Fh, H, generator=g) / Fh**0.5).to(dev)
-    h = torch.randn(rows.shape[0], Fh, generator=g).to(dev)
+    w_gate_up = (torch.randn(E, H, 2 * Fh, generator=g) / H**0.5).to(dev, dtype)
+    w_down = (torch.randn(E, Fh, H, generator=g) / Fh**0.5).to(dev, dtype)
+    h = torch.randn(rows.shape[0], Fh, generator=g).to(dev, dtype)
     grouped_mm = grouped_mm_baseline(dev)
 
     def fwd_bwd(impl):
@@ -159,7 +162,7 @@ def main() -> None:
     for row in results:
         row["shape"] = asdict(shape)
     save(
-        f"bench_ops_{dev}",
+        f"bench_ops_{dev}_{args.dtype}",
         results,
         [
             "op",
@@ -171,7 +174,7 @@ def main() -> None:
             "dense_equal_flops_ms",
             "dense_over_ours",
         ],
-        f"moe_kernels ops vs the pure-PyTorch reference ({dev}, fp32, {shape})",
+        f"moe_kernels ops vs the pure-PyTorch reference ({dev}, {args.dtype}, {shape})",
     )
 
 
