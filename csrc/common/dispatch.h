@@ -9,3 +9,13 @@
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, TYPE, NAME, __VA_ARGS__)
 
 #define MOE_KERNELS_DISPATCH_INDEX(TYPE, NAME, ...) AT_DISPATCH_INDEX_TYPES(TYPE, NAME, __VA_ARGS__)
+
+namespace moe_kernels {
+
+// The dtype of at::opmath_type<scalar_t> as a ScalarType: what fp32 accumulators and weights
+// are stored in (fp64 for fp64 inputs, fp32 otherwise).
+inline at::ScalarType opmath_dtype(at::ScalarType dtype) {
+  return dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+}  // namespace moe_kernels

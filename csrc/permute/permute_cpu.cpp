@@ -96,10 +96,6 @@ void gather_rows(const at::Tensor& hidden, const std::vector<int64_t>& source_pa
                    });
 }
 
-at::ScalarType opmath_dtype(at::ScalarType dtype) {
-  return dtype == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 at::Tensor weights_in_opmath(const std::optional<at::Tensor>& weights, at::ScalarType dtype) {
   return weights.has_value() ? weights->to(opmath_dtype(dtype)).contiguous() : at::Tensor();
 }

@@ -133,10 +133,6 @@ void biased_topk_kernel(const RoutingParams& p, const at::Tensor& logits, const 
   });
 }
 
-at::ScalarType weight_dtype(at::ScalarType logits_dtype) {
-  return logits_dtype == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> biased_topk_cpu(
     const at::Tensor& logits_in, const std::optional<at::Tensor>& bias_in, int64_t k,
     c10::string_view score_fn, int64_t n_groups, int64_t topk_groups, bool normalize, double scale,
@@ -147,7 +143,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> biased_topk_cpu(
   const at::Tensor logits = logits_in.contiguous();
   const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
   auto weights =
-      at::empty({p.num_tokens, p.topk}, logits.options().dtype(weight_dtype(logits.scalar_type())));
+      at::empty({p.num_tokens, p.topk}, logits.options().dtype(opmath_dtype(logits.scalar_type())));
   auto ids = at::empty({p.num_tokens, p.topk}, logits.options().dtype(at::kLong));
   auto counts = at::zeros({p.num_experts}, logits.options().dtype(at::kLong));
   MOE_KERNELS_DISPATCH_FLOATING(logits.scalar_type(), "biased_topk_cpu", [&] {
@@ -214,7 +210,7 @@ at::Tensor biased_topk_backward_cpu(const at::Tensor& grad_weights_in, const at:
   check_integer(ids_in, "topk_ids");
   check_size(ids_in, 0, logits_in.size(0), "topk_ids", "num_tokens");
   check_dim(grad_weights_in, 2, "grad_weights");
-  check_dtype(grad_weights_in, weight_dtype(logits_in.scalar_type()), "grad_weights");
+  check_dtype(grad_weights_in, opmath_dtype(logits_in.scalar_type()), "grad_weights");
   TORCH_CHECK(grad_weights_in.sizes() == ids_in.sizes(), "grad_weights must have the shape of ",
               "topk_ids ", ids_in.sizes(), ", got ", grad_weights_in.sizes());
   check_same_device(ids_in, logits_in, "topk_ids", "logits");
