@@ -65,9 +65,9 @@ struct TokenScratch {
   std::vector<int64_t> groups, candidates;
 };
 
-// Fills ids[0..k) with the chosen experts of one token, best first. Returns how many candidate
-// experts survived group-limited routing (experts outside the kept groups are never candidates,
-// which is the SPEC's "-inf" mask without the risk of a masked expert winning a tie).
+// Fills ids[0..k) with the chosen experts of one token, best first. Under group-limited routing
+// the experts outside the kept groups are never candidates: the SPEC's "-inf" mask, without
+// the risk of a masked expert winning a tie.
 template <typename acc_t>
 void select_experts(const RoutingParams& p, TokenScratch<acc_t>& s, int64_t* ids) {
   const int64_t E = p.num_experts;
