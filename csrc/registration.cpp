@@ -7,6 +7,13 @@
 
 #include <map>
 #include <string>
+#include <tuple>
+
+#include "emu/mode.h"
+
+namespace moe_kernels::emu::selftest {
+void bind(pybind11::module_& m);
+}
 
 TORCH_LIBRARY(moe_kernels, m) {
   // Routing (SPEC.md section 1).
@@ -60,9 +67,33 @@ std::map<std::string, std::string> build_info() {
   return info;
 }
 
+void set_emulation(bool enabled, const std::string& schedule, uint64_t seed) {
+  using moe_kernels::emu::Schedule;
+  const std::map<std::string, Schedule> schedules{{"forward", Schedule::kForward},
+                                                  {"reverse", Schedule::kReverse},
+                                                  {"random", Schedule::kRandom}};
+  const auto it = schedules.find(schedule);
+  TORCH_CHECK(it != schedules.end(),
+              "schedule must be one of 'forward', 'reverse', 'random', got '", schedule, "'");
+  moe_kernels::emu::set_mode({enabled, it->second, seed});
+}
+
+std::tuple<bool, std::string, uint64_t> emulation() {
+  const auto mode = moe_kernels::emu::current_mode();
+  const char* names[] = {"forward", "reverse", "random"};
+  return {mode.enabled, names[static_cast<int>(mode.schedule)], mode.seed};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "moe_kernels native library: ops are in torch.ops.moe_kernels";
   m.def("build_info", &build_info, "How this module was built: CUDA kernels, archs, NVTX.");
+  m.def("set_emulation", &set_emulation,
+        "Run the CUDA kernels of the ops on the CPU emulator (or not), under a schedule.");
+  m.def("emulation", &emulation, "(enabled, schedule, seed) of the CPU emulator.");
+  m.def("emulated_ops", &moe_kernels::emu::emulated_ops,
+        "The ops whose CUDA kernel runs on the CPU emulator under moe_kernels.emulate().");
+  auto selftest = m.def_submodule("emulator_selftest", "Kernels that test the emulator itself.");
+  moe_kernels::emu::selftest::bind(selftest);
 }

@@ -1,29 +1,61 @@
 """Shared test inputs and backends.
 
-Backends: "cpu" always; "cuda" where a GPU is present, for the ops that have CUDA kernels.
+Backends: "cpu" (the native CPU kernels) always; "emu-forward" and "emu-reverse" (the CUDA
+kernels on the CPU emulator, under two thread schedules) for ops with CUDA kernels; "cuda"
+where a GPU is present and the CUDA kernel exists. A test takes them through the ``device``
+fixture: ``@on_backends("op")`` parametrizes it, and the fixture gives the torch device of the
+backend while the emulator is on for the emu backends.
 """
 
 import pytest
 import torch
 
 import moe_kernels  # noqa: F401  (registers the ops)
+from moe_kernels.emulator import emulate, emulated_ops
 
 HAS_GPU = torch.cuda.is_available()
+EMULATED_SCHEDULES = ("forward", "reverse")
 
 
 def has_kernel(op: str, dispatch_key: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"moe_kernels::{op}", dispatch_key)
 
 
-def backends_for(op: str) -> list:
-    """The devices an op is tested on: the CPU, and CUDA when a GPU and the kernel exist."""
+def backends_for(*ops: str) -> list:
+    """The backends a test of ``ops`` runs on: the CPU, the emulator when every op of the test
+    has a CUDA kernel, and CUDA when a GPU and the kernels exist."""
+    emulated = all(op in emulated_ops() for op in ops)
+    emu = [
+        pytest.param(
+            f"emu-{schedule}",
+            marks=pytest.mark.skipif(not emulated, reason="no CUDA kernel to emulate"),
+        )
+        for schedule in EMULATED_SCHEDULES
+    ]
     cuda = pytest.param(
         "cuda",
         marks=pytest.mark.skipif(
-            not (HAS_GPU and has_kernel(op, "CUDA")), reason="needs a GPU and the CUDA kernel"
+            not (HAS_GPU and all(has_kernel(op, "CUDA") for op in ops)),
+            reason="needs a GPU and the CUDA kernel",
         ),
     )
-    return ["cpu", cuda]
+    return ["cpu", *emu, cuda]
+
+
+def on_backends(*ops: str):
+    """Parametrizes a test's ``device`` fixture over ``backends_for(*ops)``."""
+    return pytest.mark.parametrize("device", backends_for(*ops), indirect=True)
+
+
+@pytest.fixture
+def device(request):
+    """The torch device of the backend; for "emu-<schedule>", "cpu" with the emulator on."""
+    backend = getattr(request, "param", "cpu")
+    if backend.startswith("emu-"):
+        with emulate(backend.removeprefix("emu-"), seed=0):
+            yield "cpu"
+    else:
+        yield backend
 
 
 def tie_free_logits(

@@ -4,11 +4,11 @@ import pytest
 import torch
 
 import moe_kernels as mk
-from conftest import backends_for, random_ids
+from conftest import on_backends, random_ids
 from moe_kernels import reference as ref
 
 
-@pytest.mark.parametrize("device", backends_for("expert_histogram"))
+@on_backends("expert_histogram")
 @pytest.mark.parametrize("num_experts,topk", [(1, 1), (8, 2), (64, 8), (256, 8), (256, 256)])
 @pytest.mark.parametrize("num_tokens", [0, 1, 17, 5000])
 @pytest.mark.parametrize("id_dtype", [torch.int64, torch.int32])
@@ -34,7 +34,7 @@ COUNT_CASES = {
 }
 
 
-@pytest.mark.parametrize("device", backends_for("update_bias"))
+@on_backends("update_bias")
 @pytest.mark.parametrize("rule", ["sign", "proportional"])
 @pytest.mark.parametrize("case", sorted(COUNT_CASES))
 @pytest.mark.parametrize("count_dtype", [torch.int64, torch.int32])

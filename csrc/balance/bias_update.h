@@ -23,4 +23,10 @@ inline BiasRule check_update_bias_args(const at::Tensor& bias, const at::Tensor&
   return rule == "sign" ? BiasRule::kSign : BiasRule::kProportional;
 }
 
+namespace emulated {
+// The CUDA op run on the CPU emulator (bias_update_cuda.cpp compiled for it).
+void update_bias_cuda(const at::Tensor& bias, const at::Tensor& tokens_per_expert, double rate,
+                      c10::string_view rule);
+}  // namespace emulated
+
 }  // namespace moe_kernels::balance

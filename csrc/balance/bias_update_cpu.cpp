@@ -5,6 +5,7 @@
 #include "balance/bias_update.h"
 #include "common/dispatch.h"
 #include "common/nvtx.h"
+#include "emu/cpu_or_emulated.h"
 
 namespace moe_kernels::balance {
 namespace {
@@ -28,6 +29,8 @@ void update_bias_cpu(const at::Tensor& bias, const at::Tensor& tokens_per_expert
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(moe_kernels, CPU, m) { m.impl("update_bias", &update_bias_cpu); }
+TORCH_LIBRARY_IMPL(moe_kernels, CPU, m) {
+  emu::impl_cpu_or_emulated<&update_bias_cpu, &emulated::update_bias_cuda>(m, "update_bias");
+}
 
 }  // namespace moe_kernels::balance

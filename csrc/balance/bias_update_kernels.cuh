@@ -4,8 +4,9 @@
 #include <cstdint>
 
 #include "balance/bias_update_rule.h"
+#include "device/runtime.h"
 
-namespace moe_kernels::balance {
+namespace moe_kernels::balance::MOE_KERNELS_TARGET {
 
 constexpr int kBiasUpdateThreads = 256;
 
@@ -14,7 +15,7 @@ constexpr int kBiasUpdateThreads = 256;
 template <typename count_t>
 __global__ void update_bias_kernel(float* __restrict__ bias, const count_t* __restrict__ counts,
                                    int64_t num_experts, double rate, BiasRule rule) {
-  __shared__ long long partial[kBiasUpdateThreads];
+  MOE_KERNELS_SHARED(long long, partial, [kBiasUpdateThreads]);
   long long sum = 0;
   for (int64_t e = threadIdx.x; e < num_experts; e += kBiasUpdateThreads) sum += counts[e];
   partial[threadIdx.x] = sum;
@@ -29,4 +30,4 @@ __global__ void update_bias_kernel(float* __restrict__ bias, const count_t* __re
   }
 }
 
-}  // namespace moe_kernels::balance
+}  // namespace moe_kernels::balance::MOE_KERNELS_TARGET

@@ -9,6 +9,7 @@
 
 #include "common/dispatch.h"
 #include "common/nvtx.h"
+#include "emu/cpu_or_emulated.h"
 #include "routing/histogram.h"
 
 namespace moe_kernels::routing {
@@ -35,6 +36,9 @@ at::Tensor expert_histogram_cpu(const at::Tensor& topk_ids_in, int64_t num_exper
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(moe_kernels, CPU, m) { m.impl("expert_histogram", &expert_histogram_cpu); }
+TORCH_LIBRARY_IMPL(moe_kernels, CPU, m) {
+  emu::impl_cpu_or_emulated<&expert_histogram_cpu, &emulated::expert_histogram_cuda>(
+      m, "expert_histogram");
+}
 
 }  // namespace moe_kernels::routing

@@ -3,7 +3,9 @@
 
 #include <cstdint>
 
-namespace moe_kernels::routing {
+#include "device/runtime.h"
+
+namespace moe_kernels::routing::MOE_KERNELS_TARGET {
 
 constexpr int kHistogramThreads = 256;
 
@@ -14,7 +16,7 @@ constexpr int kHistogramThreads = 256;
 template <typename index_t>
 __global__ void expert_histogram_kernel(const index_t* __restrict__ topk_ids, int64_t num_ids,
                                         int num_experts, unsigned long long* __restrict__ counts) {
-  extern __shared__ unsigned int block_counts[];
+  MOE_KERNELS_DYNAMIC_SHARED(unsigned int, block_counts);
   for (int e = threadIdx.x; e < num_experts; e += blockDim.x) block_counts[e] = 0;
   __syncthreads();
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
@@ -30,4 +32,4 @@ __global__ void expert_histogram_kernel(const index_t* __restrict__ topk_ids, in
   }
 }
 
-}  // namespace moe_kernels::routing
+}  // namespace moe_kernels::routing::MOE_KERNELS_TARGET

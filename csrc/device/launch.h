@@ -1,0 +1,39 @@
+// A kernel launch written once for both targets: `launch<kernel>(config, stream, args...)` is
+// `kernel<<<grid, block, shared_bytes, stream>>>(args...)` under nvcc, and the same launch on
+// the CPU emulator under MOE_KERNELS_EMULATOR. Launchers compute the LaunchConfig in plain host
+// code, so the emulated run is exactly the launch a GPU gets.
+#pragma once
+
+#include <cstddef>
+#include <utility>
+
+#include "device/runtime.h"
+
+namespace moe_kernels::device {
+
+struct LaunchConfig {
+  dim3 grid;
+  dim3 block;
+  size_t shared_bytes = 0;
+};
+
+template <auto Kernel, typename... Args>
+cudaError_t launch(const LaunchConfig& config, cudaStream_t stream, Args&&... args) {
+#if defined(MOE_KERNELS_EMULATOR)
+  (void)stream;
+  emu::launch<Kernel>(config.grid, config.block, config.shared_bytes, std::forward<Args>(args)...);
+  return cudaSuccess;
+#else
+  Kernel<<<config.grid, config.block, config.shared_bytes, stream>>>(std::forward<Args>(args)...);
+  return cudaGetLastError();
+#endif
+}
+
+// Streaming multiprocessors of the current device (of the emulated one: a few).
+inline cudaError_t multiprocessor_count(int* count) {
+  int device = 0;
+  if (cudaError_t err = cudaGetDevice(&device); err != cudaSuccess) return err;
+  return cudaDeviceGetAttribute(count, cudaDevAttrMultiProcessorCount, device);
+}
+
+}  // namespace moe_kernels::device

@@ -1,0 +1,135 @@
+#include "emu/fiber.h"
+
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <cstdint>
+#include <new>
+#include <stdexcept>
+
+#if !defined(__x86_64__)
+#include <ucontext.h>
+#endif
+
+namespace moe_kernels::emu {
+namespace {
+
+size_t page_size() { return static_cast<size_t>(sysconf(_SC_PAGESIZE)); }
+
+}  // namespace
+
+FiberStack::FiberStack() {
+  const size_t guard = page_size();
+  void* mapping = mmap(nullptr, kSize + guard, PROT_READ | PROT_WRITE,
+                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (mapping == MAP_FAILED) throw std::bad_alloc();
+  mapping_ = static_cast<char*>(mapping);
+  // A kernel that overflows its stack faults on the guard page instead of corrupting memory.
+  mprotect(mapping_, guard, PROT_NONE);
+  base_ = mapping_ + guard;
+}
+
+FiberStack::~FiberStack() { munmap(mapping_, kSize + page_size()); }
+
+#if defined(__x86_64__)
+
+// moe_emu_switch(void** save_sp, void* load_sp): push the callee-saved registers, store the
+// stack pointer, load the other one, pop its registers and return into it. A new fiber's stack
+// is laid out by make_fiber so that this "returns" into moe_emu_fiber_start, which calls
+// entry(arg) from r13 and r12. (The x87 and SSE control words are callee-saved too; no kernel
+// changes them, so they are not switched.)
+asm(R"(
+  .text
+  .p2align 4
+  .globl moe_emu_switch
+  .hidden moe_emu_switch
+  .type moe_emu_switch, @function
+moe_emu_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size moe_emu_switch, .-moe_emu_switch
+
+  .p2align 4
+  .globl moe_emu_fiber_start
+  .hidden moe_emu_fiber_start
+  .type moe_emu_fiber_start, @function
+moe_emu_fiber_start:
+  movq %r12, %rdi
+  callq *%r13
+  ud2
+  .size moe_emu_fiber_start, .-moe_emu_fiber_start
+)");
+
+extern "C" void moe_emu_switch(void** save_sp, void* load_sp);
+extern "C" void moe_emu_fiber_start();
+
+void make_fiber(FiberContext& fiber, FiberStack& stack, void (*entry)(void*), void* arg) {
+  // Registers popped by moe_emu_switch, lowest address first, then its return address. The
+  // stack is 16-byte aligned at the call in moe_emu_fiber_start, as the ABI wants.
+  auto top = reinterpret_cast<uintptr_t>(stack.top()) & ~uintptr_t{15};
+  auto* sp = reinterpret_cast<uintptr_t*>(top - 72);
+  sp[0] = 0;                                              // r15
+  sp[1] = 0;                                              // r14
+  sp[2] = reinterpret_cast<uintptr_t>(entry);             // r13
+  sp[3] = reinterpret_cast<uintptr_t>(arg);               // r12
+  sp[4] = 0;                                              // rbx
+  sp[5] = 0;                                              // rbp
+  sp[6] = reinterpret_cast<uintptr_t>(&moe_emu_fiber_start);  // return address
+  fiber.state = sp;
+}
+
+void switch_fiber(FiberContext& from, FiberContext& to) { moe_emu_switch(&from.state, to.state); }
+
+#else  // Portable fallback.
+
+namespace {
+
+struct UcontextFiber {
+  ucontext_t context;
+  void (*entry)(void*);
+  void* arg;
+};
+
+thread_local UcontextFiber* starting = nullptr;
+
+void ucontext_start() { starting->entry(starting->arg); }
+
+UcontextFiber& ucontext_of(FiberContext& fiber) {
+  if (fiber.state == nullptr) fiber.state = new UcontextFiber{};
+  return *static_cast<UcontextFiber*>(fiber.state);
+}
+
+}  // namespace
+
+void make_fiber(FiberContext& fiber, FiberStack& stack, void (*entry)(void*), void* arg) {
+  UcontextFiber& f = ucontext_of(fiber);
+  getcontext(&f.context);
+  f.context.uc_stack.ss_sp = stack.top() - FiberStack::kSize;
+  f.context.uc_stack.ss_size = FiberStack::kSize;
+  f.context.uc_link = nullptr;
+  f.entry = entry;
+  f.arg = arg;
+  makecontext(&f.context, ucontext_start, 0);
+}
+
+void switch_fiber(FiberContext& from, FiberContext& to) {
+  starting = static_cast<UcontextFiber*>(to.state);
+  swapcontext(&ucontext_of(from).context, &ucontext_of(to).context);
+}
+
+#endif
+
+}  // namespace moe_kernels::emu

@@ -1,0 +1,60 @@
+// The slice of the CUDA runtime API that launchers use, for builds that run kernels on the CPU
+// emulator instead of a GPU (MOE_KERNELS_EMULATOR). Torch-free and toolkit-free.
+#pragma once
+
+#include <cstddef>
+
+struct uint3 {
+  unsigned int x, y, z;
+};
+
+struct dim3 {
+  unsigned int x, y, z;
+  constexpr dim3(unsigned int vx = 1, unsigned int vy = 1, unsigned int vz = 1)
+      : x(vx), y(vy), z(vz) {}
+};
+
+enum cudaError_t : int { cudaSuccess = 0, cudaErrorInvalidValue = 1 };
+using cudaStream_t = struct EmulatedStream*;
+
+enum cudaDeviceAttr : int {
+  cudaDevAttrMaxSharedMemoryPerBlock = 8,
+  cudaDevAttrMultiProcessorCount = 16,
+  cudaDevAttrMaxSharedMemoryPerBlockOptin = 97,
+};
+
+namespace moe_kernels::emu {
+
+// The emulated device: few SMs, so that grid-stride loops and multi-block paths run even on the
+// small shapes the emulator can afford; the shared-memory limits of an H100.
+constexpr int kNumSMs = 4;
+constexpr int kSharedMemoryPerBlock = 48 * 1024;
+constexpr int kSharedMemoryPerBlockOptin = 227 * 1024;
+
+}  // namespace moe_kernels::emu
+
+inline cudaError_t cudaGetDevice(int* device) {
+  *device = 0;
+  return cudaSuccess;
+}
+
+inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int /*device*/) {
+  switch (attr) {
+    case cudaDevAttrMultiProcessorCount:
+      *value = moe_kernels::emu::kNumSMs;
+      return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerBlock:
+      *value = moe_kernels::emu::kSharedMemoryPerBlock;
+      return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin:
+      *value = moe_kernels::emu::kSharedMemoryPerBlockOptin;
+      return cudaSuccess;
+  }
+  return cudaErrorInvalidValue;
+}
+
+inline cudaError_t cudaGetLastError() { return cudaSuccess; }
+
+inline const char* cudaGetErrorString(cudaError_t error) {
+  return error == cudaSuccess ? "no error" : "invalid argument";
+}

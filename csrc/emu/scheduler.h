@@ -1,0 +1,70 @@
+// The CUDA execution model on the CPU: a launch runs its blocks one after another on the calling
+// OS thread, each block's threads as fibers, switched only at barriers, warp collectives and
+// exit. Between two such points the threads run in the order of a schedule (forward, reverse or
+// seeded random), so a missing barrier or a race gives different results under different
+// schedules. A barrier or collective that not every thread reaches is reported as an error
+// naming the kernel, never a hang. Launches are serialised process-wide.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+#include "emu/runtime_api.h"
+
+namespace moe_kernels::emu {
+
+enum class Schedule : int { kForward = 0, kReverse = 1, kRandom = 2 };
+
+struct LaunchSpec {
+  std::string kernel_name;
+  dim3 grid;
+  dim3 block;
+  size_t dynamic_shared_bytes;
+  Schedule schedule;
+  uint64_t seed;
+};
+
+// Runs call_kernel(kernel_call) once per emulated thread. Throws std::runtime_error on a bad
+// launch configuration or a failure inside the kernel (divergent barrier, deadlock, bad mask).
+void run_launch(const LaunchSpec& spec, void (*call_kernel)(void*), void* kernel_call);
+
+// What kernels call, through emu/runtime.h. Valid only inside an emulated thread.
+uint3 thread_index();
+uint3 block_index();
+dim3 block_dim();
+dim3 grid_dim();
+void sync_threads();
+
+enum class WarpOp : int {
+  kSync,
+  kShflIdx,
+  kShflUp,
+  kShflDown,
+  kShflXor,
+  kBallot,
+  kAny,
+  kAll,
+  kMatchAny,
+};
+const char* warp_op_name(WarpOp op);
+
+// One lane's part of a warp collective over the lanes of `mask`: the caller waits until every
+// lane of the mask has arrived with the same op and mask, then gets its result (the 64 bits of
+// the value it reads, or the vote's mask or boolean).
+uint64_t warp_collective(WarpOp op, unsigned mask, uint64_t value, int lane_param, int width);
+// Lanes of the caller's warp that exist and have not exited.
+unsigned active_mask();
+
+// Dynamic shared memory of the running block, poisoned at the block's start.
+void* dynamic_shared_memory();
+// Registers static shared storage: poisoned now and at the start of every block.
+void register_static_shared(void* storage, size_t bytes);
+
+// Stops the calling thread's block with an error, reported by run_launch.
+[[noreturn]] void fail(const std::string& message);
+
+// The byte that fills shared memory at every block start: float NaN, integer -1.
+constexpr unsigned char kPoisonByte = 0xff;
+
+}  // namespace moe_kernels::emu
