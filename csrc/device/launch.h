@@ -24,7 +24,7 @@ cudaError_t launch(const LaunchConfig& config, cudaStream_t stream, Args&&... ar
   emu::launch<Kernel>(config.grid, config.block, config.shared_bytes, std::forward<Args>(args)...);
   return cudaSuccess;
 #else
-  Kernel<<<config.grid, config.block, config.shared_bytes, stream>>>(std::forward<Args>(args)...);
+  Kernel<<<config.grid, config.block, config.shared_bytes, stream> > >(std::forward<Args>(args)...);
   return cudaGetLastError();
 #endif
 }

@@ -17,7 +17,7 @@
   type* name = static_cast<type*>(::moe_kernels::emu::dynamic_shared_memory())
 #else
 #define MOE_KERNELS_SHARED(type, name, dims) __shared__ type name dims
-#define MOE_KERNELS_DYNAMIC_SHARED(type, name)                                 \
+#define MOE_KERNELS_DYNAMIC_SHARED(type, name)                                \
   extern __shared__ __align__(16) unsigned char moe_kernels_dynamic_shared[]; \
   type* name = reinterpret_cast<type*>(moe_kernels_dynamic_shared)
 #endif

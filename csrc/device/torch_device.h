@@ -48,7 +48,8 @@ struct DeviceScalar<at::Half> {
 
 template <typename scalar_t>
 auto* device_ptr(const at::Tensor& t) {
-  return reinterpret_cast<const typename DeviceScalar<scalar_t>::type*>(t.const_data_ptr<scalar_t>());
+  return reinterpret_cast<const typename DeviceScalar<scalar_t>::type*>(
+      t.const_data_ptr<scalar_t>());
 }
 template <typename scalar_t>
 auto* mutable_device_ptr(at::Tensor& t) {

@@ -81,12 +81,12 @@ void make_fiber(FiberContext& fiber, FiberStack& stack, void (*entry)(void*), vo
   // stack is 16-byte aligned at the call in moe_emu_fiber_start, as the ABI wants.
   auto top = reinterpret_cast<uintptr_t>(stack.top()) & ~uintptr_t{15};
   auto* sp = reinterpret_cast<uintptr_t*>(top - 72);
-  sp[0] = 0;                                              // r15
-  sp[1] = 0;                                              // r14
-  sp[2] = reinterpret_cast<uintptr_t>(entry);             // r13
-  sp[3] = reinterpret_cast<uintptr_t>(arg);               // r12
-  sp[4] = 0;                                              // rbx
-  sp[5] = 0;                                              // rbp
+  sp[0] = 0;                                                  // r15
+  sp[1] = 0;                                                  // r14
+  sp[2] = reinterpret_cast<uintptr_t>(entry);                 // r13
+  sp[3] = reinterpret_cast<uintptr_t>(arg);                   // r12
+  sp[4] = 0;                                                  // rbx
+  sp[5] = 0;                                                  // rbp
   sp[6] = reinterpret_cast<uintptr_t>(&moe_emu_fiber_start);  // return address
   fiber.state = sp;
 }

@@ -101,9 +101,9 @@ inline int __all_sync(unsigned mask, int predicate) {
 }
 template <typename T>
 unsigned __match_any_sync(unsigned mask, T value) {
-  return static_cast<unsigned>(::moe_kernels::emu::warp_collective(
-      ::moe_kernels::emu::WarpOp::kMatchAny, mask, ::moe_kernels::emu::to_bits(value), 0,
-      warpSize));
+  return static_cast<unsigned>(
+      ::moe_kernels::emu::warp_collective(::moe_kernels::emu::WarpOp::kMatchAny, mask,
+                                          ::moe_kernels::emu::to_bits(value), 0, warpSize));
 }
 inline unsigned __activemask() { return ::moe_kernels::emu::active_mask(); }
 

@@ -76,8 +76,8 @@ Launch& launch_or_fail(const char* what) {
 
 std::string where(const Launch& l) {
   std::ostringstream s;
-  s << "kernel " << l.spec->kernel_name << ", block (" << l.block_index.x << ", "
-    << l.block_index.y << ", " << l.block_index.z << ")";
+  s << "kernel " << l.spec->kernel_name << ", block (" << l.block_index.x << ", " << l.block_index.y
+    << ", " << l.block_index.z << ")";
   return s.str();
 }
 
@@ -99,9 +99,7 @@ std::string hex(unsigned mask) {
   return s.str();
 }
 
-void yield_to_scheduler(Launch& l) {
-  switch_fiber(l.threads[l.current].context, l.scheduler);
-}
+void yield_to_scheduler(Launch& l) { switch_fiber(l.threads[l.current].context, l.scheduler); }
 
 void thread_main(void*) {
   Launch& l = *running;
@@ -161,8 +159,8 @@ void complete(Launch& l, int warp, const Collective& c) {
       default: {
         const int src = source_lane(c.op, lane, c.lane_param[lane], c.width);
         if (!(c.mask >> src & 1u)) {
-          fail(std::string(warp_op_name(c.op)) + ": lane " + std::to_string(lane) +
-               " of warp " + std::to_string(warp) + " reads lane " + std::to_string(src) +
+          fail(std::string(warp_op_name(c.op)) + ": lane " + std::to_string(lane) + " of warp " +
+               std::to_string(warp) + " reads lane " + std::to_string(src) +
                ", which is not in the mask");
         }
         result = c.value[src];
@@ -196,7 +194,8 @@ bool open_barrier_or_finish(Launch& l, std::vector<int>& order) {
         std::ostringstream s;
         s << "moe_kernels emulator: deadlock in " << where(l) << ": " << warp_op_name(c.op)
           << " of warp " << w << " with mask " << hex(c.mask) << " waits for lanes "
-          << hex(c.mask & ~c.arrived) << " that never arrive (they exited, wait at __syncthreads or at another collective)";
+          << hex(c.mask & ~c.arrived)
+          << " that never arrive (they exited, wait at __syncthreads or at another collective)";
         throw std::runtime_error(s.str());
       }
     }
@@ -351,7 +350,8 @@ uint64_t warp_collective(WarpOp op, unsigned mask, uint64_t value, int lane_para
   const int warp = l.current / kWarpSize, lane = l.current % kWarpSize;
   Warp& w = l.warps[warp];
   const std::string name = warp_op_name(op);
-  if (!(mask >> lane & 1u)) fail(name + ": the calling lane " + std::to_string(lane) + " is not in its mask");
+  if (!(mask >> lane & 1u))
+    fail(name + ": the calling lane " + std::to_string(lane) + " is not in its mask");
   if (mask & ~w.exists) fail(name + ": the mask names lanes that do not exist in this block");
   if (width < 1 || width > kWarpSize || (width & (width - 1)) != 0) {
     fail(name + ": width must be a power of two in [1, 32], got " + std::to_string(width));

@@ -166,10 +166,10 @@ std::vector<int64_t> atomics(unsigned blocks, unsigned threads) {
 __global__ void empty_kernel() {}
 
 void launch_config(std::vector<unsigned> grid, std::vector<unsigned> block, size_t shared_bytes) {
-  check(device::launch<empty_kernel>(LaunchConfig{dim3(grid.at(0), grid.at(1), grid.at(2)),
-                                                  dim3(block.at(0), block.at(1), block.at(2)),
-                                                  shared_bytes},
-                                     nullptr));
+  check(device::launch<empty_kernel>(
+      LaunchConfig{dim3(grid.at(0), grid.at(1), grid.at(2)),
+                   dim3(block.at(0), block.at(1), block.at(2)), shared_bytes},
+      nullptr));
 }
 
 }  // namespace
