@@ -10,7 +10,7 @@ backend while the emulator is on for the emu backends.
 import pytest
 import torch
 
-import moe_kernels  # noqa: F401  (registers the ops)
+import moe_kernels
 from moe_kernels.emulator import emulate, emulated_ops
 
 HAS_GPU = torch.cuda.is_available()
@@ -40,6 +40,11 @@ def backends_for(*ops: str) -> list:
         ),
     )
     return ["cpu", *emu, cuda]
+
+
+def emulating() -> bool:
+    """Whether the test runs on an emu backend (emulated kernels are slow: shrink big shapes)."""
+    return moe_kernels._C.emulation()[0]
 
 
 def on_backends(*ops: str):

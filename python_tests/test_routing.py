@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import moe_kernels as mk
-from conftest import integer_bias, tie_free_logits
+from conftest import emulating, integer_bias, on_backends, tie_free_logits
 from moe_kernels import reference as ref
 
 # (num_experts, topk): k in {1, 2, 8, E}, wherever k <= E.
@@ -13,7 +13,7 @@ EXPERTS_TOPK = [(e, k) for e in (1, 8, 64, 256) for k in sorted({1, 2, 8, e}) if
 
 
 def assert_routing_equal(got, want):
-    weights, ids, counts = got
+    weights, ids, counts = (t.cpu() for t in got)
     ref_weights, ref_ids, ref_counts = want
     assert torch.equal(ids, ref_ids)
     assert torch.equal(counts, ref_counts)
@@ -21,24 +21,34 @@ def assert_routing_equal(got, want):
     torch.testing.assert_close(weights, ref_weights, rtol=1e-5, atol=1e-6)
 
 
+@on_backends("biased_topk")
 @pytest.mark.parametrize("num_experts,topk", EXPERTS_TOPK)
 @pytest.mark.parametrize("num_tokens", [0, 1, 17, 2000])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("score_fn", ["sigmoid", "softmax"])
-def test_biased_topk_matches_reference(num_experts, topk, num_tokens, dtype, score_fn):
+def test_biased_topk_matches_reference(device, num_experts, topk, num_tokens, dtype, score_fn):
+    if emulating() and topk >= 64:
+        num_tokens = min(num_tokens, 100)  # k rounds of warp argmax per token: slow to emulate
     logits = tie_free_logits(num_tokens, num_experts, dtype)
     bias = integer_bias(num_experts)
-    got = mk.biased_topk(logits, bias, topk, score_fn=score_fn)
+    got = mk.biased_topk(logits.to(device), bias.to(device), topk, score_fn=score_fn)
     assert_routing_equal(got, ref.biased_topk(logits, bias, topk, score_fn=score_fn))
     assert int(got[2].sum()) == num_tokens * topk
 
 
+@on_backends("biased_topk")
 @pytest.mark.parametrize("normalize,scale", [(True, 1.0), (False, 1.0), (True, 2.5), (False, 0.5)])
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_weights_options(normalize, scale, with_bias):
+def test_weights_options(device, normalize, scale, with_bias):
     logits = tie_free_logits(33, 64)
     bias = integer_bias(64) if with_bias else None
-    got = mk.biased_topk(logits, bias, 6, normalize=normalize, scale=scale)
+    got = mk.biased_topk(
+        logits.to(device),
+        None if bias is None else bias.to(device),
+        6,
+        normalize=normalize,
+        scale=scale,
+    )
     assert_routing_equal(got, ref.biased_topk(logits, bias, 6, normalize=normalize, scale=scale))
 
 
@@ -54,54 +64,75 @@ def test_weights_options(normalize, scale, with_bias):
     ],
 )
 @pytest.mark.parametrize("score_fn", ["sigmoid", "softmax"])
-def test_group_limited_routing(n_groups, topk_groups, topk, group_score, score_fn):
+@on_backends("biased_topk")
+def test_group_limited_routing(device, n_groups, topk_groups, topk, group_score, score_fn):
     logits = tie_free_logits(257, 64, seed=3)
     bias = integer_bias(64, seed=4)
     kwargs = dict(
         score_fn=score_fn, n_groups=n_groups, topk_groups=topk_groups, group_score=group_score
     )
-    got = mk.biased_topk(logits, bias, topk, **kwargs)
+    got = [t.cpu() for t in mk.biased_topk(logits.to(device), bias.to(device), topk, **kwargs)]
     assert_routing_equal(got, ref.biased_topk(logits, bias, topk, **kwargs))
     # Every chosen expert lies in one of the kept groups.
     groups_per_token = (got[1] // (64 // n_groups)).unique(dim=1) if topk > 1 else got[1]
     assert all(len(set(row.tolist())) <= topk_groups for row in groups_per_token)
 
 
-def test_negative_bias_never_selects_masked_group():
+@on_backends("biased_topk")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("score_fn", ["sigmoid", "softmax"])
+def test_largest_shapes_of_the_cuda_kernel(device, dtype, score_fn):
+    # E = 512 (16 experts per lane), k = 16, G = 32 groups keeping 4; and G = 64.
+    logits = tie_free_logits(150, 512, dtype, seed=8)
+    bias = integer_bias(512, seed=9)
+    for n_groups, topk_groups in ((32, 4), (64, 8)):
+        kwargs = dict(score_fn=score_fn, n_groups=n_groups, topk_groups=topk_groups)
+        got = mk.biased_topk(logits.to(device), bias.to(device), 16, **kwargs)
+        assert_routing_equal(got, ref.biased_topk(logits, bias, 16, **kwargs))
+
+
+@on_backends("biased_topk")
+def test_negative_bias_never_selects_masked_group(device):
     # Scores of group 0 are high but its bias is very negative; group 1 wins. Experts of the
     # masked groups must not come back through a 0.0 mask beating negative choices.
     logits = torch.tensor([[3.0, 2.9, -3.0, -2.9, 0.0, 0.1, 0.2, 0.3]])
     bias = torch.tensor([-10.0, -10.0, -5.0, -5.0, -5.0, -5.0, -5.0, -5.0])
-    _, ids, _ = mk.biased_topk(logits, bias, 4, n_groups=4, topk_groups=2)
+    _, ids, _ = mk.biased_topk(logits.to(device), bias.to(device), 4, n_groups=4, topk_groups=2)
     _, ref_ids, _ = ref.biased_topk(logits, bias, 4, n_groups=4, topk_groups=2)
-    assert torch.equal(ids, ref_ids)
+    assert torch.equal(ids.cpu(), ref_ids)
     assert not set(ids.flatten().tolist()) & {0, 1}
 
 
-def test_bias_decides_choice_but_not_weights():
+@on_backends("biased_topk")
+def test_bias_decides_choice_but_not_weights(device):
     logits = tie_free_logits(64, 16, seed=7)
     bias = torch.zeros(16)
     bias[5] = 10.0  # expert 5 becomes everybody's first choice
-    weights, ids, counts = mk.biased_topk(logits, bias, 2, normalize=False)
+    weights, ids, counts = mk.biased_topk(logits.to(device), bias.to(device), 2, normalize=False)
     assert torch.all(ids[:, 0] == 5) and counts[5] == 64
-    torch.testing.assert_close(weights[:, 0], torch.sigmoid(logits[:, 5]))
+    torch.testing.assert_close(weights[:, 0].cpu(), torch.sigmoid(logits[:, 5]))
 
 
-def test_ties_go_to_lower_expert_index():
-    logits = torch.zeros(3, 8)
+@on_backends("biased_topk")
+def test_ties_go_to_lower_expert_index(device):
+    logits = torch.zeros(3, 40, device=device)
     for score_fn in ("sigmoid", "softmax"):
         _, ids, _ = mk.biased_topk(logits, None, 3, score_fn=score_fn)
         assert ids.tolist() == [[0, 1, 2]] * 3
+        _, ids, _ = mk.biased_topk(logits, None, 3, score_fn=score_fn, n_groups=4, topk_groups=2)
+        assert ids.tolist() == [[0, 1, 2]] * 3
 
 
-def test_non_finite_logits_give_valid_distinct_ids():
+@on_backends("biased_topk")
+def test_non_finite_logits_give_valid_distinct_ids(device):
     logits = tie_free_logits(6, 16)
     logits[0, :] = float("nan")
     logits[1, 3] = float("nan")
     logits[2, :5] = float("inf")
     logits[3, :] = float("-inf")
+    logits = logits.to(device)
     for score_fn in ("sigmoid", "softmax"):
-        _, ids, counts = mk.biased_topk(logits, integer_bias(16), 4, score_fn=score_fn)
+        _, ids, counts = mk.biased_topk(logits, integer_bias(16).to(device), 4, score_fn=score_fn)
         assert ids.min() >= 0 and ids.max() < 16
         assert all(len(set(row)) == 4 for row in ids.tolist())
         assert int(counts.sum()) == 24
@@ -109,25 +140,28 @@ def test_non_finite_logits_give_valid_distinct_ids():
     assert 3 not in ids[1].tolist()  # a NaN score never wins a slot
 
 
-def test_zero_weight_sum_stays_zero():
-    logits = torch.full((2, 4), -200.0)  # sigmoid underflows to exactly 0
+@on_backends("biased_topk")
+def test_zero_weight_sum_stays_zero(device):
+    logits = torch.full((2, 4), -200.0, device=device)  # sigmoid underflows to exactly 0
     weights, _, _ = mk.biased_topk(logits, None, 2)
-    assert torch.equal(weights, torch.zeros(2, 2))
+    assert torch.equal(weights.cpu(), torch.zeros(2, 2))
 
 
-def test_fp64_logits_compute_in_fp64():
+@on_backends("biased_topk")
+def test_fp64_logits_compute_in_fp64(device):
     logits = tie_free_logits(9, 32, torch.float64)
-    got = mk.biased_topk(logits, integer_bias(32), 4)
+    got = mk.biased_topk(logits.to(device), integer_bias(32).to(device), 4)
     assert got[0].dtype == torch.float64
     assert_routing_equal(got, ref.biased_topk(logits, integer_bias(32), 4))
 
 
+@on_backends("biased_topk", "biased_topk_backward")
 @pytest.mark.parametrize("score_fn", ["sigmoid", "softmax"])
 @pytest.mark.parametrize("normalize,scale", [(True, 1.0), (False, 2.0), (True, 2.5)])
 @pytest.mark.parametrize("n_groups,topk_groups", [(1, 1), (4, 2)])
-def test_gradient_matches_reference(score_fn, normalize, scale, n_groups, topk_groups):
-    logits = tie_free_logits(40, 32, seed=5).requires_grad_()
-    ref_logits = logits.detach().clone().requires_grad_()
+def test_gradient_matches_reference(device, score_fn, normalize, scale, n_groups, topk_groups):
+    logits = tie_free_logits(40, 32, seed=5).to(device).requires_grad_()
+    ref_logits = logits.detach().cpu().requires_grad_()
     kwargs = dict(
         score_fn=score_fn,
         normalize=normalize,
@@ -136,26 +170,31 @@ def test_gradient_matches_reference(score_fn, normalize, scale, n_groups, topk_g
         topk_groups=topk_groups,
     )
     upstream = torch.randn(40, 4, generator=torch.Generator().manual_seed(0))
-    (mk.biased_topk(logits, integer_bias(32), 4, **kwargs)[0] * upstream).sum().backward()
-    (ref.biased_topk(ref_logits, integer_bias(32), 4, **kwargs)[0] * upstream).sum().backward()
-    torch.testing.assert_close(logits.grad, ref_logits.grad, rtol=1e-5, atol=1e-6)
+    bias = integer_bias(32)
+    (mk.biased_topk(logits, bias.to(device), 4, **kwargs)[0] * upstream.to(device)).sum().backward()
+    (ref.biased_topk(ref_logits, bias, 4, **kwargs)[0] * upstream).sum().backward()
+    torch.testing.assert_close(logits.grad.cpu(), ref_logits.grad, rtol=1e-5, atol=1e-6)
 
 
+@on_backends("biased_topk", "biased_topk_backward")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_gradient_in_half_types(dtype):
-    logits = tie_free_logits(20, 16, dtype).requires_grad_()
-    ref_logits = logits.detach().clone().requires_grad_()
+def test_gradient_in_half_types(device, dtype):
+    logits = tie_free_logits(20, 16, dtype).to(device).requires_grad_()
+    ref_logits = logits.detach().cpu().requires_grad_()
     mk.biased_topk(logits, None, 3)[0].pow(2).sum().backward()
     ref.biased_topk(ref_logits, None, 3)[0].pow(2).sum().backward()
     assert logits.grad.dtype == dtype
-    torch.testing.assert_close(logits.grad.float(), ref_logits.grad.float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(
+        logits.grad.float().cpu(), ref_logits.grad.float(), rtol=2e-2, atol=2e-2
+    )
 
 
+@on_backends("biased_topk", "biased_topk_backward")
 @pytest.mark.parametrize("score_fn", ["sigmoid", "softmax"])
 @pytest.mark.parametrize("normalize", [True, False])
-def test_gradcheck_fp64(score_fn, normalize):
-    logits = tie_free_logits(6, 12, torch.float64).requires_grad_()
-    bias = integer_bias(12)
+def test_gradcheck_fp64(device, score_fn, normalize):
+    logits = tie_free_logits(6, 12, torch.float64).to(device).requires_grad_()
+    bias = integer_bias(12).to(device)
 
     def weights(x):
         return mk.biased_topk(x, bias, 3, score_fn=score_fn, normalize=normalize, scale=1.5)[0]

@@ -14,6 +14,7 @@
 
 #include "common/dispatch.h"
 #include "common/nvtx.h"
+#include "emu/cpu_or_emulated.h"
 #include "routing/histogram_cpu.h"
 #include "routing/routing_params.h"
 
@@ -204,19 +205,8 @@ at::Tensor biased_topk_backward_cpu(const at::Tensor& grad_weights_in, const at:
                                     const at::Tensor& ids_in, c10::string_view score_fn,
                                     bool normalize, double scale) {
   MOE_KERNELS_NVTX_RANGE("biased_topk_backward");
-  check_dim(logits_in, 2, "logits");
-  check_floating(logits_in, "logits");
-  check_dim(ids_in, 2, "topk_ids");
-  check_integer(ids_in, "topk_ids");
-  check_size(ids_in, 0, logits_in.size(0), "topk_ids", "num_tokens");
-  check_dim(grad_weights_in, 2, "grad_weights");
-  check_dtype(grad_weights_in, opmath_dtype(logits_in.scalar_type()), "grad_weights");
-  TORCH_CHECK(grad_weights_in.sizes() == ids_in.sizes(), "grad_weights must have the shape of ",
-              "topk_ids ", ids_in.sizes(), ", got ", grad_weights_in.sizes());
-  check_same_device(ids_in, logits_in, "topk_ids", "logits");
-  check_same_device(grad_weights_in, logits_in, "grad_weights", "logits");
-  const ScoreFn fn = parse_score_fn(score_fn);
-  check_finite(scale, "scale");
+  const ScoreFn fn =
+      check_biased_topk_backward_args(grad_weights_in, logits_in, ids_in, score_fn, scale);
   check_index_range(ids_in, logits_in.size(1), "topk_ids", "num_experts");
   const at::Tensor ids = ids_in.to(at::kLong).contiguous();
   const at::Tensor logits = logits_in.contiguous();
@@ -233,8 +223,9 @@ at::Tensor biased_topk_backward_cpu(const at::Tensor& grad_weights_in, const at:
 }  // namespace
 
 TORCH_LIBRARY_IMPL(moe_kernels, CPU, m) {
-  m.impl("biased_topk", &biased_topk_cpu);
-  m.impl("biased_topk_backward", &biased_topk_backward_cpu);
+  emu::impl_cpu_or_emulated<&biased_topk_cpu, &emulated::biased_topk_cuda>(m, "biased_topk");
+  emu::impl_cpu_or_emulated<&biased_topk_backward_cpu, &emulated::biased_topk_backward_cuda>(
+      m, "biased_topk_backward");
 }
 
 }  // namespace moe_kernels::routing

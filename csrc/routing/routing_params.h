@@ -1,31 +1,18 @@
-// The checked parameters of biased_topk, shared by every backend (SPEC.md section 1).
+// The argument checks of biased_topk and its backward, shared by every backend (SPEC.md
+// section 1).
 #pragma once
 
 #include <ATen/core/Tensor.h>
 
 #include <optional>
 #include <string_view>
+#include <tuple>
 
 #include "common/checks.h"
+#include "common/dispatch.h"
+#include "routing/routing_types.h"
 
 namespace moe_kernels::routing {
-
-enum class ScoreFn { kSigmoid, kSoftmax };
-
-struct RoutingParams {
-  int64_t num_tokens;
-  int64_t num_experts;
-  int64_t topk;
-  int64_t n_groups;
-  int64_t topk_groups;
-  int64_t experts_per_group;
-  // How many of a group's best choice values sum to its score: DeepSeek-V3's "top2" rule sums
-  // min(2, E/G); Megatron-Core's "topk_per_group" sums k / topk_groups.
-  int64_t group_score_size;
-  ScoreFn score_fn;
-  bool normalize;
-  double scale;
-};
 
 inline ScoreFn parse_score_fn(std::string_view score_fn) {
   check_choice(score_fn, {"sigmoid", "softmax"}, "score_fn");
@@ -77,5 +64,36 @@ inline RoutingParams check_biased_topk_args(const at::Tensor& logits,
                        normalize,
                        scale};
 }
+
+// Checks of biased_topk_backward; the range of topk_ids is checked by the CPU op only (on CUDA it
+// would synchronise the host, and the kernel skips ids outside [0, E) instead).
+inline ScoreFn check_biased_topk_backward_args(const at::Tensor& grad_weights,
+                                               const at::Tensor& logits, const at::Tensor& topk_ids,
+                                               std::string_view score_fn, double scale) {
+  check_dim(logits, 2, "logits");
+  check_floating(logits, "logits");
+  check_dim(topk_ids, 2, "topk_ids");
+  check_integer(topk_ids, "topk_ids");
+  check_size(topk_ids, 0, logits.size(0), "topk_ids", "num_tokens");
+  check_dim(grad_weights, 2, "grad_weights");
+  check_dtype(grad_weights, opmath_dtype(logits.scalar_type()), "grad_weights");
+  TORCH_CHECK(grad_weights.sizes() == topk_ids.sizes(), "grad_weights must have the shape of ",
+              "topk_ids ", topk_ids.sizes(), ", got ", grad_weights.sizes());
+  check_same_device(topk_ids, logits, "topk_ids", "logits");
+  check_same_device(grad_weights, logits, "grad_weights", "logits");
+  check_finite(scale, "scale");
+  return parse_score_fn(score_fn);
+}
+
+namespace emulated {
+// The CUDA ops run on the CPU emulator (routing_cuda.cpp compiled for it).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> biased_topk_cuda(
+    const at::Tensor& logits, const std::optional<at::Tensor>& bias, int64_t k,
+    c10::string_view score_fn, int64_t n_groups, int64_t topk_groups, bool normalize, double scale,
+    c10::string_view group_score);
+at::Tensor biased_topk_backward_cuda(const at::Tensor& grad_weights, const at::Tensor& logits,
+                                     const at::Tensor& topk_ids, c10::string_view score_fn,
+                                     bool normalize, double scale);
+}  // namespace emulated
 
 }  // namespace moe_kernels::routing
