@@ -5,6 +5,7 @@ import torch
 
 import moe_kernels as mk
 from conftest import random_ids
+from moe_kernels.emulator import emulate, emulated_ops
 
 META = torch.device("meta")
 
@@ -352,15 +353,63 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
-def test_bad_input_is_rejected_and_nothing_is_written(name):
-    op, args, kwargs, message = CASES[name]
+def assert_rejected_and_unchanged(op, args, kwargs, message):
     before = [a.clone() if isinstance(a, torch.Tensor) and a.device != META else a for a in args]
     with pytest.raises(RuntimeError, match=message):
         op(*args, **kwargs)
     for was, now in zip(before, args, strict=True):
         if isinstance(now, torch.Tensor) and now.device != META:
             assert torch.equal(was, now), "an input was modified by a call that failed"
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_bad_input_is_rejected_and_nothing_is_written(name):
+    assert_rejected_and_unchanged(*CASES[name])
+
+
+# Checks that read values, not shapes: the CUDA ops skip them, since reading the values back would
+# synchronise the host with the device (the kernels skip out-of-range indices instead).
+VALUE_CHECKS = {"histogram_id_too_large", "histogram_negative_id", "counts_negative"}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_cuda_ops_reject_the_same_bad_input(name):
+    """The CUDA host ops, run on the emulator, share the checks and messages of the CPU ops."""
+    op, args, kwargs, message = CASES[name]
+    if op.__name__ not in emulated_ops():
+        pytest.skip(f"{op.__name__} has no CUDA kernel")
+    if name in VALUE_CHECKS:
+        pytest.skip("a check of values, which the CUDA op leaves to the kernel")
+    with emulate():
+        assert_rejected_and_unchanged(op, args, kwargs, message)
+
+
+CUDA_LIMITS = {
+    "experts": (
+        mk.biased_topk,
+        (torch.randn(4, 513), None, 2),
+        {},
+        r"num_experts \(logits.size\(1\)\) must be <= 512 on CUDA, got 513",
+    ),
+    "groups": (
+        mk.biased_topk,
+        (torch.randn(4, 256), None, 2),
+        {"n_groups": 128, "topk_groups": 2},
+        r"n_groups must be <= 64 on CUDA, got 128",
+    ),
+    "histogram_experts": (
+        mk.expert_histogram,
+        (torch.zeros(4, 2, dtype=torch.long), 12289),
+        {},
+        r"num_experts must be <= 12288 on CUDA, got 12289",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CUDA_LIMITS))
+def test_limits_of_the_cuda_kernels_are_clear_errors(name):
+    with emulate():
+        assert_rejected_and_unchanged(*CUDA_LIMITS[name])
 
 
 def test_autograd_backward_rejects_bad_grad_shape():

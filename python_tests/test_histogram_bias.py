@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import moe_kernels as mk
-from conftest import on_backends, random_ids
+from conftest import backends_for, on_backends, random_ids
 from moe_kernels import reference as ref
 
 
@@ -18,6 +18,13 @@ def test_expert_histogram_matches_reference(device, num_experts, topk, num_token
     counts = mk.expert_histogram(ids.to(device), num_experts)
     assert counts.dtype == torch.int64 and counts.device.type == device
     assert torch.equal(counts.cpu(), ref.expert_histogram(ids, num_experts))
+
+
+@pytest.mark.parametrize("device", backends_for("expert_histogram")[1:], indirect=True)
+def test_cuda_histogram_skips_ids_out_of_range(device):
+    # The CUDA op cannot raise on them without a host synchronisation (the CPU op raises).
+    ids = torch.tensor([[0, 7], [8, -1], [3, 3]])
+    assert mk.expert_histogram(ids.to(device), 8).tolist() == [1, 0, 0, 2, 0, 0, 0, 1]
 
 
 def test_histogram_of_routing_equals_routing_counts():

@@ -6,6 +6,7 @@ import torch
 
 import moe_kernels  # noqa: F401
 from conftest import integer_bias, random_ids, tie_free_logits
+from moe_kernels.emulator import emulate, emulated_ops
 
 ops = torch.ops.moe_kernels
 
@@ -79,6 +80,16 @@ CASES = _sample_cases()
 def test_opcheck(name):
     op, args = CASES[name]
     torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_opcheck_of_the_cuda_op(name):
+    """The CUDA host ops (run on the emulator) against the same schema and fake kernels."""
+    op, args = CASES[name]
+    if op._qualified_op_name.split("::")[1] not in emulated_ops():
+        pytest.skip("no CUDA kernel")
+    with emulate():
+        torch.library.opcheck(op, args)
 
 
 def test_every_op_is_covered():
