@@ -4,10 +4,13 @@
 
 Shapes of a small DeepSeek-V3-style MoE layer (64 experts, top-6 of 8 groups keeping 4,
 hidden 1024, expert FFN 512); the router logits are fp32 whatever the model dtype. Prints a
-table and writes results/bench_ops_<device>_<dtype>.json and .md. "speedup" is the reference's median time over ours (above 1: we are faster); the
-grouped GEMM also runs against torch._grouped_mm where this torch has it for the device, and
-the GEMM-bound rows against dense matrix products of equal FLOPs ("dense_over_ours" near 1:
-the op costs what its FLOPs cost).
+table and writes results/bench_ops_<device>_<dtype>.json and .md. "speedup" is the
+reference's median time over ours (above 1: we are faster). The memory-bound ops report the
+bandwidth of the bytes they must move at least ("GBps") and its fraction of the bandwidth of
+a plain 512 MB device copy measured in the same run ("of_copy_peak": near 1, the op runs at
+the speed of memory). The grouped GEMM also runs against torch._grouped_mm where this torch
+has it for the device, and the GEMM-bound rows against dense matrix products of equal FLOPs
+("dense_over_ours" near 1: the op costs what its FLOPs cost).
 """
 
 from __future__ import annotations
@@ -47,6 +50,20 @@ class Case:
     reference: Callable[[], object]
     grouped_mm: Callable[[], object] | None = None
     dense: Callable[[], object] | None = None
+    min_bytes: int | None = None  # bytes the op must read and write at least
+
+
+def nbytes(*tensors: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def copy_bandwidth_gbps(device: str, repeats: int) -> float:
+    """GB/s of a 512 MB device-to-device copy (256 MB read, 256 MB written): the practical
+    peak of memory bandwidth on this machine."""
+    src = torch.empty(256 * 1024 * 1024, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    ms = measure(lambda: dst.copy_(src), device, repeats=repeats).median_ms
+    return 2 * src.numel() / ms / 1e6
 
 
 def expert_ffn(impl, x, logits, bias, w_gate_up, w_down, shape: Shape):
@@ -123,18 +140,22 @@ def main() -> None:
         dense_ffn(*params).sum().backward()
 
     topk_args = (k, "sigmoid", shape.n_groups, shape.topk_groups)
+    out = torch.empty_like(x)
     cases = [
         Case("biased_topk", lambda: mk.biased_topk(logits, bias, *topk_args),
-             lambda: ref.biased_topk(logits, bias, *topk_args)),
+             lambda: ref.biased_topk(logits, bias, *topk_args),
+             min_bytes=nbytes(logits, weights, ids, counts)),
         Case("expert_histogram", lambda: mk.expert_histogram(ids, E),
-             lambda: ref.expert_histogram(ids, E)),
+             lambda: ref.expert_histogram(ids, E), min_bytes=nbytes(ids, counts)),
         Case("update_bias", lambda: mk.update_bias(bias.clone(), counts, 1e-3),
              lambda: ref.update_bias(bias.clone(), counts, 1e-3)),
-        Case("permute", lambda: mk.permute(x, ids, E), lambda: ref.permute(x, ids, E)),
+        Case("permute", lambda: mk.permute(x, ids, E), lambda: ref.permute(x, ids, E),
+             min_bytes=nbytes(x, ids, rows, row_map)),
         Case("permute align=16", lambda: mk.permute(x, ids, E, 16),
-             lambda: ref.permute(x, ids, E, 16)),
+             lambda: ref.permute(x, ids, E, 16), min_bytes=nbytes(x, ids, rows, row_map)),
         Case("unpermute", lambda: mk.unpermute(rows, row_map, weights),
-             lambda: ref.unpermute(rows, row_map, weights)),
+             lambda: ref.unpermute(rows, row_map, weights),
+             min_bytes=nbytes(rows, row_map, weights, out)),
         Case("grouped_gemm [R,F]x[E,F,H]", lambda: mk.grouped_gemm(h, w_down, counts),
              lambda: ref.grouped_gemm(h, w_down, counts),
              grouped_mm=(lambda: grouped_mm(h, w_down, counts)) if grouped_mm else None,
@@ -147,10 +168,15 @@ def main() -> None:
              dense=dense_fwd_bwd),
     ]  # fmt: skip
     results = []
+    copy_gbps = copy_bandwidth_gbps(dev, args.repeats)
+    print(f"device copy: {copy_gbps:.1f} GB/s", flush=True)
     for case in cases:
         t_ours = measure(case.ours, dev, repeats=args.repeats).median_ms
         t_ref = measure(case.reference, dev, repeats=args.repeats).median_ms
         row = {"op": case.name, "ours_ms": t_ours, "reference_ms": t_ref, "speedup": t_ref / t_ours}
+        if case.min_bytes is not None:
+            row["GBps"] = case.min_bytes / t_ours / 1e6
+            row["of_copy_peak"] = row["GBps"] / copy_gbps
         if case.grouped_mm is not None:
             row["grouped_mm_ms"] = measure(case.grouped_mm, dev, repeats=args.repeats).median_ms
             row["speedup_vs_grouped_mm"] = row["grouped_mm_ms"] / t_ours
@@ -161,6 +187,7 @@ def main() -> None:
         print(row, flush=True)
     for row in results:
         row["shape"] = asdict(shape)
+        row["copy_GBps"] = copy_gbps
     save(
         f"bench_ops_{dev}_{args.dtype}",
         results,
@@ -169,6 +196,8 @@ def main() -> None:
             "ours_ms",
             "reference_ms",
             "speedup",
+            "GBps",
+            "of_copy_peak",
             "grouped_mm_ms",
             "speedup_vs_grouped_mm",
             "dense_equal_flops_ms",
