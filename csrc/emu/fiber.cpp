@@ -7,10 +7,6 @@
 #include <new>
 #include <stdexcept>
 
-#if !defined(__x86_64__)
-#include <ucontext.h>
-#endif
-
 namespace moe_kernels::emu {
 namespace {
 
@@ -31,7 +27,7 @@ FiberStack::FiberStack() {
 
 FiberStack::~FiberStack() { munmap(mapping_, kSize + page_size()); }
 
-#if defined(__x86_64__)
+#if !defined(MOE_KERNELS_EMU_USE_UCONTEXT)
 
 // moe_emu_switch(void** save_sp, void* load_sp): push the callee-saved registers, store the
 // stack pointer, load the other one, pop its registers and return into it. A new fiber's stack
@@ -88,46 +84,40 @@ void make_fiber(FiberContext& fiber, FiberStack& stack, void (*entry)(void*), vo
   sp[4] = 0;                                                  // rbx
   sp[5] = 0;                                                  // rbp
   sp[6] = reinterpret_cast<uintptr_t>(&moe_emu_fiber_start);  // return address
-  fiber.state = sp;
+  fiber.stack_pointer = sp;
 }
 
-void switch_fiber(FiberContext& from, FiberContext& to) { moe_emu_switch(&from.state, to.state); }
+void switch_fiber(FiberContext& from, FiberContext& to) {
+  moe_emu_switch(&from.stack_pointer, to.stack_pointer);
+}
 
 #else  // Portable fallback.
 
 namespace {
 
-struct UcontextFiber {
-  ucontext_t context;
-  void (*entry)(void*);
-  void* arg;
-};
+// makecontext passes only int arguments: the fiber being started is handed over here instead.
+thread_local FiberContext* starting = nullptr;
 
-thread_local UcontextFiber* starting = nullptr;
-
-void ucontext_start() { starting->entry(starting->arg); }
-
-UcontextFiber& ucontext_of(FiberContext& fiber) {
-  if (fiber.state == nullptr) fiber.state = new UcontextFiber{};
-  return *static_cast<UcontextFiber*>(fiber.state);
+void ucontext_start() {
+  FiberContext* fiber = starting;
+  fiber->entry(fiber->arg);
 }
 
 }  // namespace
 
 void make_fiber(FiberContext& fiber, FiberStack& stack, void (*entry)(void*), void* arg) {
-  UcontextFiber& f = ucontext_of(fiber);
-  getcontext(&f.context);
-  f.context.uc_stack.ss_sp = stack.top() - FiberStack::kSize;
-  f.context.uc_stack.ss_size = FiberStack::kSize;
-  f.context.uc_link = nullptr;
-  f.entry = entry;
-  f.arg = arg;
-  makecontext(&f.context, ucontext_start, 0);
+  getcontext(&fiber.context);
+  fiber.context.uc_stack.ss_sp = stack.top() - FiberStack::kSize;
+  fiber.context.uc_stack.ss_size = FiberStack::kSize;
+  fiber.context.uc_link = nullptr;
+  fiber.entry = entry;
+  fiber.arg = arg;
+  makecontext(&fiber.context, ucontext_start, 0);
 }
 
 void switch_fiber(FiberContext& from, FiberContext& to) {
-  starting = static_cast<UcontextFiber*>(to.state);
-  swapcontext(&ucontext_of(from).context, &ucontext_of(to).context);
+  starting = &to;
+  swapcontext(&from.context, &to.context);
 }
 
 #endif

@@ -1,10 +1,15 @@
 // Fibers for the CUDA emulator: one per emulated CUDA thread, switched cooperatively on the OS
 // thread that runs the launch. On x86-64 a hand-written switch saves the six callee-saved
-// registers and swaps stacks (about 10 ns); elsewhere ucontext (about 180 ns: it makes a
-// sigprocmask system call on every switch).
+// registers and swaps stacks (about 10 ns); elsewhere, or with MOE_KERNELS_EMU_UCONTEXT defined,
+// ucontext (about 180 ns: it makes a sigprocmask system call on every switch).
 #pragma once
 
 #include <cstddef>
+
+#if !defined(__x86_64__) || defined(MOE_KERNELS_EMU_UCONTEXT)
+#define MOE_KERNELS_EMU_USE_UCONTEXT 1
+#include <ucontext.h>
+#endif
 
 namespace moe_kernels::emu {
 
@@ -27,7 +32,13 @@ class FiberStack {
 
 // The saved execution state of a suspended fiber, or of the scheduler while a fiber runs.
 struct FiberContext {
-  void* state = nullptr;
+#if defined(MOE_KERNELS_EMU_USE_UCONTEXT)
+  ucontext_t context;
+  void (*entry)(void*) = nullptr;
+  void* arg = nullptr;
+#else
+  void* stack_pointer = nullptr;
+#endif
 };
 
 // Prepares `fiber` to run entry(arg) on `stack` the first time it is switched to. `entry` must
