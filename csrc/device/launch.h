@@ -24,7 +24,10 @@ cudaError_t launch(const LaunchConfig& config, cudaStream_t stream, Args&&... ar
   emu::launch<Kernel>(config.grid, config.block, config.shared_bytes, std::forward<Args>(args)...);
   return cudaSuccess;
 #else
-  Kernel<<<config.grid, config.block, config.shared_bytes, stream> > >(std::forward<Args>(args)...);
+  // In a .h, clang-format takes <<< >>> for shifts and splits the >>>.
+  // clang-format off
+  Kernel<<<config.grid, config.block, config.shared_bytes, stream>>>(std::forward<Args>(args)...);
+  // clang-format on
   return cudaGetLastError();
 #endif
 }
