@@ -4,7 +4,9 @@
 // code, so the emulated run is exactly the launch a GPU gets.
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
+#include <cstdint>
 #include <utility>
 
 #include "device/runtime.h"
@@ -37,6 +39,18 @@ inline cudaError_t multiprocessor_count(int* count) {
   int device = 0;
   if (cudaError_t err = cudaGetDevice(&device); err != cudaSuccess) return err;
   return cudaDeviceGetAttribute(count, cudaDevAttrMultiProcessorCount, device);
+}
+
+// Blocks for a grid-stride loop over `items`, `items_per_block` per block and pass: as many as
+// the work needs, at most `blocks_per_sm` per SM (more would only wait for a slot), at least one.
+inline cudaError_t grid_stride_blocks(int64_t items, int64_t items_per_block, int blocks_per_sm,
+                                      dim3* grid) {
+  int num_sms = 1;
+  if (cudaError_t err = multiprocessor_count(&num_sms); err != cudaSuccess) return err;
+  const int64_t needed = (items + items_per_block - 1) / items_per_block;
+  *grid = dim3(static_cast<unsigned>(
+      std::clamp<int64_t>(needed, 1, static_cast<int64_t>(blocks_per_sm) * num_sms)));
+  return cudaSuccess;
 }
 
 }  // namespace moe_kernels::device

@@ -1,9 +1,10 @@
-// Argument checks of the permute family, shared by every backend (SPEC.md section 3).
-// Index-range checks are the CPU ops' own: on a GPU they would synchronise the host with the
-// device.
+// Argument checks of the permute family, shared by every backend (SPEC.md section 3), and the
+// CUDA ops as the CPU emulator runs them. Index-range checks are the CPU ops' own: on a GPU they
+// would synchronise the host with the device.
 #pragma once
 
 #include <optional>
+#include <tuple>
 
 #include "common/checks.h"
 #include "common/dispatch.h"
@@ -71,5 +72,18 @@ inline at::Tensor weights_in_opmath(const std::optional<at::Tensor>& weights,
                                     at::ScalarType dtype) {
   return weights.has_value() ? weights->to(opmath_dtype(dtype)).contiguous() : at::Tensor();
 }
+
+namespace emulated {
+// The CUDA ops run on the CPU emulator (permute_cuda.cpp compiled for it).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> permute_cuda(const at::Tensor& hidden,
+                                                            const at::Tensor& topk_ids,
+                                                            int64_t num_experts, int64_t align);
+at::Tensor permute_with_map_cuda(const at::Tensor& hidden, const at::Tensor& row_map,
+                                 const std::optional<at::Tensor>& weights, int64_t num_rows);
+at::Tensor unpermute_cuda(const at::Tensor& rows, const at::Tensor& row_map,
+                          const std::optional<at::Tensor>& weights);
+at::Tensor unpermute_weights_grad_cuda(const at::Tensor& grad_output, const at::Tensor& rows,
+                                       const at::Tensor& row_map);
+}  // namespace emulated
 
 }  // namespace moe_kernels::permute

@@ -13,6 +13,7 @@
 
 #include "common/dispatch.h"
 #include "common/nvtx.h"
+#include "emu/cpu_or_emulated.h"
 #include "permute/permute.h"
 
 namespace moe_kernels::permute {
@@ -212,10 +213,12 @@ at::Tensor unpermute_weights_grad_cpu(const at::Tensor& grad_in, const at::Tenso
 }  // namespace
 
 TORCH_LIBRARY_IMPL(moe_kernels, CPU, m) {
-  m.impl("permute", &permute_cpu);
-  m.impl("permute_with_map", &permute_with_map_cpu);
-  m.impl("unpermute", &unpermute_cpu);
-  m.impl("unpermute_weights_grad", &unpermute_weights_grad_cpu);
+  emu::impl_cpu_or_emulated<&permute_cpu, &emulated::permute_cuda>(m, "permute");
+  emu::impl_cpu_or_emulated<&permute_with_map_cpu, &emulated::permute_with_map_cuda>(
+      m, "permute_with_map");
+  emu::impl_cpu_or_emulated<&unpermute_cpu, &emulated::unpermute_cuda>(m, "unpermute");
+  emu::impl_cpu_or_emulated<&unpermute_weights_grad_cpu, &emulated::unpermute_weights_grad_cuda>(
+      m, "unpermute_weights_grad");
 }
 
 }  // namespace moe_kernels::permute
