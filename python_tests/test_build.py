@@ -22,6 +22,14 @@ OPS = [
     "grouped_gemm",
     "grouped_gemm_wgrad",
 ]
+OPS_WITH_CUDA_KERNELS = [
+    "expert_histogram",
+    "update_bias",
+    "permute",
+    "permute_with_map",
+    "unpermute",
+    "unpermute_weights_grad",
+]
 
 
 def test_every_op_has_a_cpu_kernel():
@@ -30,7 +38,7 @@ def test_every_op_has_a_cpu_kernel():
 
 def test_cuda_kernels_are_registered_exactly_when_built():
     info = mk.build_info()
-    for op in ("expert_histogram", "update_bias"):
+    for op in OPS_WITH_CUDA_KERNELS:
         assert has_kernel(op, "CUDA") == info["cuda"]
     if info["cuda"]:
         assert info["cuda_archs"]
