@@ -29,10 +29,10 @@ __device__ __forceinline__ int64_t warp_item_stride() {
 // weights), or zero where p is -1. pair_weights, if any, are in the accumulator type, and the
 // product is rounded once, as the CPU op does.
 template <typename T, int kVec>
-__global__ void __launch_bounds__(kGatherThreads)
-    gather_rows_kernel(const T* __restrict__ hidden, int64_t hidden_size, int64_t topk,
-                       const int64_t* __restrict__ source_pair, int64_t num_rows,
-                       const device::acc_t<T>* __restrict__ pair_weights, T* __restrict__ rows) {
+__global__ void gather_rows_kernel(const T* __restrict__ hidden, int64_t hidden_size, int64_t topk,
+                                   const int64_t* __restrict__ source_pair, int64_t num_rows,
+                                   const device::acc_t<T>* __restrict__ pair_weights,
+                                   T* __restrict__ rows) {
   using Pack = device::Pack<T, kVec>;
   using acc = device::acc_t<T>;
   const int64_t packs = hidden_size / kVec;
@@ -61,10 +61,10 @@ __global__ void __launch_bounds__(kGatherThreads)
 // slot order in the accumulator type. Rows outside [0, num_rows) are skipped (checking them
 // would need a host synchronisation).
 template <typename T, int kVec>
-__global__ void __launch_bounds__(kGatherThreads)
-    unpermute_kernel(const T* __restrict__ rows, int64_t num_rows, int64_t hidden_size,
-                     const int64_t* __restrict__ row_map, int64_t num_tokens, int64_t topk,
-                     const device::acc_t<T>* __restrict__ pair_weights, T* __restrict__ out) {
+__global__ void unpermute_kernel(const T* __restrict__ rows, int64_t num_rows, int64_t hidden_size,
+                                 const int64_t* __restrict__ row_map, int64_t num_tokens,
+                                 int64_t topk, const device::acc_t<T>* __restrict__ pair_weights,
+                                 T* __restrict__ out) {
   using Pack = device::Pack<T, kVec>;
   using acc = device::acc_t<T>;
   const int64_t packs = hidden_size / kVec;
@@ -91,11 +91,12 @@ __global__ void __launch_bounds__(kGatherThreads)
 // accumulator type: each lane sums its packs, then a fixed butterfly sums the lanes. A row
 // outside [0, num_rows) gives 0 (checking it would need a host synchronisation).
 template <typename T, int kVec>
-__global__ void __launch_bounds__(kGatherThreads)
-    unpermute_weights_grad_kernel(const T* __restrict__ grad_output, const T* __restrict__ rows,
-                                  int64_t num_rows, int64_t hidden_size,
-                                  const int64_t* __restrict__ row_map, int64_t num_pairs,
-                                  int64_t topk, device::acc_t<T>* __restrict__ grad_weights) {
+__global__ void unpermute_weights_grad_kernel(const T* __restrict__ grad_output,
+                                              const T* __restrict__ rows, int64_t num_rows,
+                                              int64_t hidden_size,
+                                              const int64_t* __restrict__ row_map,
+                                              int64_t num_pairs, int64_t topk,
+                                              device::acc_t<T>* __restrict__ grad_weights) {
   using Pack = device::Pack<T, kVec>;
   using acc = device::acc_t<T>;
   const int64_t packs = hidden_size / kVec;

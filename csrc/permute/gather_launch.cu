@@ -6,7 +6,7 @@
 namespace moe_kernels::permute::MOE_KERNELS_TARGET {
 namespace {
 
-// One warp per item; up to 8 blocks of 256 threads per SM, as many as an SM holds at once.
+// One warp per item; up to 8 blocks of 256 threads per SM, the most threads an SM holds.
 cudaError_t warp_per_item_config(int64_t items, device::LaunchConfig* config) {
   config->block = dim3(kGatherThreads);
   return device::grid_stride_blocks(items, kGatherWarps, 8, &config->grid);
