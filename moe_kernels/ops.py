@@ -103,6 +103,12 @@ def permute(
     expert's segment is padded with zero rows to a multiple of ``align`` rows, so grouped GEMM
     tiles never straddle two experts (pass ``padded_tokens_per_expert(counts, align)`` to it).
 
+    On CUDA the rows' positions are computed on the device, and with ``align == 1`` the op never
+    waits for the GPU; with ``align > 1`` it copies R (one int64) back to the host once to
+    allocate ``rows``, which synchronises with the stream. CUDA takes at most 1536 experts and
+    does not check the ids' range: a pair whose id is out of range gets row -1 and no row (R
+    stays T * k when align is 1: the last rows are then zero).
+
     Args:
         hidden: [T, H] fp32, bf16, fp16 (or fp64).
         topk_ids: [T, k] int64 or int32 expert ids in [0, num_experts).
@@ -120,6 +126,9 @@ def permute(
 
 def unpermute(rows: Tensor, row_map: Tensor, topk_weights: Tensor | None = None) -> Tensor:
     """Combine expert outputs back per token: ``out[t] = sum_j w[t, j] * rows[row_map[t, j]]``.
+
+    On CUDA the row map's range is not checked (that would synchronise with the GPU): a row
+    outside [0, R) adds nothing.
 
     Args:
         rows: [R, H] expert outputs (padding rows are never read).

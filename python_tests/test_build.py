@@ -9,6 +9,7 @@ import pytest
 
 import moe_kernels as mk
 from conftest import has_kernel
+from moe_kernels.emulator import emulated_ops
 
 OPS = [
     "biased_topk",
@@ -22,15 +23,29 @@ OPS = [
     "grouped_gemm",
     "grouped_gemm_wgrad",
 ]
+OPS_WITH_CUDA_KERNELS = [
+    "biased_topk",
+    "biased_topk_backward",
+    "expert_histogram",
+    "update_bias",
+    "permute",
+    "permute_with_map",
+    "unpermute",
+    "unpermute_weights_grad",
+]
 
 
 def test_every_op_has_a_cpu_kernel():
     assert all(has_kernel(op, "CPU") for op in OPS)
 
 
+def test_every_cuda_kernel_runs_on_the_emulator():
+    assert emulated_ops() == sorted(OPS_WITH_CUDA_KERNELS)
+
+
 def test_cuda_kernels_are_registered_exactly_when_built():
     info = mk.build_info()
-    for op in ("expert_histogram", "update_bias"):
+    for op in OPS_WITH_CUDA_KERNELS:
         assert has_kernel(op, "CUDA") == info["cuda"]
     if info["cuda"]:
         assert info["cuda_archs"]

@@ -4,12 +4,16 @@
 // code, so the emulated run is exactly the launch a GPU gets.
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
+#include <cstdint>
 #include <utility>
 
 #include "device/runtime.h"
 
-namespace moe_kernels::device {
+// Inline functions here differ between the CUDA build and the emulated one, which share a module:
+// the target namespace keeps their symbols apart.
+namespace moe_kernels::device::inline MOE_KERNELS_TARGET {
 
 struct LaunchConfig {
   dim3 grid;
@@ -24,7 +28,7 @@ cudaError_t launch(const LaunchConfig& config, cudaStream_t stream, Args&&... ar
   emu::launch<Kernel>(config.grid, config.block, config.shared_bytes, std::forward<Args>(args)...);
   return cudaSuccess;
 #else
-  // clang-format splits `>>>` in a .h file, where it does not expect CUDA.
+  // In a .h, clang-format takes <<< >>> for shifts and splits the >>>.
   // clang-format off
   Kernel<<<config.grid, config.block, config.shared_bytes, stream>>>(std::forward<Args>(args)...);
   // clang-format on
@@ -39,4 +43,16 @@ inline cudaError_t multiprocessor_count(int* count) {
   return cudaDeviceGetAttribute(count, cudaDevAttrMultiProcessorCount, device);
 }
 
-}  // namespace moe_kernels::device
+// Blocks for a grid-stride loop over `items`, `items_per_block` per block and pass: as many as
+// the work needs, at most `blocks_per_sm` per SM (more would only wait for a slot), at least one.
+inline cudaError_t grid_stride_blocks(int64_t items, int64_t items_per_block, int blocks_per_sm,
+                                      dim3* grid) {
+  int num_sms = 1;
+  if (cudaError_t err = multiprocessor_count(&num_sms); err != cudaSuccess) return err;
+  const int64_t needed = (items + items_per_block - 1) / items_per_block;
+  *grid = dim3(static_cast<unsigned>(
+      std::clamp<int64_t>(needed, 1, static_cast<int64_t>(blocks_per_sm) * num_sms)));
+  return cudaSuccess;
+}
+
+}  // namespace moe_kernels::device::inline MOE_KERNELS_TARGET

@@ -14,7 +14,9 @@
 #include <c10/cuda/CUDAStream.h>
 #endif
 
-namespace moe_kernels::device {
+// Inline functions here differ between the CUDA build and the emulated one, which share a module:
+// the target namespace keeps their symbols apart.
+namespace moe_kernels::device::inline MOE_KERNELS_TARGET {
 
 #if defined(MOE_KERNELS_EMULATOR)
 // The emulator runs on the calling thread, on CPU tensors: no device to select, no stream.
@@ -56,4 +58,4 @@ auto* mutable_device_ptr(at::Tensor& t) {
   return reinterpret_cast<typename DeviceScalar<scalar_t>::type*>(t.mutable_data_ptr<scalar_t>());
 }
 
-}  // namespace moe_kernels::device
+}  // namespace moe_kernels::device::inline MOE_KERNELS_TARGET

@@ -13,6 +13,7 @@
 
 #include "common/dispatch.h"
 #include "common/nvtx.h"
+#include "emu/cpu_or_emulated.h"
 #include "permute/permute.h"
 
 namespace moe_kernels::permute {
@@ -96,10 +97,6 @@ void gather_rows(const at::Tensor& hidden, const std::vector<int64_t>& source_pa
                    });
 }
 
-at::Tensor weights_in_opmath(const std::optional<at::Tensor>& weights, at::ScalarType dtype) {
-  return weights.has_value() ? weights->to(opmath_dtype(dtype)).contiguous() : at::Tensor();
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> permute_cpu(const at::Tensor& hidden_in,
                                                            const at::Tensor& topk_ids_in,
                                                            int64_t num_experts, int64_t align) {
@@ -125,11 +122,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> permute_cpu(const at::Tensor& hid
 at::Tensor permute_with_map_cpu(const at::Tensor& hidden_in, const at::Tensor& row_map_in,
                                 const std::optional<at::Tensor>& weights, int64_t num_rows) {
   MOE_KERNELS_NVTX_RANGE("permute_with_map");
-  check_dim(hidden_in, 2, "hidden");
-  check_floating(hidden_in, "hidden");
-  check_row_map_args(row_map_in, weights, hidden_in, "hidden");
-  check_size(row_map_in, 0, hidden_in.size(0), "row_map", "num_tokens");
-  TORCH_CHECK(num_rows >= 0, "num_rows must be >= 0, got ", num_rows);
+  check_permute_with_map_args(hidden_in, row_map_in, weights, num_rows);
   check_index_range(row_map_in, num_rows, "row_map", "num_rows");
   const at::Tensor row_map = row_map_in.to(at::kLong).contiguous();
   // The inverse map; two pairs writing one row would make the result depend on their order.
@@ -153,9 +146,7 @@ at::Tensor permute_with_map_cpu(const at::Tensor& hidden_in, const at::Tensor& r
 at::Tensor unpermute_cpu(const at::Tensor& rows_in, const at::Tensor& row_map_in,
                          const std::optional<at::Tensor>& weights) {
   MOE_KERNELS_NVTX_RANGE("unpermute");
-  check_dim(rows_in, 2, "rows");
-  check_floating(rows_in, "rows");
-  check_row_map_args(row_map_in, weights, rows_in, "rows");
+  check_unpermute_args(rows_in, row_map_in, weights);
   check_index_range(row_map_in, rows_in.size(0), "row_map", "rows.size(0)");
   const at::Tensor rows = rows_in.contiguous();
   const at::Tensor row_map = row_map_in.to(at::kLong).contiguous();
@@ -190,14 +181,7 @@ at::Tensor unpermute_cpu(const at::Tensor& rows_in, const at::Tensor& row_map_in
 at::Tensor unpermute_weights_grad_cpu(const at::Tensor& grad_in, const at::Tensor& rows_in,
                                       const at::Tensor& row_map_in) {
   MOE_KERNELS_NVTX_RANGE("unpermute_weights_grad");
-  check_dim(rows_in, 2, "rows");
-  check_floating(rows_in, "rows");
-  check_dim(grad_in, 2, "grad_output");
-  check_same_dtype(grad_in, rows_in, "grad_output", "rows");
-  check_same_device(grad_in, rows_in, "grad_output", "rows");
-  check_row_map_args(row_map_in, std::nullopt, rows_in, "rows");
-  check_size(row_map_in, 0, grad_in.size(0), "row_map", "grad_output.size(0)");
-  check_size(grad_in, 1, rows_in.size(1), "grad_output", "rows.size(1)");
+  check_unpermute_weights_grad_args(grad_in, rows_in, row_map_in);
   check_index_range(row_map_in, rows_in.size(0), "row_map", "rows.size(0)");
   const at::Tensor rows = rows_in.contiguous();
   const at::Tensor grad = grad_in.contiguous();
@@ -229,10 +213,12 @@ at::Tensor unpermute_weights_grad_cpu(const at::Tensor& grad_in, const at::Tenso
 }  // namespace
 
 TORCH_LIBRARY_IMPL(moe_kernels, CPU, m) {
-  m.impl("permute", &permute_cpu);
-  m.impl("permute_with_map", &permute_with_map_cpu);
-  m.impl("unpermute", &unpermute_cpu);
-  m.impl("unpermute_weights_grad", &unpermute_weights_grad_cpu);
+  emu::impl_cpu_or_emulated<&permute_cpu, &emulated::permute_cuda>(m, "permute");
+  emu::impl_cpu_or_emulated<&permute_with_map_cpu, &emulated::permute_with_map_cuda>(
+      m, "permute_with_map");
+  emu::impl_cpu_or_emulated<&unpermute_cpu, &emulated::unpermute_cuda>(m, "unpermute");
+  emu::impl_cpu_or_emulated<&unpermute_weights_grad_cpu, &emulated::unpermute_weights_grad_cuda>(
+      m, "unpermute_weights_grad");
 }
 
 }  // namespace moe_kernels::permute
