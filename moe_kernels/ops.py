@@ -1,9 +1,12 @@
 """Typed Python API over ``torch.ops.moe_kernels``: the fused MoE ops.
 
 Notation: T tokens, H hidden size, E experts, k experts per token, G expert groups, R permuted
-rows. Every op runs on CPU tensors (native C++ kernels); CUDA kernels join as they land (see
-``moe_kernels.build_info()``). Every op is a ``torch.library`` custom op with a fake kernel,
-so it works under ``torch.compile(fullgraph=True)``; the differentiable ones have autograd.
+rows. Every op runs on CPU tensors (native C++ kernels); routing, histogram, bias update and
+the permute family also run on CUDA tensors (hand-written kernels, in CUDA builds: see
+``moe_kernels.build_info()``), and on the CPU emulator of those kernels under
+``moe_kernels.emulator.emulate()``. Every op is a ``torch.library`` custom op with a fake
+kernel, so it works under ``torch.compile(fullgraph=True)``; the differentiable ones have
+autograd.
 
 Precision: routing scores, weights and all reductions are computed in fp32 for fp32/bf16/fp16
 inputs (fp64 for fp64 inputs). Integer outputs (ids, counts, row maps) are int64 and exact.
@@ -55,6 +58,9 @@ def biased_topk(
 
     NaN scores never win a slot (they rank as -inf), so ids are always valid and distinct; the
     weights of a token with NaN logits are NaN.
+
+    On CUDA one warp routes a token, holding its scores in registers: E <= 512 and G <= 64.
+    No host synchronisation.
     """
     return _ops.biased_topk(
         logits, bias, k, score_fn, n_groups, topk_groups, normalize, scale, group_score
