@@ -1,5 +1,3 @@
-#include <algorithm>
-
 #include "device/launch.h"
 #include "routing/histogram_kernels.cuh"
 #include "routing/histogram_launch.h"
@@ -10,14 +8,14 @@ template <typename index_t>
 cudaError_t launch_expert_histogram(const index_t* topk_ids, int64_t num_ids, int64_t num_experts,
                                     int64_t* counts, cudaStream_t stream) {
   if (num_ids == 0) return cudaSuccess;
-  int num_sms = 1;
-  if (cudaError_t err = device::multiprocessor_count(&num_sms); err != cudaSuccess) return err;
   // A few blocks per SM: enough to hide latency, few enough that the final global adds
   // (one per expert per block) stay cheap.
-  const int64_t needed = (num_ids + kHistogramThreads - 1) / kHistogramThreads;
-  const device::LaunchConfig config{
-      dim3(static_cast<unsigned>(std::min<int64_t>(needed, 4 * static_cast<int64_t>(num_sms)))),
-      dim3(kHistogramThreads), static_cast<size_t>(num_experts) * sizeof(unsigned int)};
+  device::LaunchConfig config{dim3(1), dim3(kHistogramThreads),
+                              static_cast<size_t>(num_experts) * sizeof(unsigned int)};
+  if (cudaError_t err = device::grid_stride_blocks(num_ids, kHistogramThreads, 4, &config.grid);
+      err != cudaSuccess) {
+    return err;
+  }
   return device::launch<expert_histogram_kernel<index_t>>(
       config, stream, topk_ids, num_ids, static_cast<int>(num_experts),
       reinterpret_cast<unsigned long long*>(counts));

@@ -165,7 +165,7 @@ __global__ void __launch_bounds__(kRoutingWarps* kWarpSize)
   using acc_t = device::acc_t<scalar_t>;
   MOE_KERNELS_DYNAMIC_SHARED(unsigned char, shared);
   const int num_experts = static_cast<int>(p.num_experts), k = static_cast<int>(p.topk);
-  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+  const int lane = device::lane_id(), warp = device::warp_id();
   unsigned* block_counts = reinterpret_cast<unsigned*>(shared);
   acc_t* stage =
       reinterpret_cast<acc_t*>(shared + routing_shared_bytes<acc_t>(num_experts, false)) +
@@ -260,7 +260,7 @@ __global__ void __launch_bounds__(kRoutingWarps* kWarpSize)
                                 double scale, scalar_t* __restrict__ grad_logits) {
   using acc_t = device::acc_t<scalar_t>;
   MOE_KERNELS_DYNAMIC_SHARED(acc_t, shared);
-  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+  const int lane = device::lane_id(), warp = device::warp_id();
   acc_t* scores = shared + warp * 2 * num_experts;
   acc_t* grad_scores = scores + num_experts;
 

@@ -1,4 +1,3 @@
-#include <algorithm>
 #include <type_traits>
 
 #include "device/launch.h"
@@ -24,13 +23,8 @@ cudaError_t with_slots(int64_t num_experts, F&& f) {
 // One warp per token in flight; a few blocks per SM are enough for this latency-bound work and
 // keep the per-block histogram flush (E atomics per block) cheap.
 cudaError_t token_grid(int64_t num_tokens, size_t shared_bytes, device::LaunchConfig* config) {
-  int num_sms = 1;
-  if (cudaError_t err = device::multiprocessor_count(&num_sms); err != cudaSuccess) return err;
-  const int64_t needed = (num_tokens + kRoutingWarps - 1) / kRoutingWarps;
-  *config = device::LaunchConfig{
-      dim3(static_cast<unsigned>(std::min<int64_t>(needed, 8 * static_cast<int64_t>(num_sms)))),
-      dim3(kRoutingWarps * kWarpSize), shared_bytes};
-  return cudaSuccess;
+  *config = device::LaunchConfig{dim3(1), dim3(kRoutingWarps * kWarpSize), shared_bytes};
+  return device::grid_stride_blocks(num_tokens, kRoutingWarps, 8, &config->grid);
 }
 
 }  // namespace
