@@ -21,7 +21,7 @@ __global__ void update_bias_kernel(float* __restrict__ bias, const count_t* __re
   partial[threadIdx.x] = sum;
   __syncthreads();
   for (int width = kBiasUpdateThreads / 2; width > 0; width /= 2) {
-    if (threadIdx.x < width) partial[threadIdx.x] += partial[threadIdx.x + width];
+    if (static_cast<int>(threadIdx.x) < width) partial[threadIdx.x] += partial[threadIdx.x + width];
     __syncthreads();
   }
   const int64_t total = partial[0];

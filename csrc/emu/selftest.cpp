@@ -46,7 +46,7 @@ __global__ void block_sum_kernel(const float* values, float* out) {
   partial[threadIdx.x] = values[blockIdx.x * 256 + threadIdx.x];
   if (kSync) __syncthreads();
   for (int width = 128; width > 0; width /= 2) {
-    if (threadIdx.x < width) partial[threadIdx.x] += partial[threadIdx.x + width];
+    if (static_cast<int>(threadIdx.x) < width) partial[threadIdx.x] += partial[threadIdx.x + width];
     if (kSync) __syncthreads();
   }
   if (threadIdx.x == 0) out[blockIdx.x] = partial[0];
