@@ -1,13 +1,14 @@
 # Quick start on a fresh machine: `make test` creates .venv, installs the pinned dependencies,
 # builds the extension (CUDA kernels too when nvcc and a CUDA torch are present; force with
-# MOE_KERNELS_CUDA=0|1) and runs the test suite. `make bench` runs the CPU benchmarks;
+# MOE_KERNELS_CUDA=0|1) and runs the test suite; `make test-asan` runs the CUDA kernels' tests on
+# the emulator under AddressSanitizer. `make bench` runs the CPU benchmarks;
 # `make lint` checks formatting (ruff, clang-format) and `make format` applies it.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DEPS := $(VENV)/.deps-installed
 
-.PHONY: build test bench lint format clean
+.PHONY: build test test-asan bench lint format clean
 
 $(DEPS): requirements-dev.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,6 +21,14 @@ build: $(DEPS)
 
 test: build
 	$(PY) -m pytest python_tests
+
+# The CUDA kernels on the CPU emulator, built with AddressSanitizer: an out-of-bounds access in
+# a kernel fails the test that made it (compute-sanitizer's memcheck, without a GPU). Python is
+# not linked with ASan, so its runtime and libstdc++ are preloaded.
+ASAN_PRELOAD = $(shell gcc -print-file-name=libasan.so) $(shell gcc -print-file-name=libstdc++.so)
+test-asan: $(DEPS)
+	MOE_KERNELS_CUDA=0 MOE_KERNELS_SANITIZE=address $(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
+	LD_PRELOAD="$(ASAN_PRELOAD)" ASAN_OPTIONS=detect_leaks=0 $(PY) -m pytest -q -k "emu or cuda" python_tests
 
 bench: build
 	$(PY) benchmarks/bench_ops.py --dtype fp32

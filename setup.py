@@ -4,7 +4,9 @@ The module always holds the native CPU kernels. The CUDA kernels join it when a 
 torch and a CUDA toolkit (``nvcc``) are both present, or when ``MOE_KERNELS_CUDA=1`` forces
 them (``MOE_KERNELS_CUDA=0`` forces a CPU-only build). ``TORCH_CUDA_ARCH_LIST`` picks the GPU
 architectures (default "8.0;9.0"); no GPU is ever queried at build time, so the CUDA variant
-builds on machines without one.
+builds on machines without one. ``MOE_KERNELS_SANITIZE=address`` builds the host code with
+AddressSanitizer, so that kernels run on the CPU emulator are checked for out-of-bounds
+accesses (``make test-asan``).
 
 The build imports torch, so install with ``pip install --no-build-isolation -e .``.
 """
@@ -102,7 +104,10 @@ class CMakeBuild(build_ext):
         nvtx_include = find_nvtx_include(include_dirs)
         arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip() or DEFAULT_CUDA_ARCHS
 
-        variant = "cuda" if with_cuda else "cpu"
+        sanitize = os.environ.get("MOE_KERNELS_SANITIZE", "").strip()
+        if sanitize not in ("", "address"):
+            raise SystemExit(f"MOE_KERNELS_SANITIZE must be empty or 'address', got '{sanitize}'")
+        variant = ("cuda" if with_cuda else "cpu") + ("-asan" if sanitize else "")
         build_dir = (
             ROOT / "build" / f"cmake-{variant}-py{sys.version_info.major}{sys.version_info.minor}"
         )
@@ -134,6 +139,7 @@ class CMakeBuild(build_ext):
             f"-DMOE_KERNELS_EXTRA_INCLUDES={';'.join(map(str, include_dirs))}",
             f"-DMOE_KERNELS_NVTX={'ON' if nvtx_include else 'OFF'}",
             f"-DMOE_KERNELS_CUDA={'ON' if with_cuda else 'OFF'}",
+            f"-DMOE_KERNELS_ASAN={'ON' if sanitize else 'OFF'}",
         ]
         if with_cuda:
             args += [

@@ -11,8 +11,8 @@
 #include "emu/runtime.h"
 
 #define MOE_KERNELS_SHARED(type, name, dims) \
-  static type name dims;                     \
-  static const ::moe_kernels::emu::StaticShared name##_poisoned_each_block(&name, sizeof(name))
+  using name##_shared_type = type dims;      \
+  static name##_shared_type& name = ::moe_kernels::emu::static_shared<name##_shared_type>()
 #define MOE_KERNELS_DYNAMIC_SHARED(type, name) \
   type* name = static_cast<type*>(::moe_kernels::emu::dynamic_shared_memory())
 #else

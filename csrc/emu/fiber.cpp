@@ -5,12 +5,37 @@
 
 #include <cstdint>
 #include <new>
-#include <stdexcept>
+
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/common_interface_defs.h>
+#endif
 
 namespace moe_kernels::emu {
 namespace {
 
 size_t page_size() { return static_cast<size_t>(sysconf(_SC_PAGESIZE)); }
+
+#if defined(__SANITIZE_ADDRESS__)
+// AddressSanitizer must be told of every stack switch, or it takes the fibers' stacks for
+// overflows. The context switched from learns its stack's bounds here (the scheduler's stack is
+// not a FiberStack), so that switching back to it can name them.
+thread_local FiberContext* switched_from = nullptr;
+
+void finish_switch(void* fake_stack) {
+  __sanitizer_finish_switch_fiber(fake_stack, &switched_from->stack_bottom,
+                                  &switched_from->stack_size);
+}
+#else
+void finish_switch(void*) {}
+#endif
+
+// The first code a new fiber runs.
+void start_fiber(void* fiber) {
+  finish_switch(nullptr);
+  auto* self = static_cast<FiberContext*>(fiber);
+  self->entry(self->arg);
+  __builtin_unreachable();  // entry switches away for good
+}
 
 }  // namespace
 
@@ -32,8 +57,8 @@ FiberStack::~FiberStack() { munmap(mapping_, kSize + page_size()); }
 // moe_emu_switch(void** save_sp, void* load_sp): push the callee-saved registers, store the
 // stack pointer, load the other one, pop its registers and return into it. A new fiber's stack
 // is laid out by make_fiber so that this "returns" into moe_emu_fiber_start, which calls
-// entry(arg) from r13 and r12. (The x87 and SSE control words are callee-saved too; no kernel
-// changes them, so they are not switched.)
+// r13(r12). (The x87 and SSE control words are callee-saved too; no kernel changes them, so
+// they are not switched.)
 asm(R"(
   .text
   .p2align 4
@@ -73,21 +98,25 @@ extern "C" void moe_emu_switch(void** save_sp, void* load_sp);
 extern "C" void moe_emu_fiber_start();
 
 void make_fiber(FiberContext& fiber, FiberStack& stack, void (*entry)(void*), void* arg) {
+  fiber.entry = entry;
+  fiber.arg = arg;
+  fiber.stack_bottom = stack.top() - FiberStack::kSize;
+  fiber.stack_size = FiberStack::kSize;
   // Registers popped by moe_emu_switch, lowest address first, then its return address. The
   // stack is 16-byte aligned at the call in moe_emu_fiber_start, as the ABI wants.
   auto top = reinterpret_cast<uintptr_t>(stack.top()) & ~uintptr_t{15};
   auto* sp = reinterpret_cast<uintptr_t*>(top - 72);
   sp[0] = 0;                                                  // r15
   sp[1] = 0;                                                  // r14
-  sp[2] = reinterpret_cast<uintptr_t>(entry);                 // r13
-  sp[3] = reinterpret_cast<uintptr_t>(arg);                   // r12
+  sp[2] = reinterpret_cast<uintptr_t>(&start_fiber);          // r13
+  sp[3] = reinterpret_cast<uintptr_t>(&fiber);                // r12
   sp[4] = 0;                                                  // rbx
   sp[5] = 0;                                                  // rbp
   sp[6] = reinterpret_cast<uintptr_t>(&moe_emu_fiber_start);  // return address
   fiber.stack_pointer = sp;
 }
 
-void switch_fiber(FiberContext& from, FiberContext& to) {
+void raw_switch(FiberContext& from, FiberContext& to) {
   moe_emu_switch(&from.stack_pointer, to.stack_pointer);
 }
 
@@ -98,28 +127,39 @@ namespace {
 // makecontext passes only int arguments: the fiber being started is handed over here instead.
 thread_local FiberContext* starting = nullptr;
 
-void ucontext_start() {
-  FiberContext* fiber = starting;
-  fiber->entry(fiber->arg);
-}
+void ucontext_start() { start_fiber(starting); }
 
 }  // namespace
 
 void make_fiber(FiberContext& fiber, FiberStack& stack, void (*entry)(void*), void* arg) {
+  fiber.entry = entry;
+  fiber.arg = arg;
+  fiber.stack_bottom = stack.top() - FiberStack::kSize;
+  fiber.stack_size = FiberStack::kSize;
   getcontext(&fiber.context);
   fiber.context.uc_stack.ss_sp = stack.top() - FiberStack::kSize;
   fiber.context.uc_stack.ss_size = FiberStack::kSize;
   fiber.context.uc_link = nullptr;
-  fiber.entry = entry;
-  fiber.arg = arg;
   makecontext(&fiber.context, ucontext_start, 0);
 }
 
-void switch_fiber(FiberContext& from, FiberContext& to) {
+void raw_switch(FiberContext& from, FiberContext& to) {
   starting = &to;
   swapcontext(&from.context, &to.context);
 }
 
 #endif
+
+void switch_fiber(FiberContext& from, FiberContext& to) {
+#if defined(__SANITIZE_ADDRESS__)
+  void* fake_stack = nullptr;
+  __sanitizer_start_switch_fiber(&fake_stack, to.stack_bottom, to.stack_size);
+  switched_from = &from;
+  raw_switch(from, to);
+  finish_switch(fake_stack);
+#else
+  raw_switch(from, to);
+#endif
+}
 
 }  // namespace moe_kernels::emu

@@ -34,11 +34,15 @@ class FiberStack {
 struct FiberContext {
 #if defined(MOE_KERNELS_EMU_USE_UCONTEXT)
   ucontext_t context;
-  void (*entry)(void*) = nullptr;
-  void* arg = nullptr;
 #else
   void* stack_pointer = nullptr;
 #endif
+  void (*entry)(void*) = nullptr;  // what a new fiber runs
+  void* arg = nullptr;
+  // The stack's bounds, for AddressSanitizer (learnt on the first switch away from a context
+  // whose stack is not a FiberStack, such as the scheduler's).
+  const void* stack_bottom = nullptr;
+  size_t stack_size = 0;
 };
 
 // Prepares `fiber` to run entry(arg) on `stack` the first time it is switched to. `entry` must

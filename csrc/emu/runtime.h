@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <new>
 #include <type_traits>
 
 #include "emu/launch.h"
@@ -31,10 +32,17 @@ constexpr int warpSize = 32;
 
 namespace moe_kernels::emu {
 
-// Poisons a static shared declaration now and at the start of every block.
-struct StaticShared {
-  StaticShared(void* storage, size_t bytes) { register_static_shared(storage, bytes); }
-};
+// The storage of a static shared declaration: allocated on the heap (where AddressSanitizer
+// guards its ends), poisoned now and at the start of every block. Once per declaration (per
+// template instantiation, as in CUDA).
+template <typename T>
+T& static_shared() {
+  static_assert(std::is_trivially_default_constructible_v<std::remove_all_extents_t<T>>,
+                "shared memory holds trivial types, as in CUDA");
+  void* storage = ::operator new(sizeof(T), std::align_val_t{alignof(T) > 16 ? alignof(T) : 16});
+  register_static_shared(storage, sizeof(T));
+  return *static_cast<T*>(storage);
+}
 
 template <typename T>
 uint64_t to_bits(T value) {
