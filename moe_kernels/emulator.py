@@ -3,7 +3,8 @@
 Inside ``with moe_kernels.emulate(schedule):`` every op that has a CUDA kernel runs that kernel,
 compiled as host C++, on CPU tensors: the same host code (checks, allocation, launch
 configuration), the same kernel source, one fiber per CUDA thread. Threads switch only at
-``__syncthreads``, warp collectives and exit, and between two such points they run in the
+``__syncthreads``, warp collectives and exit. Between two ``__syncthreads`` the warps run one
+after another, and within a warp the lanes run in rounds between warp collectives, both in the
 order of ``schedule``: "forward" (thread 0 first), "reverse" or "random" (seeded). A kernel
 with a race or a missing barrier then gives different results under different schedules,
 and a barrier or collective that not every thread reaches raises an error naming the kernel.

@@ -66,6 +66,16 @@ def test_a_missing_barrier_is_caught_by_the_schedules():
     assert sum(r != [sum(values)] for r in results.values()) >= 2
 
 
+def test_a_race_across_warps_shows_even_past_warp_collectives():
+    # A warp runs alone from one block barrier to the next, so the reader's warp can run before
+    # the writer's although both pass a warp collective between the write and the read.
+    seen = {}
+    for schedule in ("forward", "reverse"):
+        with emulate(schedule):
+            seen[schedule] = selftest.race_across_warps()
+    assert seen == {"forward": 42, "reverse": -1}  # -1: the poison the reader found
+
+
 def test_divergent_syncthreads_is_an_error_naming_the_kernel():
     with emulate(), pytest.raises(RuntimeError, match="divergent __syncthreads.*divergent_barrier"):
         selftest.divergent_barrier(5)

@@ -182,7 +182,7 @@ void arrange(std::vector<int>& order, Schedule schedule, std::mt19937_64& rng) {
 
 // Ends a round in which no thread could run: either every thread has exited, or all that have
 // not wait at __syncthreads (which then opens), or the block can never go on.
-bool open_barrier_or_finish(Launch& l, std::vector<int>& order) {
+bool open_barrier_or_finish(Launch& l) {
   int at_barrier = 0, exited = 0, in_collective = 0;
   for (const Thread& t : l.threads) {
     at_barrier += t.state == ThreadState::kAtBarrier;
@@ -208,16 +208,40 @@ bool open_barrier_or_finish(Launch& l, std::vector<int>& order) {
                              " wait at the barrier, threads " +
                              thread_list(l, ThreadState::kExited) + " have exited");
   }
-  for (int t = 0; t < l.num_threads; ++t) {
-    l.threads[t].state = ThreadState::kRunnable;
-    order.push_back(t);
-  }
+  for (Thread& t : l.threads) t.state = ThreadState::kRunnable;
   return true;
 }
 
 void poison_shared(Launch& l) {
   std::fill(l.dynamic_shared.begin(), l.dynamic_shared.end(), kPoisonByte);
   for (auto [storage, bytes] : static_shared) std::memset(storage, kPoisonByte, bytes);
+}
+
+// Runs warp w's lanes until none can go on: each waits at __syncthreads, has exited, or waits for
+// lanes of another collective. Within the warp the lanes run in rounds, in schedule order,
+// switching at warp collectives. A warp runs alone from one block barrier to the next, so a
+// missing __syncthreads between warps shows under "forward" or "reverse" even when warp
+// collectives lie between the write and the read.
+void run_warp(Launch& l, int w, std::mt19937_64& rng) {
+  std::vector<int> order;
+  const int end = std::min(l.num_threads, (w + 1) * kWarpSize);
+  for (int t = w * kWarpSize; t < end; ++t) {
+    if (l.threads[t].state == ThreadState::kRunnable) order.push_back(t);
+  }
+  while (!order.empty()) {
+    arrange(order, l.spec->schedule, rng);
+    l.released.clear();
+    for (int t : order) {
+      l.current = t;
+      switch_fiber(l.scheduler, l.threads[t].context);
+      if (!l.error.empty()) {
+        throw std::runtime_error("moe_kernels emulator: " + l.error + " (" + where(l) +
+                                 ", thread " + std::to_string(t) + ")");
+      }
+    }
+    l.current = -1;
+    order.swap(l.released);
+  }
 }
 
 void run_block(Launch& l, std::mt19937_64& rng) {
@@ -235,23 +259,12 @@ void run_block(Launch& l, std::mt19937_64& rng) {
     l.warps[w].exited = 0;
     l.warps[w].pending.clear();
   }
-  std::vector<int> order(l.num_threads);
-  std::iota(order.begin(), order.end(), 0);
-  while (!order.empty()) {
-    arrange(order, l.spec->schedule, rng);
-    l.released.clear();
-    for (int t : order) {
-      l.current = t;
-      switch_fiber(l.scheduler, l.threads[t].context);
-      if (!l.error.empty()) {
-        throw std::runtime_error("moe_kernels emulator: " + l.error + " (" + where(l) +
-                                 ", thread " + std::to_string(t) + ")");
-      }
-    }
-    l.current = -1;
-    order.swap(l.released);
-    if (order.empty() && !open_barrier_or_finish(l, order)) return;
-  }
+  std::vector<int> warp_order(l.warps.size());
+  std::iota(warp_order.begin(), warp_order.end(), 0);
+  do {
+    arrange(warp_order, l.spec->schedule, rng);
+    for (int w : warp_order) run_warp(l, w, rng);
+  } while (open_barrier_or_finish(l));
 }
 
 void check_launch(const LaunchSpec& spec) {

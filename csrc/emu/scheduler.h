@@ -1,9 +1,10 @@
 // The CUDA execution model on the CPU: a launch runs its blocks one after another on the calling
 // OS thread, each block's threads as fibers, switched only at barriers, warp collectives and
-// exit. Between two such points the threads run in the order of a schedule (forward, reverse or
-// seeded random), so a missing barrier or a race gives different results under different
-// schedules. A barrier or collective that not every thread reaches is reported as an error
-// naming the kernel, never a hang. Launches are serialised process-wide.
+// exit. Between two __syncthreads the warps run one at a time, in the order of a schedule
+// (forward, reverse or seeded random), and within a warp the lanes run in rounds between warp
+// collectives, in the same order; so a missing barrier or a race gives different results under
+// different schedules. A barrier or collective that not every thread reaches is reported as an
+// error naming the kernel, never a hang. Launches are serialised process-wide.
 #pragma once
 
 #include <cstddef>

@@ -61,6 +61,22 @@ std::vector<float> block_sum(std::vector<float> values, bool sync) {
   return out;
 }
 
+// Warp 0 writes shared memory that warp 1 reads, with a warp collective between the write and the
+// read but no __syncthreads: a race that only the order of whole warps can show.
+__global__ void race_across_warps_kernel(int* out) {
+  MOE_KERNELS_SHARED(int, value, );
+  if (threadIdx.x == 0) value = 42;
+  const int lane = static_cast<int>(threadIdx.x) % 32;
+  const int first = __shfl_sync(0xffffffffu, lane, 0);
+  if (threadIdx.x == 32) out[0] = value + first;
+}
+
+int race_across_warps() {
+  int out = 0;
+  check(device::launch<race_across_warps_kernel>(LaunchConfig{dim3(1), dim3(64)}, nullptr, &out));
+  return out;
+}
+
 // Threads below `exit_below` return before a __syncthreads that the others reach.
 __global__ void divergent_barrier_kernel(int exit_below, int* out) {
   if (static_cast<int>(threadIdx.x) < exit_below) return;
@@ -177,6 +193,7 @@ void launch_config(std::vector<unsigned> grid, std::vector<unsigned> block, size
 void bind(pybind11::module_& m) {
   m.def("where_am_i", &where_am_i);
   m.def("block_sum", &block_sum);
+  m.def("race_across_warps", &race_across_warps);
   m.def("divergent_barrier", &divergent_barrier);
   m.def("divergent_shuffle", &divergent_shuffle);
   m.def("warp_ops", &warp_ops);
