@@ -116,53 +116,49 @@ unsigned __match_any_sync(unsigned mask, T value) {
 inline unsigned __activemask() { return ::moe_kernels::emu::active_mask(); }
 
 // Atomics: fibers never switch inside one, so a plain read-modify-write is atomic.
+namespace moe_kernels::emu {
+template <typename T, typename Update>
+T read_modify_write(T* address, Update update) {
+  const T old = *address;
+  *address = update(old);
+  return old;
+}
+}  // namespace moe_kernels::emu
+
 template <typename T>
 T atomicAdd(T* address, T value) {
-  const T old = *address;
-  *address = old + value;
-  return old;
+  return ::moe_kernels::emu::read_modify_write(address, [&](T old) { return old + value; });
 }
 template <typename T>
 T atomicSub(T* address, T value) {
-  const T old = *address;
-  *address = old - value;
-  return old;
+  return ::moe_kernels::emu::read_modify_write(address, [&](T old) { return old - value; });
 }
 template <typename T>
 T atomicMax(T* address, T value) {
-  const T old = *address;
-  *address = old < value ? value : old;
-  return old;
+  return ::moe_kernels::emu::read_modify_write(address,
+                                               [&](T old) { return old < value ? value : old; });
 }
 template <typename T>
 T atomicMin(T* address, T value) {
-  const T old = *address;
-  *address = value < old ? value : old;
-  return old;
+  return ::moe_kernels::emu::read_modify_write(address,
+                                               [&](T old) { return value < old ? value : old; });
 }
 template <typename T>
 T atomicExch(T* address, T value) {
-  const T old = *address;
-  *address = value;
-  return old;
+  return ::moe_kernels::emu::read_modify_write(address, [&](T) { return value; });
 }
 template <typename T>
 T atomicCAS(T* address, T compare, T value) {
-  const T old = *address;
-  if (old == compare) *address = value;
-  return old;
+  return ::moe_kernels::emu::read_modify_write(address,
+                                               [&](T old) { return old == compare ? value : old; });
 }
 template <typename T>
 T atomicOr(T* address, T value) {
-  const T old = *address;
-  *address = old | value;
-  return old;
+  return ::moe_kernels::emu::read_modify_write(address, [&](T old) { return old | value; });
 }
 template <typename T>
 T atomicAnd(T* address, T value) {
-  const T old = *address;
-  *address = old & value;
-  return old;
+  return ::moe_kernels::emu::read_modify_write(address, [&](T old) { return old & value; });
 }
 
 inline int __popc(unsigned x) { return __builtin_popcount(x); }

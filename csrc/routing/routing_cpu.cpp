@@ -143,10 +143,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> biased_topk_cpu(
                                                  topk_groups, normalize, scale, group_score);
   const at::Tensor logits = logits_in.contiguous();
   const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
-  auto weights =
-      at::empty({p.num_tokens, p.topk}, logits.options().dtype(opmath_dtype(logits.scalar_type())));
-  auto ids = at::empty({p.num_tokens, p.topk}, logits.options().dtype(at::kLong));
-  auto counts = at::zeros({p.num_experts}, logits.options().dtype(at::kLong));
+  auto [weights, ids, counts] = empty_routing_outputs(logits, p);
   MOE_KERNELS_DISPATCH_FLOATING(logits.scalar_type(), "biased_topk_cpu", [&] {
     biased_topk_kernel<scalar_t>(p, logits, bias.defined() ? bias.const_data_ptr<float>() : nullptr,
                                  weights, ids, counts);

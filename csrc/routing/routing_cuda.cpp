@@ -38,10 +38,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> biased_topk_cuda(
   const device::DeviceGuard guard(logits_in.device());
   const at::Tensor logits = logits_in.contiguous();
   const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
-  auto weights =
-      at::empty({p.num_tokens, p.topk}, logits.options().dtype(opmath_dtype(logits.scalar_type())));
-  auto ids = at::empty({p.num_tokens, p.topk}, logits.options().dtype(at::kLong));
-  auto counts = at::zeros({p.num_experts}, logits.options().dtype(at::kLong));
+  auto [weights, ids, counts] = empty_routing_outputs(logits, p);
   MOE_KERNELS_DISPATCH_FLOATING(logits.scalar_type(), "biased_topk_cuda", [&] {
     device::check_launch(launch_biased_topk(
         device::device_ptr<scalar_t>(logits),

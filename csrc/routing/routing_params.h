@@ -65,6 +65,16 @@ inline RoutingParams check_biased_topk_args(const at::Tensor& logits,
                        scale};
 }
 
+// biased_topk's outputs on the device of logits: weights [T, k] in opmath (fp32, fp64 for fp64),
+// ids [T, k] int64, and zeroed counts [E] int64 that the kernels add to.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> empty_routing_outputs(
+    const at::Tensor& logits, const RoutingParams& p) {
+  return {
+      at::empty({p.num_tokens, p.topk}, logits.options().dtype(opmath_dtype(logits.scalar_type()))),
+      at::empty({p.num_tokens, p.topk}, logits.options().dtype(at::kLong)),
+      at::zeros({p.num_experts}, logits.options().dtype(at::kLong))};
+}
+
 // Checks of biased_topk_backward; the range of topk_ids is checked by the CPU op only (on CUDA it
 // would synchronise the host, and the kernel skips ids outside [0, E) instead).
 inline ScoreFn check_biased_topk_backward_args(const at::Tensor& grad_weights,
