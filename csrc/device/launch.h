@@ -36,6 +36,14 @@ cudaError_t launch(const LaunchConfig& config, cudaStream_t stream, Args&&... ar
 #endif
 }
 
+// Lets Kernel launch with up to `bytes` of dynamic shared memory, past the 48 KB a block gets
+// without opting in (up to the device's cudaDevAttrMaxSharedMemoryPerBlockOptin).
+template <auto Kernel>
+cudaError_t allow_dynamic_shared(size_t bytes) {
+  return cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                              static_cast<int>(bytes));
+}
+
 // Streaming multiprocessors of the current device (of the emulated one: a few).
 inline cudaError_t multiprocessor_count(int* count) {
   int device = 0;
