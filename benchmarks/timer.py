@@ -77,4 +77,6 @@ def save(name: str, rows: list[dict[str, object]], columns: list[str], title: st
 
 
 def _fmt(value: object) -> str:
+    if value is None:
+        return "-"
     return f"{value:.3g}" if isinstance(value, float) else str(value)

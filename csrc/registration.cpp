@@ -42,10 +42,16 @@ TORCH_LIBRARY(moe_kernels, m) {
   m.def("unpermute_weights_grad(Tensor grad_output, Tensor rows, Tensor row_map) -> Tensor");
 
   // Grouped GEMM (SPEC.md section 4).
-  m.def("grouped_gemm(Tensor a, Tensor b, Tensor tokens_per_expert, bool trans_b=False) -> Tensor");
   m.def(
-      "grouped_gemm_wgrad(Tensor a, Tensor grad_c, Tensor tokens_per_expert, bool trans_b=False) "
-      "-> Tensor");
+      "grouped_gemm(Tensor a, Tensor b, Tensor tokens_per_expert, bool trans_b=False, "
+      "str backend=\"kernel\") -> Tensor");
+  m.def(
+      "grouped_gemm_wgrad(Tensor a, Tensor grad_c, Tensor tokens_per_expert, bool trans_b=False, "
+      "str backend=\"kernel\") -> Tensor");
+  m.def(
+      "grouped_gemm_swiglu(Tensor a, Tensor b, Tensor tokens_per_expert, bool trans_b=False, "
+      "str backend=\"kernel\") -> (Tensor out, Tensor pre)");
+  m.def("swiglu_backward(Tensor grad_out, Tensor pre) -> Tensor");
 }
 
 namespace {

@@ -14,8 +14,11 @@ from .ops import (
     biased_topk,
     expert_histogram,
     grouped_gemm,
+    grouped_gemm_swiglu,
+    grouped_gemm_wgrad,
     padded_tokens_per_expert,
     permute,
+    swiglu_backward,
     unpermute,
     update_bias,
 )
@@ -38,8 +41,11 @@ __all__ = [
     "build_info",
     "expert_histogram",
     "grouped_gemm",
+    "grouped_gemm_swiglu",
+    "grouped_gemm_wgrad",
     "padded_tokens_per_expert",
     "permute",
+    "swiglu_backward",
     "unpermute",
     "update_bias",
 ]

@@ -6,7 +6,9 @@
 - unpermute: rows get ``w * grad`` scattered to their slots (``permute_with_map``); weights get
   ``<grad_out[t], rows[row_map[t, j]]>`` (``unpermute_weights_grad``).
 - grouped_gemm: dA is a grouped GEMM with b transposed, dB a per-expert ``a_e^T @ dC_e``
-  (``grouped_gemm_wgrad``).
+  (``grouped_gemm_wgrad``), both with the forward's backend.
+- grouped_gemm_swiglu: the gradient of the product ``[gate | up]`` (``swiglu_backward`` from the
+  saved product, plus any gradient of the product itself), then as grouped_gemm.
 """
 
 import torch
@@ -74,21 +76,50 @@ torch.library.register_autograd(
 
 
 def _grouped_gemm_setup(ctx, inputs, output):
-    a, b, tokens_per_expert, trans_b = inputs
+    a, b, tokens_per_expert, trans_b, backend = inputs
     ctx.save_for_backward(a, b, tokens_per_expert)
-    ctx.trans_b = trans_b
+    ctx.trans_b, ctx.backend = trans_b, backend
+
+
+def _grouped_gemm_grads(ctx, a, b, tokens_per_expert, grad_c):
+    """dA and dB of ``c = grouped_gemm(a, b)`` from dC, where the inputs ask for them."""
+    grad_a = grad_b = None
+    if ctx.needs_input_grad[0]:
+        grad_a = _ops.grouped_gemm(grad_c, b, tokens_per_expert, not ctx.trans_b, ctx.backend)
+    if ctx.needs_input_grad[1]:
+        grad_b = _ops.grouped_gemm_wgrad(a, grad_c, tokens_per_expert, ctx.trans_b, ctx.backend)
+    return grad_a, grad_b, None, None, None
 
 
 def _grouped_gemm_backward(ctx, grad_c):
     a, b, tokens_per_expert = ctx.saved_tensors
-    grad_a = grad_b = None
-    if ctx.needs_input_grad[0]:
-        grad_a = _ops.grouped_gemm(grad_c, b, tokens_per_expert, not ctx.trans_b)
-    if ctx.needs_input_grad[1]:
-        grad_b = _ops.grouped_gemm_wgrad(a, grad_c, tokens_per_expert, ctx.trans_b)
-    return grad_a, grad_b, None, None
+    return _grouped_gemm_grads(ctx, a, b, tokens_per_expert, grad_c)
 
 
 torch.library.register_autograd(
     "moe_kernels::grouped_gemm", _grouped_gemm_backward, setup_context=_grouped_gemm_setup
+)
+
+
+def _grouped_gemm_swiglu_setup(ctx, inputs, output):
+    a, b, tokens_per_expert, trans_b, backend = inputs
+    ctx.save_for_backward(a, b, tokens_per_expert, output[1])
+    ctx.trans_b, ctx.backend = trans_b, backend
+
+
+def _grouped_gemm_swiglu_backward(ctx, grad_out, grad_pre):
+    a, b, tokens_per_expert, pre = ctx.saved_tensors
+    grad_product = grad_pre
+    if grad_out is not None:
+        through_swiglu = _ops.swiglu_backward(grad_out, pre)
+        grad_product = through_swiglu if grad_pre is None else through_swiglu + grad_pre
+    if grad_product is None:
+        return None, None, None, None, None
+    return _grouped_gemm_grads(ctx, a, b, tokens_per_expert, grad_product)
+
+
+torch.library.register_autograd(
+    "moe_kernels::grouped_gemm_swiglu",
+    _grouped_gemm_swiglu_backward,
+    setup_context=_grouped_gemm_swiglu_setup,
 )

@@ -104,16 +104,32 @@ def _(grad_output, rows, row_map):
 
 
 @torch.library.register_fake("moe_kernels::grouped_gemm")
-def _(a: Tensor, b: Tensor, tokens_per_expert: Tensor, trans_b: bool = False):
+def _(a: Tensor, b: Tensor, tokens_per_expert: Tensor, trans_b: bool = False, backend="kernel"):
     _check_device(b, a, "b", "a")
     _check_device(tokens_per_expert, a, "tokens_per_expert", "a")
     n = b.shape[1] if trans_b else b.shape[2]
     return a.new_empty((a.shape[0], n))
 
 
+@torch.library.register_fake("moe_kernels::grouped_gemm_swiglu")
+def _(a: Tensor, b: Tensor, tokens_per_expert: Tensor, trans_b: bool = False, backend="kernel"):
+    _check_device(b, a, "b", "a")
+    _check_device(tokens_per_expert, a, "tokens_per_expert", "a")
+    n = b.shape[1] if trans_b else b.shape[2]
+    return a.new_empty((a.shape[0], n // 2)), a.new_empty((a.shape[0], n))
+
+
 @torch.library.register_fake("moe_kernels::grouped_gemm_wgrad")
-def _(a: Tensor, grad_c: Tensor, tokens_per_expert: Tensor, trans_b: bool = False):
+def _(
+    a: Tensor, grad_c: Tensor, tokens_per_expert: Tensor, trans_b: bool = False, backend="kernel"
+):
     _check_device(grad_c, a, "grad_c", "a")
     _check_device(tokens_per_expert, a, "tokens_per_expert", "a")
     num_experts, k, n = tokens_per_expert.shape[0], a.shape[1], grad_c.shape[1]
     return a.new_empty((num_experts, n, k) if trans_b else (num_experts, k, n))
+
+
+@torch.library.register_fake("moe_kernels::swiglu_backward")
+def _(grad_out: Tensor, pre: Tensor):
+    _check_device(pre, grad_out, "pre", "grad_out")
+    return pre.new_empty(pre.shape)

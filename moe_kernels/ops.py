@@ -1,10 +1,9 @@
 """Typed Python API over ``torch.ops.moe_kernels``: the fused MoE ops.
 
 Notation: T tokens, H hidden size, E experts, k experts per token, G expert groups, R permuted
-rows. Every op runs on CPU tensors (native C++ kernels); routing, histogram, bias update and
-the permute family also run on CUDA tensors (hand-written kernels, in CUDA builds: see
-``moe_kernels.build_info()``), and on the CPU emulator of those kernels under
-``moe_kernels.emulator.emulate()``. Every op is a ``torch.library`` custom op with a fake
+rows. Every op runs on CPU tensors (native C++ kernels) and on CUDA tensors
+(hand-written kernels, in CUDA builds: see ``moe_kernels.build_info()``), and on the CPU
+emulator of those kernels under ``moe_kernels.emulator.emulate()``. Every op is a ``torch.library`` custom op with a fake
 kernel, so it works under ``torch.compile(fullgraph=True)``; the differentiable ones have
 autograd.
 
@@ -148,20 +147,88 @@ def unpermute(rows: Tensor, row_map: Tensor, topk_weights: Tensor | None = None)
     return _ops.unpermute(rows, row_map, topk_weights)
 
 
-def grouped_gemm(a: Tensor, b: Tensor, tokens_per_expert: Tensor, trans_b: bool = False) -> Tensor:
+def grouped_gemm(
+    a: Tensor,
+    b: Tensor,
+    tokens_per_expert: Tensor,
+    trans_b: bool = False,
+    backend: str = "kernel",
+) -> Tensor:
     """Per-expert matrix products over consecutive row segments: ``c_e = a_e @ b[e]``.
 
     Args:
         a: [M, K] fp32, bf16, fp16 (or fp64); segment e is the next ``tokens_per_expert[e]`` rows.
         b: [E, K, N], or [E, N, K] with ``trans_b`` (then ``c_e = a_e @ b[e].T``); dtype of a.
-        tokens_per_expert: [E] int64 or int32, >= 0, summing to M (empty experts are legal).
+        tokens_per_expert: [E] int64 or int32, >= 0, summing to M (empty experts are legal), on
+            the device of a.
         trans_b: whether b holds each expert's weight transposed, [N, K].
+        backend: ``"kernel"``, this package's kernels: on CUDA, tensor cores (mma.sync) for
+            bf16/fp16 when K, N are multiples of 8, else CUDA cores (fp32, fp64 and unaligned
+            shapes); no host synchronisation, and tokens_per_expert is not checked (counts are
+            clamped to the rows of a). ``"cublas"``: one cuBLAS GEMM per expert, which reads
+            the counts on the host (a synchronisation) and checks them. On the CPU both are one
+            BLAS call per expert, with the counts checked.
 
     Returns:
         [M, N] in the dtype of ``a``, accumulated in fp32 for bf16/fp16. Differentiable w.r.t.
-        ``a`` and ``b`` (an expert with no rows gets a zero gradient).
+        ``a`` and ``b`` (an expert with no rows gets a zero gradient); the backward uses the
+        same backend.
     """
-    return _ops.grouped_gemm(a, b, tokens_per_expert, trans_b)
+    return _ops.grouped_gemm(a, b, tokens_per_expert, trans_b, backend)
+
+
+def grouped_gemm_wgrad(
+    a: Tensor,
+    grad_c: Tensor,
+    tokens_per_expert: Tensor,
+    trans_b: bool = False,
+    backend: str = "kernel",
+) -> Tensor:
+    """The weight gradient of ``grouped_gemm``: ``grad_b[e] = a_e^T @ grad_c_e``.
+
+    Args:
+        a: [M, K]; grad_c: [M, N], dtype of a; tokens_per_expert, backend: as ``grouped_gemm``.
+        trans_b: give the gradient of a transposed b, ``grad_c_e^T @ a_e``.
+
+    Returns:
+        [E, K, N] ([E, N, K] with ``trans_b``) in the dtype of ``a``, accumulated in fp32 for
+        bf16/fp16; zero for an expert with no rows.
+    """
+    return _ops.grouped_gemm_wgrad(a, grad_c, tokens_per_expert, trans_b, backend)
+
+
+def grouped_gemm_swiglu(
+    a: Tensor,
+    b: Tensor,
+    tokens_per_expert: Tensor,
+    trans_b: bool = False,
+    backend: str = "kernel",
+) -> Tensor:
+    """The first projection of SwiGLU experts, fused: ``silu(gate_e) * up_e`` where
+    ``[gate_e | up_e] = a_e @ b[e]``.
+
+    Args: as ``grouped_gemm``, with b's N = 2F output columns holding the gate projection
+    (the first F) then the up projection (the last F).
+
+    Returns:
+        [M, F] in the dtype of ``a``. On CUDA the activation is applied to the fp32
+        accumulators in the GEMM's epilogue, rounded once. Differentiable w.r.t. ``a`` and
+        ``b``: the product ``[gate | up]`` ([M, 2F]) is kept for the backward.
+    """
+    return _ops.grouped_gemm_swiglu(a, b, tokens_per_expert, trans_b, backend)[0]
+
+
+def swiglu_backward(grad_out: Tensor, pre: Tensor) -> Tensor:
+    """The gradient of ``silu(gate) * up`` w.r.t. ``pre = [gate | up]``.
+
+    Args:
+        grad_out: [M, F] gradient of the activation's output.
+        pre: [M, 2F] the product ``[gate | up]``, dtype of grad_out.
+
+    Returns:
+        [M, 2F] in the dtype of ``pre``, computed in fp32 (fp64 for fp64).
+    """
+    return _ops.swiglu_backward(grad_out, pre)
 
 
 def padded_tokens_per_expert(tokens_per_expert: Tensor, align: int) -> Tensor:

@@ -97,8 +97,35 @@ def unpermute(rows: Tensor, row_map: Tensor, topk_weights: Tensor | None = None)
     return gathered.sum(dim=1).to(rows.dtype)
 
 
-def grouped_gemm(a: Tensor, b: Tensor, tokens_per_expert: Tensor, trans_b: bool = False) -> Tensor:
+def grouped_gemm(
+    a: Tensor,
+    b: Tensor,
+    tokens_per_expert: Tensor,
+    trans_b: bool = False,
+    backend: str = "kernel",
+) -> Tensor:
     weights = b.transpose(1, 2) if trans_b else b
     segments = a.split(tokens_per_expert.tolist())
     outputs = [a_e @ w_e for a_e, w_e in zip(segments, weights.unbind(0), strict=True)]
     return torch.cat(outputs) if outputs else a.new_empty(0, weights.shape[2])
+
+
+def swiglu(pre: Tensor) -> Tensor:
+    gate, up = pre.to(_opmath(pre.dtype)).chunk(2, dim=-1)
+    return (torch.nn.functional.silu(gate) * up).to(pre.dtype)
+
+
+def grouped_gemm_swiglu(
+    a: Tensor,
+    b: Tensor,
+    tokens_per_expert: Tensor,
+    trans_b: bool = False,
+    backend: str = "kernel",
+) -> Tensor:
+    return swiglu(grouped_gemm(a, b, tokens_per_expert, trans_b))
+
+
+def swiglu_backward(grad_out: Tensor, pre: Tensor) -> Tensor:
+    pre = pre.detach().to(_opmath(pre.dtype)).requires_grad_()
+    (grad_pre,) = torch.autograd.grad(swiglu(pre), pre, grad_out.to(pre.dtype))
+    return grad_pre.to(grad_out.dtype)

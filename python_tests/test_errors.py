@@ -350,6 +350,69 @@ CASES = {
         {},
         r"b must be on the device of a",
     ),
+    "backend_name": (
+        mk.grouped_gemm,
+        (torch.randn(4, 4), torch.randn(2, 4, 3), torch.tensor([2, 2])),
+        {"backend": "triton"},
+        r"backend must be one of 'kernel', 'cublas', got 'triton'",
+    ),
+    "sizes_device": (
+        mk.grouped_gemm,
+        (torch.randn(4, 4), torch.randn(2, 4, 3), torch.tensor([2, 2], device=META)),
+        {},
+        r"tokens_per_expert must be on the device of a",
+    ),
+    # grouped_gemm_swiglu
+    "swiglu_odd_columns": (
+        mk.grouped_gemm_swiglu,
+        (torch.randn(4, 4), torch.randn(2, 4, 3), torch.tensor([2, 2])),
+        {},
+        r"b must have an even number of output columns for SwiGLU \(\[gate \| up\]\), got 3",
+    ),
+    "swiglu_sizes_sum": (
+        mk.grouped_gemm_swiglu,
+        (torch.randn(4, 4), torch.randn(2, 4, 6), torch.tensor([2, 3])),
+        {},
+        r"tokens_per_expert must sum to the number of rows of a \(4\), got 5",
+    ),
+    # grouped_gemm_wgrad
+    "wgrad_rows": (
+        mk.grouped_gemm_wgrad,
+        (torch.randn(4, 4), torch.randn(5, 3), torch.tensor([2, 2])),
+        {},
+        r"grad_c.size\(0\) must equal a.size\(0\) \(M\)=4",
+    ),
+    "wgrad_dtype": (
+        mk.grouped_gemm_wgrad,
+        (torch.randn(4, 4), torch.randn(4, 3).half(), torch.tensor([2, 2])),
+        {},
+        r"grad_c must have the dtype of a \(Float\), got Half",
+    ),
+    "wgrad_backend": (
+        mk.grouped_gemm_wgrad,
+        (torch.randn(4, 4), torch.randn(4, 3), torch.tensor([2, 2])),
+        {"backend": "eager"},
+        r"backend must be one of 'kernel', 'cublas', got 'eager'",
+    ),
+    # swiglu_backward
+    "swiglu_backward_columns": (
+        mk.swiglu_backward,
+        (torch.randn(4, 3), torch.randn(4, 5)),
+        {},
+        r"pre.size\(1\) must equal 2 \* grad_out.size\(1\)=6",
+    ),
+    "swiglu_backward_rows": (
+        mk.swiglu_backward,
+        (torch.randn(4, 3), torch.randn(5, 6)),
+        {},
+        r"pre.size\(0\) must equal grad_out.size\(0\)=4",
+    ),
+    "swiglu_backward_dtype": (
+        mk.swiglu_backward,
+        (torch.randn(4, 3), torch.randn(4, 6).double()),
+        {},
+        r"pre must have the dtype of grad_out \(Float\), got Double",
+    ),
 }
 
 
@@ -375,6 +438,9 @@ VALUE_CHECKS = {
     "counts_negative",
     "permute_id_range",
     "row_map_range",
+    "sizes_negative",
+    "sizes_sum",
+    "swiglu_sizes_sum",
 }
 
 

@@ -70,6 +70,28 @@ def _sample_cases():
             (a, b.transpose(1, 2).contiguous().requires_grad_(), sizes, True),
         ),
         "grouped_gemm_wgrad": (ops.grouped_gemm_wgrad, (a.detach(), grad_c, sizes, False)),
+        "grouped_gemm_wgrad_cublas": (
+            ops.grouped_gemm_wgrad,
+            (a.detach(), grad_c, sizes, True, "cublas"),
+        ),
+        "grouped_gemm_bf16_cublas": (
+            ops.grouped_gemm,
+            (a.bfloat16().requires_grad_(), b.bfloat16().requires_grad_(), sizes, False, "cublas"),
+        ),
+        "grouped_gemm_swiglu": (
+            ops.grouped_gemm_swiglu,
+            (a.detach().requires_grad_(), b.detach().requires_grad_(), sizes, False),
+        ),
+        "grouped_gemm_swiglu_bf16_trans_b": (
+            ops.grouped_gemm_swiglu,
+            (
+                a.detach().bfloat16().requires_grad_(),
+                b.detach().transpose(1, 2).bfloat16().requires_grad_(),
+                sizes.int(),
+                True,
+            ),
+        ),
+        "swiglu_backward": (ops.swiglu_backward, (grad_c[:, :3].contiguous(), grad_c)),
     }
 
 

@@ -15,6 +15,7 @@
 
 #include <cstdint>
 
+#include "device/block_scan.h"
 #include "device/runtime.h"
 #include "device/warp.h"
 
@@ -92,7 +93,6 @@ __global__ void __launch_bounds__(kRowMapThreads)
   // Two tiles' warp totals: a tile writes its own while slower threads may still read the
   // previous tile's, so one barrier per tile suffices.
   MOE_KERNELS_SHARED(int64_t, warp_totals, [2][kRowMapWarps]);
-  const int warp = device::warp_id();
   int64_t tile_start = 0;  // the first row of the tile's first expert
   for (int tile = 0; tile < num_experts; tile += kRowMapThreads) {
     const int e = tile + static_cast<int>(threadIdx.x);
@@ -101,15 +101,10 @@ __global__ void __launch_bounds__(kRowMapThreads)
       for (int64_t c = 0; c < num_chunks; ++c) count += chunk_rows[c * num_experts + e];
     }
     const int64_t padded = (count + align - 1) / align * align;
-    const int64_t inclusive = device::warp_inclusive_sum(padded);
-    int64_t* totals = warp_totals[tile / kRowMapThreads % 2];
-    if (device::lane_id() == device::kWarpSize - 1) totals[warp] = inclusive;
-    __syncthreads();
-    int64_t row = tile_start + inclusive - padded;
-    for (int w = 0; w < kRowMapWarps; ++w) {
-      if (w < warp) row += totals[w];
-      tile_start += totals[w];
-    }
+    int64_t tile_rows = 0;
+    int64_t row = tile_start + device::block_exclusive_sum<kRowMapThreads>(
+                                   padded, warp_totals[tile / kRowMapThreads % 2], &tile_rows);
+    tile_start += tile_rows;
     if (e < num_experts) {
       tokens_per_expert[e] = count;
       for (int64_t c = 0; c < num_chunks; ++c) {
