@@ -20,7 +20,10 @@ struct AsyncCopy {
 
 class AsyncCopyQueue {
  public:
-  void issue(const AsyncCopy& copy) { open_.push_back(copy); }
+  void issue(const AsyncCopy& copy) {
+    open_.push_back(copy);
+    ++in_flight_;
+  }
 
   void commit() {
     committed_.push_back(std::move(open_));
@@ -34,26 +37,25 @@ class AsyncCopyQueue {
       for (const AsyncCopy& copy : committed_.front()) {
         if (!copy.landed) std::memcpy(copy.dst, copy.data, copy.bytes);
       }
+      in_flight_ -= committed_.front().size();
       committed_.pop_front();
     }
   }
 
   // Copies that no wait has covered, whether their bytes were written or not: a kernel that
   // exits with any is wrong under every schedule.
-  size_t in_flight() const {
-    size_t copies = open_.size();
-    for (const auto& group : committed_) copies += group.size();
-    return copies;
-  }
+  size_t in_flight() const { return in_flight_; }
 
   void clear() {
     open_.clear();
     committed_.clear();
+    in_flight_ = 0;
   }
 
  private:
   std::vector<AsyncCopy> open_;
   std::deque<std::vector<AsyncCopy>> committed_;
+  size_t in_flight_ = 0;
 };
 
 }  // namespace moe_kernels::emu

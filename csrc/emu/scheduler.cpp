@@ -110,10 +110,11 @@ void thread_main(void*) {
   Launch& l = *running;
   l.call_kernel(l.kernel_call);
   Thread& t = l.threads[l.current];
-  // Their bytes would land in a block that has ended, perhaps over the next block's data.
+  // Their bytes would land in a block that has ended, perhaps over the next block's data. The
+  // scheduler reports it as it reports fail(), which this bottom frame of the fiber avoids.
   if (const size_t copies = t.copies.in_flight(); copies > 0) {
-    fail("cp.async copies still in flight at exit: " + std::to_string(copies) +
-         " copies that no cp_async_wait covered (a wait covers only committed groups)");
+    l.error = "cp.async copies still in flight at exit: " + std::to_string(copies) +
+              " copies that no cp_async_wait covered (a wait covers only committed groups)";
   }
   t.state = ThreadState::kExited;
   l.warps[l.current / kWarpSize].exited |= 1u << (l.current % kWarpSize);
