@@ -7,6 +7,7 @@
 #include <new>
 
 #if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
 #include <sanitizer/common_interface_defs.h>
 #endif
 
@@ -25,8 +26,15 @@ void finish_switch(void* fake_stack) {
   __sanitizer_finish_switch_fiber(fake_stack, &switched_from->stack_bottom,
                                   &switched_from->stack_size);
 }
+
+// A failed launch abandons fibers in the middle of calls, whose redzones stay poisoned on the
+// stack that the next launch reuses: a new fiber starts on a clean one.
+void clean_stack(FiberStack& stack) {
+  ASAN_UNPOISON_MEMORY_REGION(stack.top() - FiberStack::kSize, FiberStack::kSize);
+}
 #else
 void finish_switch(void*) {}
+void clean_stack(FiberStack&) {}
 #endif
 
 // The first code a new fiber runs.
@@ -98,6 +106,7 @@ extern "C" void moe_emu_switch(void** save_sp, void* load_sp);
 extern "C" void moe_emu_fiber_start();
 
 void make_fiber(FiberContext& fiber, FiberStack& stack, void (*entry)(void*), void* arg) {
+  clean_stack(stack);
   fiber.entry = entry;
   fiber.arg = arg;
   fiber.stack_bottom = stack.top() - FiberStack::kSize;
@@ -132,6 +141,7 @@ void ucontext_start() { start_fiber(starting); }
 }  // namespace
 
 void make_fiber(FiberContext& fiber, FiberStack& stack, void (*entry)(void*), void* arg) {
+  clean_stack(stack);
   fiber.entry = entry;
   fiber.arg = arg;
   fiber.stack_bottom = stack.top() - FiberStack::kSize;

@@ -38,7 +38,13 @@ void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shar
                    Args&&... args) {
   KernelCall<Params...> call{kernel, {std::forward<Args>(args)...}};
   const Mode mode = current_mode();
-  const LaunchSpec spec{kernel_name<Kernel>(), grid, block, shared_bytes, mode.schedule, mode.seed};
+  const LaunchSpec spec{kernel_name<Kernel>(),
+                        reinterpret_cast<const void*>(Kernel),
+                        grid,
+                        block,
+                        shared_bytes,
+                        mode.schedule,
+                        mode.seed};
   run_launch(spec, &KernelCall<Params...>::invoke, &call);
 }
 

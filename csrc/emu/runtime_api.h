@@ -23,6 +23,10 @@ enum cudaDeviceAttr : int {
   cudaDevAttrMaxSharedMemoryPerBlockOptin = 97,
 };
 
+enum cudaFuncAttribute : int {
+  cudaFuncAttributeMaxDynamicSharedMemorySize = 8,
+};
+
 namespace moe_kernels::emu {
 
 // The emulated device: few SMs, so that grid-stride loops and multi-block paths run even on the
@@ -30,6 +34,11 @@ namespace moe_kernels::emu {
 constexpr int kNumSMs = 4;
 constexpr int kSharedMemoryPerBlock = 48 * 1024;
 constexpr int kSharedMemoryPerBlockOptin = 227 * 1024;
+
+// The most dynamic shared memory a launch of `kernel` may ask for: kSharedMemoryPerBlock until
+// cudaFuncSetAttribute changes it. Process-wide, as the attribute is per device in CUDA.
+cudaError_t set_max_dynamic_shared_bytes(const void* kernel, int bytes);
+size_t max_dynamic_shared_bytes(const void* kernel);
 
 }  // namespace moe_kernels::emu
 
@@ -51,6 +60,14 @@ inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int /
       return cudaSuccess;
   }
   return cudaErrorInvalidValue;
+}
+
+// The CUDA runtime's C++ overload: a template over the kernel's function type.
+template <typename Kernel>
+cudaError_t cudaFuncSetAttribute(Kernel* kernel, cudaFuncAttribute attr, int value) {
+  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize) return cudaErrorInvalidValue;
+  return moe_kernels::emu::set_max_dynamic_shared_bytes(reinterpret_cast<const void*>(kernel),
+                                                        value);
 }
 
 inline cudaError_t cudaGetLastError() { return cudaSuccess; }

@@ -8,9 +8,11 @@
 #include <random>
 #include <sstream>
 #include <stdexcept>
+#include <string_view>
 #include <utility>
 #include <vector>
 
+#include "emu/async_copy_queue.h"
 #include "emu/fiber.h"
 
 namespace moe_kernels::emu {
@@ -26,6 +28,7 @@ struct Thread {
   uint3 index;
   ThreadState state;
   uint64_t result;
+  AsyncCopyQueue copies;
 };
 
 // A warp collective that some lanes of its mask have reached.
@@ -36,6 +39,8 @@ struct Collective {
   unsigned arrived = 0;
   uint64_t value[kWarpSize] = {};
   int lane_param[kWarpSize] = {};
+  void* data[kWarpSize] = {};
+  WarpFunction function = nullptr;
 };
 
 struct Warp {
@@ -105,6 +110,12 @@ void thread_main(void*) {
   Launch& l = *running;
   l.call_kernel(l.kernel_call);
   Thread& t = l.threads[l.current];
+  // Their bytes would land in a block that has ended, perhaps over the next block's data. The
+  // scheduler reports it as it reports fail(), which this bottom frame of the fiber avoids.
+  if (const size_t copies = t.copies.in_flight(); copies > 0) {
+    l.error = "cp.async copies still in flight at exit: " + std::to_string(copies) +
+              " copies that no cp_async_wait covered (a wait covers only committed groups)";
+  }
   t.state = ThreadState::kExited;
   l.warps[l.current / kWarpSize].exited |= 1u << (l.current % kWarpSize);
   switch_fiber(t.context, l.scheduler);
@@ -132,6 +143,7 @@ int source_lane(WarpOp op, int lane, int param, int width) {
 // Called by the lane that completes `c`: every lane of the mask gets its result and runs again
 // in the next round.
 void complete(Launch& l, int warp, const Collective& c) {
+  if (c.function != nullptr) c.function(c.data);
   unsigned votes = 0;
   for (int lane = 0; lane < kWarpSize; ++lane) {
     if ((c.mask >> lane & 1u) && c.value[lane] != 0) votes |= 1u << lane;
@@ -141,6 +153,8 @@ void complete(Launch& l, int warp, const Collective& c) {
     uint64_t result = 0;
     switch (c.op) {
       case WarpOp::kSync:
+      case WarpOp::kMma:
+      case WarpOp::kLdmatrix:
         break;
       case WarpOp::kBallot:
         result = votes;
@@ -251,6 +265,7 @@ void run_block(Launch& l, std::mt19937_64& rng) {
     Thread& thread = l.threads[t];
     thread.index = uint3{t % b.x, t / b.x % b.y, t / (b.x * b.y)};
     thread.state = ThreadState::kRunnable;
+    thread.copies.clear();  // a failed launch may have left some
     make_fiber(thread.context, *stacks[t], thread_main, nullptr);
   }
   for (size_t w = 0; w < l.warps.size(); ++w) {
@@ -275,14 +290,59 @@ void check_launch(const LaunchSpec& spec) {
     s << "grid (" << g.x << ", " << g.y << ", " << g.z << ") is not a valid CUDA grid";
   } else if (threads == 0 || threads > kMaxBlockThreads || b.z > 64) {
     s << "block (" << b.x << ", " << b.y << ", " << b.z << ") is not a valid CUDA block";
-  } else if (spec.dynamic_shared_bytes > static_cast<size_t>(kSharedMemoryPerBlock)) {
-    s << spec.dynamic_shared_bytes << " bytes of dynamic shared memory exceed the "
-      << kSharedMemoryPerBlock << " a block gets without opting in";
+  } else if (const size_t limit = max_dynamic_shared_bytes(spec.kernel);
+             spec.dynamic_shared_bytes > limit) {
+    s << spec.dynamic_shared_bytes << " bytes of dynamic shared memory exceed the " << limit
+      << " the kernel may use; allow_dynamic_shared<kernel>(bytes) raises the limit up to "
+      << kSharedMemoryPerBlockOptin;
   } else {
     return;
   }
   throw std::runtime_error("moe_kernels emulator: invalid launch of " + spec.kernel_name + ": " +
                            s.str());
+}
+
+// The calling lane's part of any collective: `value` and `lane_param` for those that move 64 bits,
+// `data` and `function` for the others.
+uint64_t arrive(WarpOp op, unsigned mask, int width, uint64_t value, int lane_param, void* data,
+                WarpFunction function) {
+  Launch& l = *running;
+  const int warp = l.current / kWarpSize, lane = l.current % kWarpSize;
+  Warp& w = l.warps[warp];
+  const std::string_view name = warp_op_name(op);  // a std::string only on the way to an error
+  if (!(mask >> lane & 1u))
+    fail(std::string(name) + ": the calling lane " + std::to_string(lane) + " is not in its mask");
+  if (mask & ~w.exists) {
+    fail(std::string(name) + ": the mask names lanes that do not exist in this block");
+  }
+  if (width < 1 || width > kWarpSize || (width & (width - 1)) != 0) {
+    fail(std::string(name) + ": width must be a power of two in [1, 32], got " +
+         std::to_string(width));
+  }
+  auto it = std::find_if(w.pending.begin(), w.pending.end(),
+                         [&](const Collective& c) { return (c.mask & mask) != 0; });
+  if (it == w.pending.end()) {
+    it = w.pending.emplace(w.pending.end());
+    it->op = op;
+    it->mask = mask;
+    it->width = width;
+    it->function = function;
+  } else if (it->mask != mask || it->op != op || it->width != width) {
+    fail(std::string(name) + " with mask " + hex(mask) + " meets " + warp_op_name(it->op) +
+         " with mask " + hex(it->mask) + " in the same warp: divergent collectives");
+  }
+  it->value[lane] = value;
+  it->lane_param[lane] = lane_param;
+  it->data[lane] = data;
+  it->arrived |= 1u << lane;
+  if (it->arrived == mask) {
+    complete(l, warp, *it);
+    w.pending.erase(it);
+  } else {
+    l.threads[l.current].state = ThreadState::kInCollective;
+  }
+  yield_to_scheduler(l);
+  return l.threads[l.current].result;
 }
 
 }  // namespace
@@ -355,44 +415,28 @@ const char* warp_op_name(WarpOp op) {
       return "__all_sync";
     case WarpOp::kMatchAny:
       return "__match_any_sync";
+    case WarpOp::kMma:
+      return "mma.sync";
+    case WarpOp::kLdmatrix:
+      return "ldmatrix";
   }
   return "warp collective";
 }
 
 uint64_t warp_collective(WarpOp op, unsigned mask, uint64_t value, int lane_param, int width) {
+  launch_or_fail(warp_op_name(op));
+  return arrive(op, mask, width, value, lane_param, nullptr, nullptr);
+}
+
+void aligned_warp_collective(WarpOp op, void* lane_data, WarpFunction function) {
   Launch& l = launch_or_fail(warp_op_name(op));
-  const int warp = l.current / kWarpSize, lane = l.current % kWarpSize;
-  Warp& w = l.warps[warp];
-  const std::string name = warp_op_name(op);
-  if (!(mask >> lane & 1u))
-    fail(name + ": the calling lane " + std::to_string(lane) + " is not in its mask");
-  if (mask & ~w.exists) fail(name + ": the mask names lanes that do not exist in this block");
-  if (width < 1 || width > kWarpSize || (width & (width - 1)) != 0) {
-    fail(name + ": width must be a power of two in [1, 32], got " + std::to_string(width));
+  const unsigned lanes = l.warps[l.current / kWarpSize].exists;
+  if (lanes != ~0u) {
+    fail(std::string(warp_op_name(op)) + " in warp " + std::to_string(l.current / kWarpSize) +
+         ", which has only " + std::to_string(__builtin_popcount(lanes)) +
+         " threads: it needs all 32 lanes of a warp");
   }
-  auto it = std::find_if(w.pending.begin(), w.pending.end(),
-                         [&](const Collective& c) { return (c.mask & mask) != 0; });
-  if (it == w.pending.end()) {
-    it = w.pending.emplace(w.pending.end());
-    it->op = op;
-    it->mask = mask;
-    it->width = width;
-  } else if (it->mask != mask || it->op != op || it->width != width) {
-    fail(name + " with mask " + hex(mask) + " meets " + warp_op_name(it->op) + " with mask " +
-         hex(it->mask) + " in the same warp: divergent collectives");
-  }
-  it->value[lane] = value;
-  it->lane_param[lane] = lane_param;
-  it->arrived |= 1u << lane;
-  if (it->arrived == mask) {
-    const Collective done = *it;
-    w.pending.erase(it);
-    complete(l, warp, done);
-  } else {
-    l.threads[l.current].state = ThreadState::kInCollective;
-  }
-  yield_to_scheduler(l);
-  return l.threads[l.current].result;
+  arrive(op, lanes, kWarpSize, 0, 0, lane_data, function);
 }
 
 unsigned active_mask() {
@@ -408,6 +452,25 @@ void* dynamic_shared_memory() {
 void register_static_shared(void* storage, size_t bytes) {
   static_shared.emplace_back(storage, bytes);
   std::memset(storage, kPoisonByte, bytes);
+}
+
+bool in_shared_memory(const void* address, size_t bytes) {
+  const Launch& l = launch_or_fail("a shared-memory check");
+  const auto p = reinterpret_cast<uintptr_t>(address);
+  const auto inside = [&](const void* storage, size_t size) {
+    const auto begin = reinterpret_cast<uintptr_t>(storage);
+    return p >= begin && p - begin <= size && bytes <= size - (p - begin);
+  };
+  if (inside(l.dynamic_shared.data(), l.dynamic_shared.size())) return true;
+  return std::any_of(static_shared.begin(), static_shared.end(),
+                     [&](const auto& region) { return inside(region.first, region.second); });
+}
+
+Schedule launch_schedule() { return launch_or_fail("a schedule query").spec->schedule; }
+
+AsyncCopyQueue& async_copies() {
+  Launch& l = launch_or_fail("cp.async");
+  return l.threads[l.current].copies;
 }
 
 void fail(const std::string& message) {

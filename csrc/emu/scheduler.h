@@ -5,6 +5,10 @@
 // collectives, in the same order; so a missing barrier or a race gives different results under
 // different schedules. A barrier or collective that not every thread reaches is reported as an
 // error naming the kernel, never a hang. Launches are serialised process-wide.
+//
+// Tensor-core instructions (mma.sync, ldmatrix) are warp collectives too: the last lane to
+// arrive computes for the whole warp. Each thread also owns the queue of its cp.async copies,
+// emptied at every block start; a thread that exits while some are in flight is an error.
 #pragma once
 
 #include <cstddef>
@@ -17,8 +21,11 @@ namespace moe_kernels::emu {
 
 enum class Schedule : int { kForward = 0, kReverse = 1, kRandom = 2 };
 
+class AsyncCopyQueue;
+
 struct LaunchSpec {
   std::string kernel_name;
+  const void* kernel;  // the key of its attributes (cudaFuncSetAttribute)
   dim3 grid;
   dim3 block;
   size_t dynamic_shared_bytes;
@@ -47,6 +54,8 @@ enum class WarpOp : int {
   kAny,
   kAll,
   kMatchAny,
+  kMma,
+  kLdmatrix,
 };
 const char* warp_op_name(WarpOp op);
 
@@ -54,6 +63,15 @@ const char* warp_op_name(WarpOp op);
 // lane of the mask has arrived with the same op and mask, then gets its result (the 64 bits of
 // the value it reads, or the vote's mask or boolean).
 uint64_t warp_collective(WarpOp op, unsigned mask, uint64_t value, int lane_param, int width);
+
+// A collective whose lanes bring more than 64 bits each (mma.sync's fragments, ldmatrix's
+// addresses and registers). It is `.aligned`: every lane of a full warp calls it, so a lane that
+// exited makes it a deadlock error. Each lane passes a pointer to its own operands and
+// results, which stay alive on its stack while it waits; the lane that arrives last runs
+// function(lanes), lanes[l] being lane l's pointer, before any lane goes on.
+using WarpFunction = void (*)(void* const* lanes);
+void aligned_warp_collective(WarpOp op, void* lane_data, WarpFunction function);
+
 // Lanes of the caller's warp that exist and have not exited.
 unsigned active_mask();
 
@@ -61,6 +79,14 @@ unsigned active_mask();
 void* dynamic_shared_memory();
 // Registers static shared storage: poisoned now and at the start of every block.
 void register_static_shared(void* storage, size_t bytes);
+// Whether [address, address + bytes) lies in the running block's dynamic shared memory or in one
+// registered static shared declaration.
+bool in_shared_memory(const void* address, size_t bytes);
+
+// The running launch's schedule, for primitives whose timing it decides (cp.async).
+Schedule launch_schedule();
+// The calling thread's cp.async copies.
+AsyncCopyQueue& async_copies();
 
 // Stops the calling thread's block with an error, reported by run_launch.
 [[noreturn]] void fail(const std::string& message);

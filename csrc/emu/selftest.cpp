@@ -1,6 +1,7 @@
 // Kernels that exercise one feature of the emulator each, for its own tests
 // (python_tests/test_emulator.py), exposed as moe_kernels._C.emulator_selftest.*. They run under
-// the schedule of moe_kernels.emulate(); results come back as plain vectors.
+// the schedule of moe_kernels.emulate(); results come back as plain vectors. The tensor-core and
+// cp.async kernels live in selftest_tensor_core.cpp and selftest_async_copy.cpp.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -188,7 +189,23 @@ void launch_config(std::vector<unsigned> grid, std::vector<unsigned> block, size
       nullptr));
 }
 
+// Thread 0 writes the last byte of `bytes` of dynamic shared memory, after the kernel's limit is
+// set to `allowed` bytes (unless negative).
+__global__ void large_shared_kernel(size_t bytes) {
+  MOE_KERNELS_DYNAMIC_SHARED(unsigned char, shared);
+  if (threadIdx.x == 0) shared[bytes - 1] = 0;
+}
+
+void large_shared(size_t bytes, int allowed) {
+  if (allowed >= 0) check(device::allow_dynamic_shared<large_shared_kernel>(allowed));
+  check(
+      device::launch<large_shared_kernel>(LaunchConfig{dim3(1), dim3(32), bytes}, nullptr, bytes));
+}
+
 }  // namespace
+
+void bind_tensor_core(pybind11::module_& m);
+void bind_async_copy(pybind11::module_& m);
 
 void bind(pybind11::module_& m) {
   m.def("where_am_i", &where_am_i);
@@ -201,6 +218,9 @@ void bind(pybind11::module_& m) {
   m.def("shared_poison", &shared_poison);
   m.def("atomics", &atomics);
   m.def("launch_config", &launch_config);
+  m.def("large_shared", &large_shared);
+  bind_tensor_core(m);
+  bind_async_copy(m);
 }
 
 }  // namespace moe_kernels::emu::selftest
