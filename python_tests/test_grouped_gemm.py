@@ -96,21 +96,26 @@ def test_thousands_of_rows(device, dtype):
     assert_as_accurate_as_torch(got, exact, ref.grouped_gemm(a.cpu(), b.cpu(), counts.cpu()))
 
 
+def gradients(fn, a, b, upstream):
+    """(d/da, d/db) of sum(fn(a, b) * upstream)."""
+    a, b = a.detach().requires_grad_(), b.detach().requires_grad_()
+    (fn(a, b) * upstream.to(a.device, a.dtype)).sum().backward()
+    return a.grad, b.grad
+
+
 @on_backends("grouped_gemm", "grouped_gemm_wgrad")
 @pytest.mark.parametrize("case", ["uniform", "skewed_with_empty", "all_empty"])
 @pytest.mark.parametrize("trans_b", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_backward(device, case, trans_b, dtype):
     a, b, counts = operands(SEGMENTS[case], 24, 40, dtype, trans_b, device)
-    a.requires_grad_(), b.requires_grad_()
-    upstream = torch.randn(a.shape[0], 40, generator=torch.Generator().manual_seed(9))
-    (mk.grouped_gemm(a, b, counts, trans_b) * upstream.to(device, dtype)).sum().backward()
-    a64 = a.detach().cpu().double().requires_grad_()
-    b64 = b.detach().cpu().double().requires_grad_()
-    (ref.grouped_gemm(a64, b64, counts.cpu(), trans_b) * upstream.double()).sum().backward()
-    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=5e-2)
-    torch.testing.assert_close(a.grad.cpu().double(), a64.grad, **tol)
-    torch.testing.assert_close(b.grad.cpu().double(), b64.grad, **tol)
+    upstream = torch.randn(a.shape[0], 40, generator=torch.Generator().manual_seed(9)).to(dtype)
+    got = gradients(lambda a, b: mk.grouped_gemm(a, b, counts, trans_b), a, b, upstream)
+    reference = lambda a, b: ref.grouped_gemm(a, b, counts.cpu(), trans_b)  # noqa: E731
+    exact = gradients(reference, a.cpu().double(), b.cpu().double(), upstream)
+    torch_same_dtype = gradients(reference, a.cpu(), b.cpu(), upstream)
+    for grad, want, theirs in zip(got, exact, torch_same_dtype, strict=True):
+        assert_as_accurate_as_torch(grad, want, theirs)
 
 
 def test_backward_with_broadcast_gradient():
@@ -153,16 +158,13 @@ def test_swiglu_forward(device, shape, trans_b, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_swiglu_backward(device, trans_b, dtype):
     a, b, counts = operands(SEGMENTS["skewed_with_empty"], 24, 48, dtype, trans_b, device)
-    a.requires_grad_(), b.requires_grad_()
-    upstream = torch.randn(a.shape[0], 24, generator=torch.Generator().manual_seed(3))
-    (mk.grouped_gemm_swiglu(a, b, counts, trans_b) * upstream.to(device, dtype)).sum().backward()
-    a64 = a.detach().cpu().double().requires_grad_()
-    b64 = b.detach().cpu().double().requires_grad_()
-    out64 = ref.grouped_gemm_swiglu(a64, b64, counts.cpu(), trans_b)
-    (out64 * upstream.double()).sum().backward()
-    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=3e-2, atol=1e-1)
-    torch.testing.assert_close(a.grad.cpu().double(), a64.grad, **tol)
-    torch.testing.assert_close(b.grad.cpu().double(), b64.grad, **tol)
+    upstream = torch.randn(a.shape[0], 24, generator=torch.Generator().manual_seed(3)).to(dtype)
+    got = gradients(lambda a, b: mk.grouped_gemm_swiglu(a, b, counts, trans_b), a, b, upstream)
+    reference = lambda a, b: ref.grouped_gemm_swiglu(a, b, counts.cpu(), trans_b)  # noqa: E731
+    exact = gradients(reference, a.cpu().double(), b.cpu().double(), upstream)
+    torch_same_dtype = gradients(reference, a.cpu(), b.cpu(), upstream)
+    for grad, want, theirs in zip(got, exact, torch_same_dtype, strict=True):
+        assert_as_accurate_as_torch(grad, want, theirs)
 
 
 @on_backends("swiglu_backward")
