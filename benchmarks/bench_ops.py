@@ -72,8 +72,7 @@ def expert_ffn(impl, x, logits, bias, w_gate_up, w_down, shape: Shape):
         logits, bias, shape.topk, "sigmoid", shape.n_groups, shape.topk_groups
     )
     rows, row_map, counts = impl.permute(x, ids, shape.num_experts)
-    gate, up = impl.grouped_gemm(rows, w_gate_up, counts).chunk(2, dim=-1)
-    y = impl.grouped_gemm(F.silu(gate) * up, w_down, counts)
+    y = impl.grouped_gemm(impl.grouped_gemm_swiglu(rows, w_gate_up, counts), w_down, counts)
     return impl.unpermute(y, row_map, weights)
 
 

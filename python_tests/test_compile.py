@@ -1,5 +1,6 @@
-"""The ops compose under torch.compile(fullgraph=True): route -> permute -> grouped_gemm ->
-unpermute, forward and backward, with the same results as eager."""
+"""The ops compose under torch.compile(fullgraph=True): route -> permute -> grouped GEMM with
+the SwiGLU epilogue -> grouped GEMM -> unpermute, forward and backward, with the same results
+as eager."""
 
 import torch
 
@@ -11,11 +12,11 @@ NUM_EXPERTS, TOPK, HIDDEN, FFN = 16, 4, 32, 24
 
 def moe_ffn(x, router_weight, bias, w_in, w_out):
     """A minimal MoE FFN on the package's ops: fp32 router with loss-free bias, experts of two
-    grouped GEMMs, weighted combine."""
+    grouped GEMMs (SwiGLU fused into the first), weighted combine."""
     logits = x @ router_weight
     weights, ids, _ = mk.biased_topk(logits, bias, TOPK, n_groups=4, topk_groups=2)
     rows, row_map, tokens_per_expert = mk.permute(x, ids, NUM_EXPERTS)
-    h = torch.nn.functional.silu(mk.grouped_gemm(rows, w_in, tokens_per_expert))
+    h = mk.grouped_gemm_swiglu(rows, w_in, tokens_per_expert)
     y = mk.grouped_gemm(h, w_out, tokens_per_expert, trans_b=True)
     return mk.unpermute(y, row_map, weights)
 
@@ -25,7 +26,7 @@ def test_compiled_moe_ffn_matches_eager():
     x = tie_free_logits(64, HIDDEN, seed=1) / 3
     params = [
         torch.randn(HIDDEN, NUM_EXPERTS, generator=g) / HIDDEN**0.5,
-        torch.randn(NUM_EXPERTS, HIDDEN, FFN, generator=g) / HIDDEN**0.5,
+        torch.randn(NUM_EXPERTS, HIDDEN, 2 * FFN, generator=g) / HIDDEN**0.5,  # [gate | up]
         torch.randn(NUM_EXPERTS, HIDDEN, FFN, generator=g) / FFN**0.5,  # [E, N, K]: trans_b
     ]
     bias = torch.linspace(-0.1, 0.1, NUM_EXPERTS)

@@ -178,20 +178,19 @@ __global__ void __launch_bounds__(Tile::kThreads)
 #pragma unroll
       for (int kk = 0; kk < Tile::kK; kk += 16) {
         uint32_t a[Tile::kFragsM][4];
-        uint32_t b[Tile::kFragsN][2];
 #pragma unroll
         for (int i = 0; i < Tile::kFragsM; ++i) {
           load_a_fragment<Tile, kLhsKMajor>(a[i], a_tile, warp_row + i * 16, kk);
         }
+        // B one pair of mma tiles at a time: its fragments live only across kFragsM x 2 mma.
 #pragma unroll
         for (int j = 0; j < Tile::kFragsN; j += 2) {
-          load_b_fragments<Tile, kRhsKMajor>(b[j], b[j + 1], b_tile, warp_col + j * 8, kk);
-        }
+          uint32_t b0[2], b1[2];
+          load_b_fragments<Tile, kRhsKMajor>(b0, b1, b_tile, warp_col + j * 8, kk);
 #pragma unroll
-        for (int i = 0; i < Tile::kFragsM; ++i) {
-#pragma unroll
-          for (int j = 0; j < Tile::kFragsN; ++j) {
-            device::mma_m16n8k16<T>(acc[i][j], a[i], b[j], acc[i][j]);
+          for (int i = 0; i < Tile::kFragsM; ++i) {
+            device::mma_m16n8k16<T>(acc[i][j], a[i], b0, acc[i][j]);
+            device::mma_m16n8k16<T>(acc[i][j + 1], a[i], b1, acc[i][j + 1]);
           }
         }
       }
