@@ -1,23 +1,33 @@
 // The grouped GEMM family on the CPU (SPEC.md section 4): the products are one BLAS call per
 // expert segment (grouped_gemm_blas.cpp; `backend` changes nothing here), SwiGLU and its
-// backward one parallel pass over the rows, computed in the accumulator type.
+// backward one parallel pass over the rows, computed in the accumulator type (the arithmetic of
+// torch's silu and silu_backward, the formulas of swiglu.h).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <tuple>
 
 #include "common/dispatch.h"
 #include "common/nvtx.h"
 #include "emu/cpu_or_emulated.h"
 #include "grouped_gemm/grouped_gemm.h"
-#include "grouped_gemm/swiglu.h"
 
 namespace moe_kernels::gemm {
 namespace {
 
-// Rows of at least this many elements in all go to one parallel task.
-constexpr int64_t kRowsGrain = 1 << 14;
+// SwiGLU runs on chunks of rows small enough for the cache, each converted to the accumulator
+// type once and computed with torch's vectorised silu kernels (one rounding to the output).
+constexpr int64_t kChunkElements = 1 << 14;
+
+template <typename Body>
+void for_row_chunks(int64_t rows, int64_t row_elements, const Body& body) {
+  const int64_t chunk = std::max<int64_t>(1, kChunkElements / std::max<int64_t>(row_elements, 1));
+  at::parallel_for(0, (rows + chunk - 1) / chunk, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) body(c * chunk, std::min(chunk, rows - c * chunk));
+  });
+}
 
 at::Tensor grouped_gemm_cpu(const at::Tensor& a, const at::Tensor& b,
                             const at::Tensor& tokens_per_expert, bool trans_b,
@@ -42,22 +52,14 @@ std::tuple<at::Tensor, at::Tensor> grouped_gemm_swiglu_cpu(const at::Tensor& a, 
   MOE_KERNELS_NVTX_RANGE("grouped_gemm_swiglu");
   check_grouped_gemm_swiglu_args(a, b, tokens_per_expert, trans_b, backend);
   at::Tensor pre = grouped_gemm_blas(a, b, tokens_per_expert, trans_b);
-  const int64_t rows = pre.size(0), half = pre.size(1) / 2;
-  auto out = at::empty({rows, half}, pre.options());
-  MOE_KERNELS_DISPATCH_FLOATING(pre.scalar_type(), "grouped_gemm_swiglu_cpu", [&] {
-    using acc = at::opmath_type<scalar_t>;
-    const scalar_t* p = pre.const_data_ptr<scalar_t>();
-    scalar_t* o = out.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, rows, kRowsGrain / std::max<int64_t>(half, 1) + 1,
-                     [&](int64_t r0, int64_t r1) {
-                       for (int64_t r = r0; r < r1; ++r) {
-                         const scalar_t* gate = p + r * 2 * half;
-                         for (int64_t c = 0; c < half; ++c) {
-                           o[r * half + c] = static_cast<scalar_t>(
-                               swiglu(static_cast<acc>(gate[c]), static_cast<acc>(gate[half + c])));
-                         }
-                       }
-                     });
+  const int64_t half = pre.size(1) / 2;
+  auto out = at::empty({pre.size(0), half}, pre.options());
+  const at::ScalarType acc = opmath_dtype(pre.scalar_type());
+  for_row_chunks(pre.size(0), pre.size(1), [&](int64_t row, int64_t rows) {
+    const at::Tensor chunk = pre.narrow(0, row, rows);
+    // Not in place: for fp32 `to` returns the rows of pre themselves.
+    at::Tensor h = at::silu(chunk.narrow(1, 0, half).to(acc));
+    out.narrow(0, row, rows).copy_(h.mul_(chunk.narrow(1, half, half).to(acc)));
   });
   return {out, pre};
 }
@@ -67,26 +69,17 @@ at::Tensor swiglu_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& 
   check_swiglu_backward_args(grad_out_in, pre_in);
   const at::Tensor grad_out = grad_out_in.contiguous();
   const at::Tensor pre = pre_in.contiguous();
-  const int64_t rows = pre.size(0), half = grad_out.size(1);
+  const int64_t half = grad_out.size(1);
   auto grad_pre = at::empty_like(pre);
-  MOE_KERNELS_DISPATCH_FLOATING(pre.scalar_type(), "swiglu_backward_cpu", [&] {
-    using acc = at::opmath_type<scalar_t>;
-    const scalar_t* g = grad_out.const_data_ptr<scalar_t>();
-    const scalar_t* p = pre.const_data_ptr<scalar_t>();
-    scalar_t* d = grad_pre.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, rows, kRowsGrain / std::max<int64_t>(half, 1) + 1,
-                     [&](int64_t r0, int64_t r1) {
-                       for (int64_t r = r0; r < r1; ++r) {
-                         for (int64_t c = 0; c < half; ++c) {
-                           acc grad_gate, grad_up;
-                           swiglu_grad(static_cast<acc>(p[r * 2 * half + c]),
-                                       static_cast<acc>(p[r * 2 * half + half + c]),
-                                       static_cast<acc>(g[r * half + c]), &grad_gate, &grad_up);
-                           d[r * 2 * half + c] = static_cast<scalar_t>(grad_gate);
-                           d[r * 2 * half + half + c] = static_cast<scalar_t>(grad_up);
-                         }
-                       }
-                     });
+  const at::ScalarType acc = opmath_dtype(pre.scalar_type());
+  for_row_chunks(pre.size(0), pre.size(1), [&](int64_t row, int64_t rows) {
+    const at::Tensor chunk = pre.narrow(0, row, rows);
+    const at::Tensor gate = chunk.narrow(1, 0, half).to(acc);
+    const at::Tensor up = chunk.narrow(1, half, half).to(acc);
+    const at::Tensor grad = grad_out.narrow(0, row, rows).to(acc);
+    at::Tensor grad_rows = grad_pre.narrow(0, row, rows);
+    grad_rows.narrow(1, half, half).copy_(at::silu(gate).mul_(grad));
+    grad_rows.narrow(1, 0, half).copy_(at::silu_backward(grad * up, gate));
   });
   return grad_pre;
 }

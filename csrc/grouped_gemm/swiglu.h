@@ -1,5 +1,6 @@
-// SwiGLU, silu(gate) * up, and its gradient: the arithmetic shared by the CPU ops, the GEMM
-// epilogue and the CUDA backward kernel, so every backend computes the same function.
+// SwiGLU, silu(gate) * up, and its gradient, in the accumulator type: the arithmetic of the
+// GEMM epilogue and of the CUDA backward kernel (the same formulas as torch's silu and
+// silu_backward, which the CPU ops call).
 #pragma once
 
 #include <math.h>
@@ -8,7 +9,7 @@
 
 namespace moe_kernels::gemm {
 
-// ::expf / ::exp are the host's libm on the CPU and CUDA's device functions in kernels.
+// ::expf / ::exp: the host's libm on the emulator, CUDA's device functions in kernels.
 MOE_KERNELS_HOST_DEVICE float exp_of(float x) { return ::expf(x); }
 MOE_KERNELS_HOST_DEVICE double exp_of(double x) { return ::exp(x); }
 
