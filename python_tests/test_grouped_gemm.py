@@ -103,17 +103,25 @@ def gradients(fn, a, b, upstream):
     return a.grad, b.grad
 
 
-@on_backends("grouped_gemm", "grouped_gemm_wgrad")
+@on_backends("grouped_gemm", "grouped_gemm_wgrad", "grouped_gemm_swiglu", "swiglu_backward")
 @pytest.mark.parametrize("case", ["uniform", "skewed_with_empty", "all_empty"])
 @pytest.mark.parametrize("trans_b", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_backward(device, case, trans_b, dtype):
-    a, b, counts = operands(SEGMENTS[case], 24, 40, dtype, trans_b, device)
-    upstream = torch.randn(a.shape[0], 40, generator=torch.Generator().manual_seed(9)).to(dtype)
-    got = gradients(lambda a, b: mk.grouped_gemm(a, b, counts, trans_b), a, b, upstream)
-    reference = lambda a, b: ref.grouped_gemm(a, b, counts.cpu(), trans_b)  # noqa: E731
-    exact = gradients(reference, a.cpu().double(), b.cpu().double(), upstream)
-    torch_same_dtype = gradients(reference, a.cpu(), b.cpu(), upstream)
+@pytest.mark.parametrize("swiglu", [False, True])
+def test_backward(device, case, trans_b, dtype, swiglu):
+    ours, reference = (
+        (mk.grouped_gemm_swiglu, ref.grouped_gemm_swiglu)
+        if swiglu
+        else (mk.grouped_gemm, ref.grouped_gemm)
+    )
+    a, b, counts = operands(SEGMENTS[case], 24, 48, dtype, trans_b, device)
+    upstream = torch.randn(
+        a.shape[0], 24 if swiglu else 48, generator=torch.Generator().manual_seed(9)
+    )
+    got = gradients(lambda a, b: ours(a, b, counts, trans_b), a, b, upstream.to(dtype))
+    on_cpu = lambda a, b: reference(a, b, counts.cpu(), trans_b)  # noqa: E731
+    exact = gradients(on_cpu, a.cpu().double(), b.cpu().double(), upstream.to(dtype))
+    torch_same_dtype = gradients(on_cpu, a.cpu(), b.cpu(), upstream.to(dtype))
     for grad, want, theirs in zip(got, exact, torch_same_dtype, strict=True):
         assert_as_accurate_as_torch(grad, want, theirs)
 
@@ -151,20 +159,6 @@ def test_swiglu_forward(device, shape, trans_b, dtype):
     assert_as_accurate_as_torch(
         got, exact, ref.grouped_gemm_swiglu(a.cpu(), b.cpu(), counts.cpu(), trans_b)
     )
-
-
-@on_backends("grouped_gemm_swiglu", "swiglu_backward", "grouped_gemm", "grouped_gemm_wgrad")
-@pytest.mark.parametrize("trans_b", [False, True])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_swiglu_backward(device, trans_b, dtype):
-    a, b, counts = operands(SEGMENTS["skewed_with_empty"], 24, 48, dtype, trans_b, device)
-    upstream = torch.randn(a.shape[0], 24, generator=torch.Generator().manual_seed(3)).to(dtype)
-    got = gradients(lambda a, b: mk.grouped_gemm_swiglu(a, b, counts, trans_b), a, b, upstream)
-    reference = lambda a, b: ref.grouped_gemm_swiglu(a, b, counts.cpu(), trans_b)  # noqa: E731
-    exact = gradients(reference, a.cpu().double(), b.cpu().double(), upstream)
-    torch_same_dtype = gradients(reference, a.cpu(), b.cpu(), upstream)
-    for grad, want, theirs in zip(got, exact, torch_same_dtype, strict=True):
-        assert_as_accurate_as_torch(grad, want, theirs)
 
 
 @on_backends("swiglu_backward")

@@ -39,8 +39,6 @@ __global__ void __launch_bounds__(kSimtThreads)
   using acc = device::acc_t<T>;
   MOE_KERNELS_SHARED(acc, lhs_tile, [kSimtK][kSimtM]);
   MOE_KERNELS_SHARED(acc, rhs_tile, [kSimtK][kSimtN]);
-  const T* lhs = static_cast<const T*>(p.lhs.data);
-  const T* rhs = static_cast<const T*>(p.rhs.data);
   // Rows ty + 16 i; columns 16 (tx / 4) + 2 (tx % 4) + {0, 1, 8, 9}: a gate column pair and its
   // up pair under SwiGLU.
   const int ty = static_cast<int>(threadIdx.x) / 16, tx = static_cast<int>(threadIdx.x) % 16;
@@ -50,27 +48,15 @@ __global__ void __launch_bounds__(kSimtThreads)
 
   for (int64_t tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
     const TileWork w = schedule.at(tile);
-    const int64_t m_extent = kGrouping == Grouping::kRows ? w.segment_rows : p.m;
-    const int64_t k_extent = kGrouping == Grouping::kRows ? p.k : w.segment_rows;
-    const T* lhs_e = lhs + w.segment_start * p.lhs.ld;
-    const T* rhs_e = kGrouping == Grouping::kRows ? rhs + w.expert * p.rhs.expert_stride
-                                                  : rhs + w.segment_start * p.rhs.ld;
-    const Contiguous rows{m_extent - w.m0};
-    const auto cols = [&] {
-      if constexpr (kSwiglu) {
-        return GateUpInterleaved{p.swiglu_half, p.swiglu_half - w.n0};
-      } else {
-        return Contiguous{p.n - w.n0};
-      }
-    }();
+    const auto t = tile_operands<T, kGrouping, kSwiglu>(p, w);
 
     acc sum[4][4] = {};
-    for (int64_t k0 = 0; k0 < k_extent; k0 += kSimtK) {
+    for (int64_t k0 = 0; k0 < t.k_extent; k0 += kSimtK) {
       __syncthreads();  // every thread is done with the previous slice
-      const T* l = kLhsKMajor ? lhs_e + w.m0 * p.lhs.ld + k0 : lhs_e + k0 * p.lhs.ld + w.m0;
-      const T* r = kRhsKMajor ? rhs_e + w.n0 * p.rhs.ld + k0 : rhs_e + k0 * p.rhs.ld + w.n0;
-      load_slice<kSimtM, kLhsKMajor>(lhs_tile, l, p.lhs.ld, k_extent - k0, rows);
-      load_slice<kSimtN, kRhsKMajor>(rhs_tile, r, p.rhs.ld, k_extent - k0, cols);
+      const T* l = kLhsKMajor ? t.lhs + w.m0 * p.lhs.ld + k0 : t.lhs + k0 * p.lhs.ld + w.m0;
+      const T* r = kRhsKMajor ? t.rhs + w.n0 * p.rhs.ld + k0 : t.rhs + k0 * p.rhs.ld + w.n0;
+      load_slice<kSimtM, kLhsKMajor>(lhs_tile, l, p.lhs.ld, t.k_extent - k0, t.rows);
+      load_slice<kSimtN, kRhsKMajor>(rhs_tile, r, p.rhs.ld, t.k_extent - k0, t.cols);
       __syncthreads();
 #pragma unroll
       for (int k = 0; k < kSimtK; ++k) {
@@ -83,7 +69,7 @@ __global__ void __launch_bounds__(kSimtThreads)
       }
     }
 
-    const TileOutput<T> out = tile_output<T, kGrouping, kSwiglu>(p, w, m_extent);
+    const TileOutput<T> out = tile_output<T, kGrouping, kSwiglu>(p, w, t.m_extent);
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       const int r = ty + 16 * i;

@@ -103,8 +103,6 @@ template <typename T, typename Tile, Grouping kGrouping, bool kLhsKMajor, bool k
 __global__ void __launch_bounds__(Tile::kThreads)
     tensor_core_gemm_kernel(GroupedGemmProblem p, TileSchedule schedule) {
   MOE_KERNELS_DYNAMIC_SHARED(T, shared);
-  const T* lhs = static_cast<const T*>(p.lhs.data);
-  const T* rhs = static_cast<const T*>(p.rhs.data);
   const int warp = device::warp_id(), lane = device::lane_id();
   const int warp_row = warp % Tile::kWarpsM * Tile::kWarpTileM;
   const int warp_col = warp / Tile::kWarpsM * Tile::kWarpTileN;
@@ -112,39 +110,27 @@ __global__ void __launch_bounds__(Tile::kThreads)
 
   for (int64_t tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
     const TileWork w = schedule.at(tile);
-    const int64_t m_extent = kGrouping == Grouping::kRows ? w.segment_rows : p.m;
-    const int64_t k_extent = kGrouping == Grouping::kRows ? p.k : w.segment_rows;
-    const T* lhs_e = lhs + w.segment_start * p.lhs.ld;
-    const T* rhs_e = kGrouping == Grouping::kRows ? rhs + w.expert * p.rhs.expert_stride
-                                                  : rhs + w.segment_start * p.rhs.ld;
-    const Contiguous rows{m_extent - w.m0};
-    const auto cols = [&] {
-      if constexpr (kSwiglu) {
-        return GateUpInterleaved{p.swiglu_half, p.swiglu_half - w.n0};
-      } else {
-        return Contiguous{p.n - w.n0};
-      }
-    }();
+    const auto t = tile_operands<T, kGrouping, kSwiglu>(p, w);
 
     // Stage s holds the K-slice kt: A then B.
     const auto load_stage = [&](int64_t kt) {
       T* a_tile = shared + kt % Tile::kStages * Tile::kStageElements;
       T* b_tile = a_tile + Tile::kM * Tile::kK;
       const int64_t k0 = kt * Tile::kK;
-      const Contiguous ks{k_extent - k0};
+      const Contiguous ks{t.k_extent - k0};
       if constexpr (kLhsKMajor) {
-        load_tile_async<Tile::kM, Tile::kK, Tile::kThreads>(a_tile, lhs_e + w.m0 * p.lhs.ld + k0,
-                                                            p.lhs.ld, rows, ks);
+        load_tile_async<Tile::kM, Tile::kK, Tile::kThreads>(a_tile, t.lhs + w.m0 * p.lhs.ld + k0,
+                                                            p.lhs.ld, t.rows, ks);
       } else {
-        load_tile_async<Tile::kK, Tile::kM, Tile::kThreads>(a_tile, lhs_e + k0 * p.lhs.ld + w.m0,
-                                                            p.lhs.ld, ks, rows);
+        load_tile_async<Tile::kK, Tile::kM, Tile::kThreads>(a_tile, t.lhs + k0 * p.lhs.ld + w.m0,
+                                                            p.lhs.ld, ks, t.rows);
       }
       if constexpr (kRhsKMajor) {
-        load_tile_async<Tile::kN, Tile::kK, Tile::kThreads>(b_tile, rhs_e + w.n0 * p.rhs.ld + k0,
-                                                            p.rhs.ld, cols, ks);
+        load_tile_async<Tile::kN, Tile::kK, Tile::kThreads>(b_tile, t.rhs + w.n0 * p.rhs.ld + k0,
+                                                            p.rhs.ld, t.cols, ks);
       } else {
-        load_tile_async<Tile::kK, Tile::kN, Tile::kThreads>(b_tile, rhs_e + k0 * p.rhs.ld + w.n0,
-                                                            p.rhs.ld, ks, cols);
+        load_tile_async<Tile::kK, Tile::kN, Tile::kThreads>(b_tile, t.rhs + k0 * p.rhs.ld + w.n0,
+                                                            p.rhs.ld, ks, t.cols);
       }
     };
 
@@ -157,7 +143,7 @@ __global__ void __launch_bounds__(Tile::kThreads)
       }
     }
 
-    const int64_t k_tiles = (k_extent + Tile::kK - 1) / Tile::kK;
+    const int64_t k_tiles = (t.k_extent + Tile::kK - 1) / Tile::kK;
     // One commit per slice, empty or not, so that "all but the kStages - 2 newest groups have
     // landed" always means "slice kt has landed".
 #pragma unroll
@@ -199,7 +185,7 @@ __global__ void __launch_bounds__(Tile::kThreads)
     device::cp_async_wait<0>();
     __syncthreads();
 
-    const TileOutput<T> out = tile_output<T, kGrouping, kSwiglu>(p, w, m_extent);
+    const TileOutput<T> out = tile_output<T, kGrouping, kSwiglu>(p, w, t.m_extent);
     const int group = lane >> 2, pair = (lane & 3) * 2;  // the C fragment's row and columns
 #pragma unroll
     for (int i = 0; i < Tile::kFragsM; ++i) {

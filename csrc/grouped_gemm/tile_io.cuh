@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "device/pack.h"
 #include "device/runtime.h"
@@ -34,6 +35,37 @@ struct GateUpInterleaved {
   }
   __device__ __forceinline__ bool valid(int c) const { return output_column(c) < left; }
 };
+
+// What tile `w` reads: its expert's L and R (origins of the expert's matrices), the extents of
+// the expert's M and K, and the tile's rows and columns left in the matrices (SwiGLU's columns
+// interleaved).
+template <typename T, bool kSwiglu>
+struct TileOperands {
+  using Columns = std::conditional_t<kSwiglu, GateUpInterleaved, Contiguous>;
+  const T* lhs;
+  const T* rhs;
+  int64_t m_extent, k_extent;
+  Contiguous rows;
+  Columns cols;
+};
+
+template <typename T, Grouping kGrouping, bool kSwiglu>
+__device__ __forceinline__ TileOperands<T, kSwiglu> tile_operands(const GroupedGemmProblem& p,
+                                                                  const TileWork& w) {
+  const bool by_rows = kGrouping == Grouping::kRows;
+  const T* lhs = static_cast<const T*>(p.lhs.data) + w.segment_start * p.lhs.ld;
+  const T* rhs = static_cast<const T*>(p.rhs.data) +
+                 (by_rows ? w.expert * p.rhs.expert_stride : w.segment_start * p.rhs.ld);
+  const int64_t m_extent = by_rows ? w.segment_rows : p.m;
+  const int64_t k_extent = by_rows ? p.k : w.segment_rows;
+  typename TileOperands<T, kSwiglu>::Columns cols;
+  if constexpr (kSwiglu) {
+    cols = GateUpInterleaved{p.swiglu_half, p.swiglu_half - w.n0};
+  } else {
+    cols = Contiguous{p.n - w.n0};
+  }
+  return {lhs, rhs, m_extent, k_extent, Contiguous{m_extent - w.m0}, cols};
+}
 
 // A tile of the output from its origin: rows and columns past the matrix are dropped. Values
 // come in pairs of adjacent columns (c even), stored as one 2-element access when `paired`
