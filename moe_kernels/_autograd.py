@@ -105,6 +105,7 @@ def _grouped_gemm_swiglu_setup(ctx, inputs, output):
     a, b, tokens_per_expert, trans_b, backend = inputs
     ctx.save_for_backward(a, b, tokens_per_expert, output[1])
     ctx.trans_b, ctx.backend = trans_b, backend
+    ctx.set_materialize_grads(False)  # the product is rarely used: no zero gradient for it
 
 
 def _grouped_gemm_swiglu_backward(ctx, grad_out, grad_pre):

@@ -103,6 +103,31 @@ def gradients(fn, a, b, upstream):
     return a.grad, b.grad
 
 
+@on_backends("grouped_gemm", "grouped_gemm_wgrad")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_hundreds_of_experts(device, dtype):
+    # The tile schedule scans the counts 256 experts at a time; most experts here are empty.
+    g = torch.Generator().manual_seed(5)
+    counts = torch.zeros(600, dtype=torch.int64)
+    counts[torch.randperm(600, generator=g)[:40]] = torch.randint(1, 9, (40,), generator=g)
+    sizes = counts.tolist()
+    a, b, _ = operands(sizes, 16, 24, dtype, False, device)
+    got = mk.grouped_gemm(a, b, counts.to(device))
+    exact = ref.grouped_gemm(a.cpu().double(), b.cpu().double(), counts)
+    assert_as_accurate_as_torch(got, exact, ref.grouped_gemm(a.cpu(), b.cpu(), counts))
+    grad = torch.randn(a.shape[0], 24, generator=g).to(device, dtype)
+    got = mk.grouped_gemm_wgrad(a, grad, counts.to(device))
+    assert got.shape == (600, 16, 24)
+    for e in (counts == 0).nonzero().flatten().tolist()[:50]:
+        assert torch.count_nonzero(got[e]) == 0
+    nonzero = (counts > 0).nonzero().flatten().tolist()
+    starts = torch.cumsum(counts, 0) - counts
+    for e in nonzero[:10]:
+        rows = slice(int(starts[e]), int(starts[e] + counts[e]))
+        want = a.cpu().double()[rows].T @ grad.cpu().double()[rows]
+        torch.testing.assert_close(got[e].cpu().double(), want, rtol=2e-2, atol=5e-2)
+
+
 @on_backends("grouped_gemm", "grouped_gemm_wgrad", "grouped_gemm_swiglu", "swiglu_backward")
 @pytest.mark.parametrize("case", ["uniform", "skewed_with_empty", "all_empty"])
 @pytest.mark.parametrize("trans_b", [False, True])

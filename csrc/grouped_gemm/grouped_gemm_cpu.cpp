@@ -19,7 +19,7 @@ namespace {
 
 // SwiGLU runs on chunks of rows small enough for the cache, each converted to the accumulator
 // type once and computed with torch's vectorised silu kernels (one rounding to the output).
-constexpr int64_t kChunkElements = 1 << 14;
+constexpr int64_t kChunkElements = 1 << 17;
 
 template <typename Body>
 void for_row_chunks(int64_t rows, int64_t row_elements, const Body& body) {
@@ -64,13 +64,12 @@ std::tuple<at::Tensor, at::Tensor> grouped_gemm_swiglu_cpu(const at::Tensor& a, 
   return {out, pre};
 }
 
-at::Tensor swiglu_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& pre_in) {
+// Chunks are views: any strides do, including the broadcast gradient of a sum.
+at::Tensor swiglu_backward_cpu(const at::Tensor& grad_out, const at::Tensor& pre) {
   MOE_KERNELS_NVTX_RANGE("swiglu_backward");
-  check_swiglu_backward_args(grad_out_in, pre_in);
-  const at::Tensor grad_out = grad_out_in.contiguous();
-  const at::Tensor pre = pre_in.contiguous();
+  check_swiglu_backward_args(grad_out, pre);
   const int64_t half = grad_out.size(1);
-  auto grad_pre = at::empty_like(pre);
+  auto grad_pre = at::empty(pre.sizes(), pre.options());
   const at::ScalarType acc = opmath_dtype(pre.scalar_type());
   for_row_chunks(pre.size(0), pre.size(1), [&](int64_t row, int64_t rows) {
     const at::Tensor chunk = pre.narrow(0, row, rows);
