@@ -37,6 +37,15 @@ void finish_switch(void*) {}
 void clean_stack(FiberStack&) {}
 #endif
 
+// What a new fiber holds whichever switch runs it: its entry, and its stack (clean).
+void prepare_fiber(FiberContext& fiber, FiberStack& stack, void (*entry)(void*), void* arg) {
+  clean_stack(stack);
+  fiber.entry = entry;
+  fiber.arg = arg;
+  fiber.stack_bottom = stack.top() - FiberStack::kSize;
+  fiber.stack_size = FiberStack::kSize;
+}
+
 // The first code a new fiber runs.
 void start_fiber(void* fiber) {
   finish_switch(nullptr);
@@ -106,11 +115,7 @@ extern "C" void moe_emu_switch(void** save_sp, void* load_sp);
 extern "C" void moe_emu_fiber_start();
 
 void make_fiber(FiberContext& fiber, FiberStack& stack, void (*entry)(void*), void* arg) {
-  clean_stack(stack);
-  fiber.entry = entry;
-  fiber.arg = arg;
-  fiber.stack_bottom = stack.top() - FiberStack::kSize;
-  fiber.stack_size = FiberStack::kSize;
+  prepare_fiber(fiber, stack, entry, arg);
   // Registers popped by moe_emu_switch, lowest address first, then its return address. The
   // stack is 16-byte aligned at the call in moe_emu_fiber_start, as the ABI wants.
   auto top = reinterpret_cast<uintptr_t>(stack.top()) & ~uintptr_t{15};
@@ -141,11 +146,7 @@ void ucontext_start() { start_fiber(starting); }
 }  // namespace
 
 void make_fiber(FiberContext& fiber, FiberStack& stack, void (*entry)(void*), void* arg) {
-  clean_stack(stack);
-  fiber.entry = entry;
-  fiber.arg = arg;
-  fiber.stack_bottom = stack.top() - FiberStack::kSize;
-  fiber.stack_size = FiberStack::kSize;
+  prepare_fiber(fiber, stack, entry, arg);
   getcontext(&fiber.context);
   fiber.context.uc_stack.ss_sp = stack.top() - FiberStack::kSize;
   fiber.context.uc_stack.ss_size = FiberStack::kSize;
