@@ -15,18 +15,23 @@ inline void check_backend(std::string_view backend) {
   check_choice(backend, {"kernel", "cublas"}, "backend");
 }
 
+// a [M, K] and the counts of its row segments, tokens_per_expert [E]: what every product reads.
+inline void check_segmented_rows(const at::Tensor& a, const at::Tensor& tokens_per_expert) {
+  check_dim(a, 2, "a");
+  check_floating(a, "a");
+  check_dim(tokens_per_expert, 1, "tokens_per_expert");
+  check_integer(tokens_per_expert, "tokens_per_expert");
+  check_same_device(tokens_per_expert, a, "tokens_per_expert", "a");
+}
+
 // a [M, K]; b [E, K, N] (or [E, N, K] with trans_b); tokens_per_expert [E].
 inline void check_grouped_gemm_args(const at::Tensor& a, const at::Tensor& b,
                                     const at::Tensor& tokens_per_expert, bool trans_b,
                                     std::string_view backend) {
-  check_dim(a, 2, "a");
-  check_floating(a, "a");
+  check_segmented_rows(a, tokens_per_expert);
   check_dim(b, 3, "b");
   check_same_dtype(b, a, "b", "a");
   check_same_device(b, a, "b", "a");
-  check_dim(tokens_per_expert, 1, "tokens_per_expert");
-  check_integer(tokens_per_expert, "tokens_per_expert");
-  check_same_device(tokens_per_expert, a, "tokens_per_expert", "a");
   check_size(tokens_per_expert, 0, b.size(0), "tokens_per_expert", "num_experts (b.size(0))");
   check_size(b, trans_b ? 2 : 1, a.size(1), "b", "a.size(1) (K)");
   check_backend(backend);
@@ -46,15 +51,11 @@ inline void check_grouped_gemm_swiglu_args(const at::Tensor& a, const at::Tensor
 inline void check_grouped_gemm_wgrad_args(const at::Tensor& a, const at::Tensor& grad_c,
                                           const at::Tensor& tokens_per_expert,
                                           std::string_view backend) {
-  check_dim(a, 2, "a");
-  check_floating(a, "a");
+  check_segmented_rows(a, tokens_per_expert);
   check_dim(grad_c, 2, "grad_c");
   check_same_dtype(grad_c, a, "grad_c", "a");
   check_same_device(grad_c, a, "grad_c", "a");
   check_size(grad_c, 0, a.size(0), "grad_c", "a.size(0) (M)");
-  check_dim(tokens_per_expert, 1, "tokens_per_expert");
-  check_integer(tokens_per_expert, "tokens_per_expert");
-  check_same_device(tokens_per_expert, a, "tokens_per_expert", "a");
   check_backend(backend);
 }
 

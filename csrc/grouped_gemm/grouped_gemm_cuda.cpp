@@ -21,23 +21,24 @@ namespace {
 bool use_cublas(c10::string_view backend) { return backend == "cublas"; }
 
 // Operands of c = a_e @ b[e] (or b[e]^T): a is K-major; b[e] is K-major when transposed.
-GroupedGemmProblem product_problem(const at::Tensor& a, const at::Tensor& b,
-                                   const at::Tensor& tokens_per_expert, bool trans_b) {
+GroupedGemmProblem product_problem(const at::Tensor& a, const at::Tensor& b, bool trans_b) {
   GroupedGemmProblem p;
   p.grouping = Grouping::kRows;
   p.m = a.size(0);
   p.k = a.size(1);
   p.n = b.size(trans_b ? 1 : 2);
-  p.num_experts = b.size(0);
   p.lhs = {a.const_data_ptr(), p.k, 0, true};
   p.rhs = {b.const_data_ptr(), trans_b ? p.k : p.n, p.k * p.n, trans_b};
-  p.tokens_per_expert = tokens_per_expert.const_data_ptr();
-  p.tokens_int32 = tokens_per_expert.scalar_type() == at::kInt;
   return p;
 }
 
-// Runs the problem's kernels on `like`'s dtype, with a workspace for the tile schedule.
-void run(GroupedGemmProblem& p, const at::Tensor& like) {
+// Runs the problem's kernels on `like`'s dtype, with the segment counts and a workspace for the
+// tile schedule.
+void run(GroupedGemmProblem& p, const at::Tensor& tokens_per_expert_in, const at::Tensor& like) {
+  const at::Tensor tokens_per_expert = tokens_per_expert_in.contiguous();
+  p.num_experts = tokens_per_expert.size(0);
+  p.tokens_per_expert = tokens_per_expert.const_data_ptr();
+  p.tokens_int32 = tokens_per_expert.scalar_type() == at::kInt;
   at::Tensor workspace = at::empty({2 * (p.num_experts + 1)}, like.options().dtype(at::kLong));
   p.workspace = workspace.mutable_data_ptr<int64_t>();
   MOE_KERNELS_DISPATCH_FLOATING(like.scalar_type(), "grouped_gemm_cuda", [&] {
@@ -56,11 +57,10 @@ at::Tensor grouped_gemm_cuda(const at::Tensor& a_in, const at::Tensor& b_in,
   const device::DeviceGuard guard(a_in.device());
   if (use_cublas(backend)) return grouped_gemm_blas(a_in, b_in, tokens_per_expert_in, trans_b);
   const at::Tensor a = a_in.contiguous(), b = b_in.contiguous();
-  const at::Tensor tokens_per_expert = tokens_per_expert_in.contiguous();
-  GroupedGemmProblem p = product_problem(a, b, tokens_per_expert, trans_b);
+  GroupedGemmProblem p = product_problem(a, b, trans_b);
   auto c = at::empty({p.m, p.n}, a.options());
   p.out = {c.mutable_data_ptr(), p.n, 0};
-  run(p, a);
+  run(p, tokens_per_expert_in, a);
   return c;
 }
 
@@ -79,15 +79,14 @@ std::tuple<at::Tensor, at::Tensor> grouped_gemm_swiglu_cuda(const at::Tensor& a_
     return {(at::silu(gate_up[0]) * gate_up[1]).to(pre.scalar_type()), pre};
   }
   const at::Tensor a = a_in.contiguous(), b = b_in.contiguous();
-  const at::Tensor tokens_per_expert = tokens_per_expert_in.contiguous();
-  GroupedGemmProblem p = product_problem(a, b, tokens_per_expert, trans_b);
+  GroupedGemmProblem p = product_problem(a, b, trans_b);
   p.swiglu = true;
   p.swiglu_half = p.n / 2;
   auto out = at::empty({p.m, p.swiglu_half}, a.options());
   auto pre = at::empty({p.m, p.n}, a.options());
   p.out = {out.mutable_data_ptr(), p.swiglu_half, 0};
   p.pre = {pre.mutable_data_ptr(), p.n, 0};
-  run(p, a);
+  run(p, tokens_per_expert_in, a);
   return {out, pre};
 }
 
@@ -103,7 +102,6 @@ at::Tensor grouped_gemm_wgrad_cuda(const at::Tensor& a_in, const at::Tensor& gra
     return grouped_gemm_wgrad_blas(a_in, grad_c_in, tokens_per_expert_in, trans_b);
   }
   const at::Tensor a = a_in.contiguous(), grad_c = grad_c_in.contiguous();
-  const at::Tensor tokens_per_expert = tokens_per_expert_in.contiguous();
   const at::Tensor& lhs = trans_b ? grad_c : a;
   const at::Tensor& rhs = trans_b ? a : grad_c;
   GroupedGemmProblem p;
@@ -111,14 +109,11 @@ at::Tensor grouped_gemm_wgrad_cuda(const at::Tensor& a_in, const at::Tensor& gra
   p.m = lhs.size(1);
   p.n = rhs.size(1);
   p.k = a.size(0);
-  p.num_experts = tokens_per_expert.size(0);
   p.lhs = {lhs.const_data_ptr(), p.m, 0, false};
   p.rhs = {rhs.const_data_ptr(), p.n, 0, false};
-  p.tokens_per_expert = tokens_per_expert.const_data_ptr();
-  p.tokens_int32 = tokens_per_expert.scalar_type() == at::kInt;
-  auto grad_b = at::empty({p.num_experts, p.m, p.n}, a.options());
+  auto grad_b = at::empty({tokens_per_expert_in.size(0), p.m, p.n}, a.options());
   p.out = {grad_b.mutable_data_ptr(), p.n, p.m * p.n};
-  run(p, a);
+  run(p, tokens_per_expert_in, a);
   return grad_b;
 }
 

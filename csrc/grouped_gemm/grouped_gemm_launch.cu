@@ -47,8 +47,7 @@ bool aligned(const void* data, int64_t ld, int64_t element_bytes, int64_t alignm
 
 // Tiles of the problem at most, without reading tokens_per_expert: sum_e ceil(rows_e / tile_m)
 // <= ceil(rows / tile_m) + E.
-int64_t max_tiles(const GroupedGemmProblem& p, int tile_m, int tile_n) {
-  const int64_t n_tiles = (output_columns(p) + tile_n - 1) / tile_n;
+int64_t max_tiles(const GroupedGemmProblem& p, int tile_m, int64_t n_tiles) {
   if (p.grouping == Grouping::kRows) {
     return ((p.m + tile_m - 1) / tile_m + p.num_experts) * n_tiles;
   }
@@ -80,7 +79,7 @@ cudaError_t launch_scheduled(const GroupedGemmProblem& p, int tile_m, int tile_n
       p.grouping, segment_offsets, tile_offsets, p.num_experts, (p.m + tile_m - 1) / tile_m,
       n_tiles,    tile_m,          tile_n};
   device::LaunchConfig config{dim3(), dim3(threads), static_cast<size_t>(shared_bytes)};
-  err = device::grid_stride_blocks(max_tiles(p, tile_m, tile_n), 1, blocks_per_sm, &config.grid);
+  err = device::grid_stride_blocks(max_tiles(p, tile_m, n_tiles), 1, blocks_per_sm, &config.grid);
   if (err != cudaSuccess) return err;
   if (shared_bytes > 48 * 1024) {
     if ((err = device::allow_dynamic_shared<Kernel>(shared_bytes)) != cudaSuccess) return err;
