@@ -1,0 +1,169 @@
+"""Load-balance losses and metrics: plain differentiable functions (SPEC.md sections 6 and 7).
+
+Users can put them in their own models; ``MoELayer``'s strategies call them. Counts are exact
+integers (int64); losses are computed in fp32 from fp32 scores, and their gradient flows
+through ``scores`` only (the counts are constants of the step).
+
+Precision: the routing probabilities are normalised per token in fp32 before any sum; the
+sums over tokens accumulate in fp32 (fp64 for fp64 scores).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def routing_probabilities(logits: Tensor, score_fn: str) -> Tensor:
+    """The per-token routing distribution an aux loss balances: softmax over the experts, or
+    sigmoid scores divided by their per-token sum (DeepSeek-V3's normalisation).
+
+    Args:
+        logits: [..., E] router logits; computed in fp32 (fp64 stays fp64).
+        score_fn: "softmax" or "sigmoid".
+
+    Returns:
+        [..., E] probabilities summing to 1 per token, differentiable w.r.t. ``logits``.
+    """
+    logits = logits if logits.dtype == torch.float64 else logits.float()
+    if score_fn == "softmax":
+        return logits.softmax(dim=-1)
+    if score_fn == "sigmoid":
+        scores = logits.sigmoid()
+        return scores / scores.sum(dim=-1, keepdim=True)
+    raise ValueError(f"score_fn must be 'softmax' or 'sigmoid', got {score_fn!r}")
+
+
+def aux_loss(
+    scores: Tensor,
+    tokens_per_expert: Tensor,
+    num_tokens: int | Tensor,
+    topk: int,
+    coeff: float,
+    num_scored_tokens: int | Tensor | None = None,
+) -> Tensor:
+    """The Switch/GShard balance loss, ``coeff * sum_i f_i * P_i`` (eq. 2 of arXiv 2408.15664).
+
+    ``f_i = E / (topk * num_tokens) * tokens_per_expert[i]`` is expert i's load relative to a
+    perfect balance over the ``num_tokens`` tokens the counts were taken from, and
+    ``P_i = sum_t scores[t, i] / num_scored_tokens`` its mean routing probability. The
+    micro-batch loss counts and scores the same tokens (``num_scored_tokens`` defaults to
+    ``num_tokens``): ``coeff * E / (topk * num_tokens^2) * sum_i tokens_per_expert[i] *
+    sum_t scores[t, i]``. Qwen's global-batch loss (arXiv 2501.11873) passes the counts of the
+    whole balance batch (all micro-batches, all data-parallel ranks) and their token count,
+    with ``num_scored_tokens`` the local tokens: its value stays on the micro-batch loss's
+    scale, and equals it when the balance batch is the micro-batch.
+
+    Args:
+        scores: [T, E] routing probabilities of the local tokens (``routing_probabilities``);
+            rows of padding tokens zeroed.
+        tokens_per_expert: [E] integer counts of the top-k of the unbiased scores.
+        num_tokens: tokens the counts were taken from (an int or a 0-dim tensor), > 0.
+        topk: k, experts per token.
+        coeff: the loss coefficient alpha.
+        num_scored_tokens: tokens summed in ``scores`` (default ``num_tokens``), > 0.
+
+    Returns:
+        A 0-dim fp32 (fp64 for fp64 scores) loss.
+    """
+    num_experts = _check_scores_and_counts(scores, tokens_per_expert, "tokens_per_expert")
+    if num_scored_tokens is None:
+        num_scored_tokens = num_tokens
+    probability = scores.sum(dim=0) / num_scored_tokens
+    load = tokens_per_expert.to(probability.dtype) * (num_experts / topk) / num_tokens
+    return coeff * (load * probability).sum()
+
+
+def seq_aux_loss(scores: Tensor, tokens_per_expert: Tensor, topk: int, coeff: float) -> Tensor:
+    """The sequence-wise balance loss of DeepSeek-V3: ``aux_loss`` of each sequence's own
+    tokens, averaged over the B sequences.
+
+    A sequence's tokens are ``tokens_per_expert[b].sum() / topk``: S, or fewer when padding
+    was left out of the counts (its rows of ``scores`` zeroed); a sequence with no token adds
+    zero to the average.
+
+    Args:
+        scores: [B, S, E] routing probabilities.
+        tokens_per_expert: [B, E] integer counts per sequence (``counts_per_sequence``).
+        topk, coeff: as ``aux_loss``.
+
+    Returns:
+        A 0-dim loss.
+    """
+    if scores.dim() != 3:
+        raise ValueError(f"scores must be [B, S, E], got shape {tuple(scores.shape)}")
+    if tokens_per_expert.shape != (scores.shape[0], scores.shape[2]):
+        raise ValueError(
+            f"tokens_per_expert must be [B, E] = {[scores.shape[0], scores.shape[2]]}, "
+            f"got shape {tuple(tokens_per_expert.shape)}"
+        )
+    batch, _, num_experts = scores.shape
+    load = tokens_per_expert.to(scores.dtype)
+    tokens = (load.sum(dim=1, keepdim=True) / topk).clamp_min(1)
+    per_sequence = (load * scores.sum(dim=1) / tokens.square()).sum(dim=1)
+    return coeff * num_experts / topk * per_sequence.sum() / batch
+
+
+def counts_per_sequence(topk_ids: Tensor, num_experts: int, keep: Tensor | None = None) -> Tensor:
+    """Exact per-sequence histograms: ``[B, S, k]`` ids -> ``[B, E]`` int64 counts, counting only
+    the tokens where ``keep`` ([B, S] bool) is true (padding is routed but never counted). One
+    index_add, no host synchronisation."""
+    batch = topk_ids.shape[0]
+    ones = torch.ones_like(topk_ids, dtype=torch.int64)
+    if keep is not None:
+        ones = ones * keep.unsqueeze(-1)
+    offsets = torch.arange(batch, device=topk_ids.device).view(batch, 1, 1) * num_experts
+    counts = torch.zeros(batch * num_experts, dtype=torch.int64, device=topk_ids.device)
+    counts.index_add_(0, (topk_ids + offsets).flatten(), ones.flatten())
+    return counts.view(batch, num_experts)
+
+
+def max_violation(tokens_per_expert: Tensor) -> Tensor:
+    """MaxVio = (max_i load_i - mean load) / mean load (arXiv 2408.15664 section 4.1), over the
+    last dimension, for any leading batch dimensions.
+
+    Args:
+        tokens_per_expert: [..., E] counts (integer or floating).
+
+    Returns:
+        [...] fp64; 0 for a perfect balance, E - 1 when one expert takes everything; NaN when
+        nothing was counted.
+    """
+    load = tokens_per_expert.double()
+    mean = load.mean(dim=-1)
+    return (load.amax(dim=-1) - mean) / mean
+
+
+def _check_scores_and_counts(scores: Tensor, counts: Tensor, name: str) -> int:
+    if scores.dim() != 2:
+        raise ValueError(f"scores must be [T, E], got shape {tuple(scores.shape)}")
+    if counts.shape != (scores.shape[1],):
+        raise ValueError(
+            f"{name} must be [E] = [{scores.shape[1]}], got shape {tuple(counts.shape)}"
+        )
+    return scores.shape[1]
+
+
+class LoadMeter:
+    """Sums each MoE layer's counts over many forwards (an evaluation set for MaxVio_global, a
+    group of micro-batches for MaxVio per computation batch). Layers may differ in E."""
+
+    def __init__(self) -> None:
+        self.tokens_per_expert: list[Tensor] = []
+
+    def add(self, tokens_per_expert: list[Tensor]) -> None:
+        """Adds one forward's counts, one [E_l] tensor per layer."""
+        if not self.tokens_per_expert:
+            self.tokens_per_expert = [c.detach().to("cpu", torch.int64) for c in tokens_per_expert]
+            return
+        if len(tokens_per_expert) != len(self.tokens_per_expert):
+            raise ValueError(
+                f"expected counts of {len(self.tokens_per_expert)} layers, "
+                f"got {len(tokens_per_expert)}"
+            )
+        for total, counts in zip(self.tokens_per_expert, tokens_per_expert, strict=True):
+            total += counts.detach().to("cpu", torch.int64)
+
+    def max_violation(self) -> list[float]:
+        """MaxVio of each layer's summed counts."""
+        return [float(max_violation(counts)) for counts in self.tokens_per_expert]

@@ -1,0 +1,277 @@
+"""``MoELayer``: router -> permute -> SwiGLU experts on the grouped GEMM -> unpermute, with
+every load-balancing strategy the papers compare."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from . import balance, ops
+from ._nvtx import nvtx_range
+from .balancer import Balancer, RateSchedule
+from .experts import SwiGLUExperts, SwiGLUMLP
+from .router import Router
+
+BALANCING = ("loss_free", "aux_loss", "seq_aux_loss", "global_aux_loss", "expert_choice", "none")
+AUX_LOSSES = ("aux_loss", "seq_aux_loss", "global_aux_loss")
+
+
+class MoELayer(nn.Module):
+    """A Mixture-of-Experts FFN layer: each token goes to ``topk`` of ``num_experts`` SwiGLU
+    experts, plus optional shared experts that see every token (DeepSeekMoE).
+
+    Balancing strategies (``balancing``):
+        ``"loss_free"``: a per-expert bias added to the scores only to choose the top-k
+            (arXiv 2408.15664), moved by ``update_balance()`` after each optimizer step from
+            the exact counts of the whole step (all micro-batches; summed over
+            ``process_group``).
+        ``"aux_loss"``: the Switch/GShard loss of each micro-batch, ``aux_coeff`` * it in
+            ``self.aux_loss`` after the forward (add it to the model's loss).
+        ``"seq_aux_loss"``: the same per sequence, averaged (DeepSeek-V3); sequences are the
+            leading dimension of [B, S, H] inputs (a [T, H] input is one sequence).
+        ``"global_aux_loss"``: Qwen's global-batch loss (arXiv 2501.11873): expert loads
+            counted over every micro-batch of the step so far and every rank of
+            ``process_group`` (``global_counts="running"``), or the previous step's complete
+            counts (``"previous"``: the whole balance batch, one step stale; zero loss on the
+            first step).
+        ``"expert_choice"``: each expert takes its ``capacity_factor * T * k / E`` best tokens
+            (Zhou et al. 2022): perfectly balanced, but a token's output depends on the other
+            tokens of the batch, later ones included, so a causal model sees the future.
+        ``"none"``: plain top-k.
+
+    Counts are exact int64. Only training forwards count toward the step: eval forwards and
+    activation-checkpoint recomputes do not. Tokens marked in ``padding_mask`` are routed but
+    never counted, here or in any aux loss. After each forward, ``tokens_per_expert`` holds
+    that forward's [E] counts (for MaxVio per computation batch and over an eval set).
+
+    Args:
+        hidden_size: H.
+        ffn_hidden_size: F, each routed expert's intermediate size.
+        num_experts: E.
+        topk: k.
+        balancing: one of ``BALANCING``.
+        score_fn, n_groups, topk_groups, group_score, normalize, route_scale: routing (see
+            ``Router``).
+        num_shared_experts: shared experts, each of intermediate size F (0: none).
+        rate, rule, freeze_after: the loss-free bias update (see ``Balancer``).
+        aux_coeff: alpha of the aux losses.
+        global_counts: "running" or "previous", for ``global_aux_loss``.
+        capacity_factor: for ``expert_choice``.
+        process_group: the data x expert-parallel group counts are summed over.
+        backend: the grouped GEMM backend.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        ffn_hidden_size: int,
+        num_experts: int,
+        topk: int,
+        *,
+        balancing: str = "loss_free",
+        score_fn: str = "sigmoid",
+        n_groups: int = 1,
+        topk_groups: int = 1,
+        group_score: str = "top2",
+        normalize: bool = True,
+        route_scale: float = 1.0,
+        num_shared_experts: int = 0,
+        rate: float | RateSchedule = 1e-3,
+        rule: str = "sign",
+        freeze_after: int | None = None,
+        aux_coeff: float = 1e-3,
+        global_counts: str = "running",
+        capacity_factor: float = 1.0,
+        process_group: dist.ProcessGroup | None = None,
+        backend: str = "kernel",
+    ) -> None:
+        super().__init__()
+        if balancing not in BALANCING:
+            raise ValueError(f"balancing must be one of {BALANCING}, got {balancing!r}")
+        if global_counts not in ("running", "previous"):
+            raise ValueError(
+                f"global_counts must be 'running' or 'previous', got {global_counts!r}"
+            )
+        if capacity_factor <= 0:
+            raise ValueError(f"capacity_factor must be > 0, got {capacity_factor}")
+        if num_shared_experts < 0:
+            raise ValueError(f"num_shared_experts must be >= 0, got {num_shared_experts}")
+        self.hidden_size = hidden_size
+        self.num_experts = num_experts
+        self.topk = topk
+        self.balancing = balancing
+        self.aux_coeff = aux_coeff
+        self.global_counts = global_counts
+        self.capacity_factor = capacity_factor
+        self.router = Router(
+            hidden_size,
+            num_experts,
+            topk,
+            score_fn=score_fn,
+            n_groups=n_groups,
+            topk_groups=topk_groups,
+            group_score=group_score,
+            normalize=normalize,
+            route_scale=route_scale,
+        )
+        self.balancer = Balancer(
+            num_experts,
+            loss_free=balancing == "loss_free",
+            rate=rate,
+            rule=rule,
+            freeze_after=freeze_after,
+            process_group=process_group,
+        )
+        self.experts = SwiGLUExperts(num_experts, hidden_size, ffn_hidden_size, backend)
+        self.shared_experts = (
+            SwiGLUMLP(hidden_size, num_shared_experts * ffn_hidden_size)
+            if num_shared_experts
+            else None
+        )
+        self.aux_loss: Tensor | None = None
+        self.tokens_per_expert: Tensor | None = None
+
+    def forward(self, hidden_states: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        """[..., H] -> [..., H]; ``padding_mask`` ([...], bool, True at padding tokens)."""
+        shape = hidden_states.shape
+        if shape[-1] != self.hidden_size:
+            raise ValueError(
+                f"hidden_states must be [..., hidden_size={self.hidden_size}], got shape "
+                f"{tuple(shape)}"
+            )
+        if padding_mask is not None and padding_mask.shape != shape[:-1]:
+            raise ValueError(
+                f"padding_mask must have the shape of hidden_states without its last "
+                f"dimension, {tuple(shape[:-1])}, got {tuple(padding_mask.shape)}"
+            )
+        x = hidden_states.reshape(-1, self.hidden_size)
+        keep = None if padding_mask is None else ~padding_mask.reshape(-1).bool()
+        with nvtx_range("router"):
+            logits = self.router.logits(x)
+        if self.balancing == "expert_choice":
+            out, counts = self._expert_choice(x, logits, keep)
+        else:
+            out, counts = self._token_choice(x, logits, keep, shape)
+        self.tokens_per_expert = counts.detach()
+        self.balancer.record(self.tokens_per_expert)
+        if self.shared_experts is not None:
+            with nvtx_range("shared_experts"):
+                out = out + self.shared_experts(x)
+        return out.view(shape)
+
+    def _token_choice(
+        self, x: Tensor, logits: Tensor, keep: Tensor | None, shape: torch.Size
+    ) -> tuple[Tensor, Tensor]:
+        with nvtx_range("router"):
+            weights, ids, counts = self.router(logits, self.balancer.bias)
+            if keep is not None:
+                counts = balance.counts_per_sequence(ids.unsqueeze(0), self.num_experts, keep)[0]
+            self.aux_loss = self._balance_loss(logits, ids, counts, keep, shape)
+        with nvtx_range("dispatch"):
+            rows, row_map, rows_per_expert = ops.permute(x, ids, self.num_experts)
+        with nvtx_range("experts"):
+            rows = self.experts(rows, rows_per_expert)
+        with nvtx_range("combine"):
+            return ops.unpermute(rows, row_map, weights), counts
+
+    def _balance_loss(
+        self,
+        logits: Tensor,
+        ids: Tensor,
+        counts: Tensor,
+        keep: Tensor | None,
+        shape: torch.Size,
+    ) -> Tensor | None:
+        if self.balancing not in AUX_LOSSES:
+            return None
+        scores = balance.routing_probabilities(logits, self.router.score_fn)
+        if keep is not None:
+            scores = scores * keep.unsqueeze(1)
+        if self.balancing == "seq_aux_loss":
+            batch = math.prod(shape[:-2]) if len(shape) > 2 else 1
+            per_sequence = balance.counts_per_sequence(
+                ids.view(batch, -1, self.topk),
+                self.num_experts,
+                None if keep is None else keep.view(batch, -1),
+            )
+            return balance.seq_aux_loss(
+                scores.view(batch, -1, self.num_experts), per_sequence, self.topk, self.aux_coeff
+            )
+        num_tokens = logits.shape[0] if keep is None else keep.sum()
+        if self.balancing == "aux_loss":
+            return balance.aux_loss(scores, counts, num_tokens, self.topk, self.aux_coeff)
+        if self.global_counts == "running":
+            global_counts = self.balancer.running_global_counts(counts)
+        else:
+            global_counts = self.balancer.step_tokens_per_expert
+        global_tokens = (global_counts.sum() / self.topk).clamp_min(1)
+        return balance.aux_loss(
+            scores,
+            global_counts,
+            global_tokens,
+            self.topk,
+            self.aux_coeff,
+            num_scored_tokens=num_tokens,
+        )
+
+    def _expert_choice(
+        self, x: Tensor, logits: Tensor, keep: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        num_tokens = x.shape[0]
+        capacity = min(
+            num_tokens,
+            math.ceil(num_tokens * self.topk * self.capacity_factor / self.num_experts),
+        )
+        with nvtx_range("router"):
+            scores = logits.softmax(-1) if self.router.score_fn == "softmax" else logits.sigmoid()
+            choice = scores if keep is None else scores.masked_fill(~keep.unsqueeze(1), -math.inf)
+            token_ids = choice.t().topk(capacity, dim=1).indices  # [E, C]
+            weights = scores.t().gather(1, token_ids)
+            if keep is not None:
+                picked = keep[token_ids]
+                weights = weights * picked
+                counts = picked.sum(dim=1)
+            else:
+                counts = torch.full(
+                    (self.num_experts,), capacity, dtype=torch.int64, device=x.device
+                )
+            self.aux_loss = None
+        with nvtx_range("dispatch"):
+            rows = x.index_select(0, token_ids.flatten())
+            rows_per_expert = torch.full_like(counts, capacity)
+        with nvtx_range("experts"):
+            rows = self.experts(rows, rows_per_expert)
+        with nvtx_range("combine"):
+            rows = rows * weights.reshape(-1, 1).to(rows.dtype)
+            return x.new_zeros(x.shape).index_add(0, token_ids.flatten(), rows), counts
+
+    def update_balance(self) -> Tensor:
+        """Ends a training step (call after the optimizer step): moves the loss-free bias and
+        returns the step's [E] counts, summed over the process group (see ``Balancer``)."""
+        with nvtx_range("balancer_update"):
+            return self.balancer.update()
+
+    def extra_repr(self) -> str:
+        return f"balancing={self.balancing}, aux_coeff={self.aux_coeff}"
+
+
+def moe_layers(model: nn.Module) -> Iterator[MoELayer]:
+    """Every MoELayer of ``model``, in module order."""
+    return (module for module in model.modules() if isinstance(module, MoELayer))
+
+
+def aux_loss(model: nn.Module) -> Tensor | None:
+    """The sum of the aux losses of the last forward of every MoELayer of ``model`` (None when
+    no layer has one): add it to the model's loss."""
+    losses = [layer.aux_loss for layer in moe_layers(model) if layer.aux_loss is not None]
+    return torch.stack(losses).sum() if losses else None
+
+
+def update_balance(model: nn.Module) -> list[Tensor]:
+    """``update_balance()`` of every MoELayer of ``model`` (call after the optimizer step);
+    returns each layer's counts of the step, for MaxVio_batch."""
+    return [layer.update_balance() for layer in moe_layers(model)]
