@@ -1,0 +1,63 @@
+"""Checkpoints written atomically, holding everything a resumed run needs to continue exactly."""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Writes ``path`` through ``write(file)`` into a temporary file of the same folder,
+    fsyncs it, then renames it over ``path``: a crash or a full disk leaves the previous file
+    whole, never a torn one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda file: file.write(text.encode()))
+
+
+def rng_state() -> dict[str, object]:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, object]) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: Path, **state: object) -> None:
+    """Saves ``state`` (model, optimizer, scheduler, sampler, step, config, history: whatever
+    the loop passes) with the RNG states of this process."""
+    atomic_write(path, lambda file: torch.save({**state, "rng": rng_state()}, file))
+
+
+def load_checkpoint(path: Path) -> dict[str, object]:
+    """Loads a checkpoint written by ``save_checkpoint`` onto the CPU (``load_state_dict``
+    moves tensors to the model's device) and restores its RNG states."""
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    restore_rng_state(state["rng"])
+    return state

@@ -1,0 +1,134 @@
+"""``moe-train`` / ``python -m moe_kernels.train``: train a small MoE language model on real
+text with one or more balancing strategies, and compare their loss and load balance."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from ..layer import BALANCING
+from .config import PRESETS, TrainConfig
+from .loop import train
+from .plots import plot_runs
+
+# Options that override a preset's run settings, and those of its model.
+RUN_OPTIONS = {
+    "data": str,
+    "tokenizer": str,
+    "seq_len": int,
+    "micro_batch_size": int,
+    "grad_accumulation": int,
+    "steps": int,
+    "lr": float,
+    "warmup_steps": int,
+    "seed": int,
+    "rate": float,
+    "rule": str,
+    "aux_coeff": float,
+    "global_counts": str,
+    "capacity_factor": float,
+    "eval_every": int,
+    "eval_tokens": int,
+    "checkpoint_every": int,
+}
+MODEL_OPTIONS = {
+    "vocab_size": int,
+    "hidden_size": int,
+    "num_layers": int,
+    "num_heads": int,
+    "num_experts": int,
+    "topk": int,
+    "expert_ffn_hidden_size": int,
+    "num_shared_experts": int,
+    "score_fn": str,
+    "n_groups": int,
+    "topk_groups": int,
+}
+CHOICES = {
+    "tokenizer": ("bpe", "bytes"),
+    "rule": ("sign", "proportional"),
+    "global_counts": ("running", "previous"),
+    "score_fn": ("sigmoid", "softmax"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="moe-train",
+        description=__doc__,
+        epilog="Data: 'stdlib' (the docstrings and comments of Python's standard library, "
+        "the default), 'kjv' (Debian's bible-kjv-text), a text file or folder, or a "
+        "pre-tokenized .npy / .bin (uint16) file of token ids.",
+    )
+    parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    parser.add_argument(
+        "--balancing",
+        nargs="+",
+        default=["loss_free"],
+        choices=BALANCING,
+        help="one or more strategies, each trained from the same start (default loss_free)",
+    )
+    parser.add_argument("--out", type=Path, default=None, help="default runs/<preset>")
+    parser.add_argument("--device", default="auto", help="auto (a GPU when present), cpu, cuda")
+    parser.add_argument("--resume", action="store_true", help="continue from --out's checkpoint")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--cache-dir", type=Path, default=None)
+    for name, kind in {**RUN_OPTIONS, **MODEL_OPTIONS}.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, choices=CHOICES.get(name))
+    return parser
+
+
+def config_from_args(args: argparse.Namespace, balancing: str) -> TrainConfig:
+    preset = PRESETS[args.preset]
+    run = {name: getattr(args, name) for name in RUN_OPTIONS if getattr(args, name) is not None}
+    model = {name: getattr(args, name) for name in MODEL_OPTIONS if getattr(args, name) is not None}
+    if "seq_len" in run:
+        model.setdefault("max_seq_len", max(run["seq_len"], preset.model.max_seq_len))
+    return dataclasses.replace(
+        preset,
+        balancing=balancing,
+        model=dataclasses.replace(preset.model, **model),
+        **run,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    out = args.out or Path("runs") / args.preset
+    summaries, histories = {}, {}
+    for balancing in args.balancing:
+        config = config_from_args(args, balancing)
+        if config.steps < 1:
+            raise SystemExit("moe-train: --steps must be >= 1")
+        run_dir = out / balancing
+        summary = train(
+            config,
+            run_dir,
+            device=args.device,
+            resume=args.resume,
+            progress=not args.no_progress,
+            cache_dir=args.cache_dir,
+        )
+        summaries[balancing] = summary
+        histories[balancing] = [
+            json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()
+        ]
+        print(
+            f"{balancing}: val loss {summary['val_loss']:.4f} "
+            f"(perplexity {summary['val_perplexity']:.1f}), "
+            f"MaxVio_global {summary['maxvio_global']:.3f}, "
+            f"MaxVio_batch {summary['maxvio_batch']:.3f}, "
+            f"{summary['tokens_per_s']:.0f} tokens/s -> {run_dir / 'summary.json'}",
+            flush=True,
+        )
+    if len(histories) > 1:
+        for path in plot_runs(histories, out):
+            print(f"plot: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""What a training run is: the model's shape and the run's settings, with named presets."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A decoder-only transformer whose FFNs are MoE layers (the first ``dense_layers`` FFNs
+    dense, as in DeepSeek-V3)."""
+
+    vocab_size: int = 2048
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    dense_layers: int = 0
+    dense_ffn_hidden_size: int = 512
+    num_experts: int = 16
+    topk: int = 2
+    expert_ffn_hidden_size: int = 128
+    num_shared_experts: int = 1
+    score_fn: str = "sigmoid"
+    n_groups: int = 1
+    topk_groups: int = 1
+    route_scale: float = 1.0
+    max_seq_len: int = 128
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: str = "stdlib"
+    tokenizer: str = "bpe"
+    seq_len: int = 128
+    micro_batch_size: int = 16
+    grad_accumulation: int = 1
+    steps: int = 300
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 30
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    seed: int = 0
+    balancing: str = "loss_free"
+    rate: float = 1e-3
+    rule: str = "sign"
+    aux_coeff: float = 1e-3
+    global_counts: str = "running"
+    capacity_factor: float = 1.0
+    eval_every: int = 100
+    eval_tokens: int = 65536
+    checkpoint_every: int = 100
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.micro_batch_size * self.grad_accumulation * self.seq_len
+
+    def to_dict(self) -> dict[str, object]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, object]) -> TrainConfig:
+        values = dict(values)
+        model = ModelConfig(**values.pop("model"))
+        return cls(model=model, **values)
+
+
+PRESETS: dict[str, TrainConfig] = {
+    # A few minutes on 2 CPU cores: 300 steps of 2048 tokens.
+    "tiny": TrainConfig(),
+    # Tens of minutes on a CPU; seconds per step scale on a GPU.
+    "small": TrainConfig(
+        model=ModelConfig(
+            vocab_size=4096,
+            hidden_size=256,
+            num_layers=6,
+            num_heads=8,
+            num_experts=32,
+            topk=4,
+            expert_ffn_hidden_size=256,
+            max_seq_len=256,
+        ),
+        seq_len=256,
+        micro_batch_size=16,
+        steps=1000,
+        lr=2e-3,
+        warmup_steps=100,
+        eval_every=250,
+        checkpoint_every=250,
+    ),
+    # A DeepSeek-V3-like layout at small width: 64 experts, top-6 of 8 groups keeping 4,
+    # the first layer dense. Meant for a GPU.
+    "base": TrainConfig(
+        model=ModelConfig(
+            vocab_size=8192,
+            hidden_size=512,
+            num_layers=8,
+            num_heads=8,
+            dense_layers=1,
+            dense_ffn_hidden_size=2048,
+            num_experts=64,
+            topk=6,
+            expert_ffn_hidden_size=256,
+            num_shared_experts=2,
+            n_groups=8,
+            topk_groups=4,
+            route_scale=2.5,
+            max_seq_len=512,
+        ),
+        seq_len=512,
+        micro_batch_size=32,
+        steps=5000,
+        lr=1e-3,
+        warmup_steps=200,
+        eval_every=500,
+        eval_tokens=262144,
+        checkpoint_every=500,
+    ),
+}

@@ -1,0 +1,157 @@
+"""The training loop: loss falls, resume continues exactly, the CLI writes its outputs."""
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+
+from moe_kernels.layer import moe_layers
+from moe_kernels.train import cli, loop
+from moe_kernels.train.checkpoint import load_checkpoint
+from moe_kernels.train.config import ModelConfig, TrainConfig
+
+# A model small enough that a step takes milliseconds: bytes of the stdlib's prose.
+MICRO = TrainConfig(
+    model=ModelConfig(
+        hidden_size=32,
+        num_layers=2,
+        num_heads=2,
+        num_experts=8,
+        topk=2,
+        expert_ffn_hidden_size=32,
+        max_seq_len=32,
+    ),
+    tokenizer="bytes",
+    seq_len=32,
+    micro_batch_size=8,
+    grad_accumulation=2,
+    steps=40,
+    lr=1e-2,
+    warmup_steps=5,
+    eval_every=20,
+    eval_tokens=2048,
+    checkpoint_every=20,
+    rate=1e-2,
+)
+
+
+def run(tmp_path, name, config=MICRO, **kwargs):
+    return loop.train(
+        config, tmp_path / name, progress=False, cache_dir=tmp_path / "cache", **kwargs
+    )
+
+
+def history(out_dir):
+    return [json.loads(line) for line in (out_dir / "history.jsonl").read_text().splitlines()]
+
+
+def test_loss_falls_and_the_outputs_are_written(tmp_path):
+    summary = run(tmp_path, "run")
+    rows = history(tmp_path / "run")
+    assert [row["step"] for row in rows] == list(range(1, 41))
+    first, last = rows[0]["train_loss"], summary["train_loss"]
+    assert first == pytest.approx(math.log(257), rel=0.05)  # uniform over the byte vocabulary
+    assert last < first - 1.0
+    assert summary["val_loss"] < first - 1.0
+    assert 0 <= summary["maxvio_global"] < 8 and len(summary["maxvio_global_per_layer"]) == 2
+    for name in ("summary.json", "checkpoint.pt", "loss.png", "maxvio.png"):
+        assert (tmp_path / "run" / name).stat().st_size > 0
+    assert json.loads((tmp_path / "run" / "summary.json").read_text()) == summary
+    assert not list((tmp_path / "run").glob(".*tmp")), "no temporary file is left behind"
+
+
+def test_eval_forwards_and_checkpointed_state_hold_the_balancer(tmp_path):
+    run(tmp_path, "run")
+    state = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    bias = state["model"]["blocks.0.ffn.balancer.bias"]
+    assert bias.dtype == torch.float32 and bias.abs().max() > 0
+    assert int(state["model"]["blocks.0.ffn.balancer.updates"]) == 40
+    # Counts of the last step: two micro-batches of 8 x 32 tokens, top-2.
+    step_counts = state["model"]["blocks.0.ffn.balancer.step_tokens_per_expert"]
+    assert int(step_counts.sum()) == 2 * 8 * 32 * 2
+
+
+class Crash(Exception):
+    pass
+
+
+def test_resume_after_a_crash_continues_exactly(tmp_path, monkeypatch):
+    config = dataclasses.replace(MICRO, steps=30, eval_every=10, checkpoint_every=10)
+    run(tmp_path, "whole", config)
+    step = loop.train_step
+    calls = []
+
+    def crash_at_step_15(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 15:
+            raise Crash
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_step", crash_at_step_15)
+    with pytest.raises(Crash):
+        run(tmp_path, "resumed", config)
+    monkeypatch.setattr(loop, "train_step", step)
+    assert len(history(tmp_path / "resumed")) == 10  # the last checkpoint, at step 10
+    run(tmp_path, "resumed", config, resume=True)
+
+    whole, resumed = history(tmp_path / "whole"), history(tmp_path / "resumed")
+    keys = ("train_loss", "aux_loss", "grad_norm", "maxvio_batch", "val_loss", "maxvio_global")
+    for a, b in zip(whole, resumed, strict=True):
+        assert {k: a.get(k) for k in keys} == {k: b.get(k) for k in keys}, a["step"]
+    final = [
+        load_checkpoint(tmp_path / name / "checkpoint.pt")["model"] for name in ("whole", "resumed")
+    ]
+    for key in final[0]:
+        assert torch.equal(final[0][key], final[1][key]), key
+
+
+def test_resume_refuses_another_configuration(tmp_path):
+    config = dataclasses.replace(MICRO, steps=2, eval_every=2, checkpoint_every=1)
+    run(tmp_path, "run", config)
+    with pytest.raises(ValueError, match="another configuration"):
+        run(tmp_path, "run", dataclasses.replace(config, lr=0.5), resume=True)
+
+
+@pytest.mark.parametrize(
+    "balancing", ["aux_loss", "seq_aux_loss", "global_aux_loss", "expert_choice", "none"]
+)
+def test_every_strategy_trains(tmp_path, balancing):
+    config = dataclasses.replace(MICRO, steps=6, eval_every=3, balancing=balancing)
+    summary = run(tmp_path, balancing, config)
+    assert summary["val_loss"] < math.log(257)
+    aux = [row["aux_loss"] for row in history(tmp_path / balancing)]
+    assert all(a > 0 for a in aux) == (balancing in ("aux_loss", "seq_aux_loss", "global_aux_loss"))
+
+
+def test_the_model_has_one_moe_layer_per_block_after_the_dense_ones():
+    config = dataclasses.replace(
+        MICRO, model=dataclasses.replace(MICRO.model, num_layers=3, dense_layers=1)
+    )
+    model = loop.MoETransformer(config)
+    assert len(list(moe_layers(model))) == 2
+    logits = model(torch.randint(0, config.model.vocab_size, (2, 16)))
+    assert logits.shape == (2, 16, config.model.vocab_size)
+
+
+def test_cli_trains_two_strategies_and_plots_them(tmp_path, capsys):
+    args = [
+        "--balancing", "loss_free", "none",
+        "--out", str(tmp_path / "runs"),
+        "--cache-dir", str(tmp_path / "cache"),
+        "--no-progress",
+        "--tokenizer", "bytes",
+        "--steps", "4", "--eval-every", "2", "--eval-tokens", "512",
+        "--hidden-size", "32", "--num-layers", "1", "--num-heads", "2",
+        "--num-experts", "4", "--topk", "2", "--expert-ffn-hidden-size", "16",
+        "--seq-len", "16", "--micro-batch-size", "4",
+    ]  # fmt: skip
+    assert cli.main(args) == 0
+    printed = capsys.readouterr().out
+    assert "loss_free: val loss" in printed and "none: val loss" in printed
+    assert "MaxVio_global" in printed
+    for name in ("loss_free/summary.json", "none/summary.json", "loss.png", "maxvio.png"):
+        assert (tmp_path / "runs" / name).exists(), name
+    summary = json.loads((tmp_path / "runs" / "none" / "summary.json").read_text())
+    assert summary["config"]["model"]["num_experts"] == 4 and summary["steps"] == 4
