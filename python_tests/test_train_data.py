@@ -8,6 +8,8 @@ import re
 import shutil
 import subprocess
 import sysconfig
+from collections import Counter
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,7 @@ import pytest
 import torch
 
 from moe_kernels.train import data
+from moe_kernels.train import tokenizer as tokenizer_module
 from moe_kernels.train.data import (
     BatchSampler,
     Corpus,
@@ -159,6 +162,14 @@ def test_folder_corpus_reads_every_text_file_and_skips_binaries(tmp_path):
     assert load_corpus(str(tmp_path)) == corpus
 
 
+@pytest.mark.parametrize("val_fraction", [0.001, 0.999])
+def test_split_keeps_a_document_on_each_side(tmp_path, val_fraction):
+    (tmp_path / "one.txt").write_text("The first document.")
+    (tmp_path / "two.txt").write_text("The second document.")
+    corpus = load_corpus(str(tmp_path), val_fraction=val_fraction)
+    assert len(corpus.train) == len(corpus.val) == 1
+
+
 def test_corpus_fingerprint_follows_text_and_split(tmp_path):
     _write_folder(tmp_path)
     corpus = load_corpus(str(tmp_path))
@@ -192,12 +203,13 @@ def test_missing_or_unusable_sources_name_the_path(tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("bible") is None, reason="needs `apt-get install bible-kjv`")
-def test_kjv_corpus_has_one_document_per_book():
+def test_kjv_corpus_has_one_document_per_chapter():
     corpus = load_corpus("kjv")
-    books = corpus.train + corpus.val
-    assert len(books) == 66 and corpus.val
-    genesis = next(book for book in books if book.startswith("In the beginning God created"))
-    assert "\n\nThus the heavens and the earth were finished" in genesis  # Genesis 2:1
+    chapters = corpus.train + corpus.val
+    assert len(chapters) == 1189 and 20 < len(corpus.val) < 100
+    genesis_2 = next(chapter for chapter in chapters if chapter.startswith("Thus the heavens"))
+    assert genesis_2.split("\n")[1].startswith("And on the seventh day God ended his work")
+    assert sum(chapter.count("\n") + 1 for chapter in chapters) == 31102  # verses, a line each
 
 
 def test_kjv_corpus_absent_says_what_to_install(monkeypatch):
@@ -276,6 +288,9 @@ def test_bpe_vocabulary_layout(small_bpe):
     ids = small_bpe.encode(" ".join(ROUND_TRIP_TEXTS))
     assert small_bpe.eot_id not in ids and max(ids) < small_bpe.vocab_size
     assert small_bpe.decode([small_bpe.eot_id]) == "<|endoftext|>"
+    for outside in (-1, small_bpe.vocab_size):
+        with pytest.raises(ValueError, match="ids must be in"):
+            small_bpe.decode([65, outside])
 
 
 def test_bpe_training_is_deterministic(small_bpe, stdlib_corpus):
@@ -288,6 +303,28 @@ def test_bpe_merges_most_frequent_pair_smallest_first():
     # (a, b) and (c, d) appear twice each, the smaller pair first; then (ab, ab) and (cd, cd)
     # tie at once each and the smaller, (ab, ab), is next.
     assert tokenizer.merges == [(97, 98), (99, 100), (256, 256)]
+
+
+def _naive_bpe_merges(texts: list[str], num_merges: int) -> list[tuple[int, int]]:
+    """BPE the slow, obvious way: count every pair of every pre-token again for each merge."""
+    words = [
+        list(word.encode()) for text in texts for word in tokenizer_module._PRETOKEN.findall(text)
+    ]
+    merges = []
+    for new_id in range(256, 256 + num_merges):
+        counts = Counter(pair for word in words for pair in pairwise(word))
+        if not counts:
+            break
+        best = min(counts, key=lambda pair: (-counts[pair], pair))
+        merges.append(best)
+        words = [tokenizer_module._replace_pair(word, best, new_id) for word in words]
+    return merges
+
+
+def test_bpe_incremental_counts_match_a_naive_recount(stdlib_corpus):
+    texts = [text[:3000] for text in stdlib_corpus.train[:8]]
+    tokenizer = BPETokenizer.train(texts, vocab_size=257 + 80)
+    assert tokenizer.merges == _naive_bpe_merges(texts, 80)
 
 
 def test_bpe_stops_when_pairs_run_out():
@@ -437,10 +474,10 @@ def test_eval_batches_are_consecutive_windows_within_max_tokens():
 
 
 def test_eval_batches_bounds():
-    tokens = torch.arange(45)
+    tokens = torch.arange(40)
     assert len(eval_batches(tokens, 8, 10, max_tokens=3)[0][0]) == 1  # one window at least
     everything = eval_batches(tokens, 8, 10, max_tokens=10_000)
-    assert everything[0][0].shape == (4, 10)  # 44 targets make 4 windows, not 5
+    assert everything[0][0].shape == (3, 10)  # 39 targets make 3 windows, not 4
     with pytest.raises(ValueError, match="too few"):
         eval_batches(torch.arange(10), 8, 10, max_tokens=100)
 

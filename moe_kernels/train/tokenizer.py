@@ -23,9 +23,7 @@ END_OF_TEXT = "<|endoftext|>"  # how ``decode`` shows the end-of-text id
 # GPT-2's pre-tokenizer in the stdlib's ``re`` (no \p{L}, \p{N}): contractions, words with
 # their leading space, numbers, runs of other symbols, then whitespace, the last space of a
 # run going to the word after it. [^\W\d_] is a letter; the alternatives cover every character.
-_PRETOKEN = re.compile(
-    r"'(?:[sdmt]|ll|ve|re)| ?[^\W\d_]+| ?\d+| ?(?:[^\s\w]|_)+|\s+(?!\S)|\s+", re.UNICODE
-)
+_PRETOKEN = re.compile(r"'(?:[sdmt]|ll|ve|re)| ?[^\W\d_]+| ?\d+| ?(?:[^\s\w]|_)+|\s+(?!\S)|\s+")
 _NUM_BYTES = 256
 # The pre-token -> ids cache is cleared when it grows past this, bounding its memory.
 _ENCODE_CACHE_LIMIT = 1 << 18
@@ -67,11 +65,11 @@ _BYTE_PIECES = [bytes([byte]) for byte in range(_NUM_BYTES)]
 
 
 def _decode_pieces(ids: Iterable[int], pieces: list[bytes], eot_id: int) -> str:
+    ids = list(ids)
+    if ids and not 0 <= min(ids) <= max(ids) <= eot_id:
+        raise ValueError(f"ids must be in [0, {eot_id}], got {min(ids)} to {max(ids)}")
     eot = END_OF_TEXT.encode()
-    try:
-        data = b"".join(eot if i == eot_id else pieces[i] for i in ids)
-    except IndexError:
-        raise ValueError(f"an id is outside the vocabulary of {eot_id + 1}") from None
+    data = b"".join(eot if i == eot_id else pieces[i] for i in ids)
     return data.decode("utf-8", errors="replace")
 
 
@@ -108,10 +106,7 @@ class BPETokenizer:
         smallest pair among equally frequent ones. Fewer merges are learned (and
         ``vocab_size`` is smaller) only when the text runs out of pairs.
         """
-        if vocab_size < _NUM_BYTES + 1:
-            raise ValueError(
-                f"a BPE vocab_size must be at least 257 (bytes + end-of-text), got {vocab_size}"
-            )
+        _check_bpe_vocab_size(vocab_size)
         counts = _pretoken_counts(_leading_bytes(texts, max_bytes))
         return cls(_learn_merges(counts, vocab_size - _NUM_BYTES - 1))
 
@@ -172,16 +167,20 @@ def get_tokenizer(
         return ByteTokenizer()
     if kind != "bpe":
         raise ValueError(f"unknown tokenizer {kind!r}: expected 'bytes' or 'bpe'")
-    if vocab_size < _NUM_BYTES + 1:
-        raise ValueError(
-            f"a BPE vocab_size must be at least 257 (bytes + end-of-text), got {vocab_size}"
-        )
+    _check_bpe_vocab_size(vocab_size)
     path = Path(cache_dir) / f"bpe-{corpus.fingerprint}-{vocab_size}.json"
     if path.is_file():
         return BPETokenizer.load(path)
     tokenizer = BPETokenizer.train(corpus.train, vocab_size)
     tokenizer.save(path)
     return tokenizer
+
+
+def _check_bpe_vocab_size(vocab_size: int) -> None:
+    if vocab_size < _NUM_BYTES + 1:
+        raise ValueError(
+            f"a BPE vocab_size must be at least 257 (bytes + end-of-text), got {vocab_size}"
+        )
 
 
 # --------------------------------------------------------------------------------------------
