@@ -18,10 +18,10 @@ import torch
 
 from moe_kernels.train import data
 from moe_kernels.train import tokenizer as tokenizer_module
+from moe_kernels.train.atomic import atomic_write
 from moe_kernels.train.data import (
     BatchSampler,
     Corpus,
-    atomic_write,
     default_cache_dir,
     eval_batches,
     load_corpus,

@@ -2,37 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import random
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
 
 import torch
 
+from .atomic import atomic_write
+
 CHECKPOINT_NAME = "checkpoint.pt"
-
-
-def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    """Writes ``path`` through ``write(file)`` into a temporary file of the same folder,
-    fsyncs it, then renames it over ``path``: a crash or a full disk leaves the previous file
-    whole, never a torn one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda file: file.write(text.encode()))
 
 
 def rng_state() -> dict[str, object]:

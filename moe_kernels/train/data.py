@@ -26,14 +26,14 @@ import subprocess
 import sys
 import sysconfig
 import tokenize
-import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+from .atomic import atomic_write
 
 if TYPE_CHECKING:
     from moe_kernels.train.tokenizer import Tokenizer
@@ -53,24 +53,6 @@ def default_cache_dir() -> Path:
     if os.environ.get("XDG_CACHE_HOME"):
         return Path(os.environ["XDG_CACHE_HOME"]) / "moe_kernels"
     return Path.home() / ".cache" / "moe_kernels"
-
-
-def atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
-    """Create ``path`` with what ``write(file)`` writes, all or nothing.
-
-    The bytes go to a temporary file in the same folder, which then replaces ``path`` in one
-    rename: a reader never sees a torn file, whether a second process writes the same entry
-    or this one is interrupted.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp_path = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(temp_path, "xb") as file:
-            write(file)
-        os.replace(temp_path, path)
-    except BaseException:
-        temp_path.unlink(missing_ok=True)
-        raise
 
 
 def _short_sha256(*parts: str) -> str:

@@ -18,7 +18,8 @@ from .. import balance
 from .._nvtx import nvtx_range
 from ..layer import aux_loss, moe_layers, update_balance
 from . import data as text_data
-from .checkpoint import CHECKPOINT_NAME, atomic_write_text, load_checkpoint, save_checkpoint
+from .atomic import atomic_write_text
+from .checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .model import MoETransformer, language_model_loss
 from .plots import plot_runs

@@ -16,7 +16,8 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Protocol
 
-from moe_kernels.train.data import Corpus, atomic_write
+from .atomic import atomic_write
+from .data import Corpus
 
 END_OF_TEXT = "<|endoftext|>"  # how ``decode`` shows the end-of-text id
 
