@@ -10,6 +10,8 @@ import torch  # noqa: F401  (the native library links against torch: load torch 
 # The native library registers the ops (torch.ops.moe_kernels.*); _meta and _autograd then add
 # their fake kernels and autograd formulas.
 from . import _C, _autograd, _meta  # noqa: F401
+from .balancer import Balancer
+from .layer import MoELayer, moe_layers, total_aux_loss, update_balance
 from .ops import (
     biased_topk,
     expert_histogram,
@@ -37,15 +39,20 @@ def build_info() -> dict[str, object]:
 
 
 __all__ = [
+    "Balancer",
+    "MoELayer",
     "biased_topk",
     "build_info",
     "expert_histogram",
     "grouped_gemm",
     "grouped_gemm_swiglu",
     "grouped_gemm_wgrad",
+    "moe_layers",
     "padded_tokens_per_expert",
     "permute",
     "swiglu_backward",
+    "total_aux_loss",
     "unpermute",
+    "update_balance",
     "update_bias",
 ]

@@ -264,7 +264,7 @@ def moe_layers(model: nn.Module) -> Iterator[MoELayer]:
     return (module for module in model.modules() if isinstance(module, MoELayer))
 
 
-def aux_loss(model: nn.Module) -> Tensor | None:
+def total_aux_loss(model: nn.Module) -> Tensor | None:
     """The sum of the aux losses of the last forward of every MoELayer of ``model`` (None when
     no layer has one): add it to the model's loss."""
     losses = [layer.aux_loss for layer in moe_layers(model) if layer.aux_loss is not None]

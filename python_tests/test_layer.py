@@ -10,7 +10,7 @@ from torch.utils.checkpoint import checkpoint
 import moe_kernels as mk
 from conftest import on_backends
 from moe_kernels import balance, reference
-from moe_kernels.layer import BALANCING, MoELayer, aux_loss, update_balance
+from moe_kernels.layer import BALANCING, MoELayer, total_aux_loss, update_balance
 
 TOKEN_CHOICE = [b for b in BALANCING if b != "expert_choice"]
 LAYER_OPS = ("biased_topk", "permute", "unpermute", "grouped_gemm", "grouped_gemm_swiglu")
@@ -361,10 +361,10 @@ def test_expert_choice_leaks_later_tokens_into_earlier_outputs_and_token_choice_
 
 def test_model_helpers_collect_aux_losses_and_update_every_layer():
     model = torch.nn.Sequential(make_layer("aux_loss"), make_layer("aux_loss", num_experts=4))
-    assert aux_loss(model) is None
+    assert total_aux_loss(model) is None
     x = torch.randn(10, H)
     model(x)
-    torch.testing.assert_close(aux_loss(model), model[0].aux_loss + model[1].aux_loss)
+    torch.testing.assert_close(total_aux_loss(model), model[0].aux_loss + model[1].aux_loss)
     counts = update_balance(model)
     assert [c.shape[0] for c in counts] == [E, 4] and all(int(c.sum()) == 10 * K for c in counts)
 

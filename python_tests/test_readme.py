@@ -6,7 +6,7 @@ from pathlib import Path
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 
-def test_readme_example_runs():
+def test_readme_ops_example_runs():
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
     assert blocks, "the README has no python example"
     scope: dict = {}
@@ -22,3 +22,14 @@ def test_readme_example_runs():
         ((bias > 0) == (counts < mean)).all()
     )
     assert len(bias) == E
+
+
+def test_readme_layer_example_runs():
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    (block,) = [b for b in blocks if "MoELayer(" in b]
+    scope: dict = {}
+    exec(compile(block, "README.md", "exec"), scope)
+    layer, step_counts = scope["layer"], scope["step_counts"]
+    assert [int(c.sum()) for c in step_counts] == [4 * 8 * 64 * 2]  # all 4 micro-batches
+    assert int(layer.balancer.updates) == 1 and bool(layer.balancer.bias.ne(0).any())
+    assert int(layer.balancer.tokens_per_expert.sum()) == 0  # the next step starts from zero

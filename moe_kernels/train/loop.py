@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from .. import balance
 from .._nvtx import nvtx_range
-from ..layer import aux_loss, moe_layers, update_balance
+from ..layer import moe_layers, total_aux_loss, update_balance
 from . import data as text_data
 from .atomic import atomic_write_text
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
@@ -130,7 +130,7 @@ def train_step(
         inputs, targets = (t.to(device) for t in sampler.next_batch())
         with nvtx_range("forward"):
             loss = language_model_loss(model(inputs), targets)
-            aux = aux_loss(model)
+            aux = total_aux_loss(model)
             total = loss if aux is None else loss + aux
         with nvtx_range("backward"):
             (total / config.grad_accumulation).backward()
