@@ -46,13 +46,19 @@ class SwiGLUExperts(nn.Module):
         _init_uniform(self.down_proj, self.down_proj.shape[2])
 
     def forward(self, rows: Tensor, tokens_per_expert: Tensor) -> Tensor:
-        """[R, H] rows in expert order, [E] rows per expert -> [R, H]."""
+        """[R, H] rows in expert order, [E] rows per expert -> [R, H].
+
+        Under ``torch.autocast`` rows and weights are cast to autocast's dtype, as autocast
+        casts an ``nn.Linear``'s operands (it does not know the grouped GEMMs, which are custom
+        ops), so fp32 master weights train through bf16 products."""
+        gate_up, down = self.gate_up_proj, self.down_proj
+        if torch.is_autocast_enabled(rows.device.type):
+            dtype = torch.get_autocast_dtype(rows.device.type)
+            rows, gate_up, down = rows.to(dtype), gate_up.to(dtype), down.to(dtype)
         hidden = ops.grouped_gemm_swiglu(
-            rows, self.gate_up_proj, tokens_per_expert, trans_b=True, backend=self.backend
+            rows, gate_up, tokens_per_expert, trans_b=True, backend=self.backend
         )
-        return ops.grouped_gemm(
-            hidden, self.down_proj, tokens_per_expert, trans_b=True, backend=self.backend
-        )
+        return ops.grouped_gemm(hidden, down, tokens_per_expert, trans_b=True, backend=self.backend)
 
     def extra_repr(self) -> str:
         num_experts, two_ffn, hidden = self.gate_up_proj.shape

@@ -121,6 +121,18 @@ def test_bf16_layer_keeps_router_and_bias_in_fp32():
     torch.testing.assert_close(out, reference_moe(layer, x).to(out.dtype), rtol=2e-2, atol=2e-2)
 
 
+def test_autocast_runs_the_experts_in_bf16_from_fp32_weights():
+    layer = make_layer(num_shared_experts=1)
+    x = torch.randn(40, H, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, reference_moe(layer, x).to(out.dtype), rtol=2e-2, atol=2e-2)
+    out.float().sum().backward()
+    assert layer.experts.gate_up_proj.grad.dtype == torch.float32
+    assert layer.router.weight.grad.dtype == torch.float32
+
+
 def test_bias_never_enters_the_combine_weights():
     """Weights are the unbiased scores of the chosen experts, written out by hand; the bias
     changes only which experts are chosen (here, for some tokens), so shifting every expert's

@@ -125,6 +125,12 @@ def test_every_strategy_trains(tmp_path, balancing):
     assert all(a > 0 for a in aux) == (balancing in ("aux_loss", "seq_aux_loss", "global_aux_loss"))
 
 
+def test_bf16_autocast_trains(tmp_path):
+    config = dataclasses.replace(MICRO, steps=20, eval_every=20, dtype="bf16")
+    summary = run(tmp_path, "bf16", config)
+    assert summary["val_loss"] < math.log(257) - 1.0
+
+
 def test_the_model_has_one_moe_layer_per_block_after_the_dense_ones():
     config = dataclasses.replace(
         MICRO, model=dataclasses.replace(MICRO.model, num_layers=3, dense_layers=1)

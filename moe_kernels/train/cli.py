@@ -25,6 +25,7 @@ RUN_OPTIONS = {
     "lr": float,
     "warmup_steps": int,
     "seed": int,
+    "dtype": str,
     "rate": float,
     "rule": str,
     "aux_coeff": float,
@@ -49,6 +50,7 @@ MODEL_OPTIONS = {
 }
 CHOICES = {
     "tokenizer": ("bpe", "bytes"),
+    "dtype": ("fp32", "bf16"),
     "rule": ("sign", "proportional"),
     "global_counts": ("running", "previous"),
     "score_fn": ("sigmoid", "softmax"),

@@ -43,6 +43,8 @@ class TrainConfig:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     seed: int = 0
+    # "bf16": forwards under torch.autocast (fp32 master weights, router and bias).
+    dtype: str = "fp32"
     balancing: str = "loss_free"
     rate: float = 1e-3
     rule: str = "sign"

@@ -94,15 +94,22 @@ def layer_counts(model: torch.nn.Module) -> list[Tensor]:
     return [layer.tokens_per_expert for layer in moe_layers(model)]
 
 
+def autocast(config: TrainConfig, device: torch.device) -> torch.autocast:
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.dtype == "bf16")
+
+
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, batches, device: torch.device) -> dict[str, object]:
+def evaluate(
+    model: torch.nn.Module, batches, config: TrainConfig, device: torch.device
+) -> dict[str, object]:
     """Loss on the held-out batches and MaxVio_global: each layer's counts summed over the
     whole evaluation set (eval forwards do not count toward the balancer)."""
     model.eval()
     meter = balance.LoadMeter()
     loss_sum, tokens = 0.0, 0
     for inputs, targets in batches:
-        logits = model(inputs.to(device))
+        with autocast(config, device):
+            logits = model(inputs.to(device))
         loss_sum += float(language_model_loss(logits, targets.to(device))) * targets.numel()
         tokens += targets.numel()
         meter.add(layer_counts(model))
@@ -128,7 +135,7 @@ def train_step(
     losses, aux_losses, maxvio_micro = [], [], []
     for _ in range(config.grad_accumulation):
         inputs, targets = (t.to(device) for t in sampler.next_batch())
-        with nvtx_range("forward"):
+        with nvtx_range("forward"), autocast(config, device):
             loss = language_model_loss(model(inputs), targets)
             aux = total_aux_loss(model)
             total = loss if aux is None else loss + aux
@@ -143,13 +150,14 @@ def train_step(
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
-    step_counts = update_balance(model)
+    step_maxvio = [float(balance.max_violation(c)) for c in update_balance(model)]
     return {
         "train_loss": mean(losses),
         "aux_loss": mean(aux_losses),
         "grad_norm": float(grad_norm),
         "lr": schedule.get_last_lr()[0],
-        "maxvio_batch": mean([float(balance.max_violation(c)) for c in step_counts]),
+        "maxvio_batch": mean(step_maxvio),
+        "maxvio_batch_per_layer": step_maxvio,
         "maxvio_computation_batch": mean(maxvio_micro),
     }
 
@@ -256,7 +264,7 @@ def train(
         row["tokens_per_s"] = config.tokens_per_step / (time.perf_counter() - begin)
         step += 1
         if step % config.eval_every == 0 or step == config.steps:
-            row.update(evaluate(model, eval_set, torch_device))
+            row.update(evaluate(model, eval_set, config, torch_device))
         history.append(row)
         bar.update(1)
         bar.set_postfix(
