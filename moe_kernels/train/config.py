@@ -70,8 +70,10 @@ class TrainConfig:
 
 
 PRESETS: dict[str, TrainConfig] = {
-    # A few minutes on 2 CPU cores: 300 steps of 2048 tokens.
-    "tiny": TrainConfig(),
+    # A few minutes on 2 CPU cores: 300 steps of 2048 tokens. The paper's rate 1e-3 suits
+    # runs of thousands of steps; in 300 it moves a bias by 0.3 at most, too little to undo the
+    # early collapse of routing (MaxVio_global 1.8 here, against 0.22 at 1e-2).
+    "tiny": TrainConfig(rate=1e-2, eval_every=50),
     # Tens of minutes on a CPU; seconds per step scale on a GPU.
     "small": TrainConfig(
         model=ModelConfig(
