@@ -16,18 +16,12 @@ import numpy as np
 import pytest
 import torch
 
-from moe_kernels.train import data
+from moe_kernels.train import stdlib_text
 from moe_kernels.train import tokenizer as tokenizer_module
 from moe_kernels.train.atomic import atomic_write
-from moe_kernels.train.data import (
-    BatchSampler,
-    Corpus,
-    default_cache_dir,
-    eval_batches,
-    load_corpus,
-    load_token_file,
-    tokenize_corpus,
-)
+from moe_kernels.train.corpus import Corpus, load_corpus
+from moe_kernels.train.data import BatchSampler, eval_batches, load_token_file, tokenize_corpus
+from moe_kernels.train.documents import default_cache_dir
 from moe_kernels.train.tokenizer import BPETokenizer, ByteTokenizer, get_tokenizer
 
 ROUND_TRIP_TEXTS = [
@@ -95,7 +89,7 @@ def test_stdlib_corpus_is_english_prose(stdlib_corpus):
 
 def test_stdlib_sources_leave_out_tests_and_installed_packages():
     root = Path(sysconfig.get_paths()["stdlib"])
-    relative = [path.relative_to(root).as_posix() for path in data._stdlib_sources(root)]
+    relative = [path.relative_to(root).as_posix() for path in stdlib_text._stdlib_sources(root)]
     assert "json/__init__.py" in relative
     assert relative == sorted(relative)
     for path in relative:
@@ -142,7 +136,7 @@ def f(a, b=lambda: 0) -> dict[str, int]:
 
 class C(Base): "One-line class docstring."
 '''
-    assert data._python_prose(source) == [
+    assert stdlib_text._python_prose(source) == [
         "The module docstring.",
         "First line of a comment\nand its second line.",
         "A second paragraph.",

@@ -21,6 +21,8 @@ from . import data as text_data
 from .atomic import atomic_write_text
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from .config import TrainConfig
+from .corpus import load_corpus
+from .documents import default_cache_dir
 from .model import MoETransformer, language_model_loss
 from .plots import plot_runs
 from .tokenizer import get_tokenizer
@@ -46,7 +48,7 @@ def prepare_data(config: TrainConfig, cache_dir: Path) -> TokenData:
             vocab_size,
             f"{config.data} (token ids)",
         )
-    corpus = text_data.load_corpus(config.data)
+    corpus = load_corpus(config.data)
     tokenizer = get_tokenizer(config.tokenizer, corpus, config.model.vocab_size, cache_dir)
     train, val = text_data.tokenize_corpus(corpus, tokenizer, cache_dir)
     return TokenData(train, val, tokenizer.vocab_size, f"{corpus.name} ({config.tokenizer})")
@@ -206,7 +208,7 @@ def train(
     weights, optimizer, bias, counts, RNG and data position). Returns the summary."""
     out_dir.mkdir(parents=True, exist_ok=True)
     torch_device = resolve_device(device)
-    data = prepare_data(config, cache_dir or text_data.default_cache_dir())
+    data = prepare_data(config, cache_dir or default_cache_dir())
     config = dataclasses.replace(
         config, model=dataclasses.replace(config.model, vocab_size=data.vocab_size)
     )

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Protocol
 
 from .atomic import atomic_write
-from .data import Corpus
+from .corpus import Corpus
 
 END_OF_TEXT = "<|endoftext|>"  # how ``decode`` shows the end-of-text id
 
