@@ -1,0 +1,411 @@
+"""MoELayer against transformers' DeepseekV3MoE and a pure-PyTorch composition, in one run.
+
+    python benchmarks/bench_layer.py [--device cpu|cuda] [--dtype fp32|bf16] [--shape NAME ...]
+                                     [--tokens N] [--repeats 5] [--eager-repeats 2]
+
+One MoE block, forward and forward+backward, four implementations of the same computation with
+the same weights (transformers' parameters copied into MoELayer):
+  - "moe_kernels": ``MoELayer(balancing="loss_free", score_fn="sigmoid", ...)``, in train mode
+    for forward+backward (so the balancer counts, as in training);
+  - "transformers_eager": ``DeepseekV3MoE`` with ``config._experts_implementation = "eager"``,
+    the Python loop over experts that a block built alone runs;
+  - "transformers_grouped_mm": the same block with ``"grouped_mm"`` (a sort, then
+    ``F.grouped_mm``), the default inside a transformers model;
+  - "pure_torch": the best plain-PyTorch composition we found: DeepSeek's routing (sigmoid,
+    biased group-limited top-k, gather), an argsort permute (one index_select, split per
+    expert), one ``F.linear`` per projection and expert over weights unbound once per forward,
+    SwiGLU, and each expert's weighted rows ``index_add_``-ed into one fp32 output; the shared
+    expert dense;
+  - "dense": ``torch.mm`` products of equal FLOPs: the T * k routed rows times one [2F, H]
+    and one [H, F] weight, plus the shared expert's two products on all T tokens (forward);
+    the same under autograd, with dgrad and wgrad (forward+backward). No routing, gather,
+    activation or combine: the GEMM time of the layer's FLOPs, the ceiling.
+"forward" runs under ``torch.no_grad()`` (MoELayer in eval mode); "forward+backward" is a
+forward with gradients then ``out.backward(grad)`` for a fixed random ``grad``, gradients of
+the input and every parameter set to None before each repeat. Before timing, the script checks
+that every implementation gives transformers' eager output and input gradient (fp32: allclose
+rtol 1e-4, atol 1e-5; bf16: relative error norm below 2e-2) and exits with an error otherwise.
+
+Shapes: "deepseek-v3" (hidden 1024, expert FFN 512, 64 experts, top-6 of 8 groups keeping 4,
+1 shared expert, routed scaling 2.5, 4096 tokens) and "mixtral" (hidden 1024, FFN 3584,
+8 experts, top-2, 2048 tokens, no shared expert: DeepseekV3MoE accepts n_shared_experts=0 and
+builds a shared MLP of intermediate size 0, which adds zeros). The loss-free bias is random
+(scale 0.1), so the bias changes the routing.
+
+Columns: medians in ms; "dense_over_ours" is dense_ms / moe_kernels_ms (the fraction of the
+dense-GEMM ceiling the layer reaches); "speedup_vs_X" is X's time over ours (above 1: we are
+faster). Writes results/bench_layer_<device>_<dtype>.json and .md (the JSON adds FLOPs,
+GFLOP/s, minimum times, repeats, and "interference": the CPU seconds other processes used and
+the hypervisor stole while the row was timed; re-run when they are not near 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import DeepseekV3Config
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
+
+from moe_kernels.layer import MoELayer
+from timer import Timing, measure, save
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    num_tokens: int
+    hidden: int
+    ffn: int
+    num_experts: int
+    topk: int
+    n_groups: int = 1
+    topk_groups: int = 1
+    n_shared: int = 0
+    route_scale: float = 1.0
+
+    def flops(self) -> int:
+        """Forward GEMM FLOPs: routed rows x [gate | up] and x down, shared expert on all."""
+        routed = 2 * self.num_tokens * self.topk * 3 * self.ffn * self.hidden
+        shared = 2 * self.num_tokens * 3 * self.n_shared * self.ffn * self.hidden
+        return routed + shared
+
+
+SHAPES = {
+    s.name: s
+    for s in [
+        Shape("deepseek-v3", num_tokens=4096, hidden=1024, ffn=512, num_experts=64, topk=6,
+              n_groups=8, topk_groups=4, n_shared=1, route_scale=2.5),
+        Shape("mixtral", num_tokens=2048, hidden=1024, ffn=3584, num_experts=8, topk=2),
+    ]
+}  # fmt: skip
+
+
+def build(shape: Shape, device: str, dtype: torch.dtype) -> tuple[DeepseekV3MoE, MoELayer]:
+    """A DeepseekV3MoE with random weights and loss-free bias, and a MoELayer holding the same
+    values (DeepseekV3MoE leaves its experts uninitialised when built alone)."""
+    config = DeepseekV3Config(
+        hidden_size=shape.hidden,
+        moe_intermediate_size=shape.ffn,
+        n_routed_experts=shape.num_experts,
+        num_experts_per_tok=shape.topk,
+        n_group=shape.n_groups,
+        topk_group=shape.topk_groups,
+        n_shared_experts=shape.n_shared,
+        routed_scaling_factor=shape.route_scale,
+        norm_topk_prob=True,
+        hidden_act="silu",
+    )
+    config._experts_implementation = "eager"
+    with warnings.catch_warnings():  # n_shared_experts=0: "zero-element tensors" init warning
+        warnings.simplefilter("ignore", UserWarning)
+        hf = DeepseekV3MoE(config)
+    g = torch.Generator().manual_seed(0)
+    E, H, Fh, Fs = shape.num_experts, shape.hidden, shape.ffn, shape.n_shared * shape.ffn
+
+    def init(tensor: Tensor, scale: float) -> None:
+        tensor.copy_(torch.randn(tensor.shape, generator=g) * scale)
+
+    with torch.no_grad():
+        init(hf.gate.weight, H**-0.5)
+        init(hf.gate.e_score_correction_bias, 0.1)
+        init(hf.experts.gate_up_proj, H**-0.5)
+        init(hf.experts.down_proj, Fh**-0.5)
+        for linear in (hf.shared_experts.gate_proj, hf.shared_experts.up_proj):
+            init(linear.weight, H**-0.5)
+        init(hf.shared_experts.down_proj.weight, max(Fs, 1) ** -0.5)
+    hf.to(device, dtype)
+    layer = MoELayer(
+        H,
+        Fh,
+        E,
+        shape.topk,
+        balancing="loss_free",
+        score_fn="sigmoid",
+        n_groups=shape.n_groups,
+        topk_groups=shape.topk_groups,
+        normalize=True,
+        route_scale=shape.route_scale,
+        num_shared_experts=shape.n_shared,
+    ).to(device, dtype)  # the router weight and the bias stay fp32
+    with torch.no_grad():
+        layer.router.weight.copy_(hf.gate.weight)
+        layer.balancer.bias.copy_(hf.gate.e_score_correction_bias)
+        layer.experts.gate_up_proj.copy_(hf.experts.gate_up_proj)
+        layer.experts.down_proj.copy_(hf.experts.down_proj)
+        if layer.shared_experts is not None:
+            shared = hf.shared_experts
+            layer.shared_experts.gate_up_proj.copy_(
+                torch.cat([shared.gate_proj.weight, shared.up_proj.weight])
+            )
+            layer.shared_experts.down_proj.copy_(shared.down_proj.weight)
+    return hf, layer
+
+
+def transformers_block(hf: DeepseekV3MoE, implementation: str) -> Callable[[Tensor], Tensor]:
+    """The block with its experts implementation set before each call (the experts read
+    ``config._experts_implementation`` at every forward)."""
+
+    def run(x: Tensor) -> Tensor:
+        hf.config._experts_implementation = implementation
+        return hf(x)
+
+    return run
+
+
+def pure_torch_moe(layer: MoELayer, x: Tensor) -> Tensor:
+    """MoELayer's computation in plain PyTorch ops over the layer's own parameters."""
+    router, T = layer.router, x.shape[0]
+    E, k, G = layer.num_experts, layer.topk, router.n_groups
+    scores = F.linear(x.float(), router.weight).sigmoid()
+    choice = scores.detach() + layer.balancer.bias
+    if G > 1:
+        grouped = choice.view(T, G, E // G)
+        group_scores = grouped.topk(2, dim=-1).values.sum(-1)
+        kept = group_scores.topk(router.topk_groups, dim=-1).indices
+        mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, kept, True)
+        choice = grouped.masked_fill(~mask.unsqueeze(-1), -math.inf).view(T, E)
+    ids = choice.topk(k, dim=-1).indices
+    weights = scores.gather(1, ids)
+    weights = weights / weights.sum(-1, keepdim=True) * router.route_scale
+    flat = ids.flatten()
+    order = flat.argsort(stable=True)
+    token = order // k
+    counts = torch.bincount(flat, minlength=E).tolist()
+    experts = zip(
+        x.index_select(0, token).split(counts),
+        token.split(counts),
+        weights.flatten()[order].split(counts),
+        layer.experts.gate_up_proj.unbind(0),
+        layer.experts.down_proj.unbind(0),
+        strict=True,
+    )
+    # Per expert, weighted into one fp32 output: the temporaries stay small (a few MB, reused
+    # by the allocator), where a cat of all rows and a weighting pass over them cost more.
+    out = x.new_zeros(x.shape, dtype=torch.float32)
+    for rows_e, token_e, weights_e, gate_up, down in experts:
+        gate, up = F.linear(rows_e, gate_up).chunk(2, dim=-1)
+        rows_e = F.linear(F.silu(gate) * up, down)
+        out.index_add_(0, token_e, rows_e.float() * weights_e.unsqueeze(1))
+    out = out.to(x.dtype)
+    if layer.shared_experts is not None:
+        gate, up = F.linear(x, layer.shared_experts.gate_up_proj).chunk(2, dim=-1)
+        out = out + F.linear(F.silu(gate) * up, layer.shared_experts.down_proj)
+    return out
+
+
+class DenseGemms:
+    """torch.mm products of the layer's FLOPs on random operands: the ceiling."""
+
+    def __init__(self, shape: Shape, device: str, dtype: torch.dtype) -> None:
+        g = torch.Generator().manual_seed(2)
+        T, H, Fh, R = shape.num_tokens, shape.hidden, shape.ffn, shape.num_tokens * shape.topk
+
+        def rand(*size: int) -> Tensor:
+            return torch.randn(size, generator=g).to(device, dtype)
+
+        pairs = [(rand(R, H), rand(2 * Fh, H)), (rand(R, Fh), rand(H, Fh))]
+        if shape.n_shared:
+            Fs = shape.n_shared * Fh
+            pairs += [(rand(T, H), rand(2 * Fs, H)), (rand(T, Fs), rand(H, Fs))]
+        self.leaves = [t.requires_grad_() for pair in pairs for t in pair]
+        self.pairs = pairs
+        self.grads = [rand(a.shape[0], w.shape[0]) for a, w in pairs]
+
+    def forward(self) -> list[Tensor]:
+        return [torch.mm(a, w.t()) for a, w in self.pairs]
+
+    def forward_backward(self) -> None:
+        for leaf in self.leaves:
+            leaf.grad = None
+        torch.autograd.backward(self.forward(), self.grads)
+
+
+class OtherLoad:
+    """CPU seconds the rest of the machine used while we timed (Linux /proc/stat: all busy time
+    minus this process's), and the time the hypervisor stole: both near 0 on a quiet machine."""
+
+    def __init__(self) -> None:
+        self.start = self._now()
+
+    @staticmethod
+    def _now() -> tuple[float, float, float] | None:
+        try:
+            with open("/proc/stat") as f:
+                fields = [int(v) for v in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        tick = os.sysconf("SC_CLK_TCK")
+        user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
+        busy = (user + nice + system + irq + softirq) / tick
+        return busy, steal / tick, time.process_time()
+
+    def seconds(self) -> dict[str, float] | None:
+        end = self._now()
+        if self.start is None or end is None:
+            return None
+        busy, steal, own = (b - a for a, b in zip(self.start, end, strict=True))
+        return {"other_processes_cpu_s": max(0.0, busy - own), "steal_s": steal}
+
+
+def forward_backward(module: nn.Module, fn: Callable[[Tensor], Tensor], x: Tensor, grad: Tensor):
+    """out, then x.grad, after a backward from zeroed (None) gradients."""
+    module.zero_grad(set_to_none=True)
+    x.grad = None
+    out = fn(x)
+    out.backward(grad)
+    return out.detach(), x.grad
+
+
+def check(name: str, got: Tensor, want: Tensor, dtype: torch.dtype) -> str:
+    """Exits with an error unless ``got`` matches ``want``; returns the error it found."""
+    err = (got.float() - want.float()).norm() / want.float().norm()
+    max_abs = (got.float() - want.float()).abs().max()
+    if dtype == torch.float32:
+        ok = torch.allclose(got, want, rtol=1e-4, atol=1e-5)
+    else:
+        ok = bool(err < 2e-2)
+    report = f"{name}: relative error {err:.2e}, max abs {max_abs:.2e}"
+    if not ok:
+        sys.exit(f"mismatch, not timing unequal work: {report}")
+    return report
+
+
+def bench_shape(shape: Shape, dev: str, dtype: torch.dtype, repeats: int, eager_repeats: int):
+    """Checks the implementations agree, then times them: one row per pass."""
+    hf, layer = build(shape, dev, dtype)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(shape.num_tokens, shape.hidden, generator=g).to(dev, dtype)
+    x.requires_grad_()
+    x_in = x.detach()
+    grad = torch.randn(x.shape, generator=g).to(dev, dtype)
+    impls = {
+        "moe_kernels": (layer, layer),
+        "transformers_eager": (hf, transformers_block(hf, "eager")),
+        "transformers_grouped_mm": (hf, transformers_block(hf, "grouped_mm")),
+        "pure_torch": (layer, lambda x: pure_torch_moe(layer, x)),
+    }
+    layer.train()
+    ref_out, ref_grad = forward_backward(hf, impls["transformers_eager"][1], x, grad)
+    for name, (module, fn) in impls.items():
+        out, x_grad = forward_backward(module, fn, x, grad)
+        print(f"{shape.name} {name} {check('output', out, ref_out, dtype)}")
+        print(f"{shape.name} {name} {check('input grad', x_grad, ref_grad, dtype)}", flush=True)
+    dense = DenseGemms(shape, dev, dtype)
+
+    def timed(name: str, passes: str) -> Timing:
+        module, fn = impls[name]
+        if passes == "forward":
+            layer.eval()
+
+            def run() -> None:
+                with torch.no_grad():
+                    fn(x_in)
+        else:
+            layer.train()
+
+            def run() -> None:
+                forward_backward(module, fn, x, grad)
+
+        slow = name == "transformers_eager"
+        timing = measure(
+            run, dev, warmup=1 if slow else 2, repeats=eager_repeats if slow else repeats
+        )
+        print(f"  {name}: {timing.median_ms:.1f} ms (min {timing.min_ms:.1f})", flush=True)
+        return timing
+
+    def timed_dense(passes: str) -> Timing:
+        if passes == "forward":
+            with torch.no_grad():
+                timing = measure(dense.forward, dev, repeats=repeats)
+        else:
+            timing = measure(dense.forward_backward, dev, repeats=repeats)
+        print(f"  dense: {timing.median_ms:.1f} ms (min {timing.min_ms:.1f})", flush=True)
+        return timing
+
+    rows = []
+    for passes in ("forward", "forward+backward"):
+        print(f"{shape.name} {passes}", flush=True)
+        load = OtherLoad()
+        t = {name: timed(name, passes) for name in impls}
+        t["dense"] = timed_dense(passes)
+        ms = {name: timing.median_ms for name, timing in t.items()}
+        interference = load.seconds()
+        print(f"  while timing: {interference}", flush=True)
+        flops = shape.flops() * (1 if passes == "forward" else 3)
+        ours = ms["moe_kernels"]
+        rows.append(
+            {
+                "shape": shape.name,
+                "pass": passes,
+                **{f"{name}_ms": value for name, value in ms.items()},
+                "dense_over_ours": ms["dense"] / ours,
+                "speedup_vs_grouped_mm": ms["transformers_grouped_mm"] / ours,
+                "speedup_vs_eager": ms["transformers_eager"] / ours,
+                "speedup_vs_pure_torch": ms["pure_torch"] / ours,
+                "gemm_flops": flops,
+                "moe_kernels_GFLOPs": flops / ours / 1e6,
+                "dense_GFLOPs": flops / ms["dense"] / 1e6,
+                **{f"{name}_min_ms": timing.min_ms for name, timing in t.items()},
+                "repeats": {name: timing.repeats for name, timing in t.items()},
+                "interference": interference,
+                "config": asdict(shape),
+            }
+        )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    parser.add_argument("--shape", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--tokens", type=int, default=None, help="override the shapes' tokens")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--eager-repeats", type=int, default=2, help="repeats of transformers' eager loop (slow)"
+    )
+    args = parser.parse_args()
+    dev, dtype = args.device, DTYPES[args.dtype]
+    results = []
+    for name in args.shape:
+        shape = (
+            SHAPES[name] if args.tokens is None else replace(SHAPES[name], num_tokens=args.tokens)
+        )
+        results += bench_shape(shape, dev, dtype, args.repeats, args.eager_repeats)
+    save(
+        f"bench_layer_{dev}_{args.dtype}",
+        results,
+        [
+            "shape",
+            "pass",
+            "moe_kernels_ms",
+            "transformers_eager_ms",
+            "transformers_grouped_mm_ms",
+            "pure_torch_ms",
+            "dense_ms",
+            "dense_over_ours",
+            "speedup_vs_grouped_mm",
+            "speedup_vs_eager",
+            "speedup_vs_pure_torch",
+        ],
+        f"MoELayer vs transformers' DeepseekV3MoE, pure PyTorch and dense GEMMs of equal FLOPs "
+        f"({dev}, {args.dtype}, medians of {args.repeats} repeats, {args.eager_repeats} for eager)",
+    )
+
+
+if __name__ == "__main__":
+    main()
