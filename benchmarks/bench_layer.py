@@ -57,6 +57,7 @@ from transformers import DeepseekV3Config
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
 
 from moe_kernels.layer import MoELayer
+from moe_kernels.memory import keep_freed_memory
 from timer import Timing, measure, save
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -378,7 +379,15 @@ def main() -> None:
     parser.add_argument(
         "--eager-repeats", type=int, default=2, help="repeats of transformers' eager loop (slow)"
     )
+    parser.add_argument(
+        "--keep-freed-memory",
+        action="store_true",
+        help="moe_kernels.keep_freed_memory() first (what moe-train does on the CPU), for every "
+        "implementation alike; results go to bench_layer_<device>_<dtype>_kept_memory",
+    )
     args = parser.parse_args()
+    if args.keep_freed_memory and not keep_freed_memory():
+        sys.exit("--keep-freed-memory: this C library has no mallopt")
     dev, dtype = args.device, DTYPES[args.dtype]
     results = []
     for name in args.shape:
@@ -387,7 +396,7 @@ def main() -> None:
         )
         results += bench_shape(shape, dev, dtype, args.repeats, args.eager_repeats)
     save(
-        f"bench_layer_{dev}_{args.dtype}",
+        f"bench_layer_{dev}_{args.dtype}" + ("_kept_memory" if args.keep_freed_memory else ""),
         results,
         [
             "shape",
@@ -403,7 +412,8 @@ def main() -> None:
             "speedup_vs_pure_torch",
         ],
         f"MoELayer vs transformers' DeepseekV3MoE, pure PyTorch and dense GEMMs of equal FLOPs "
-        f"({dev}, {args.dtype}, medians of {args.repeats} repeats, {args.eager_repeats} for eager)",
+        f"({dev}, {args.dtype}, medians of {args.repeats} repeats, {args.eager_repeats} for eager"
+        + (", freed memory kept by malloc)" if args.keep_freed_memory else ")"),
     )
 
 

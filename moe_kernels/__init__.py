@@ -12,6 +12,7 @@ import torch  # noqa: F401  (the native library links against torch: load torch 
 from . import _C, _autograd, _meta  # noqa: F401
 from .balancer import Balancer
 from .layer import MoELayer, moe_layers, total_aux_loss, update_balance
+from .memory import keep_freed_memory
 from .ops import (
     biased_topk,
     expert_histogram,
@@ -47,6 +48,7 @@ __all__ = [
     "grouped_gemm",
     "grouped_gemm_swiglu",
     "grouped_gemm_wgrad",
+    "keep_freed_memory",
     "moe_layers",
     "padded_tokens_per_expert",
     "permute",

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from moe_kernels import memory
 from moe_kernels.layer import moe_layers
 from moe_kernels.train import cli, loop
 from moe_kernels.train.checkpoint import load_checkpoint
@@ -141,7 +142,22 @@ def test_the_model_has_one_moe_layer_per_block_after_the_dense_ones():
     assert logits.shape == (2, 16, config.model.vocab_size)
 
 
-def test_cli_trains_two_strategies_and_plots_them(tmp_path, capsys):
+def test_keep_freed_memory_sets_glibc_malloc_options(monkeypatch):
+    calls = []
+
+    class FakeLibc:
+        def mallopt(self, option, value):
+            calls.append((option, value))
+            return 1
+
+    monkeypatch.setattr(memory.ctypes, "CDLL", lambda name: FakeLibc())
+    assert memory.keep_freed_memory()
+    assert calls == [(-4, 0), (-1, 2**31 - 1)]  # M_MMAP_MAX = 0, M_TRIM_THRESHOLD = 2 GB
+
+
+def test_cli_trains_two_strategies_and_plots_them(tmp_path, capsys, monkeypatch):
+    kept = []
+    monkeypatch.setattr(cli, "keep_freed_memory", lambda: kept.append(True))
     args = [
         "--balancing", "loss_free", "none",
         "--out", str(tmp_path / "runs"),
@@ -154,6 +170,7 @@ def test_cli_trains_two_strategies_and_plots_them(tmp_path, capsys):
         "--seq-len", "16", "--micro-batch-size", "4",
     ]  # fmt: skip
     assert cli.main(args) == 0
+    assert kept == [True]  # a CPU run keeps freed memory
     printed = capsys.readouterr().out
     assert "loss_free: val loss" in printed and "none: val loss" in printed
     assert "MaxVio_global" in printed

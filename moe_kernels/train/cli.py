@@ -10,8 +10,9 @@ import sys
 from pathlib import Path
 
 from ..layer import BALANCING
+from ..memory import keep_freed_memory
 from .config import PRESETS, TrainConfig
-from .loop import train
+from .loop import resolve_device, train
 from .plots import plot_runs
 
 # Options that override a preset's run settings, and those of its model.
@@ -78,6 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume", action="store_true", help="continue from --out's checkpoint")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--cache-dir", type=Path, default=None)
+    parser.add_argument(
+        "--keep-freed-memory",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="on the CPU, have malloc keep freed memory for reuse instead of mapping fresh "
+        "pages for every large buffer (moe_kernels.keep_freed_memory; default on)",
+    )
     for name, kind in {**RUN_OPTIONS, **MODEL_OPTIONS}.items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=kind, choices=CHOICES.get(name))
     return parser
@@ -100,6 +108,8 @@ def config_from_args(args: argparse.Namespace, balancing: str) -> TrainConfig:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     out = args.out or Path("runs") / args.preset
+    if args.keep_freed_memory and resolve_device(args.device).type == "cpu":
+        keep_freed_memory()
     summaries, histories = {}, {}
     for balancing in args.balancing:
         config = config_from_args(args, balancing)
