@@ -3,7 +3,7 @@
 # MaxVio_global; `make test` creates .venv, installs the pinned dependencies,
 # builds the extension (CUDA kernels too when nvcc and a CUDA torch are present; force with
 # MOE_KERNELS_CUDA=0|1) and runs the test suite; `make test-asan` runs the CUDA kernels' tests on
-# the emulator under AddressSanitizer. `make bench` runs the CPU benchmarks (about 15 minutes);
+# the emulator under AddressSanitizer. `make bench` runs the CPU benchmarks (about 20 minutes);
 # `make lint` checks formatting (ruff, clang-format) and `make format` applies it.
 PYTHON ?= python3
 VENV ?= .venv
@@ -41,6 +41,8 @@ bench: build
 	$(PY) benchmarks/bench_grouped_gemm.py --dtype bf16
 	$(PY) benchmarks/bench_layer.py --dtype fp32
 	$(PY) benchmarks/bench_layer.py --dtype bf16
+	$(PY) benchmarks/bench_layer.py --dtype fp32 --keep-freed-memory
+	$(PY) benchmarks/bench_layer.py --dtype bf16 --keep-freed-memory
 
 PY_SOURCES := moe_kernels python_tests benchmarks setup.py
 CXX_SOURCES = $(shell git ls-files 'csrc/*.h' 'csrc/*.cpp' 'csrc/*.cu' 'csrc/*.cuh')

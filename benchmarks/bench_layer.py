@@ -2,6 +2,7 @@
 
     python benchmarks/bench_layer.py [--device cpu|cuda] [--dtype fp32|bf16] [--shape NAME ...]
                                      [--tokens N] [--repeats 5] [--eager-repeats 2]
+                                     [--keep-freed-memory]
 
 One MoE block, forward and forward+backward, four implementations of the same computation with
 the same weights (transformers' parameters copied into MoELayer):
@@ -25,6 +26,11 @@ forward with gradients then ``out.backward(grad)`` for a fixed random ``grad``, 
 the input and every parameter set to None before each repeat. Before timing, the script checks
 that every implementation gives transformers' eager output and input gradient (fp32: allclose
 rtol 1e-4, atol 1e-5; bf16: relative error norm below 2e-2) and exits with an error otherwise.
+
+``--keep-freed-memory`` calls ``moe_kernels.keep_freed_memory()`` first (glibc malloc then
+serves large blocks from its heap and keeps freed memory, as moe-train does on the CPU): every
+implementation runs under it alike, and the fresh pages of the many 50-400 MB buffers a block
+creates per step stop costing a page fault each.
 
 Shapes: "deepseek-v3" (hidden 1024, expert FFN 512, 64 experts, top-6 of 8 groups keeping 4,
 1 shared expert, routed scaling 2.5, 4096 tokens) and "mixtral" (hidden 1024, FFN 3584,
