@@ -72,6 +72,12 @@ def wheel_include_dirs(site_packages: Path) -> list[Path]:
     return sorted(Path(p) for p in found)
 
 
+def find_nccl_library(site_packages: Path) -> Path | None:
+    """libnccl.so.2 of torch's nvidia-nccl wheel (the wheel has no libnccl.so)."""
+    found = sorted(glob.glob(str(site_packages / "nvidia" / "nccl" / "lib" / "libnccl.so*")))
+    return Path(found[0]) if found else None
+
+
 def find_nvtx_include(dirs: list[Path]) -> Path | None:
     for d in dirs:
         if (d / "nvtx3" / "nvtx3.hpp").is_file():
@@ -141,8 +147,10 @@ class CMakeBuild(build_ext):
             f"-DMOE_KERNELS_CUDA={'ON' if with_cuda else 'OFF'}",
             f"-DMOE_KERNELS_ASAN={'ON' if sanitize else 'OFF'}",
         ]
+        nccl = find_nccl_library(site_packages) if with_cuda else None
         if with_cuda:
             args += [
+                f"-DMOE_KERNELS_NCCL_LIBRARY={nccl or ''}",
                 f"-DCMAKE_CUDA_COMPILER={cuda_home / 'bin' / 'nvcc'}",
                 f"-DCUDAToolkit_ROOT={cuda_home}",
                 f"-DCMAKE_CUDA_ARCHITECTURES={cmake_cuda_architectures(arch_list)}",
@@ -161,6 +169,7 @@ class CMakeBuild(build_ext):
                 f"  torch        : {torch.__version__} (CUDA {torch.version.cuda})",
                 f"  CUDA toolkit : {cuda_home if with_cuda else '-'}",
                 f"  CUDA archs   : {arch_list if with_cuda else '-'}",
+                f"  NCCL         : {nccl or '-'}",
                 f"  NVTX ranges  : {'on' if nvtx_include else 'off (nvtx3 headers not found)'}",
                 f"  build tree   : {build_dir}",
                 f"  module       : {self.get_ext_fullpath(ext.name)}",

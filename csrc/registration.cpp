@@ -11,6 +11,10 @@
 
 #include "emu/mode.h"
 
+#if defined(MOE_KERNELS_WITH_NCCL)
+#include "comm/nccl_transport.h"
+#endif
+
 namespace moe_kernels::emu::selftest {
 void bind(pybind11::module_& m);
 }
@@ -52,6 +56,18 @@ TORCH_LIBRARY(moe_kernels, m) {
       "grouped_gemm_swiglu(Tensor a, Tensor b, Tensor tokens_per_expert, bool trans_b=False, "
       "str backend=\"kernel\") -> (Tensor out, Tensor pre)");
   m.def("swiglu_backward(Tensor grad_out, Tensor pre) -> Tensor");
+
+  // Expert-parallel dispatch and combine (SPEC.md section 5; csrc/comm/dispatch.cpp).
+  m.def(
+      "ep_plan(Tensor rows, Tensor tokens_per_expert, str group_name, "
+      "str transport=\"process_group\") -> (Tensor send_splits, Tensor recv_counts, "
+      "Tensor recv_counts_device, Tensor group_tokens_per_expert)");
+  m.def(
+      "ep_dispatch_rows(Tensor rows, Tensor recv_counts, int[] send_splits, int[] recv_splits, "
+      "str group_name, str transport=\"process_group\") -> Tensor");
+  m.def(
+      "ep_combine_rows(Tensor expert_rows, Tensor recv_counts, int[] send_splits, "
+      "int[] recv_splits, str group_name, str transport=\"process_group\") -> Tensor");
 }
 
 namespace {
@@ -64,6 +80,11 @@ std::map<std::string, std::string> build_info() {
 #else
   info["cuda"] = "0";
   info["cuda_archs"] = "";
+#endif
+#if defined(MOE_KERNELS_WITH_NCCL)
+  info["nccl"] = moe_kernels::comm::nccl_version();
+#else
+  info["nccl"] = "";
 #endif
 #if defined(MOE_KERNELS_WITH_NVTX)
   info["nvtx"] = "1";
@@ -100,6 +121,17 @@ PYBIND11_MODULE(_C, m) {
   m.def("emulation", &emulation, "(enabled, schedule, seed) of the CPU emulator.");
   m.def("emulated_ops", &moe_kernels::emu::emulated_ops,
         "The ops whose CUDA kernel runs on the CPU emulator under moe_kernels.emulate().");
+#if defined(MOE_KERNELS_WITH_NCCL)
+  m.def(
+      "nccl_unique_id", [] { return pybind11::bytes(moe_kernels::comm::nccl_unique_id()); },
+      "A new ncclUniqueId, as bytes (rank 0 makes it, the group broadcasts it).");
+  m.def("init_nccl_transport", &moe_kernels::comm::init_nccl_transport, pybind11::arg("group_name"),
+        pybind11::arg("unique_id"), pybind11::arg("rank"), pybind11::arg("size"),
+        pybind11::arg("device"), pybind11::arg("timeout_s"),
+        "Creates this rank's NCCL communicator of the direct transport of a group (collective).");
+  m.def("release_nccl_transport", &moe_kernels::comm::release_nccl_transport,
+        "Destroys the NCCL communicator of a group's direct transport, if any.");
+#endif
   auto selftest = m.def_submodule("emulator_selftest", "Kernels that test the emulator itself.");
   moe_kernels::emu::selftest::bind(selftest);
 }

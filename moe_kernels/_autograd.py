@@ -124,3 +124,29 @@ torch.library.register_autograd(
     _grouped_gemm_swiglu_backward,
     setup_context=_grouped_gemm_swiglu_setup,
 )
+
+
+# Expert-parallel dispatch and combine move rows by a fixed plan, each the other's inverse: the
+# gradient of one is the other applied to the gradient, with the same plan.
+def _ep_rows_setup(ctx, inputs, output):
+    _rows, recv_counts, send_splits, recv_splits, group_name, transport = inputs
+    ctx.save_for_backward(recv_counts)
+    ctx.plan = (send_splits, recv_splits, group_name, transport)
+
+
+def _ep_dispatch_rows_backward(ctx, grad):
+    (recv_counts,) = ctx.saved_tensors
+    return _ops.ep_combine_rows(grad, recv_counts, *ctx.plan), None, None, None, None, None
+
+
+def _ep_combine_rows_backward(ctx, grad):
+    (recv_counts,) = ctx.saved_tensors
+    return _ops.ep_dispatch_rows(grad, recv_counts, *ctx.plan), None, None, None, None, None
+
+
+torch.library.register_autograd(
+    "moe_kernels::ep_dispatch_rows", _ep_dispatch_rows_backward, setup_context=_ep_rows_setup
+)
+torch.library.register_autograd(
+    "moe_kernels::ep_combine_rows", _ep_combine_rows_backward, setup_context=_ep_rows_setup
+)

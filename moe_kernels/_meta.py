@@ -133,3 +133,15 @@ def _(
 def _(grad_out: Tensor, pre: Tensor):
     _check_device(pre, grad_out, "pre", "grad_out")
     return pre.new_empty(pre.shape)
+
+
+@torch.library.register_fake("moe_kernels::ep_dispatch_rows")
+def _(rows, recv_counts, send_splits, recv_splits, group_name, transport="process_group"):
+    _check_device(recv_counts, rows, "recv_counts", "rows")
+    return rows.new_empty((sum(recv_splits), rows.shape[1]))
+
+
+@torch.library.register_fake("moe_kernels::ep_combine_rows")
+def _(expert_rows, recv_counts, send_splits, recv_splits, group_name, transport="process_group"):
+    _check_device(recv_counts, expert_rows, "recv_counts", "expert_rows")
+    return expert_rows.new_empty((sum(send_splits), expert_rows.shape[1]))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -18,32 +19,69 @@ def _init_uniform(weight: Tensor, fan_in: int) -> None:
 
 
 class SwiGLUExperts(nn.Module):
-    """E SwiGLU FFNs, ``down(silu(gate(x)) * up(x))``, over rows already grouped by expert.
+    """E SwiGLU FFNs, ``down(silu(gate(x)) * up(x))``, over rows already grouped by expert;
+    under expert parallelism, the ``num_local_experts`` of them from ``first_expert`` on.
 
     Weights are stored as transformers' MoE blocks store them (``nn.Linear`` layout, out x in,
     stacked): ``gate_up_proj`` [E, 2F, H] (the gate projection's F rows, then the up
     projection's) and ``down_proj`` [E, H, F]. The first product runs with SwiGLU fused into
     its epilogue (``ops.grouped_gemm_swiglu``), the second is ``ops.grouped_gemm``.
 
+    Initialisation draws all E experts' weights and keeps the local ones, so a model sharded
+    over any number of ranks starts from the weights of the unsharded one.
+
     Args:
-        num_experts: E (the experts held here: the local ones under expert parallelism).
+        num_experts: E, over the whole expert-parallel group.
         hidden_size: H.
         ffn_hidden_size: F, each expert's intermediate size.
         backend: the grouped GEMM backend, "kernel" or "cublas" (see ``ops.grouped_gemm``).
+        first_expert, num_local_experts: the experts held here (default: all of them).
     """
 
     def __init__(
-        self, num_experts: int, hidden_size: int, ffn_hidden_size: int, backend: str = "kernel"
+        self,
+        num_experts: int,
+        hidden_size: int,
+        ffn_hidden_size: int,
+        backend: str = "kernel",
+        *,
+        first_expert: int = 0,
+        num_local_experts: int | None = None,
     ) -> None:
         super().__init__()
+        local = num_experts - first_expert if num_local_experts is None else num_local_experts
+        if not (0 <= first_expert and 0 < local and first_expert + local <= num_experts):
+            raise ValueError(
+                f"experts [{first_expert}, {first_expert + local}) are not a non-empty range "
+                f"of num_experts={num_experts}"
+            )
         self.backend = backend
-        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * ffn_hidden_size, hidden_size))
-        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, ffn_hidden_size))
+        self.num_experts = num_experts
+        self.first_expert = first_expert
+        self.gate_up_proj = nn.Parameter(torch.empty(local, 2 * ffn_hidden_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(local, hidden_size, ffn_hidden_size))
         self.reset_parameters()
 
+    @property
+    def num_local_experts(self) -> int:
+        return self.gate_up_proj.shape[0]
+
+    @property
+    def sharded(self) -> bool:
+        return self.num_local_experts != self.num_experts
+
     def reset_parameters(self) -> None:
-        _init_uniform(self.gate_up_proj, self.gate_up_proj.shape[2])
-        _init_uniform(self.down_proj, self.down_proj.shape[2])
+        self.init_local(self.gate_up_proj, lambda w: _init_uniform(w, w.shape[2]))
+        self.init_local(self.down_proj, lambda w: _init_uniform(w, w.shape[2]))
+
+    @torch.no_grad()
+    def init_local(self, weight: Tensor, init: Callable[[Tensor], object]) -> None:
+        """Initialises ``weight`` (a parameter of this module) as ``init`` would initialise the
+        weights of all E experts, keeping the local ones: the same random draws on every rank
+        and for every group size."""
+        every_expert = weight.new_empty((self.num_experts, *weight.shape[1:]))
+        init(every_expert)
+        weight.copy_(every_expert[self.first_expert : self.first_expert + self.num_local_experts])
 
     def forward(self, rows: Tensor, tokens_per_expert: Tensor) -> Tensor:
         """[R, H] rows in expert order, [E] rows per expert -> [R, H].
@@ -61,10 +99,11 @@ class SwiGLUExperts(nn.Module):
         return ops.grouped_gemm(hidden, down, tokens_per_expert, trans_b=True, backend=self.backend)
 
     def extra_repr(self) -> str:
-        num_experts, two_ffn, hidden = self.gate_up_proj.shape
+        local, two_ffn, hidden = self.gate_up_proj.shape
+        shard = f" (experts {self.first_expert}..{self.first_expert + local - 1})"
         return (
-            f"num_experts={num_experts}, hidden_size={hidden}, ffn_hidden_size={two_ffn // 2}, "
-            f"backend={self.backend}"
+            f"num_experts={self.num_experts}{shard if self.sharded else ''}, "
+            f"hidden_size={hidden}, ffn_hidden_size={two_ffn // 2}, backend={self.backend}"
         )
 
 

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from . import balance, ops
 from ._nvtx import nvtx_range
 from .balancer import Balancer, RateSchedule
+from .dispatch import ExpertParallelDispatcher
 from .experts import SwiGLUExperts, SwiGLUMLP
 from .router import Router
 
@@ -63,6 +64,11 @@ class MoELayer(nn.Module):
         capacity_factor: for ``expert_choice``.
         process_group: the data x expert-parallel group counts are summed over.
         backend: the grouped GEMM backend.
+        ep_group: the expert-parallel group: its P ranks hold E/P experts each (rank r experts
+            [r * E/P, (r + 1) * E/P)) and exchange rows with all-to-alls (see
+            ``moe_kernels.dispatch``); routing, the bias and shared experts stay replicated.
+            None: every expert here.
+        ep_transport: the dispatcher's transport, "auto", "process_group" or "nccl".
     """
 
     def __init__(
@@ -88,6 +94,8 @@ class MoELayer(nn.Module):
         capacity_factor: float = 1.0,
         process_group: dist.ProcessGroup | None = None,
         backend: str = "kernel",
+        ep_group: dist.ProcessGroup | None = None,
+        ep_transport: str = "auto",
     ) -> None:
         super().__init__()
         if balancing not in BALANCING:
@@ -100,6 +108,8 @@ class MoELayer(nn.Module):
             raise ValueError(f"capacity_factor must be > 0, got {capacity_factor}")
         if num_shared_experts < 0:
             raise ValueError(f"num_shared_experts must be >= 0, got {num_shared_experts}")
+        if ep_group is not None and balancing == "expert_choice":
+            raise ValueError("balancing='expert_choice' does not support expert parallelism")
         self.hidden_size = hidden_size
         self.num_experts = num_experts
         self.topk = topk
@@ -126,7 +136,21 @@ class MoELayer(nn.Module):
             freeze_after=freeze_after,
             process_group=process_group,
         )
-        self.experts = SwiGLUExperts(num_experts, hidden_size, ffn_hidden_size, backend)
+        self.dispatcher = (
+            None
+            if ep_group is None
+            else ExpertParallelDispatcher(num_experts, ep_group, ep_transport)
+        )
+        self.experts = SwiGLUExperts(
+            num_experts,
+            hidden_size,
+            ffn_hidden_size,
+            backend,
+            first_expert=0 if self.dispatcher is None else self.dispatcher.first_expert,
+            num_local_experts=None
+            if self.dispatcher is None
+            else self.dispatcher.num_local_experts,
+        )
         self.shared_experts = (
             SwiGLUMLP(hidden_size, num_shared_experts * ffn_hidden_size)
             if num_shared_experts
@@ -173,9 +197,14 @@ class MoELayer(nn.Module):
             self.aux_loss = self._balance_loss(logits, ids, counts, keep, shape)
         with nvtx_range("dispatch"):
             rows, row_map, rows_per_expert = ops.permute(x, ids, self.num_experts)
+            if self.dispatcher is not None:
+                rows, plan = self.dispatcher.dispatch(rows, rows_per_expert)
+                rows_per_expert = plan.tokens_per_expert
         with nvtx_range("experts"):
             rows = self.experts(rows, rows_per_expert)
         with nvtx_range("combine"):
+            if self.dispatcher is not None:
+                rows = self.dispatcher.combine(rows, plan)
             return ops.unpermute(rows, row_map, weights), counts
 
     def _balance_loss(

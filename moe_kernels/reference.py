@@ -129,3 +129,49 @@ def swiglu_backward(grad_out: Tensor, pre: Tensor) -> Tensor:
     pre = pre.detach().to(_opmath(pre.dtype)).requires_grad_()
     (grad_pre,) = torch.autograd.grad(swiglu(pre), pre, grad_out.to(pre.dtype))
     return grad_pre.to(grad_out.dtype)
+
+
+def ep_dispatch(rows: Tensor, tokens_per_expert: Tensor, group=None) -> tuple[Tensor, Tensor]:
+    """Expert-parallel dispatch on ``torch.distributed.all_to_all_single``: the rows of this
+    rank's experts, grouped by local expert then source rank, and their [E/P] counts."""
+    import torch.distributed as dist
+
+    size, rank = dist.get_world_size(group), dist.get_rank(group)
+    local = tokens_per_expert.numel() // size
+    every_rank = [torch.empty_like(tokens_per_expert) for _ in range(size)]
+    dist.all_gather(every_rank, tokens_per_expert, group=group)
+    recv = torch.stack(every_rank)[:, rank * local : (rank + 1) * local]  # [source, expert]
+    received = rows.new_empty(int(recv.sum()), rows.shape[1])
+    dist.all_to_all_single(
+        received,
+        rows.contiguous(),
+        recv.sum(1).tolist(),
+        tokens_per_expert.view(size, local).sum(1).tolist(),
+        group=group,
+    )
+    pieces = received.split(recv.flatten().tolist())
+    by_expert = [pieces[s * local + e] for e in range(local) for s in range(size)]
+    return torch.cat(by_expert) if by_expert else received, recv.sum(0)
+
+
+def ep_combine(expert_rows: Tensor, tokens_per_expert: Tensor, num_rows: int, group=None) -> Tensor:
+    """The inverse of ``ep_dispatch`` on ``all_to_all_single``: ``tokens_per_expert`` [E] are
+    this rank's counts of the dispatch, ``num_rows`` its number of rows."""
+    import torch.distributed as dist
+
+    size, rank = dist.get_world_size(group), dist.get_rank(group)
+    local = tokens_per_expert.numel() // size
+    every_rank = [torch.empty_like(tokens_per_expert) for _ in range(size)]
+    dist.all_gather(every_rank, tokens_per_expert, group=group)
+    recv = torch.stack(every_rank)[:, rank * local : (rank + 1) * local]
+    pieces = expert_rows.split(recv.t().flatten().tolist())  # [expert, source]
+    by_source = [pieces[e * size + s] for s in range(size) for e in range(local)]
+    rows = expert_rows.new_empty(num_rows, expert_rows.shape[1])
+    dist.all_to_all_single(
+        rows,
+        torch.cat(by_source) if by_source else expert_rows,
+        tokens_per_expert.view(size, local).sum(1).tolist(),
+        recv.sum(1).tolist(),
+        group=group,
+    )
+    return rows

@@ -7,9 +7,21 @@ from pathlib import Path
 
 import torch
 
+from ..parallel import ParallelLayout
 from .atomic import atomic_write
+from .config import TrainConfig
 
 CHECKPOINT_NAME = "checkpoint.pt"
+# The consolidated weights: every expert of every layer in one state_dict, whatever the number
+# of ranks that trained them; loads into the model built without expert parallelism.
+EXPORT_NAME = "model.pt"
+
+
+def checkpoint_name(layout: ParallelLayout) -> str:
+    """One file per rank under torch.distributed (its experts, optimizer state and RNG)."""
+    if not layout.distributed:
+        return CHECKPOINT_NAME
+    return f"checkpoint-rank{layout.rank}-of-{layout.world_size}.pt"
 
 
 def rng_state() -> dict[str, object]:
@@ -30,6 +42,21 @@ def save_checkpoint(path: Path, **state: object) -> None:
     """Saves ``state`` (model, optimizer, scheduler, sampler, step, config, history: whatever
     the loop passes) with the RNG states of this process."""
     atomic_write(path, lambda file: torch.save({**state, "rng": rng_state()}, file))
+
+
+def save_export(path: Path, state_dict: dict[str, torch.Tensor], config: TrainConfig) -> None:
+    """Writes the consolidated ``state_dict`` with the configuration that builds its model
+    (``load_export``)."""
+    atomic_write(
+        path, lambda file: torch.save({"model": state_dict, "config": config.to_dict()}, file)
+    )
+
+
+def load_export(path: Path) -> tuple[TrainConfig, dict[str, torch.Tensor]]:
+    """The configuration and consolidated weights of ``save_export``: build
+    ``MoETransformer(config)`` and load the weights into it."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return TrainConfig.from_dict(state["config"]), state["model"]
 
 
 def load_checkpoint(path: Path) -> dict[str, object]:

@@ -5,9 +5,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import json
+import os
 import sys
 from pathlib import Path
+
+import torch
+import torch.distributed as dist
 
 from ..layer import BALANCING
 from ..memory import keep_freed_memory
@@ -32,6 +37,8 @@ RUN_OPTIONS = {
     "aux_coeff": float,
     "global_counts": str,
     "capacity_factor": float,
+    "ep_size": int,
+    "ep_transport": str,
     "eval_every": int,
     "eval_tokens": int,
     "checkpoint_every": int,
@@ -55,6 +62,7 @@ CHOICES = {
     "rule": ("sign", "proportional"),
     "global_counts": ("running", "previous"),
     "score_fn": ("sigmoid", "softmax"),
+    "ep_transport": ("auto", "process_group", "nccl"),
 }
 
 
@@ -64,7 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__,
         epilog="Data: 'stdlib' (the docstrings and comments of Python's standard library, "
         "the default), 'kjv' (Debian's bible-kjv-text), a text file or folder, or a "
-        "pre-tokenized .npy / .bin (uint16) file of token ids.",
+        "pre-tokenized .npy / .bin (uint16) file of token ids. Expert parallelism: "
+        "torchrun --nproc_per_node=P -m moe_kernels.train --ep-size P (every rank draws its "
+        "own micro-batch; experts sharded over groups of --ep-size ranks; Gloo on the CPU, "
+        "NCCL on GPUs).",
     )
     parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     parser.add_argument(
@@ -79,6 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume", action="store_true", help="continue from --out's checkpoint")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--cache-dir", type=Path, default=None)
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=600.0,
+        help="under torchrun: seconds a rank waits for the others in a collective before it "
+        "stops with an error (default 600)",
+    )
     parser.add_argument(
         "--keep-freed-memory",
         action=argparse.BooleanOptionalAction,
@@ -105,10 +123,43 @@ def config_from_args(args: argparse.Namespace, balancing: str) -> TrainConfig:
     )
 
 
+def init_distributed(device: str, timeout: float) -> torch.device | None:
+    """Joins the torchrun job this process belongs to (none when not launched by torchrun):
+    NCCL between GPUs, one per local rank, Gloo between CPU processes. Returns the device."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return None
+    torch_device = resolve_device(device)
+    if torch_device.type == "cuda":
+        torch_device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(torch_device)
+    dist.init_process_group(
+        "nccl" if torch_device.type == "cuda" else "gloo",
+        timeout=datetime.timedelta(seconds=timeout),
+        device_id=torch_device if torch_device.type == "cuda" else None,
+    )
+    return torch_device
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     out = args.out or Path("runs") / args.preset
-    if args.keep_freed_memory and resolve_device(args.device).type == "cpu":
+    device = init_distributed(args.device, args.timeout)
+    rank = dist.get_rank() if device is not None else 0
+    try:
+        return run(args, out, args.device if device is None else str(device), rank)
+    except BaseException as error:
+        if device is not None:
+            # The other ranks stop too: their collectives fail when this process's connections
+            # close, or at the latest after --timeout seconds.
+            print(f"moe-train: rank {rank} failed: {error!r}", file=sys.stderr, flush=True)
+        raise
+    finally:
+        if device is not None and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run(args: argparse.Namespace, out: Path, device: str, rank: int) -> int:
+    if args.keep_freed_memory and resolve_device(device).type == "cpu":
         keep_freed_memory()
     summaries, histories = {}, {}
     for balancing in args.balancing:
@@ -119,11 +170,14 @@ def main(argv: list[str] | None = None) -> int:
         summary = train(
             config,
             run_dir,
-            device=args.device,
+            device=device,
             resume=args.resume,
             progress=not args.no_progress,
             cache_dir=args.cache_dir,
+            timeout=datetime.timedelta(seconds=args.timeout),
         )
+        if rank != 0:
+            continue
         summaries[balancing] = summary
         histories[balancing] = [
             json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()

@@ -51,6 +51,10 @@ class TrainConfig:
     aux_coeff: float = 1e-3
     global_counts: str = "running"
     capacity_factor: float = 1.0
+    # Expert parallelism (under torchrun): experts sharded over groups of ep_size ranks; every
+    # rank draws its own micro-batch (the global batch is micro_batch_size x ranks).
+    ep_size: int = 1
+    ep_transport: str = "auto"
     eval_every: int = 100
     eval_tokens: int = 65536
     checkpoint_every: int = 100

@@ -132,16 +132,22 @@ class BatchSampler:
 
 
 def eval_batches(
-    tokens: TokenIds, batch_size: int, seq_len: int, max_tokens: int
+    tokens: TokenIds, batch_size: int, seq_len: int, max_tokens: int, multiple_of: int = 1
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Consecutive non-overlapping windows from the start of ``tokens``, in batches.
 
     (inputs, targets) pairs, each [batch, seq_len] int64 with batch <= batch_size (only the
     last batch can be smaller). The windows hold at most ``max_tokens`` inputs in all, but
-    there is always one. The same on every call.
+    there is always one; their number is a multiple of ``multiple_of`` (with ``batch_size``
+    one too, every batch splits evenly over that many ranks). The same on every call.
     """
     _check_window_fits(tokens, seq_len)
     num_windows = min((len(tokens) - 1) // seq_len, max(1, max_tokens // seq_len))
+    num_windows = max(multiple_of, num_windows // multiple_of * multiple_of)
+    if num_windows * seq_len + 1 > len(tokens):
+        raise ValueError(
+            f"{len(tokens)} tokens are too few for {multiple_of} windows of seq_len={seq_len}"
+        )
     starts = torch.arange(num_windows) * seq_len
     return [
         _windows(tokens, starts[first : first + batch_size], seq_len)

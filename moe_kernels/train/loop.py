@@ -4,6 +4,7 @@ evaluation on held-out text, MaxVio, checkpoints, a summary and plots."""
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import math
 import random
@@ -11,15 +12,32 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from tqdm import tqdm
 
 from .. import balance
 from .._nvtx import nvtx_range
+from ..dispatch import init_nccl
 from ..layer import moe_layers, total_aux_loss, update_balance
+from ..parallel import (
+    ParallelLayout,
+    average_gradients,
+    clip_grad_norm_,
+    consolidated_state_dict,
+    init_expert_parallel,
+    is_sharded_expert,
+    mean_over_ranks,
+)
 from . import data as text_data
 from .atomic import atomic_write_text
-from .checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    EXPORT_NAME,
+    checkpoint_name,
+    load_checkpoint,
+    save_checkpoint,
+    save_export,
+)
 from .config import TrainConfig
 from .corpus import load_corpus
 from .documents import default_cache_dir
@@ -102,26 +120,53 @@ def autocast(config: TrainConfig, device: torch.device) -> torch.autocast:
 
 @torch.no_grad()
 def evaluate(
-    model: torch.nn.Module, batches, config: TrainConfig, device: torch.device
+    model: torch.nn.Module,
+    batches,
+    config: TrainConfig,
+    device: torch.device,
+    layout: ParallelLayout,
 ) -> dict[str, object]:
     """Loss on the held-out batches and MaxVio_global: each layer's counts summed over the
-    whole evaluation set (eval forwards do not count toward the balancer)."""
+    whole evaluation set, and over every rank (eval forwards do not count toward the
+    balancer). Each rank evaluates its share of every batch."""
     model.eval()
     meter = balance.LoadMeter()
-    loss_sum, tokens = 0.0, 0
+    totals = torch.zeros(2, dtype=torch.float64, device=device)  # loss x tokens, tokens
     for inputs, targets in batches:
+        inputs, targets = (local_share(t, layout).to(device) for t in (inputs, targets))
         with autocast(config, device):
-            logits = model(inputs.to(device))
-        loss_sum += float(language_model_loss(logits, targets.to(device))) * targets.numel()
-        tokens += targets.numel()
+            logits = model(inputs)
+        totals[0] += language_model_loss(logits, targets).double() * targets.numel()
+        totals[1] += targets.numel()
         meter.add(layer_counts(model))
     model.train()
-    per_layer = meter.max_violation()
+    counts = [c.to(device) for c in meter.tokens_per_expert]
+    if layout.distributed:
+        dist.all_reduce(totals)
+        for c in counts:
+            dist.all_reduce(c)
+    per_layer = [float(balance.max_violation(c)) for c in counts]
     return {
-        "val_loss": loss_sum / tokens,
+        "val_loss": float(totals[0] / totals[1]),
         "maxvio_global": mean(per_layer),
         "maxvio_global_per_layer": per_layer,
     }
+
+
+def local_share(batch: Tensor, layout: ParallelLayout) -> Tensor:
+    """This rank's rows of a global batch (the whole batch in one process)."""
+    share = batch.shape[0] // layout.world_size
+    return batch[layout.rank * share : (layout.rank + 1) * share]
+
+
+def computation_batch_maxvio(micro_counts: list[list[Tensor]], layout: ParallelLayout) -> float:
+    """Mean MaxVio per computation batch (micro_batch x ep_data_parallel sequences: the tokens
+    one expert-parallel group routes in one forward) over the step's micro-batches and the
+    layers; ``micro_counts`` holds each micro-batch's [E] counts per layer."""
+    counts = torch.stack([torch.stack(layers) for layers in micro_counts])
+    if layout.ep_size > 1:
+        dist.all_reduce(counts, group=layout.ep_group)
+    return float(balance.max_violation(counts).mean())
 
 
 def train_step(
@@ -131,12 +176,14 @@ def train_step(
     sampler: text_data.BatchSampler,
     config: TrainConfig,
     device: torch.device,
+    layout: ParallelLayout,
 ) -> dict[str, float]:
-    """One optimizer step over ``grad_accumulation`` micro-batches; then the balancer update
-    (the bias moves with the counts of the whole step)."""
-    losses, aux_losses, maxvio_micro = [], [], []
+    """One optimizer step over ``grad_accumulation`` micro-batches on every rank (gradients of
+    the mean loss over all of them); then the balancer update (the bias moves with the counts
+    of the whole step, summed over the ranks)."""
+    losses, aux_losses, micro_counts = [], [], []
     for _ in range(config.grad_accumulation):
-        inputs, targets = (t.to(device) for t in sampler.next_batch())
+        inputs, targets = (local_share(t, layout).to(device) for t in sampler.next_batch())
         with nvtx_range("forward"), autocast(config, device):
             loss = language_model_loss(model(inputs), targets)
             aux = total_aux_loss(model)
@@ -145,22 +192,22 @@ def train_step(
             (total / config.grad_accumulation).backward()
         losses.append(float(loss.detach()))
         aux_losses.append(0.0 if aux is None else float(aux.detach()))
-        # The computation batch of one process is the micro-batch.
-        maxvio_micro.append(mean([float(balance.max_violation(c)) for c in layer_counts(model)]))
+        micro_counts.append(layer_counts(model))
     with nvtx_range("optimizer"):
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        average_gradients(model, layout)
+        grad_norm = clip_grad_norm_(model, config.grad_clip, layout)
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
     step_maxvio = [float(balance.max_violation(c)) for c in update_balance(model)]
     return {
-        "train_loss": mean(losses),
-        "aux_loss": mean(aux_losses),
+        "train_loss": mean_over_ranks(mean(losses), device),
+        "aux_loss": mean_over_ranks(mean(aux_losses), device),
         "grad_norm": float(grad_norm),
         "lr": schedule.get_last_lr()[0],
         "maxvio_batch": mean(step_maxvio),
         "maxvio_batch_per_layer": step_maxvio,
-        "maxvio_computation_batch": mean(maxvio_micro),
+        "maxvio_computation_batch": computation_batch_maxvio(micro_counts, layout),
     }
 
 
@@ -169,7 +216,12 @@ def write_history(history: list[dict[str, object]], out_dir: Path) -> None:
 
 
 def summarize(
-    config: TrainConfig, history: list[dict[str, object]], data: TokenData, model, device
+    config: TrainConfig,
+    history: list[dict[str, object]],
+    data: TokenData,
+    model,
+    device,
+    layout: ParallelLayout,
 ) -> dict[str, object]:
     last = history[-1]
     tail = history[-max(1, len(history) // 10) :]
@@ -178,9 +230,11 @@ def summarize(
         "balancing": config.balancing,
         "data": data.description,
         "device": str(device),
+        "ranks": layout.world_size,
+        "ep_size": layout.ep_size,
         "steps": last["step"],
-        "tokens": last["step"] * config.tokens_per_step,
-        "parameters": sum(p.numel() for p in model.parameters()),
+        "tokens": last["step"] * config.tokens_per_step * layout.world_size,
+        "parameters": parameter_count(model, layout),
         "train_loss": mean([row["train_loss"] for row in tail]),
         "val_loss": last["val_loss"],
         "val_perplexity": math.exp(last["val_loss"]),
@@ -194,6 +248,14 @@ def summarize(
     }
 
 
+def parameter_count(model: torch.nn.Module, layout: ParallelLayout) -> int:
+    """Parameters of the whole model, each sharded expert weight at its full size."""
+    return sum(
+        p.numel() * (layout.ep_size if is_sharded_expert(p, model) else 1)
+        for p in model.parameters()
+    )
+
+
 def train(
     config: TrainConfig,
     out_dir: Path,
@@ -202,29 +264,51 @@ def train(
     resume: bool = False,
     progress: bool = True,
     cache_dir: Path | None = None,
+    timeout: datetime.timedelta = datetime.timedelta(minutes=10),
 ) -> dict[str, object]:
-    """Trains one model, writing ``checkpoint.pt``, ``history.jsonl``, ``summary.json`` and
-    the plots into ``out_dir``; with ``resume``, continues from its checkpoint exactly (same
-    weights, optimizer, bias, counts, RNG and data position). Returns the summary."""
+    """Trains one model, writing its checkpoint, ``history.jsonl``, ``summary.json``, the plots
+    and ``model.pt`` (the consolidated weights) into ``out_dir``; with ``resume``, continues
+    from its checkpoint exactly (same weights, optimizer, bias, counts, RNG and data position).
+    Returns the summary.
+
+    Under ``torchrun`` (an initialised default group) every rank calls it alike: each trains on
+    its share of every global batch, experts are sharded over groups of ``config.ep_size``
+    ranks, and each rank writes its own checkpoint file (``checkpoint-rank<r>-of-<W>.pt``: its
+    experts, optimizer state and RNG); rank 0 writes the rest. On GPUs the dispatcher's
+    transport "auto" is the direct NCCL one, whose host wait gives up after ``timeout``."""
+    layout = init_expert_parallel(config.ep_size)
+    is_main = layout.rank == 0
     out_dir.mkdir(parents=True, exist_ok=True)
     torch_device = resolve_device(device)
+    if (
+        torch_device.type == "cuda"
+        and layout.ep_size > 1
+        and config.ep_transport != "process_group"
+    ):
+        init_nccl(layout.ep_group, torch_device, timeout)
     data = prepare_data(config, cache_dir or default_cache_dir())
     config = dataclasses.replace(
         config, model=dataclasses.replace(config.model, vocab_size=data.vocab_size)
     )
     random.seed(config.seed)
     torch.manual_seed(config.seed)
-    model = MoETransformer(config).to(torch_device)
+    model = MoETransformer(config, layout).to(torch_device)
     optimizer = make_optimizer(model, config)
     schedule = make_schedule(optimizer, config)
+    # One sampler of global batches, the same on every rank: each takes its share, so W ranks
+    # train on exactly the batches of one process with a W times larger micro-batch.
     sampler = text_data.BatchSampler(
-        data.train, config.micro_batch_size, config.seq_len, config.seed
+        data.train, config.micro_batch_size * layout.world_size, config.seq_len, config.seed
     )
     eval_set = text_data.eval_batches(
-        data.val, config.micro_batch_size, config.seq_len, config.eval_tokens
+        data.val,
+        config.micro_batch_size * layout.world_size,
+        config.seq_len,
+        config.eval_tokens,
+        multiple_of=layout.world_size,
     )
     history: list[dict[str, object]] = []
-    checkpoint_path = out_dir / CHECKPOINT_NAME
+    checkpoint_path = out_dir / checkpoint_name(layout)
     if resume and checkpoint_path.exists():
         state = load_checkpoint(checkpoint_path)
         if state["config"] != config.to_dict():
@@ -237,6 +321,11 @@ def train(
         schedule.load_state_dict(state["schedule"])
         sampler.load_state_dict(state["sampler"])
         history = state["history"]
+    elif resume and layout.distributed and any(out_dir.glob("checkpoint*.pt")):
+        raise ValueError(
+            f"--resume: {out_dir} holds no checkpoint of rank {layout.rank} of "
+            f"{layout.world_size} ranks (it was written with another number of ranks)"
+        )
     step = history[-1]["step"] if history else 0
 
     def checkpoint() -> None:
@@ -249,24 +338,30 @@ def train(
             config=config.to_dict(),
             history=history,
         )
-        write_history(history, out_dir)
+        export = consolidated_state_dict(model, layout)
+        if is_main:
+            save_export(out_dir / EXPORT_NAME, export, config)
+            write_history(history, out_dir)
+        if layout.distributed:
+            dist.barrier()  # every rank's file is written before any moves on
 
     bar = tqdm(
         total=config.steps,
         initial=step,
         desc=config.balancing,
-        disable=not progress,
+        disable=not (progress and is_main),
         dynamic_ncols=True,
     )
     model.train()
+    tokens_per_step = config.tokens_per_step * layout.world_size
     while step < config.steps:
         begin = time.perf_counter()
         row: dict[str, object] = {"step": step + 1}
-        row.update(train_step(model, optimizer, schedule, sampler, config, torch_device))
-        row["tokens_per_s"] = config.tokens_per_step / (time.perf_counter() - begin)
+        row.update(train_step(model, optimizer, schedule, sampler, config, torch_device, layout))
+        row["tokens_per_s"] = tokens_per_step / (time.perf_counter() - begin)
         step += 1
         if step % config.eval_every == 0 or step == config.steps:
-            row.update(evaluate(model, eval_set, config, torch_device))
+            row.update(evaluate(model, eval_set, config, torch_device, layout))
         history.append(row)
         bar.update(1)
         bar.set_postfix(
@@ -277,7 +372,8 @@ def train(
         if step % config.checkpoint_every == 0 or step == config.steps:
             checkpoint()
     bar.close()
-    summary = summarize(config, history, data, model, torch_device)
-    atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-    plot_runs({config.balancing: history}, out_dir)
+    summary = summarize(config, history, data, model, torch_device, layout)
+    if is_main:
+        atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        plot_runs({config.balancing: history}, out_dir)
     return summary

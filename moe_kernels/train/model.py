@@ -5,11 +5,13 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..experts import SwiGLUMLP
+from ..experts import SwiGLUExperts, SwiGLUMLP
 from ..layer import MoELayer
+from ..parallel import ParallelLayout
 from .config import ModelConfig, TrainConfig
 
 
@@ -58,7 +60,7 @@ class Block(nn.Module):
         return x + self.ffn(self.ffn_norm(x))
 
 
-def moe_ffn(config: TrainConfig) -> MoELayer:
+def moe_ffn(config: TrainConfig, layout: ParallelLayout) -> MoELayer:
     model = config.model
     return MoELayer(
         model.hidden_size,
@@ -76,14 +78,20 @@ def moe_ffn(config: TrainConfig) -> MoELayer:
         aux_coeff=config.aux_coeff,
         global_counts=config.global_counts,
         capacity_factor=config.capacity_factor,
+        # The bias moves with the counts of every rank: data x expert parallel.
+        process_group=dist.group.WORLD if layout.distributed else None,
+        ep_group=layout.ep_group if layout.ep_size > 1 else None,
+        ep_transport=config.ep_transport,
     )
 
 
 class MoETransformer(nn.Module):
     """Token embedding, pre-norm blocks (causal attention with rotary positions, then an MoE
-    FFN), a final RMSNorm and an output head tied to the embedding."""
+    FFN), a final RMSNorm and an output head tied to the embedding. Under expert parallelism
+    (``layout``) each rank holds its share of the experts, initialised as the unsharded model's.
+    """
 
-    def __init__(self, config: TrainConfig) -> None:
+    def __init__(self, config: TrainConfig, layout: ParallelLayout | None = None) -> None:
         super().__init__()
         model = config.model
         self.config = model
@@ -93,7 +101,7 @@ class MoETransformer(nn.Module):
                 model,
                 SwiGLUMLP(model.hidden_size, model.dense_ffn_hidden_size)
                 if index < model.dense_layers
-                else moe_ffn(config),
+                else moe_ffn(config, layout or ParallelLayout()),
             )
             for index in range(model.num_layers)
         )
@@ -108,11 +116,20 @@ class MoETransformer(nn.Module):
         """GPT-2's scheme: N(0, 0.02) everywhere, residual output projections scaled down by
         sqrt(2 * layers) so the residual stream's variance does not grow with depth."""
         residual_std = 0.02 / math.sqrt(2 * self.config.num_layers)
+        experts = {
+            id(p): m for m in self.modules() if isinstance(m, SwiGLUExperts) for p in m.parameters()
+        }
         for name, parameter in self.named_parameters():
             if parameter.dim() < 2:
                 continue
             is_output = name.endswith(("attention.out.weight", "down_proj"))
-            nn.init.normal_(parameter, std=residual_std if is_output else 0.02)
+            std = residual_std if is_output else 0.02
+            if id(parameter) in experts:
+                experts[id(parameter)].init_local(
+                    parameter, lambda w, std=std: nn.init.normal_(w, std=std)
+                )
+            else:
+                nn.init.normal_(parameter, std=std)
 
     def forward(self, tokens: Tensor) -> Tensor:
         """[B, S] token ids -> [B, S, vocab] logits."""

@@ -1,0 +1,209 @@
+"""Expert-parallel dispatch and combine (SPEC.md section 5).
+
+Across an expert-parallel group of P ranks, rank r owns experts [r * E/P, (r + 1) * E/P).
+``ExpertParallelDispatcher.dispatch`` sends every row that ``permute`` grouped by expert to the
+rank owning its expert and returns the rows this rank received, grouped by local expert (then by
+source rank), with their counts per local expert: ready for the grouped GEMM. ``combine`` is its
+exact inverse. Both are differentiable: the backward of dispatch is combine of the gradient, and
+the reverse.
+
+The C++ side (csrc/comm) does the work: it exchanges every rank's [E] counts (one small
+all-to-all), then moves the rows with one all-to-all-v and orders them with
+``transpose_segments`` on the device. Two transports carry the all-to-alls:
+
+- ``"process_group"``: the torch.distributed group's own collective, whatever its backend (Gloo
+  between CPU processes, NCCL between GPUs);
+- ``"nccl"``: a communicator of NCCL's own for the group (``init_nccl``), one ``ncclSend`` and
+  ``ncclRecv`` per peer inside ``ncclGroupStart/End`` on a side stream, ordered with events.
+
+Host synchronisation: exactly one per dispatch, when the exchanged counts are copied to the host
+(the all-to-all-v needs its splits there). Combine and both backwards reuse the plan and never
+wait (the first dispatch of a dispatcher also checks, once, that every rank has the same
+num_experts). Every rank checks every rank's counts and shapes, so a mismatch (another hidden
+size or dtype on some rank, or counts that do not sum to its rows) raises the same error on all
+of them instead of leaving some waiting. The NCCL transport's host wait polls for errors
+and gives up after its timeout, aborting the communicator; the process-group transport inherits
+its group's timeout (``init_process_group(timeout=...)``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from . import _C
+
+_ops = torch.ops.moe_kernels
+TRANSPORTS = ("auto", "process_group", "nccl")
+_nccl_groups: set[str] = set()
+
+
+@dataclasses.dataclass(frozen=True)
+class DispatchPlan:
+    """What a dispatch moved, kept for its combine and both backwards.
+
+    Attributes:
+        send_splits: rows this rank sent to each rank.
+        recv_splits: rows it received from each rank.
+        recv_counts: [P, E/P] int64 on the rows' device: rows from each rank for each local
+            expert.
+        tokens_per_expert: [E/P] int64, rows per local expert (the grouped GEMM's segments).
+        group_tokens_per_expert: [E] int64, the counts of the whole group in this dispatch: the
+            load of the computation batch (micro-batch x ep_data_parallel).
+        transport: the transport that moved them.
+    """
+
+    send_splits: list[int]
+    recv_splits: list[int]
+    recv_counts: Tensor
+    tokens_per_expert: Tensor
+    group_tokens_per_expert: Tensor
+    transport: str
+
+
+def nccl_available() -> bool:
+    """Whether this build has the direct NCCL transport (CUDA builds with torch's NCCL wheel)."""
+    return hasattr(_C, "init_nccl_transport")
+
+
+def init_nccl(
+    group: dist.ProcessGroup | None = None,
+    device: torch.device | int | None = None,
+    timeout: datetime.timedelta = datetime.timedelta(minutes=10),
+) -> None:
+    """Creates the direct NCCL transport of ``group`` (the default group when None), on every
+    rank of it (collective): rank 0 makes an NCCL unique id, the group broadcasts it, and each
+    rank creates its communicator on ``device`` (default: the current CUDA device). ``timeout``
+    bounds the dispatcher's one host wait."""
+    if not nccl_available():
+        raise RuntimeError(
+            "transport 'nccl' needs a CUDA build of moe_kernels with NCCL "
+            f"(moe_kernels.build_info(): {_C.build_info()})"
+        )
+    group = group or dist.group.WORLD
+    index = torch.device("cuda", torch.cuda.current_device()) if device is None else device
+    index = torch.device("cuda", index) if isinstance(index, int) else torch.device(index)
+    unique_id = [_C.nccl_unique_id() if dist.get_rank(group) == 0 else None]
+    dist.broadcast_object_list(unique_id, group_src=0, group=group, device=index)
+    _C.init_nccl_transport(
+        group.group_name,
+        unique_id[0],
+        dist.get_rank(group),
+        dist.get_world_size(group),
+        index.index,
+        timeout.total_seconds(),
+    )
+    _nccl_groups.add(group.group_name)
+
+
+def release_nccl(group: dist.ProcessGroup | None = None) -> None:
+    """Destroys the direct NCCL transport of ``group``, if it has one."""
+    group = group or dist.group.WORLD
+    if group.group_name in _nccl_groups:
+        _C.release_nccl_transport(group.group_name)
+        _nccl_groups.discard(group.group_name)
+
+
+class ExpertParallelDispatcher:
+    """Dispatch and combine of an MoE layer's rows over an expert-parallel group.
+
+    Args:
+        num_experts: E, the layer's experts over the whole group; divisible by the group size.
+        group: the expert-parallel group (default: the default group).
+        transport: "process_group", "nccl" (after ``init_nccl(group)``), or "auto": "nccl" for
+            CUDA rows when the group has an NCCL transport, else "process_group".
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        group: dist.ProcessGroup | None = None,
+        transport: str = "auto",
+    ) -> None:
+        if not dist.is_initialized():
+            raise RuntimeError("expert parallelism needs torch.distributed.init_process_group()")
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
+        self.group = group or dist.group.WORLD
+        self.group_name = self.group.group_name
+        self.rank = dist.get_rank(self.group)
+        self.size = dist.get_world_size(self.group)
+        if num_experts % self.size:
+            raise ValueError(
+                f"num_experts={num_experts} must be divisible by the expert-parallel group "
+                f"size {self.size}"
+            )
+        self.num_experts = num_experts
+        self.num_local_experts = num_experts // self.size
+        self.first_expert = self.rank * self.num_local_experts
+        self.transport = transport
+        self._agreed = False
+
+    def _check_num_experts(self, tokens_per_expert: Tensor) -> None:
+        """Every rank must cut the same E experts: the counts messages are E long, and messages
+        of other sizes would break the collective rather than fail it. Checked once, on every
+        rank alike, by the first dispatch (later ones check shapes within the exchange)."""
+        if tokens_per_expert.numel() != self.num_experts:
+            raise ValueError(
+                f"tokens_per_expert must have num_experts={self.num_experts} entries, got "
+                f"{tokens_per_expert.numel()}"
+            )
+        if self._agreed:
+            return
+        every_rank = [None] * self.size
+        dist.all_gather_object(every_rank, self.num_experts, group=self.group)
+        if any(e != self.num_experts for e in every_rank):
+            raise ValueError(
+                f"expert-parallel dispatch: the ranks of the group disagree on num_experts: "
+                f"{every_rank} (rank by rank)"
+            )
+        self._agreed = True
+
+    def _transport(self, rows: Tensor) -> str:
+        if self.transport != "auto":
+            return self.transport
+        return "nccl" if rows.is_cuda and self.group_name in _nccl_groups else "process_group"
+
+    def dispatch(self, rows: Tensor, tokens_per_expert: Tensor) -> tuple[Tensor, DispatchPlan]:
+        """[R, H] rows grouped by global expert (``permute``'s) and their [E] counts -> the
+        rows of this rank's experts, [N, H] grouped by local expert then source rank, and the
+        plan (``plan.tokens_per_expert`` holds the [E/P] segment sizes). Collective."""
+        self._check_num_experts(tokens_per_expert)
+        transport = self._transport(rows)
+        send_splits, recv_counts_host, recv_counts, group_counts = _ops.ep_plan(
+            rows, tokens_per_expert, self.group_name, transport
+        )
+        plan = DispatchPlan(
+            send_splits=send_splits.tolist(),
+            recv_splits=recv_counts_host.sum(1).tolist(),
+            recv_counts=recv_counts,
+            tokens_per_expert=recv_counts.sum(0),
+            group_tokens_per_expert=group_counts,
+            transport=transport,
+        )
+        expert_rows = _ops.ep_dispatch_rows(
+            rows, recv_counts, plan.send_splits, plan.recv_splits, self.group_name, transport
+        )
+        return expert_rows, plan
+
+    def combine(self, expert_rows: Tensor, plan: DispatchPlan) -> Tensor:
+        """The inverse of ``dispatch``: [N, H] rows of this rank's experts -> [R, H] rows back
+        on the ranks (and in the order) they came from. Collective; no host synchronisation."""
+        return _ops.ep_combine_rows(
+            expert_rows,
+            plan.recv_counts,
+            plan.send_splits,
+            plan.recv_splits,
+            self.group_name,
+            plan.transport,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"ExpertParallelDispatcher(num_experts={self.num_experts}, rank={self.rank}, "
+            f"size={self.size}, transport={self.transport!r})"
+        )
