@@ -13,6 +13,7 @@ hold the same experts: the expert-data-parallel group).
 from __future__ import annotations
 
 import dataclasses
+import datetime
 
 import torch
 import torch.distributed as dist
@@ -47,10 +48,14 @@ class ParallelLayout:
         return self.ep_size
 
 
-def init_expert_parallel(ep_size: int) -> ParallelLayout:
+def init_expert_parallel(
+    ep_size: int, timeout: datetime.timedelta | None = None
+) -> ParallelLayout:
     """Creates the expert-parallel groups of ``ep_size`` consecutive ranks and the
-    expert-data-parallel groups across them (collective: every rank calls it alike). Without an
-    initialised default group, the single-process layout."""
+    expert-data-parallel groups across them (collective: every rank calls it alike), whose
+    collectives give up after ``timeout`` (torch's default for new groups when None, which is
+    not the default group's). Without an initialised default group, the single-process
+    layout."""
     if not dist.is_initialized():
         if ep_size != 1:
             raise ValueError(
@@ -64,11 +69,11 @@ def init_expert_parallel(ep_size: int) -> ParallelLayout:
     ep_group = expert_data_group = None
     # new_group is collective over the world: every rank creates every group, in one order.
     for first in range(0, world, ep_size):
-        group = dist.new_group(list(range(first, first + ep_size)))
+        group = dist.new_group(list(range(first, first + ep_size)), timeout=timeout)
         if first <= rank < first + ep_size:
             ep_group = group
     for offset in range(ep_size):
-        group = dist.new_group(list(range(offset, world, ep_size)))
+        group = dist.new_group(list(range(offset, world, ep_size)), timeout=timeout)
         if rank % ep_size == offset:
             expert_data_group = group
     return ParallelLayout(world, rank, ep_size, ep_group, expert_data_group)

@@ -159,14 +159,17 @@ def local_share(batch: Tensor, layout: ParallelLayout) -> Tensor:
     return batch[layout.rank * share : (layout.rank + 1) * share]
 
 
-def computation_batch_maxvio(micro_counts: list[list[Tensor]], layout: ParallelLayout) -> float:
+def computation_batch_maxvio(
+    micro_counts: list[list[Tensor]], layout: ParallelLayout, device: torch.device
+) -> float:
     """Mean MaxVio per computation batch (micro_batch x ep_data_parallel sequences: the tokens
-    one expert-parallel group routes in one forward) over the step's micro-batches and the
-    layers; ``micro_counts`` holds each micro-batch's [E] counts per layer."""
+    one expert-parallel group routes in one forward) over the step's micro-batches, the layers
+    and the expert-parallel groups; ``micro_counts`` holds each micro-batch's [E] counts per
+    layer."""
     counts = torch.stack([torch.stack(layers) for layers in micro_counts])
     if layout.ep_size > 1:
         dist.all_reduce(counts, group=layout.ep_group)
-    return float(balance.max_violation(counts).mean())
+    return mean_over_ranks(float(balance.max_violation(counts).mean()), device)
 
 
 def train_step(
@@ -207,7 +210,7 @@ def train_step(
         "lr": schedule.get_last_lr()[0],
         "maxvio_batch": mean(step_maxvio),
         "maxvio_batch_per_layer": step_maxvio,
-        "maxvio_computation_batch": computation_batch_maxvio(micro_counts, layout),
+        "maxvio_computation_batch": computation_batch_maxvio(micro_counts, layout, device),
     }
 
 
@@ -275,8 +278,9 @@ def train(
     its share of every global batch, experts are sharded over groups of ``config.ep_size``
     ranks, and each rank writes its own checkpoint file (``checkpoint-rank<r>-of-<W>.pt``: its
     experts, optimizer state and RNG); rank 0 writes the rest. On GPUs the dispatcher's
-    transport "auto" is the direct NCCL one, whose host wait gives up after ``timeout``."""
-    layout = init_expert_parallel(config.ep_size)
+    transport "auto" is the direct NCCL one. A collective that waits longer than ``timeout`` for
+    another rank stops this one with an error."""
+    layout = init_expert_parallel(config.ep_size, timeout)
     is_main = layout.rank == 0
     out_dir.mkdir(parents=True, exist_ok=True)
     torch_device = resolve_device(device)
