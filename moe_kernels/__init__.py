@@ -30,11 +30,13 @@ __version__ = "0.1.0"
 
 
 def build_info() -> dict[str, object]:
-    """How the native library was built: ``{"cuda": bool, "cuda_archs": str, "nvtx": bool}``."""
+    """How the native library was built: ``{"cuda": bool, "cuda_archs": str, "nccl": str | None
+    (the version of the NCCL library the direct transport links), "nvtx": bool}``."""
     info = _C.build_info()
     return {
         "cuda": info["cuda"] == "1",
         "cuda_archs": info["cuda_archs"],
+        "nccl": info["nccl"] or None,
         "nvtx": info["nvtx"] == "1",
     }
 

@@ -12,7 +12,7 @@ from ranks import run_on_ranks
 
 import moe_kernels as mk
 from moe_kernels import reference as ref
-from moe_kernels.dispatch import ExpertParallelDispatcher
+from moe_kernels.dispatch import ExpertParallelDispatcher, nccl_available
 from moe_kernels.emulator import emulate
 
 H = 12
@@ -92,3 +92,90 @@ def test_dispatch_and_combine_match_all_to_all_single(tmp_path, world_size, num_
     assert sent[("empty_rank", 1)] == 0
     received = {(p, r): n for r, rank in enumerate(checked) for p, _, _, n in rank}
     assert all(received[("skewed", r)] == 0 for r in range(1, world_size))
+
+
+def _errors(rank, world_size):
+    """Each bad call raises on every rank alike (no rank is left waiting in a collective), and
+    the group still works afterwards."""
+    num_experts = 8
+    x, ids = routing("uniform", rank, world_size, num_experts)
+    rows, _, counts = mk.permute(x, ids, num_experts)
+    dispatcher = ExpertParallelDispatcher(num_experts)
+    raised = {}
+
+    def expect(name, error, call):
+        with pytest.raises(error) as info:
+            call()
+        raised[name] = str(info.value)
+
+    expect("divisible", ValueError, lambda: ExpertParallelDispatcher(7))
+    expect(
+        "divisible_op",
+        RuntimeError,
+        lambda: torch.ops.moe_kernels.ep_plan(rows, counts[:7], dispatcher.group_name),
+    )
+    other_experts = 8 if rank == 0 else 16
+    expect(
+        "num_experts",
+        ValueError,
+        lambda: ExpertParallelDispatcher(other_experts).dispatch(
+            *mk.permute(x, ids, other_experts)[::2]
+        ),
+    )
+    hidden = x if rank == 0 else torch.cat([x, x], dim=1)
+    expect("hidden", RuntimeError, lambda: dispatcher.dispatch(*mk.permute(hidden, ids, 8)[::2]))
+    dtype = torch.float32 if rank == 0 else torch.bfloat16
+    expect("dtype", RuntimeError, lambda: dispatcher.dispatch(rows.to(dtype), counts))
+    fewer = rows if rank == 0 else rows[:-1]
+    expect("rows", RuntimeError, lambda: dispatcher.dispatch(fewer, counts))
+    negative = counts.clone()
+    if rank == 0:
+        negative[0], negative[1] = -1, negative[1] + negative[0] + 1
+    expect("negative", RuntimeError, lambda: dispatcher.dispatch(rows, negative))
+    expect(
+        "splits",
+        RuntimeError,
+        lambda: torch.ops.moe_kernels.ep_dispatch_rows(
+            rows, torch.zeros(world_size, 4, dtype=torch.int64), [rows.shape[0]], [0],
+            dispatcher.group_name,
+        ),
+    )  # fmt: skip
+    if not nccl_available():
+        expect(
+            "nccl", RuntimeError, lambda: ExpertParallelDispatcher(8, transport="nccl").dispatch(rows, counts)
+        )  # fmt: skip
+    expect("transport", ValueError, lambda: ExpertParallelDispatcher(8, transport="mpi"))
+    expect(
+        "expert_choice",
+        ValueError,
+        lambda: mk.MoELayer(12, 8, 8, 2, balancing="expert_choice", ep_group=dist.group.WORLD),
+    )
+    expert_rows, plan = dispatcher.dispatch(rows, counts)  # the group still works
+    assert torch.equal(dispatcher.combine(expert_rows, plan), rows)
+    return raised
+
+
+def test_bad_calls_raise_on_every_rank(tmp_path):
+    ranks = run_on_ranks(_errors, 2, tmp_path)
+    for raised in ranks:
+        assert (
+            "num_experts=7 must be divisible by the expert-parallel group size 2"
+            in raised["divisible"]
+        )
+        assert "must be divisible by the expert-parallel group size 2" in raised["divisible_op"]
+        assert "disagree on num_experts: [8, 16]" in raised["num_experts"]
+        assert "rank 1 has num_experts=8, hidden size 24" in raised["hidden"]
+        assert "rank 1 has num_experts=8, hidden size 12, dtype BFloat16" in raised["dtype"]
+        assert "rows.size(0) must equal tokens_per_expert.sum(), rank 1" in raised["rows"]
+        assert (
+            "tokens_per_expert must be >= 0, rank 0 has -1 rows for expert 0" in raised["negative"]
+        )
+        assert "send_splits must have one entry per rank of the group (2)" in raised["splits"]
+        assert "no NCCL" in raised.get("nccl", "no NCCL")
+        assert "transport must be one of" in raised["transport"]
+        assert "does not support expert parallelism" in raised["expert_choice"]
+
+
+def test_the_dispatcher_needs_torch_distributed():
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        ExpertParallelDispatcher(8)

@@ -76,18 +76,16 @@ std::shared_ptr<Transport> process_group_transport(const std::string& group_name
 std::shared_ptr<Transport> transport_for(const std::string& group_name, const std::string& kind) {
   if (kind == "process_group") return process_group_transport(group_name);
   TORCH_CHECK(kind == "nccl", "transport must be 'process_group' or 'nccl', got '", kind, "'");
+#if defined(MOE_KERNELS_WITH_NCCL)
   auto transport = nccl_transport(group_name);
   TORCH_CHECK(transport != nullptr, "transport 'nccl': no NCCL communicator for group '",
-              group_name, "'; create one with moe_kernels.dispatch.init_nccl(group) on every rank",
-#if !defined(MOE_KERNELS_WITH_NCCL)
-              " (this build has none: it was built without CUDA/NCCL)"
-#endif
-  );
+              group_name, "'; create one with moe_kernels.dispatch.init_nccl(group) on every rank");
   return transport;
-}
-
-#if !defined(MOE_KERNELS_WITH_NCCL)
-std::shared_ptr<Transport> nccl_transport(const std::string&) { return nullptr; }
+#else
+  TORCH_CHECK(false,
+              "transport 'nccl': this build of moe_kernels has no NCCL (it was built "
+              "without CUDA, or torch's nvidia-nccl wheel was not found)");
 #endif
+}
 
 }  // namespace moe_kernels::comm

@@ -43,7 +43,8 @@ std::shared_ptr<Transport> transport_for(const std::string& group_name, const st
 // A ProcessGroup transport (process_group_transport.cpp).
 std::shared_ptr<Transport> process_group_transport(const std::string& group_name);
 
-// The NCCL transport registered for `group_name` (nccl_transport.cpp, CUDA builds), or null.
+// The NCCL transport registered for `group_name`, or null (nccl_transport.cpp: builds with
+// NCCL only).
 std::shared_ptr<Transport> nccl_transport(const std::string& group_name);
 
 }  // namespace moe_kernels::comm
