@@ -25,19 +25,21 @@ import torch.multiprocessing as mp
 TIMEOUT = datetime.timedelta(seconds=60)
 
 
-def init_rank(rank: int, world_size: int, tmp_path: Path, timeout=TIMEOUT) -> None:
+def init_rank(rank: int, world_size: int, tmp_path: Path, backend: str) -> None:
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
     dist.init_process_group(
-        "gloo",
+        backend,
         init_method=f"file://{tmp_path / 'init'}",
         rank=rank,
         world_size=world_size,
-        timeout=timeout,
+        timeout=TIMEOUT,
     )
 
 
-def _worker(rank: int, world_size: int, tmp_path: Path, fn, args) -> None:
+def _worker(rank: int, world_size: int, tmp_path: Path, backend: str, fn, args) -> None:
     torch.set_num_threads(1)  # 2-4 processes share the machine's cores
-    init_rank(rank, world_size, tmp_path)
+    init_rank(rank, world_size, tmp_path, backend)
     try:
         result = fn(rank, world_size, *args)
         torch.save(result, tmp_path / f"result-{rank}.pt")
@@ -45,8 +47,9 @@ def _worker(rank: int, world_size: int, tmp_path: Path, fn, args) -> None:
         dist.destroy_process_group()
 
 
-def run_on_ranks(fn, world_size: int, tmp_path: Path, *args) -> list:
-    mp.spawn(_worker, args=(world_size, tmp_path, fn, args), nprocs=world_size, join=True)
+def run_on_ranks(fn, world_size: int, tmp_path: Path, *args, backend: str = "gloo") -> list:
+    """With ``backend="nccl"``, rank r runs on GPU r."""
+    mp.spawn(_worker, args=(world_size, tmp_path, backend, fn, args), nprocs=world_size, join=True)
     return [
         torch.load(tmp_path / f"result-{rank}.pt", weights_only=False) for rank in range(world_size)
     ]

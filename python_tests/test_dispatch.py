@@ -12,7 +12,7 @@ from ranks import run_on_ranks
 
 import moe_kernels as mk
 from moe_kernels import reference as ref
-from moe_kernels.dispatch import ExpertParallelDispatcher, nccl_available
+from moe_kernels.dispatch import ExpertParallelDispatcher, init_nccl, nccl_available
 from moe_kernels.emulator import emulate
 
 H = 12
@@ -43,14 +43,17 @@ def backend_context(backend: str):
     return contextlib.nullcontext()
 
 
-def _check_dispatch(rank, world_size, num_experts, backend):
-    dispatcher = ExpertParallelDispatcher(num_experts)
+def _check_dispatch(rank, world_size, num_experts, backend, transport="auto"):
+    device = "cuda" if backend == "cuda" else "cpu"
+    if transport == "nccl":
+        init_nccl()
+    dispatcher = ExpertParallelDispatcher(num_experts, transport=transport)
     local = slice(rank * num_experts // world_size, (rank + 1) * num_experts // world_size)
     checked = []
     for pattern in PATTERNS:
         for dtype in (torch.float32, torch.bfloat16):
             x, ids = routing(pattern, rank, world_size, num_experts)
-            rows, _, counts = mk.permute(x.to(dtype), ids, num_experts)
+            rows, _, counts = mk.permute(x.to(device, dtype), ids.to(device), num_experts)
             rows.requires_grad_()
             with backend_context(backend):
                 expert_rows, plan = dispatcher.dispatch(rows, counts)
@@ -63,7 +66,7 @@ def _check_dispatch(rank, world_size, num_experts, backend):
                 assert torch.equal(plan.tokens_per_expert, group_counts[local])
 
                 # Backward of dispatch = combine of the gradient.
-                grad = torch.randn(expert_rows.shape).to(dtype)
+                grad = torch.randn(expert_rows.shape).to(device, dtype)
                 (expert_rows * grad).sum().backward()
                 assert torch.equal(rows.grad, ref.ep_combine(grad, counts, rows.shape[0]))
 
@@ -71,7 +74,7 @@ def _check_dispatch(rank, world_size, num_experts, backend):
                 outputs = expert_rows.detach().requires_grad_()
                 back = dispatcher.combine(outputs, plan)
                 assert torch.equal(back, rows.detach())
-                grad_back = torch.randn(back.shape).to(dtype)
+                grad_back = torch.randn(back.shape).to(device, dtype)
                 (back * grad_back).sum().backward()
                 assert torch.equal(outputs.grad, ref.ep_dispatch(grad_back, counts)[0])
             checked.append((pattern, dtype, int(counts.sum()), int(plan.tokens_per_expert.sum())))
@@ -92,6 +95,19 @@ def test_dispatch_and_combine_match_all_to_all_single(tmp_path, world_size, num_
     assert sent[("empty_rank", 1)] == 0
     received = {(p, r): n for r, rank in enumerate(checked) for p, _, _, n in rank}
     assert all(received[("skewed", r)] == 0 for r in range(1, world_size))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("transport", ["process_group", "nccl"])
+def test_dispatch_on_a_gpu(tmp_path, transport):
+    """One rank per GPU over NCCL (with one GPU, the rank dispatches to itself), through the
+    group's own all-to-all and through the direct NCCL transport."""
+    if transport == "nccl" and not nccl_available():
+        pytest.skip("this build has no NCCL transport")
+    world_size = min(torch.cuda.device_count(), 4)
+    run_on_ranks(
+        _check_dispatch, world_size, tmp_path, 4 * world_size, "cuda", transport, backend="nccl"
+    )
 
 
 def _errors(rank, world_size):

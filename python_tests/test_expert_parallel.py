@@ -183,6 +183,9 @@ def test_torchrun_training_checkpoints_resumes_and_exports(tmp_path):
         {k: v for k, v in r.items() if k != "tokens_per_s"} for r in ep
     ]
 
+    with pytest.raises(ValueError, match="written by another number of ranks than 1"):
+        cli.main([*interrupted, "--resume"])
+
     config, weights = load_export(run_dir / "model.pt")
     model = MoETransformer(config)
     model.load_state_dict(weights)

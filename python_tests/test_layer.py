@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from ranks import run_on_ranks
 from torch.utils.checkpoint import checkpoint
 
 import moe_kernels as mk
@@ -407,33 +408,25 @@ def test_bad_inputs_name_the_argument():
         layer(torch.randn(2, 3, H), padding_mask=torch.zeros(2, 4, dtype=torch.bool))
 
 
-def _two_rank_step(rank, world_size, init_file, out_dir):
-    torch.distributed.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size
-    )
+def _two_rank_step(rank, world_size):
     group = torch.distributed.group.WORLD
     x = torch.randn(20 + 10 * rank, H, generator=torch.Generator().manual_seed(rank))
     loss_free = make_layer("loss_free", rate=0.01, process_group=group)
     loss_free(x)
     global_aux = make_layer("global_aux_loss", process_group=group)
     global_aux(x)
-    result = {
+    return {
         "local": loss_free.tokens_per_expert,
         "aux_loss": global_aux.aux_loss.detach(),
         "counts": loss_free.update_balance(),
         "bias": loss_free.balancer.bias,
     }
-    torch.save(result, f"{out_dir}/{rank}.pt")
-    torch.distributed.destroy_process_group()
 
 
 def test_counts_are_summed_over_the_process_group(tmp_path):
     """Two Gloo ranks with different batches end the step with the same bias, moved by the
     sum of their counts; the global aux loss of each rank balances the two ranks' counts."""
-    torch.multiprocessing.spawn(
-        _two_rank_step, args=(2, tmp_path / "init", tmp_path), nprocs=2, join=True
-    )
-    ranks = [torch.load(tmp_path / f"{rank}.pt") for rank in range(2)]
+    ranks = run_on_ranks(_two_rank_step, 2, tmp_path)
     total = ranks[0]["local"] + ranks[1]["local"]
     bias = torch.zeros(E)
     mk.update_bias(bias, total, 0.01)

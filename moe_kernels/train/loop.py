@@ -325,10 +325,10 @@ def train(
         schedule.load_state_dict(state["schedule"])
         sampler.load_state_dict(state["sampler"])
         history = state["history"]
-    elif resume and layout.distributed and any(out_dir.glob("checkpoint*.pt")):
+    elif resume and any(out_dir.glob("checkpoint*.pt")):
         raise ValueError(
-            f"--resume: {out_dir} holds no checkpoint of rank {layout.rank} of "
-            f"{layout.world_size} ranks (it was written with another number of ranks)"
+            f"--resume: {out_dir} holds no {checkpoint_path.name}: its checkpoints were "
+            f"written by another number of ranks than {layout.world_size}"
         )
     step = history[-1]["step"] if history else 0
 
