@@ -26,7 +26,7 @@ def test_readme_ops_example_runs():
 
 def test_readme_layer_example_runs():
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
-    (block,) = [b for b in blocks if "MoELayer(" in b]
+    (block,) = [b for b in blocks if "step_counts = update_balance(layer)" in b]
     scope: dict = {}
     exec(compile(block, "README.md", "exec"), scope)
     layer, step_counts = scope["layer"], scope["step_counts"]
