@@ -52,6 +52,9 @@ TORCH_LIBRARY(moe_kernels, m) {
       "grouped_gemm_swiglu(Tensor a, Tensor b, Tensor tokens_per_expert, bool trans_b=False, "
       "str backend=\"kernel\") -> (Tensor out, Tensor pre)");
   m.def("swiglu_backward(Tensor grad_out, Tensor pre) -> Tensor");
+
+  // Expert-parallel dispatch (SPEC.md section 5).
+  m.def("transpose_segments(Tensor rows, Tensor counts) -> Tensor");
 }
 
 namespace {
