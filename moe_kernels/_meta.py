@@ -133,3 +133,9 @@ def _(
 def _(grad_out: Tensor, pre: Tensor):
     _check_device(pre, grad_out, "pre", "grad_out")
     return pre.new_empty(pre.shape)
+
+
+@torch.library.register_fake("moe_kernels::transpose_segments")
+def _(rows: Tensor, counts: Tensor):
+    _check_device(counts, rows, "counts", "rows")
+    return torch.empty_like(rows, memory_format=torch.contiguous_format)
