@@ -3,7 +3,7 @@
     python benchmarks/bench_ops.py [--device cpu|cuda] [--dtype fp32|bf16|fp16] [--tokens 4096]
 
 Shapes of a small DeepSeek-V3-style MoE layer (64 experts, top-6 of 8 groups keeping 4,
-hidden 1024, expert FFN 512); the router logits are fp32 whatever the model dtype. Prints a
+hidden 1024, expert FFN 512; 8 expert-parallel ranks for transpose_segments); the router logits are fp32 whatever the model dtype. Prints a
 table and writes results/bench_ops_<device>_<dtype>.json and .md. "speedup" is the
 reference's median time over ours (above 1: we are faster). The memory-bound ops report the
 bandwidth of the bytes they must move at least ("GBps") and its fraction of the bandwidth of
@@ -38,6 +38,7 @@ class Shape:
     topk: int = 6
     n_groups: int = 8
     topk_groups: int = 4
+    ep_size: int = 8  # expert-parallel ranks, for transpose_segments' grid
 
 
 @dataclass(frozen=True)
@@ -140,6 +141,9 @@ def main() -> None:
 
     topk_args = (k, "sigmoid", shape.n_groups, shape.topk_groups)
     out = torch.empty_like(x)
+    # The permuted rows as an expert-parallel rank of ep_size ranks would receive them, grouped
+    # by (source rank, local expert); counts of the whole layer stand in for the received ones.
+    segment_counts = counts.view(shape.ep_size, -1)
     cases = [
         Case("biased_topk", lambda: mk.biased_topk(logits, bias, *topk_args),
              lambda: ref.biased_topk(logits, bias, *topk_args),
@@ -155,6 +159,10 @@ def main() -> None:
         Case("unpermute", lambda: mk.unpermute(rows, row_map, weights),
              lambda: ref.unpermute(rows, row_map, weights),
              min_bytes=nbytes(rows, row_map, weights, out)),
+        Case(f"transpose_segments {shape.ep_size}x{E // shape.ep_size}",
+             lambda: mk.transpose_segments(rows, segment_counts),
+             lambda: ref.transpose_segments(rows, segment_counts),
+             min_bytes=2 * nbytes(rows) + nbytes(segment_counts)),
         Case("grouped_gemm [R,F]x[E,F,H]", lambda: mk.grouped_gemm(h, w_down, counts),
              lambda: ref.grouped_gemm(h, w_down, counts),
              grouped_mm=(lambda: grouped_mm(h, w_down, counts)) if grouped_mm else None,

@@ -57,7 +57,9 @@ TORCH_LIBRARY(moe_kernels, m) {
       "str backend=\"kernel\") -> (Tensor out, Tensor pre)");
   m.def("swiglu_backward(Tensor grad_out, Tensor pre) -> Tensor");
 
-  // Expert-parallel dispatch and combine (SPEC.md section 5; csrc/comm/dispatch.cpp).
+  // Expert-parallel dispatch and combine (SPEC.md section 5; csrc/comm/dispatch.cpp): the row
+  // movement over a group, and the reordering of the received rows by local expert.
+  m.def("transpose_segments(Tensor rows, Tensor counts) -> Tensor");
   m.def(
       "ep_plan(Tensor rows, Tensor tokens_per_expert, str group_name, "
       "str transport=\"process_group\") -> (Tensor send_splits, Tensor recv_counts, "

@@ -22,6 +22,7 @@ from .ops import (
     padded_tokens_per_expert,
     permute,
     swiglu_backward,
+    transpose_segments,
     unpermute,
     update_bias,
 )
@@ -56,6 +57,7 @@ __all__ = [
     "permute",
     "swiglu_backward",
     "total_aux_loss",
+    "transpose_segments",
     "unpermute",
     "update_balance",
     "update_bias",

@@ -9,6 +9,10 @@
   (``grouped_gemm_wgrad``), both with the forward's backend.
 - grouped_gemm_swiglu: the gradient of the product ``[gate | up]`` (``swiglu_backward`` from the
   saved product, plus any gradient of the product itself), then as grouped_gemm.
+- transpose_segments: the gradient is moved back by the inverse reordering, which is the same
+  op on the transposed grid (``transpose_segments(grad, counts.t())``).
+- ep_dispatch_rows / ep_combine_rows: each is the other's inverse under one plan, so each one's
+  gradient is the other applied to the gradient.
 """
 
 import torch
@@ -123,6 +127,23 @@ torch.library.register_autograd(
     "moe_kernels::grouped_gemm_swiglu",
     _grouped_gemm_swiglu_backward,
     setup_context=_grouped_gemm_swiglu_setup,
+)
+
+
+def _transpose_segments_setup(ctx, inputs, output):
+    _rows, counts = inputs
+    ctx.save_for_backward(counts)
+
+
+def _transpose_segments_backward(ctx, grad_out):
+    (counts,) = ctx.saved_tensors
+    return _ops.transpose_segments(grad_out, counts.t()), None
+
+
+torch.library.register_autograd(
+    "moe_kernels::transpose_segments",
+    _transpose_segments_backward,
+    setup_context=_transpose_segments_setup,
 )
 
 

@@ -135,6 +135,12 @@ def _(grad_out: Tensor, pre: Tensor):
     return pre.new_empty(pre.shape)
 
 
+@torch.library.register_fake("moe_kernels::transpose_segments")
+def _(rows: Tensor, counts: Tensor):
+    _check_device(counts, rows, "counts", "rows")
+    return torch.empty_like(rows, memory_format=torch.contiguous_format)
+
+
 @torch.library.register_fake("moe_kernels::ep_dispatch_rows")
 def _(rows, recv_counts, send_splits, recv_splits, group_name, transport="process_group"):
     _check_device(recv_counts, rows, "recv_counts", "rows")

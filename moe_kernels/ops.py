@@ -231,6 +231,33 @@ def swiglu_backward(grad_out: Tensor, pre: Tensor) -> Tensor:
     return _ops.swiglu_backward(grad_out, pre)
 
 
+def transpose_segments(rows: Tensor, counts: Tensor) -> Tensor:
+    """Reorder a grid of row segments from (a, b) order to (b, a) order.
+
+    The rows an expert-parallel rank receives arrive grouped by (source rank, local expert);
+    its experts need them grouped by (local expert, source rank), and the combine needs the
+    inverse: ``transpose_segments(rows, counts)`` gives the first,
+    ``transpose_segments(out, counts.t())`` the second. Segment (a, b) holds ``counts[a, b]``
+    consecutive rows, and keeps their order. A copy: bit exact.
+
+    On CUDA the counts stay on the device and are not checked (that would synchronise with the
+    GPU): each count is clamped to [0, N], and an output row with no source row in ``rows``
+    (past the last segment when the counts sum to less than N, or one whose source lies at or
+    past row N when they sum to more) is written as zeros; no row outside ``rows`` is read or
+    written. Any number of segments. No host synchronisation.
+
+    Args:
+        rows: [N, H] fp32, bf16, fp16 (or fp64): the A * B segments in row-major (a, b) order.
+        counts: [A, B] int64 or int32 rows per segment, >= 0, summing to N, on the device of
+            ``rows``.
+
+    Returns:
+        [N, H] in the dtype of ``rows``: the same segments in (b, a) order. Differentiable
+        w.r.t. ``rows`` (the gradient is ``transpose_segments(grad, counts.t())``).
+    """
+    return _ops.transpose_segments(rows, counts)
+
+
 def padded_tokens_per_expert(tokens_per_expert: Tensor, align: int) -> Tensor:
     """Segment sizes of ``permute(..., align=align)``'s rows: counts rounded up to ``align``."""
     return (tokens_per_expert + align - 1) // align * align

@@ -48,9 +48,7 @@ class ParallelLayout:
         return self.ep_size
 
 
-def init_expert_parallel(
-    ep_size: int, timeout: datetime.timedelta | None = None
-) -> ParallelLayout:
+def init_expert_parallel(ep_size: int, timeout: datetime.timedelta | None = None) -> ParallelLayout:
     """Creates the expert-parallel groups of ``ep_size`` consecutive ranks and the
     expert-data-parallel groups across them (collective: every rank calls it alike), whose
     collectives give up after ``timeout`` (torch's default for new groups when None, which is

@@ -1,6 +1,6 @@
 """Pure-PyTorch definitions of every op: the oracle of the tests and the baseline of the
 benchmarks. Written for clarity, with the same signatures and semantics as ``moe_kernels.ops``
-(SPEC.md sections 1-4); differentiable through ordinary autograd.
+(SPEC.md sections 1-5); differentiable through ordinary autograd.
 """
 
 from __future__ import annotations
@@ -129,6 +129,13 @@ def swiglu_backward(grad_out: Tensor, pre: Tensor) -> Tensor:
     pre = pre.detach().to(_opmath(pre.dtype)).requires_grad_()
     (grad_pre,) = torch.autograd.grad(swiglu(pre), pre, grad_out.to(pre.dtype))
     return grad_pre.to(grad_out.dtype)
+
+
+def transpose_segments(rows: Tensor, counts: Tensor) -> Tensor:
+    num_a, num_b = counts.shape
+    segments = rows.split(counts.flatten().tolist())
+    reordered = [segments[a * num_b + b] for b in range(num_b) for a in range(num_a)]
+    return torch.cat(reordered) if reordered else rows.clone()  # an empty grid holds no rows
 
 
 def ep_dispatch(rows: Tensor, tokens_per_expert: Tensor, group=None) -> tuple[Tensor, Tensor]:

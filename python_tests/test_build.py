@@ -24,6 +24,7 @@ OPS = [
     "grouped_gemm_wgrad",
     "grouped_gemm_swiglu",
     "swiglu_backward",
+    "transpose_segments",
 ]
 
 

@@ -413,6 +413,55 @@ CASES = {
         {},
         r"pre must have the dtype of grad_out \(Float\), got Double",
     ),
+    # transpose_segments
+    "segments_rows_1d": (
+        mk.transpose_segments,
+        (torch.randn(6), torch.tensor([[2, 4]])),
+        {},
+        r"rows must be a 2-D tensor",
+    ),
+    "segments_rows_int": (
+        mk.transpose_segments,
+        (torch.ones(6, 4, dtype=torch.long), torch.tensor([[2, 4]])),
+        {},
+        r"rows must be float32, bfloat16, float16 or float64, got Long",
+    ),
+    "segments_counts_1d": (
+        mk.transpose_segments,
+        (torch.randn(6, 4), torch.tensor([2, 4])),
+        {},
+        r"counts must be a 2-D tensor",
+    ),
+    "segments_counts_float": (
+        mk.transpose_segments,
+        (torch.randn(6, 4), torch.tensor([[2.0, 4.0]])),
+        {},
+        r"counts must be int64 or int32, got Float",
+    ),
+    "segments_counts_device": (
+        mk.transpose_segments,
+        (torch.randn(6, 4), torch.tensor([[2, 4]], device=META)),
+        {},
+        r"counts must be on the device of rows",
+    ),
+    "segments_counts_negative": (
+        mk.transpose_segments,
+        (torch.randn(6, 4), torch.tensor([[2, 4], [-1, 1]])),
+        {},
+        r"counts must be >= 0, got -1 for segment \(1, 0\)",
+    ),
+    "segments_counts_sum": (
+        mk.transpose_segments,
+        (torch.randn(6, 4), torch.tensor([[2, 1], [0, 2]])),
+        {},
+        r"counts must sum to rows.size\(0\)=6, got 5",
+    ),
+    "segments_counts_sum_over": (
+        mk.transpose_segments,
+        (torch.randn(6, 4), torch.tensor([[2, 1], [4, 2]])),
+        {},
+        r"counts must sum to rows.size\(0\)=6, got more by segment \(1, 0\)",
+    ),
 }
 
 
@@ -441,6 +490,9 @@ VALUE_CHECKS = {
     "sizes_negative",
     "sizes_sum",
     "swiglu_sizes_sum",
+    "segments_counts_negative",
+    "segments_counts_sum",
+    "segments_counts_sum_over",
 }
 
 

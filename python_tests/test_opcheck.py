@@ -92,6 +92,17 @@ def _sample_cases():
             ),
         ),
         "swiglu_backward": (ops.swiglu_backward, (grad_c[:, :3].contiguous(), grad_c)),
+        "transpose_segments": (
+            ops.transpose_segments,
+            (hidden.clone().requires_grad_(), torch.tensor([[3, 0, 5], [2, 6, 4]])),
+        ),
+        "transpose_segments_bf16_int32": (
+            ops.transpose_segments,
+            (
+                hidden.t().bfloat16().requires_grad_(),
+                torch.tensor([[1, 2], [0, 3], [2, 0]], dtype=torch.int32),
+            ),
+        ),
     }
 
 
