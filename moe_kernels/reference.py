@@ -139,7 +139,8 @@ def transpose_segments(rows: Tensor, counts: Tensor) -> Tensor:
 
 
 def ep_dispatch(rows: Tensor, tokens_per_expert: Tensor, group=None) -> tuple[Tensor, Tensor]:
-    """Expert-parallel dispatch on ``torch.distributed.all_to_all_single``: the rows of this
+    """Expert-parallel dispatch (SPEC.md section 5) on ``torch.distributed``'s all_gather and
+    ``all_to_all_single``: the rows of this
     rank's experts, grouped by local expert then source rank, and their [E/P] counts."""
     import torch.distributed as dist
 
@@ -156,9 +157,7 @@ def ep_dispatch(rows: Tensor, tokens_per_expert: Tensor, group=None) -> tuple[Te
         tokens_per_expert.view(size, local).sum(1).tolist(),
         group=group,
     )
-    pieces = received.split(recv.flatten().tolist())
-    by_expert = [pieces[s * local + e] for e in range(local) for s in range(size)]
-    return torch.cat(by_expert) if by_expert else received, recv.sum(0)
+    return transpose_segments(received, recv), recv.sum(0)
 
 
 def ep_combine(expert_rows: Tensor, tokens_per_expert: Tensor, num_rows: int, group=None) -> Tensor:
@@ -171,12 +170,10 @@ def ep_combine(expert_rows: Tensor, tokens_per_expert: Tensor, num_rows: int, gr
     every_rank = [torch.empty_like(tokens_per_expert) for _ in range(size)]
     dist.all_gather(every_rank, tokens_per_expert, group=group)
     recv = torch.stack(every_rank)[:, rank * local : (rank + 1) * local]
-    pieces = expert_rows.split(recv.t().flatten().tolist())  # [expert, source]
-    by_source = [pieces[e * size + s] for s in range(size) for e in range(local)]
     rows = expert_rows.new_empty(num_rows, expert_rows.shape[1])
     dist.all_to_all_single(
         rows,
-        torch.cat(by_source) if by_source else expert_rows,
+        transpose_segments(expert_rows, recv.t()),
         tokens_per_expert.view(size, local).sum(1).tolist(),
         recv.sum(1).tolist(),
         group=group,

@@ -110,6 +110,23 @@ def test_dispatch_on_a_gpu(tmp_path, transport):
     )
 
 
+def _opcheck(rank, world_size):
+    """The row movements against their schemas, fake kernels and autograd registrations."""
+    dispatcher = ExpertParallelDispatcher(8)
+    x, ids = routing("uniform", rank, world_size, 8)
+    rows, _, counts = mk.permute(x, ids, 8)
+    expert_rows, plan = dispatcher.dispatch(rows, counts)
+    plan_args = (plan.recv_counts, plan.send_splits, plan.recv_splits, dispatcher.group_name)
+    ops = torch.ops.moe_kernels
+    torch.library.opcheck(ops.ep_dispatch_rows, (rows.requires_grad_(), *plan_args))
+    torch.library.opcheck(ops.ep_combine_rows, (expert_rows.requires_grad_(), *plan_args))
+    return True
+
+
+def test_opcheck_of_the_collectives(tmp_path):
+    assert all(run_on_ranks(_opcheck, 2, tmp_path))
+
+
 def _errors(rank, world_size):
     """Each bad call raises on every rank alike (no rank is left waiting in a collective), and
     the group still works afterwards."""

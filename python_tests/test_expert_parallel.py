@@ -184,7 +184,7 @@ def test_torchrun_training_checkpoints_resumes_and_exports(tmp_path):
     ]
 
     with pytest.raises(ValueError, match="written by another number of ranks than 1"):
-        cli.main([*interrupted, "--resume"])
+        cli.main(cli_args(tmp_path, tmp_path / "resumed", "--resume"))
 
     config, weights = load_export(run_dir / "model.pt")
     model = MoETransformer(config)

@@ -125,6 +125,11 @@ def test_opcheck_of_the_cuda_op(name):
         torch.library.opcheck(op, args)
 
 
+# Collectives need a process group: test_dispatch.py opchecks the row movements on Gloo ranks.
+# ep_plan's outputs have data-dependent sizes (the counts other ranks send) and no fake kernel.
+COLLECTIVES = {"ep_plan", "ep_dispatch_rows", "ep_combine_rows"}
+
+
 def test_every_op_is_covered():
     declared = {
         name
@@ -132,4 +137,4 @@ def test_every_op_is_covered():
         if not name.startswith("_") and isinstance(getattr(ops, name), torch._ops.OpOverloadPacket)
     }
     covered = {op._qualified_op_name.split("::")[1] for op, _ in CASES.values()}
-    assert declared == covered
+    assert declared - COLLECTIVES == covered
