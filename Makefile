@@ -3,7 +3,7 @@
 # MaxVio_global; `make test` creates .venv, installs the pinned dependencies,
 # builds the extension (CUDA kernels too when nvcc and a CUDA torch are present; force with
 # MOE_KERNELS_CUDA=0|1) and runs the test suite; `make test-asan` runs the CUDA kernels' tests on
-# the emulator under AddressSanitizer. `make bench` runs the CPU benchmarks (about 20 minutes);
+# the emulator under AddressSanitizer. `make bench` runs the CPU benchmarks (about 25 minutes);
 # `make lint` checks formatting (ruff, clang-format) and `make format` applies it.
 PYTHON ?= python3
 VENV ?= .venv
