@@ -84,19 +84,10 @@ class SwiGLUExperts(nn.Module):
         weight.copy_(every_expert[self.first_expert : self.first_expert + self.num_local_experts])
 
     def forward(self, rows: Tensor, tokens_per_expert: Tensor) -> Tensor:
-        """[R, H] rows in expert order, [E] rows per expert -> [R, H].
-
-        Under ``torch.autocast`` rows and weights are cast to autocast's dtype, as autocast
-        casts an ``nn.Linear``'s operands (it does not know the grouped GEMMs, which are custom
-        ops), so fp32 master weights train through bf16 products."""
-        gate_up, down = self.gate_up_proj, self.down_proj
-        if torch.is_autocast_enabled(rows.device.type):
-            dtype = torch.get_autocast_dtype(rows.device.type)
-            rows, gate_up, down = rows.to(dtype), gate_up.to(dtype), down.to(dtype)
-        hidden = ops.grouped_gemm_swiglu(
-            rows, gate_up, tokens_per_expert, trans_b=True, backend=self.backend
+        """[R, H] rows in expert order, [E] rows per expert -> [R, H] (see ``swiglu_experts``)."""
+        return swiglu_experts(
+            rows, self.gate_up_proj, self.down_proj, tokens_per_expert, self.backend
         )
-        return ops.grouped_gemm(hidden, down, tokens_per_expert, trans_b=True, backend=self.backend)
 
     def extra_repr(self) -> str:
         local, two_ffn, hidden = self.gate_up_proj.shape
@@ -105,6 +96,29 @@ class SwiGLUExperts(nn.Module):
             f"num_experts={self.num_experts}{shard if self.sharded else ''}, "
             f"hidden_size={hidden}, ffn_hidden_size={two_ffn // 2}, backend={self.backend}"
         )
+
+
+def swiglu_experts(
+    rows: Tensor,
+    gate_up_proj: Tensor,
+    down_proj: Tensor,
+    tokens_per_expert: Tensor,
+    backend: str = "kernel",
+) -> Tensor:
+    """SwiGLU experts over rows grouped by expert: ``down_e(silu(gate_e(x)) * up_e(x))``, with
+    ``gate_up_proj`` [E, 2F, H] (gate rows, then up rows) and ``down_proj`` [E, H, F] in
+    ``nn.Linear`` layout. The first product runs with SwiGLU fused into its epilogue.
+
+    Under ``torch.autocast`` rows and weights are cast to autocast's dtype, as autocast casts an
+    ``nn.Linear``'s operands (it does not know the grouped GEMMs, which are custom ops), so fp32
+    master weights train through bf16 products."""
+    if torch.is_autocast_enabled(rows.device.type):
+        dtype = torch.get_autocast_dtype(rows.device.type)
+        rows, gate_up_proj, down_proj = rows.to(dtype), gate_up_proj.to(dtype), down_proj.to(dtype)
+    hidden = ops.grouped_gemm_swiglu(
+        rows, gate_up_proj, tokens_per_expert, trans_b=True, backend=backend
+    )
+    return ops.grouped_gemm(hidden, down_proj, tokens_per_expert, trans_b=True, backend=backend)
 
 
 class SwiGLUMLP(nn.Module):

@@ -1,0 +1,1 @@
+"""Drop-ins of this package's fused MoE for other libraries' models."""

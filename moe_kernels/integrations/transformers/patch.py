@@ -1,0 +1,130 @@
+"""``patch`` and ``unpatch``: swap transformers' MoE routers and experts onto the fused ops.
+
+Each supported sparse-MoE block keeps its own ``forward`` (shared experts, their gates, jitter
+and reshapes stay the model's code); its router and its experts module are switched, in place,
+to subclasses of their classes whose ``forward`` runs ``biased_topk`` and permute -> grouped
+GEMMs -> unpermute (as ``torch.nn.utils.parametrize`` switches a module's class). Parameters,
+buffers, hooks and ``state_dict`` keys are the module's own, untouched; output-capturing hooks
+(``output_router_logits``) still match, the router keeping its class by inheritance.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from .experts import FusedExperts, unsupported_experts
+from .routing import BIAS, FusedRouter, Routing, supported_routers
+
+BALANCING = (None, "loss_free")
+
+_fused_classes: dict[tuple[type, type], type] = {}
+
+
+def patch(
+    model: nn.Module,
+    balancing: str | None = None,
+    rate: float = 1e-3,
+    *,
+    backend: str = "kernel",
+) -> int:
+    """Runs every supported sparse-MoE block of ``model`` on this package's ops, in place.
+
+    A block is a module with an ``experts`` child; it is patched when its router class is one
+    of ``routing.ROUTERS`` and its experts are SwiGLU experts in transformers' stacked layout,
+    else left alone and named in a warning (never half-patched).
+
+    Args:
+        model: a transformers model (or any module holding such blocks).
+        balancing: None (route as the model does, with its own ``e_score_correction_bias``
+            where it has one) or "loss_free": the bias moves after each optimizer step
+            (``update_balance``, or ``LossFreeBalancingCallback`` under ``Trainer``); a router
+            without one gets a zero fp32 ``e_score_correction_bias`` buffer (saved in the
+            ``state_dict``), and an existing one is kept fp32.
+        rate: the loss-free update rate u (``bias += u * sign(mean - counts)``), >= 0.
+        backend: the grouped GEMM backend, "kernel" or "cublas" (see ``ops.grouped_gemm``).
+
+    Returns:
+        How many blocks were patched.
+    """
+    if balancing not in BALANCING:
+        raise ValueError(f"balancing must be one of {BALANCING}, got {balancing!r}")
+    if rate < 0:
+        raise ValueError(f"rate must be >= 0, got {rate}")
+    if backend not in ("kernel", "cublas"):
+        raise ValueError(f"backend must be 'kernel' or 'cublas', got {backend!r}")
+    if any(isinstance(module, (FusedRouter, FusedExperts)) for module in model.modules()):
+        raise ValueError("model is already patched: unpatch(model) first")
+    routers = supported_routers()
+    patched = 0
+    for name, block in list(model.named_modules()):
+        experts = block._modules.get("experts")
+        if experts is None:
+            continue
+        router = next((child for child in block.children() if type(child) in routers), None)
+        reason = (
+            "its router is none of the routers moe_kernels expresses"
+            if router is None
+            else unsupported_experts(experts)
+        )
+        if reason is not None:
+            warnings.warn(
+                f"moe_kernels: left {name or 'model'} ({type(block).__name__}) unpatched: {reason}",
+                stacklevel=2,
+            )
+            continue
+        _fuse_router(router, routers[type(router)], balancing, rate)
+        _switch_class(experts, FusedExperts)
+        experts.moe_backend = backend
+        patched += 1
+    return patched
+
+
+def unpatch(model: nn.Module) -> int:
+    """Restores every block ``patch`` changed to its original classes (a bias buffer ``patch``
+    added is removed; a model's own bias stays, fp32). Returns how many blocks it restored."""
+    restored = 0
+    for module in model.modules():
+        if isinstance(module, FusedRouter):
+            del module._buffers["tokens_per_expert"]
+            if module.__dict__.pop("moe_added_bias", False):
+                del module._buffers[BIAS]
+            for attribute in ("moe_balancing", "moe_rate"):
+                module.__dict__.pop(attribute, None)
+            module.__class__ = module.__class__.__bases__[1]
+            restored += 1
+        elif isinstance(module, FusedExperts):
+            module.__dict__.pop("moe_backend", None)
+            module.__class__ = module.__class__.__bases__[1]
+    return restored
+
+
+def _fuse_router(router: nn.Module, routing: Routing, balancing: str | None, rate: float) -> None:
+    _switch_class(router, FusedRouter, moe_routing=routing)
+    weight = router.weight
+    router.register_buffer(
+        "tokens_per_expert",
+        torch.zeros(weight.shape[0], dtype=torch.int64, device=weight.device),
+        persistent=False,
+    )
+    router.moe_balancing = balancing
+    router.moe_rate = rate
+    if balancing != "loss_free":
+        return
+    bias = getattr(router, BIAS, None)
+    if bias is None:
+        router.register_buffer(BIAS, torch.zeros(weight.shape[0], device=weight.device))
+        router.moe_added_bias = True
+    elif bias.dtype != torch.float32:
+        router._buffers[BIAS] = bias.float()
+
+
+def _switch_class(module: nn.Module, mixin: type, **attributes: object) -> None:
+    original = type(module)
+    fused = _fused_classes.get((mixin, original))
+    if fused is None:
+        fused = type(f"Fused{original.__name__}", (mixin, original), attributes)
+        _fused_classes[(mixin, original)] = fused
+    module.__class__ = fused

@@ -1,0 +1,132 @@
+"""The routers of transformers' MoE families, expressed as ``ops.biased_topk`` calls.
+
+Each supported router class is named here with the routing its ``forward`` computes. Classes
+are matched exactly (module and name), never by a base class or a similar name: a router
+that is not listed is not patched. Many families share one router source (transformers'
+modular files copy it), so a few recipes cover them all.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ... import ops
+from ...balancer import in_backward_pass
+
+BIAS = "e_score_correction_bias"
+
+
+@dataclass(frozen=True)
+class Routing:
+    """What a router's ``forward`` computes, in ``biased_topk``'s terms.
+
+    Attributes:
+        score_fn: "softmax" or "sigmoid".
+        fp32_logits: logits from fp32 copies of the tokens and the weight (DeepSeek-V3), else
+            ``F.linear`` in the model's dtype.
+        normalize: whether the k weights are divided by their sum: a constant, or the name of
+            the router's attribute holding it.
+        weights_in_logits_dtype: the weights are cast to the logits' dtype (Qwen), else fp32.
+        grouped: group-limited routing with a routed scaling factor, read from the router's
+            ``num_group``, ``topk_group`` and ``routed_scaling_factor``.
+    """
+
+    score_fn: str
+    fp32_logits: bool
+    normalize: bool | str
+    weights_in_logits_dtype: bool
+    grouped: bool = False
+
+
+DEEPSEEK_V3 = Routing("sigmoid", True, "norm_topk_prob", False, grouped=True)
+QWEN_MOE = Routing("softmax", False, "norm_topk_prob", True)
+QWEN_VL_MOE = Routing("softmax", False, True, True)
+MIXTRAL = Routing("softmax", False, True, False)
+
+# model_type -> (router class, routing). Families missing from the installed transformers are
+# skipped when the table is resolved.
+ROUTERS: dict[str, tuple[str, Routing]] = {
+    "deepseek_v3": ("DeepseekV3TopkRouter", DEEPSEEK_V3),
+    "glm4_moe": ("Glm4MoeTopkRouter", DEEPSEEK_V3),
+    "dots1": ("Dots1TopkRouter", DEEPSEEK_V3),
+    "qwen2_moe": ("Qwen2MoeTopKRouter", QWEN_MOE),
+    "qwen3_moe": ("Qwen3MoeTopKRouter", QWEN_MOE),
+    "olmoe": ("OlmoeTopKRouter", QWEN_MOE),
+    "flex_olmo": ("FlexOlmoTopKRouter", QWEN_MOE),
+    "mixtral": ("MixtralTopKRouter", MIXTRAL),
+    "minimax": ("MiniMaxTopKRouter", MIXTRAL),
+}
+
+
+def supported_routers() -> dict[type[nn.Module], Routing]:
+    """The router classes of the installed transformers that ``patch`` replaces."""
+    found = {}
+    for family, (name, routing) in ROUTERS.items():
+        try:
+            module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+        except ImportError:
+            continue
+        cls = getattr(module, name, None)
+        if cls is not None:
+            found[cls] = routing
+    return found
+
+
+class FusedRouter(nn.Module):
+    """Mixed into a router's class by ``patch``: the same ``(router_logits, weights, ids)``
+    from one ``biased_topk``, which also counts each expert's tokens.
+
+    Holds, besides the router's own tensors: ``tokens_per_expert`` (a non-persistent [E] int64
+    buffer: this training step's counts so far) and, with loss-free balancing, the bias the
+    choice adds (``e_score_correction_bias``: the model's own where it has one, else a new
+    one), kept fp32 whatever the model's dtype.
+    """
+
+    moe_routing: Routing
+    moe_balancing: str | None = None
+    moe_rate: float = 0.0
+
+    def forward(self, hidden_states: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        routing = self.moe_routing
+        x = hidden_states.reshape(-1, self.weight.shape[1])
+        if routing.fp32_logits:
+            logits = F.linear(x.float(), self.weight.float())
+        else:
+            logits = F.linear(x, self.weight)
+        bias = getattr(self, BIAS, None)
+        weights, ids, counts = ops.biased_topk(
+            logits,
+            None if bias is None else bias.float(),
+            self.top_k,
+            routing.score_fn,
+            self.num_group if routing.grouped else 1,
+            self.topk_group if routing.grouped else 1,
+            self._normalize(),
+            self.routed_scaling_factor if routing.grouped else 1.0,
+        )
+        if self.training and not in_backward_pass():
+            self.tokens_per_expert += counts
+        if routing.weights_in_logits_dtype:
+            weights = weights.to(logits.dtype)
+        return logits, weights, ids
+
+    def _normalize(self) -> bool:
+        normalize = self.moe_routing.normalize
+        return bool(getattr(self, normalize)) if isinstance(normalize, str) else normalize
+
+    def _apply(self, fn, recurse=True):
+        # A loss-free bias keeps fp32 through model.to(bf16): its steps of 1e-3 would vanish
+        # next to 1.0 in bf16 (as in KeepsFp32).
+        bias = getattr(self, BIAS, None) if self.moe_balancing else None
+        saved = None if bias is None else bias.detach().clone()
+        super()._apply(fn, recurse)
+        if saved is not None:
+            bias = getattr(self, BIAS)
+            if bias.dtype != torch.float32:
+                self._buffers[BIAS] = saved.to(bias.device)
+        return self
