@@ -1,0 +1,73 @@
+"""Tiny random configs of every transformers MoE family ``patch`` supports (no download)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+COMMON = dict(
+    vocab_size=96,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    num_experts_per_tok=2,
+    max_position_embeddings=64,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+DEEPSEEK_LIKE = dict(
+    n_routed_experts=8,
+    moe_intermediate_size=24,
+    n_shared_experts=1,
+    n_group=4,
+    topk_group=2,
+    first_k_dense_replace=1,
+    routed_scaling_factor=2.5,
+)
+FAMILIES = {
+    "deepseek_v3": dict(
+        DEEPSEEK_LIKE,
+        num_key_value_heads=4,
+        q_lora_rank=16,
+        kv_lora_rank=16,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=8,
+        v_head_dim=8,
+    ),
+    "glm4_moe": dict(DEEPSEEK_LIKE, head_dim=8),
+    "dots1": dict(DEEPSEEK_LIKE, head_dim=8, norm_topk_prob=False),
+    "qwen2_moe": dict(num_experts=8, moe_intermediate_size=24, shared_expert_intermediate_size=40),
+    "qwen3_moe": dict(num_experts=8, moe_intermediate_size=24, norm_topk_prob=True, head_dim=8),
+    "olmoe": dict(num_experts=8),
+    "flex_olmo": dict(num_experts=8, norm_topk_prob=True),
+    "mixtral": dict(num_local_experts=8),
+    "minimax": dict(num_local_experts=8, head_dim=8),
+}
+
+
+def tiny_model(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
+    """A randomly initialised tiny causal LM of ``family``, fp32, in eval mode, whose routers
+    have spread-out logits (no near-ties) and, where the family has one, a nonzero bias."""
+    config = transformers.AutoConfig.for_model(
+        family, **{**COMMON, **FAMILIES[family], **overrides}
+    )
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("gate.weight") and parameter.dim() == 2 and parameter.shape[0] > 1:
+                parameter.normal_(0, 0.5)
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buffer.uniform_(-0.05, 0.05)
+    return model.eval()
+
+
+def moe_blocks(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """The modules of ``model`` with an ``experts`` child, in module order."""
+    return [(name, m) for name, m in model.named_modules() if "experts" in m._modules]

@@ -1,0 +1,291 @@
+"""``moe_kernels.integrations.transformers.patch``: real transformers MoE blocks, before and after,
+in every supported family (tiny random configs, no download)."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from hf_families import FAMILIES, moe_blocks, tiny_model
+
+from conftest import on_backends
+from moe_kernels.integrations.transformers import (
+    ROUTERS,
+    patch,
+    supported_routers,
+    unpatch,
+)
+from moe_kernels.integrations.transformers.experts import FusedExperts
+from moe_kernels.integrations.transformers.routing import BIAS, FusedRouter
+
+INSTALLED = [
+    family
+    for family in FAMILIES
+    if any(cls.__name__ == ROUTERS[family][0] for cls in supported_routers())
+]
+LAYER_OPS = (
+    "biased_topk",
+    "permute",
+    "grouped_gemm_swiglu",
+    "grouped_gemm",
+    "grouped_gemm_wgrad",
+    "swiglu_backward",
+    "unpermute",
+)
+FP32 = dict(rtol=1e-5, atol=1e-6)
+
+
+def patched_copy(model, **kwargs):
+    fused = copy.deepcopy(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert patch(fused, **kwargs) == len(moe_blocks(model))
+    return fused
+
+
+def router_of(block):
+    return next(child for child in block.children() if type(child) in supported_routers())
+
+
+def hidden_states(model, seed=0, dtype=torch.float32, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 12, model.config.hidden_size, generator=g)
+    return x.to(device, dtype).requires_grad_()
+
+
+def forward_backward(block, x, grad_out):
+    x = x.detach().clone().requires_grad_()
+    block.zero_grad()
+    out = block(x)
+    out.backward(grad_out)
+    grads = {name: p.grad.clone() for name, p in block.named_parameters() if p.grad is not None}
+    return out.detach(), x.grad, grads
+
+
+@pytest.mark.parametrize("family", INSTALLED)
+def test_patch_switches_router_and_experts_of_every_block(family):
+    model = tiny_model(family)
+    fused = patched_copy(model)
+    for (name, block), (fused_name, fused_block) in zip(
+        moe_blocks(model), moe_blocks(fused), strict=True
+    ):
+        assert name == fused_name and type(block) is type(fused_block)
+        router, fused_router = router_of(block), None
+        for child_name, child in fused_block.named_children():
+            original = getattr(block, child_name)
+            if child is fused_block.experts:
+                assert isinstance(child, FusedExperts) and isinstance(child, type(original))
+            elif type(original) is type(router):
+                fused_router = child
+        assert isinstance(fused_router, FusedRouter) and isinstance(fused_router, type(router))
+
+
+# On the CPU, the CUDA kernels on the emulator, and a GPU where there is one.
+@on_backends(*LAYER_OPS)
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("family", INSTALLED)
+def test_block_outputs_and_gradients_equal_the_original(family, mode, device):
+    model = tiny_model(family).to(device)
+    fused = patched_copy(model)
+    x = hidden_states(model, device=device)
+    grad_out = torch.randn_like(x)
+    for (_, block), (_, fused_block) in zip(moe_blocks(model), moe_blocks(fused), strict=True):
+        block.train(mode == "train")
+        fused_block.train(mode == "train")
+        out, grad_x, grads = forward_backward(block, x, grad_out)
+        fused_out, fused_grad_x, fused_grads = forward_backward(fused_block, x, grad_out)
+        torch.testing.assert_close(fused_out, out, **FP32)
+        torch.testing.assert_close(fused_grad_x, grad_x, **FP32)
+        assert fused_grads.keys() == grads.keys()
+        for name in grads:
+            torch.testing.assert_close(fused_grads[name], grads[name], **FP32, msg=name)
+
+
+@pytest.mark.parametrize("family", INSTALLED)
+def test_bf16_error_at_most_twice_the_original_blocks(family):
+    model = tiny_model(family)
+    x = hidden_states(model)
+    grad_out = torch.randn_like(x)
+    block = moe_blocks(model)[0][1]
+    exact_out, exact_grad_x, _ = forward_backward(block, x, grad_out)
+    bf16_model = copy.deepcopy(model).to(torch.bfloat16)
+    fused_bf16 = patched_copy(bf16_model)
+    x16, grad16 = x.detach().bfloat16(), grad_out.bfloat16()
+    out, grad_x, _ = forward_backward(moe_blocks(bf16_model)[0][1], x16, grad16)
+    fused_out, fused_grad_x, _ = forward_backward(moe_blocks(fused_bf16)[0][1], x16, grad16)
+    assert fused_out.dtype == out.dtype == torch.bfloat16
+
+    def error(a, b):
+        return (a.float() - b).abs().max().item()
+
+    assert error(fused_out, exact_out) <= 2 * error(out, exact_out)
+    assert error(fused_grad_x, exact_grad_x) <= 2 * error(grad_x, exact_grad_x)
+
+
+@pytest.mark.parametrize("family", INSTALLED)
+def test_routing_decisions_identical_and_counted(family):
+    model = tiny_model(family)
+    fused = patched_copy(model).train()
+    x = hidden_states(model, seed=3).detach().reshape(-1, model.config.hidden_size)
+    for (_, block), (_, fused_block) in zip(moe_blocks(model), moe_blocks(fused), strict=True):
+        router, fused_router = router_of(block), router_of_fused(fused_block)
+        logits, weights, ids = router(x)
+        fused_logits, fused_weights, fused_ids = fused_router(x)
+        # Tie-free: the k-th and (k+1)-th choice values of every token are far apart.
+        routing = fused_router.moe_routing
+        choice = (
+            logits.double().softmax(-1)
+            if routing.score_fn == "softmax"
+            else logits.double().sigmoid()
+        )
+        bias = getattr(router, BIAS, None)
+        choice = choice if bias is None else choice + bias.double()
+        top = choice.topk(ids.shape[1] + 1, dim=-1).values
+        assert (top[:, -2] - top[:, -1]).min() > 1e-6
+        torch.testing.assert_close(fused_logits, logits, rtol=0, atol=0)
+        order, fused_order = ids.sort(dim=-1), fused_ids.sort(dim=-1)
+        assert torch.equal(fused_order.values, order.values)
+        torch.testing.assert_close(
+            fused_weights.gather(1, fused_order.indices), weights.gather(1, order.indices), **FP32
+        )
+        assert fused_weights.dtype == weights.dtype
+        counts = torch.bincount(ids.flatten(), minlength=fused_router.tokens_per_expert.numel())
+        assert torch.equal(fused_router.tokens_per_expert, counts)
+
+
+def router_of_fused(block):
+    return next(child for child in block.children() if isinstance(child, FusedRouter))
+
+
+@pytest.mark.parametrize("family", INSTALLED)
+def test_whole_model_loss_router_logits_and_generate_identical(family):
+    model = tiny_model(family)
+    fused = patched_copy(model)
+    ids = torch.randint(
+        3, model.config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(1)
+    )
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding: the model's aux loss leaves it out
+    kwargs = dict(attention_mask=mask, labels=ids, output_router_logits=True)
+    model.train(), fused.train()
+    out, fused_out = model(ids, **kwargs), fused(ids, **kwargs)
+    torch.testing.assert_close(fused_out.loss, out.loss, **FP32)
+    if getattr(out, "aux_loss", None) is not None:
+        torch.testing.assert_close(fused_out.aux_loss, out.aux_loss, **FP32)
+    assert len(fused_out.router_logits) == len(out.router_logits) == len(moe_blocks(model))
+    for fused_logits, logits in zip(fused_out.router_logits, out.router_logits, strict=True):
+        torch.testing.assert_close(fused_logits, logits, **FP32)
+    out.loss.backward()
+    fused_out.loss.backward()
+    fused_parameters = dict(fused.named_parameters())
+    for name, parameter in model.named_parameters():
+        torch.testing.assert_close(fused_parameters[name].grad, parameter.grad, **FP32, msg=name)
+    model.eval(), fused.eval()
+    prompt = ids[:1, :6]
+    generated = model.generate(prompt, max_new_tokens=12, do_sample=False)
+    fused_generated = fused.generate(prompt, max_new_tokens=12, do_sample=False)
+    assert torch.equal(fused_generated, generated)
+
+
+@pytest.mark.parametrize("family", INSTALLED)
+def test_state_dict_is_the_models_own_and_round_trips(family):
+    model = tiny_model(family)
+    state = model.state_dict()
+    fused = tiny_model(family, seed=1)
+    fused_state_before = fused.state_dict()
+    assert patch(fused) == len(moe_blocks(model))
+    fused_state = fused.state_dict()
+    assert fused_state.keys() == state.keys()
+    for key, tensor in fused_state.items():
+        assert tensor.data_ptr() == fused_state_before[key].data_ptr(), key
+    # A checkpoint of the unpatched model loads into the patched one, and back.
+    fused.load_state_dict(state)
+    ids = torch.randint(
+        3, model.config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(2)
+    )
+    torch.testing.assert_close(fused(ids).logits, model(ids).logits, **FP32)
+    other = tiny_model(family, seed=2)
+    other.load_state_dict(fused.state_dict())
+    torch.testing.assert_close(other(ids).logits, model(ids).logits, **FP32)
+    # unpatch restores the original classes, tensors untouched.
+    assert unpatch(fused) == len(moe_blocks(model))
+    assert not any(isinstance(m, (FusedRouter, FusedExperts)) for m in fused.modules())
+    assert [type(m) for m in fused.modules()] == [type(m) for m in model.modules()]
+    assert fused.state_dict().keys() == state.keys()
+    torch.testing.assert_close(fused(ids).logits, model(ids).logits, **FP32)
+
+
+def test_loss_free_adds_an_fp32_bias_only_where_the_model_has_none():
+    mixtral = tiny_model("mixtral")
+    keys = set(mixtral.state_dict())
+    patch(mixtral, balancing="loss_free")
+    added = set(mixtral.state_dict()) - keys
+    assert added == {f"{name}.gate.{BIAS}" for name, _ in moe_blocks(mixtral)}
+    mixtral.to(torch.bfloat16)
+    for name in added:
+        bias = mixtral.get_buffer(name)
+        assert bias.dtype == torch.float32 and not bias.any()
+    unpatch(mixtral)
+    assert set(mixtral.state_dict()) == keys
+
+    deepseek = tiny_model("deepseek_v3").to(torch.bfloat16)
+    own = {name: b for name, b in deepseek.named_buffers() if name.endswith(BIAS)}
+    patch(deepseek, balancing="loss_free")
+    for name, bias in own.items():
+        fused_bias = deepseek.get_buffer(name)
+        assert fused_bias.dtype == torch.float32 and torch.equal(fused_bias, bias.float())
+    assert set(deepseek.state_dict()) == set(tiny_model("deepseek_v3").state_dict())
+
+
+def test_gradient_checkpointing_recomputes_do_not_count_twice():
+    model = tiny_model("qwen3_moe")
+    patch(model)
+    # activation_checkpointing_enable is the name from transformers 5.2x on.
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    (enable or model.gradient_checkpointing_enable)()
+    model.train()
+    ids = torch.randint(3, model.config.vocab_size, (2, 10))
+    model(ids, labels=ids).loss.backward()
+    for _, block in moe_blocks(model):
+        counts = router_of_fused(block).tokens_per_expert
+        assert counts.sum() == ids.numel() * model.config.num_experts_per_tok
+
+
+def test_eval_forwards_do_not_count():
+    model = tiny_model("mixtral")
+    patch(model)
+    model.eval()
+    model(torch.randint(3, model.config.vocab_size, (2, 10)))
+    for _, block in moe_blocks(model):
+        assert not router_of_fused(block).tokens_per_expert.any()
+
+
+def test_unsupported_blocks_are_named_and_left_whole():
+    model = tiny_model("mixtral")
+    (first_name, first), (second_name, second) = moe_blocks(model)
+    first.experts.act_fn = torch.nn.GELU()
+    unlisted = type("MyRouter", (type(second.gate),), {})
+    second.gate.__class__ = unlisted
+    with pytest.warns(UserWarning) as caught:
+        assert patch(model) == 0
+    messages = [str(w.message) for w in caught]
+    assert any(first_name in m and "activation is GELU" in m for m in messages)
+    assert any(second_name in m and "router" in m for m in messages)
+    assert type(first.gate) is not unlisted and not isinstance(first.gate, FusedRouter)
+    assert not isinstance(second.experts, FusedExperts)
+
+
+def test_bad_arguments_raise_naming_them():
+    model = tiny_model("mixtral")
+    with pytest.raises(ValueError, match="balancing"):
+        patch(model, balancing="aux_loss")
+    with pytest.raises(ValueError, match="rate"):
+        patch(model, balancing="loss_free", rate=-1.0)
+    with pytest.raises(ValueError, match="backend"):
+        patch(model, backend="triton")
+    assert not any(isinstance(m, FusedRouter) for m in model.modules())
+    patch(model)
+    with pytest.raises(ValueError, match="already patched"):
+        patch(model)
