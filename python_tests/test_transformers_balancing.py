@@ -1,0 +1,131 @@
+"""Loss-free balancing of patched transformers models: the bias update, its all-reduce over
+data-parallel ranks, and the ``Trainer`` callback."""
+
+from __future__ import annotations
+
+import torch
+from hf_families import moe_blocks, tiny_model
+from ranks import run_on_ranks
+from transformers import Trainer, TrainingArguments
+
+from moe_kernels.integrations.transformers import (
+    LossFreeBalancingCallback,
+    moe_routers,
+    patch,
+    update_balance,
+)
+from moe_kernels.integrations.transformers.routing import BIAS
+
+
+def routed_counts(model, ids):
+    """The [E] counts each patched router records for one training forward of ``ids``."""
+    for _, router in moe_routers(model):
+        router.tokens_per_expert.zero_()
+    model.train()
+    model(ids)
+    return {name: router.tokens_per_expert.clone() for name, router in moe_routers(model)}
+
+
+def test_update_balance_moves_the_bias_by_the_sign_rule_over_the_whole_step():
+    model = tiny_model("mixtral")
+    patch(model, balancing="loss_free", rate=0.01)
+    g = torch.Generator().manual_seed(0)
+    micro_batches = [torch.randint(3, 96, (2, 10), generator=g) for _ in range(3)]
+    expected = None
+    for ids in micro_batches:
+        counts = routed_counts(model, ids)
+        expected = counts if expected is None else {k: expected[k] + counts[k] for k in counts}
+    for _, router in moe_routers(model):
+        router.tokens_per_expert.zero_()
+    for ids in micro_batches:  # the step counts all of its micro-batches
+        model(ids)
+    step_counts = update_balance(model)
+    assert step_counts.keys() == expected.keys() == {name for name, _ in moe_blocks(model)}
+    for name, router in moe_routers(model):
+        counts = step_counts[name]
+        assert torch.equal(counts, expected[name])
+        sign = torch.sign(counts.double().mean() - counts.double()).float()
+        torch.testing.assert_close(getattr(router, BIAS), 0.01 * sign, rtol=0, atol=1e-9)
+        assert not router.tokens_per_expert.any()
+
+
+def test_without_balancing_update_balance_counts_but_keeps_the_models_bias():
+    model = tiny_model("deepseek_v3")
+    patch(model)
+    biases = {n: b.clone() for n, b in model.named_buffers() if n.endswith(BIAS)}
+    ids = torch.randint(3, 96, (2, 10))
+    counts = routed_counts(model, ids)
+    assert update_balance(model).keys() == counts.keys()
+    for name, bias in biases.items():
+        assert torch.equal(model.get_buffer(name), bias)
+
+
+def skewed_model(balancing):
+    """A tiny Qwen3-MoE whose tokens share one direction that every router's expert 0 favours:
+    unbalanced from the first step."""
+    model = tiny_model("qwen3_moe")
+    with torch.no_grad():
+        model.model.embed_tokens.weight.normal_(0, 1).add_(0.5)
+        for _, block in moe_blocks(model):
+            block.gate.weight[0] += 0.15
+    patch(model, balancing=balancing, rate=0.01)
+    return model
+
+
+def train(model, tmp_path):
+    g = torch.Generator().manual_seed(0)
+    data = [
+        {"input_ids": ids, "labels": ids} for ids in torch.randint(3, 96, (256, 16), generator=g)
+    ]
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=8,
+        max_steps=80,
+        learning_rate=1e-3,
+        logging_steps=10,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    trainer = Trainer(
+        model=model, args=args, train_dataset=data, callbacks=[LossFreeBalancingCallback()]
+    )
+    trainer.train()
+    return [entry for entry in trainer.state.log_history if "maxvio_batch" in entry]
+
+
+def test_trainer_with_loss_free_balancing_lowers_maxvio_of_a_skewed_router(tmp_path):
+    balanced = train(skewed_model("loss_free"), tmp_path / "loss_free")
+    unbalanced = train(skewed_model(None), tmp_path / "none")
+    assert [entry["step"] for entry in balanced] == list(range(10, 81, 10))
+    layers = [f"maxvio_batch/{name}" for name, _ in moe_blocks(tiny_model("qwen3_moe"))]
+    for entry in balanced:
+        per_layer = [entry[key] for key in layers]
+        assert entry["maxvio_batch"] == sum(per_layer) / len(per_layer)
+    # Skewed from the start; loss-free balancing halves MaxVio while the unbalanced run stays.
+    assert balanced[0]["maxvio_batch"] > 1.2 and unbalanced[0]["maxvio_batch"] > 1.2
+    assert balanced[-1]["maxvio_batch"] < 0.5 * balanced[0]["maxvio_batch"]
+    assert unbalanced[-1]["maxvio_batch"] > 0.8 * unbalanced[0]["maxvio_batch"]
+
+
+def _update_on_rank(rank, world_size):
+    model = tiny_model("olmoe")
+    patch(model, balancing="loss_free", rate=0.01)
+    ids = torch.randint(3, 96, (2, 10), generator=torch.Generator().manual_seed(rank))
+    local = routed_counts(model, ids)
+    step_counts = update_balance(model)
+    biases = {name: getattr(router, BIAS).clone() for name, router in moe_routers(model)}
+    return local, step_counts, biases
+
+
+def test_update_balance_sums_counts_over_data_parallel_ranks(tmp_path):
+    results = run_on_ranks(_update_on_rank, 2, tmp_path)
+    (local0, step0, bias0), (local1, step1, bias1) = results
+    for name in local0:
+        assert not torch.equal(local0[name], local1[name])  # different data on each rank
+        total = local0[name] + local1[name]
+        assert torch.equal(step0[name], total) and torch.equal(step1[name], total)
+        assert torch.equal(bias0[name], bias1[name])
+        sign = torch.sign(total.double().mean() - total.double()).float()
+        torch.testing.assert_close(bias0[name], 0.01 * sign, rtol=0, atol=1e-9)
