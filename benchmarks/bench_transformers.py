@@ -1,0 +1,240 @@
+"""transformers' own MoE blocks before and after ``moe_kernels.integrations.transformers.patch``.
+
+    python benchmarks/bench_transformers.py [--device cpu|cuda] [--dtype fp32|bf16]
+                                            [--shape NAME ...] [--tokens N] [--repeats 5]
+                                            [--eager-repeats 2] [--keep-freed-memory]
+
+One block per shape, built from transformers' classes with random weights (each weight
+``randn * fan_in ** -0.5``, a DeepSeek bias ``0.1 * randn``), forward and forward+backward,
+timed as:
+  - "eager": the original block with ``config._experts_implementation = "eager"``, the Python
+    loop over experts that a block built alone runs;
+  - "grouped_mm": the original block with ``"grouped_mm"`` (a sort, then ``F.grouped_mm``),
+    the default inside a transformers model;
+  - "patched": a deep copy of the block after ``patch``, the same weights (values) and inputs;
+  - "dense": ``torch.mm`` products of the block's GEMM FLOPs (``bench_layer.DenseGemms``): the
+    ceiling no implementation of the block can pass.
+Before timing, the script checks that the patched block and grouped_mm give eager's output and
+input gradient (as ``bench_layer.check``) and exits with an error otherwise. "forward" runs
+under ``torch.no_grad()`` in eval mode; "forward+backward" in train mode, the gradients of the
+input and every parameter set to None before each repeat.
+
+Shapes: "deepseek-v3" (``DeepseekV3MoE``: hidden 1024, expert FFN 512, 64 experts, top-6 of 8
+groups keeping 4, 1 shared expert, 4096 tokens), "mixtral" (``MixtralSparseMoeBlock``: hidden
+1024, FFN 3584, 8 experts, top-2, 2048 tokens), "qwen2-moe" (``Qwen2MoeSparseMoeBlock``: hidden
+1024, FFN 256, 64 experts, top-8, a gated shared expert of FFN 1024, 4096 tokens).
+
+Columns: medians in ms; "speedup_vs_X" is X's time over the patched block's (above 1: patched
+is faster); "dense_over_patched" the fraction of the dense ceiling the patched block reaches.
+Writes results/bench_transformers_<device>_<dtype>[_kept_memory].json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, replace
+
+import torch
+import transformers
+from bench_layer import DTYPES, DenseGemms, OtherLoad, Shape, check, forward_backward
+from torch import Tensor, nn
+
+from moe_kernels.integrations.transformers import patch
+from moe_kernels.memory import keep_freed_memory
+from timer import Timing, measure, save
+
+SHAPES = {
+    s.name: s
+    for s in [
+        Shape("deepseek-v3", num_tokens=4096, hidden=1024, ffn=512, num_experts=64, topk=6,
+              n_groups=8, topk_groups=4, n_shared=1, route_scale=2.5),
+        Shape("mixtral", num_tokens=2048, hidden=1024, ffn=3584, num_experts=8, topk=2),
+        Shape("qwen2-moe", num_tokens=4096, hidden=1024, ffn=256, num_experts=64, topk=8,
+              n_shared=4),
+    ]
+}  # fmt: skip
+
+
+def transformers_block(shape: Shape) -> nn.Module:
+    """The family's own sparse-MoE block class, configured for ``shape``."""
+    common = dict(hidden_size=shape.hidden, num_experts_per_tok=shape.topk, hidden_act="silu")
+    if shape.name == "deepseek-v3":
+        config = transformers.DeepseekV3Config(
+            **common,
+            moe_intermediate_size=shape.ffn,
+            n_routed_experts=shape.num_experts,
+            n_group=shape.n_groups,
+            topk_group=shape.topk_groups,
+            n_shared_experts=shape.n_shared,
+            routed_scaling_factor=shape.route_scale,
+            norm_topk_prob=True,
+        )
+        from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE as block
+    elif shape.name == "mixtral":
+        config = transformers.MixtralConfig(
+            **common, intermediate_size=shape.ffn, num_local_experts=shape.num_experts
+        )
+        from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock as block
+    else:
+        config = transformers.Qwen2MoeConfig(
+            **common,
+            moe_intermediate_size=shape.ffn,
+            num_experts=shape.num_experts,
+            shared_expert_intermediate_size=shape.n_shared * shape.ffn,
+            norm_topk_prob=False,
+        )
+        from transformers.models.qwen2_moe.modeling_qwen2_moe import (
+            Qwen2MoeSparseMoeBlock as block,
+        )
+    config._experts_implementation = "eager"
+    module = block(config)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=g) * parameter.shape[-1] ** -0.5)
+        for name, buffer in module.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buffer.copy_(torch.randn(buffer.shape, generator=g) * 0.1)
+    return module
+
+
+def with_experts(block: nn.Module, implementation: str) -> Callable[[Tensor], Tensor]:
+    """The block with its experts implementation set before each call (the experts read
+    ``config._experts_implementation`` at every forward)."""
+
+    def run(x: Tensor) -> Tensor:
+        block.experts.config._experts_implementation = implementation
+        return block(x)
+
+    return run
+
+
+def bench_shape(shape: Shape, dev: str, dtype: torch.dtype, repeats: int, eager_repeats: int):
+    original = transformers_block(shape).to(dev, dtype)
+    patched = copy.deepcopy(original)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        if patch(patched) != 1:
+            sys.exit(f"{shape.name}: patch did not replace the block")
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, shape.num_tokens, shape.hidden, generator=g).to(dev, dtype)
+    x.requires_grad_()
+    grad = torch.randn(x.shape, generator=g).to(dev, dtype)
+    impls = {
+        "eager": (original, with_experts(original, "eager")),
+        "grouped_mm": (original, with_experts(original, "grouped_mm")),
+        "patched": (patched, patched),
+    }
+    ref_out, ref_grad = forward_backward(original, impls["eager"][1], x, grad)
+    for name in ("grouped_mm", "patched"):
+        out, x_grad = forward_backward(*impls[name], x, grad)
+        print(f"{shape.name} {name} {check('output', out, ref_out, dtype)}")
+        print(f"{shape.name} {name} {check('input grad', x_grad, ref_grad, dtype)}", flush=True)
+    dense = DenseGemms(shape, dev, dtype)
+
+    def timed(name: str, passes: str) -> Timing:
+        module, fn = impls[name]
+        if passes == "forward":
+            module.eval()
+
+            def run() -> None:
+                with torch.no_grad():
+                    fn(x.detach())
+        else:
+            module.train()
+
+            def run() -> None:
+                forward_backward(module, fn, x, grad)
+
+        slow = name == "eager"
+        timing = measure(
+            run, dev, warmup=1 if slow else 2, repeats=eager_repeats if slow else repeats
+        )
+        print(f"  {name}: {timing.median_ms:.1f} ms (min {timing.min_ms:.1f})", flush=True)
+        return timing
+
+    rows = []
+    for passes in ("forward", "forward+backward"):
+        print(f"{shape.name} {passes}", flush=True)
+        load = OtherLoad()
+        t = {name: timed(name, passes) for name in impls}
+        if passes == "forward":
+            with torch.no_grad():
+                t["dense"] = measure(dense.forward, dev, repeats=repeats)
+        else:
+            t["dense"] = measure(dense.forward_backward, dev, repeats=repeats)
+        print(f"  dense: {t['dense'].median_ms:.1f} ms", flush=True)
+        ms = {name: timing.median_ms for name, timing in t.items()}
+        ours = ms["patched"]
+        rows.append(
+            {
+                "shape": shape.name,
+                "block": type(original).__name__,
+                "pass": passes,
+                **{f"{name}_ms": value for name, value in ms.items()},
+                "speedup_vs_grouped_mm": ms["grouped_mm"] / ours,
+                "speedup_vs_eager": ms["eager"] / ours,
+                "dense_over_patched": ms["dense"] / ours,
+                **{f"{name}_min_ms": timing.min_ms for name, timing in t.items()},
+                "repeats": {name: timing.repeats for name, timing in t.items()},
+                "interference": load.seconds(),
+                "config": asdict(shape),
+            }
+        )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    parser.add_argument("--shape", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--tokens", type=int, default=None, help="override the shapes' tokens")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--eager-repeats", type=int, default=2, help="repeats of transformers' eager loop (slow)"
+    )
+    parser.add_argument(
+        "--keep-freed-memory",
+        action="store_true",
+        help="moe_kernels.keep_freed_memory() first, for every implementation alike",
+    )
+    args = parser.parse_args()
+    if args.keep_freed_memory and not keep_freed_memory():
+        sys.exit("--keep-freed-memory: this C library has no mallopt")
+    dev, dtype = args.device, DTYPES[args.dtype]
+    results = []
+    for name in args.shape:
+        shape = (
+            SHAPES[name] if args.tokens is None else replace(SHAPES[name], num_tokens=args.tokens)
+        )
+        results += bench_shape(shape, dev, dtype, args.repeats, args.eager_repeats)
+    save(
+        f"bench_transformers_{dev}_{args.dtype}"
+        + ("_kept_memory" if args.keep_freed_memory else ""),
+        results,
+        [
+            "shape",
+            "pass",
+            "eager_ms",
+            "grouped_mm_ms",
+            "patched_ms",
+            "dense_ms",
+            "speedup_vs_grouped_mm",
+            "speedup_vs_eager",
+            "dense_over_patched",
+        ],
+        f"transformers' MoE blocks, original (eager, grouped_mm) and patched by moe_kernels "
+        f"({dev}, {args.dtype}, medians of {args.repeats} repeats, {args.eager_repeats} for eager"
+        + (", freed memory kept by malloc)" if args.keep_freed_memory else ")"),
+    )
+
+
+if __name__ == "__main__":
+    main()
