@@ -44,6 +44,8 @@ bench: build
 	$(PY) benchmarks/bench_layer.py --dtype fp32 --keep-freed-memory
 	$(PY) benchmarks/bench_layer.py --dtype bf16 --keep-freed-memory
 	$(PY) benchmarks/bench_dispatch.py
+	$(PY) benchmarks/bench_transformers.py --dtype fp32
+	$(PY) benchmarks/bench_transformers.py --dtype bf16
 
 PY_SOURCES := moe_kernels python_tests benchmarks setup.py
 CXX_SOURCES = $(shell git ls-files 'csrc/*.h' 'csrc/*.cpp' 'csrc/*.cu' 'csrc/*.cuh')

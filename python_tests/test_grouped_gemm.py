@@ -256,3 +256,26 @@ def test_wrong_counts_never_read_outside_the_rows():
     torch.testing.assert_close(
         got[6:].float(), (a[6:].float() @ b[1].float()), rtol=1e-2, atol=1e-2
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_experts_spread_over_threads_give_the_serial_results(dtype):
+    # 48 busy experts of unequal sizes: with 2 threads each thread runs whole experts (the
+    # largest first), with 1 thread they run in order. Same products, bit for bit, under
+    # autograd too (the workers take over the caller's dispatch state).
+    sizes = [3, 0, 7, 1, 40, 0, 12, 5] * 8
+    a, b, counts = operands(sizes, 72, 40, dtype, trans_b=True)
+    grad = torch.randn(sum(sizes), 40).to(dtype)
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for num_threads in (1, 2):
+            torch.set_num_threads(num_threads)
+            a_, b_ = a.clone().requires_grad_(), b.clone().requires_grad_()
+            out = mk.grouped_gemm(a_, b_, counts, trans_b=True)
+            out.backward(grad)
+            results.append((out, a_.grad, b_.grad))
+    finally:
+        torch.set_num_threads(threads)
+    for serial, spread in zip(*results, strict=True):
+        assert torch.equal(serial, spread)
