@@ -174,9 +174,12 @@ def test_whole_model_loss_router_logits_and_generate_identical(family):
     torch.testing.assert_close(fused_out.loss, out.loss, **FP32)
     if getattr(out, "aux_loss", None) is not None:
         torch.testing.assert_close(fused_out.aux_loss, out.aux_loss, **FP32)
-    assert len(fused_out.router_logits) == len(out.router_logits) == len(moe_blocks(model))
-    for fused_logits, logits in zip(fused_out.router_logits, out.router_logits, strict=True):
-        torch.testing.assert_close(fused_logits, logits, **FP32)
+    # DeepSeek-style models return router logits from transformers 5.2x on.
+    router_logits = getattr(out, "router_logits", None)
+    if router_logits is not None:
+        assert len(fused_out.router_logits) == len(router_logits) == len(moe_blocks(model))
+        for fused_logits, logits in zip(fused_out.router_logits, router_logits, strict=True):
+            torch.testing.assert_close(fused_logits, logits, **FP32)
     out.loss.backward()
     fused_out.loss.backward()
     fused_parameters = dict(fused.named_parameters())
