@@ -2,6 +2,7 @@
 // the declarations its files share.
 #pragma once
 
+#include <functional>
 #include <string_view>
 #include <tuple>
 
@@ -72,9 +73,12 @@ inline void check_swiglu_backward_args(const at::Tensor& grad_out, const at::Ten
 
 // One library GEMM per expert segment (grouped_gemm_blas.cpp), on any device: the CPU ops, and
 // the CUDA "cublas" backend. They read tokens_per_expert on the host (a synchronisation on CUDA)
-// and check it: non-negative, summing to M.
+// and check it: non-negative, summing to M. `epilogue(c_e, first_row)`, when given, runs on each
+// expert's output rows right after its GEMM, on the thread that ran it, while they are in cache.
+using SegmentEpilogue = std::function<void(const at::Tensor& c_e, int64_t first_row)>;
 at::Tensor grouped_gemm_blas(const at::Tensor& a, const at::Tensor& b,
-                             const at::Tensor& tokens_per_expert, bool trans_b);
+                             const at::Tensor& tokens_per_expert, bool trans_b,
+                             const SegmentEpilogue& epilogue = {});
 at::Tensor grouped_gemm_wgrad_blas(const at::Tensor& a, const at::Tensor& grad_c,
                                    const at::Tensor& tokens_per_expert, bool trans_b);
 

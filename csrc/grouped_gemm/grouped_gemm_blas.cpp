@@ -63,7 +63,8 @@ void for_each_segment(const std::vector<int64_t>& sizes, bool on_cpu, const Body
 }  // namespace
 
 at::Tensor grouped_gemm_blas(const at::Tensor& a_in, const at::Tensor& b_in,
-                             const at::Tensor& tokens_per_expert, bool trans_b) {
+                             const at::Tensor& tokens_per_expert, bool trans_b,
+                             const SegmentEpilogue& epilogue) {
   const std::vector<int64_t> sizes = segment_sizes(tokens_per_expert, a_in.size(0));
   const at::Tensor a = a_in.contiguous();
   const at::Tensor b = b_in.contiguous();
@@ -74,6 +75,7 @@ at::Tensor grouped_gemm_blas(const at::Tensor& a_in, const at::Tensor& b_in,
     const at::Tensor weight = trans_b ? b.select(0, e).t() : b.select(0, e);
     auto c_e = c.narrow(0, row, sizes[e]);
     at::mm_out(c_e, a.narrow(0, row, sizes[e]), weight);
+    if (epilogue) epilogue(c_e, row);
   });
   return c;
 }

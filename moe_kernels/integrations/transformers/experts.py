@@ -6,6 +6,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from ... import ops
+from ..._nvtx import nvtx_range
 from ...experts import swiglu_experts
 
 SILU_CLASSES = ("SiLU", "SiLUActivation")
@@ -56,11 +57,14 @@ class FusedExperts(nn.Module):
     moe_backend: str = "kernel"
 
     def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
-        rows, row_map, tokens_per_expert = ops.permute(
-            hidden_states, top_k_index, self.gate_up_proj.shape[0]
-        )
-        rows = swiglu_experts(
-            rows, self.gate_up_proj, self.down_proj, tokens_per_expert, self.moe_backend
-        )
-        # Under autocast the products run in its dtype; the block's output keeps the input's.
-        return ops.unpermute(rows, row_map, top_k_weights).to(hidden_states.dtype)
+        with nvtx_range("dispatch"):
+            rows, row_map, tokens_per_expert = ops.permute(
+                hidden_states, top_k_index, self.gate_up_proj.shape[0]
+            )
+        with nvtx_range("experts"):
+            rows = swiglu_experts(
+                rows, self.gate_up_proj, self.down_proj, tokens_per_expert, self.moe_backend
+            )
+        with nvtx_range("combine"):
+            # Under autocast the products run in its dtype; the block's output keeps the input's.
+            return ops.unpermute(rows, row_map, top_k_weights).to(hidden_states.dtype)

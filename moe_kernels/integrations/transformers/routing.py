@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ... import ops
+from ..._nvtx import nvtx_range
 from ...balancer import in_backward_pass
 
 BIAS = "e_score_correction_bias"
@@ -92,6 +93,10 @@ class FusedRouter(nn.Module):
     moe_rate: float = 0.0
 
     def forward(self, hidden_states: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        with nvtx_range("router"):
+            return self._route(hidden_states)
+
+    def _route(self, hidden_states: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         routing = self.moe_routing
         x = hidden_states.reshape(-1, self.weight.shape[1])
         if routing.fp32_logits:
