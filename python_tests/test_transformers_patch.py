@@ -292,3 +292,13 @@ def test_bad_arguments_raise_naming_them():
     patch(model)
     with pytest.raises(ValueError, match="already patched"):
         patch(model)
+
+
+def test_blocks_whose_forward_another_library_wrapped_are_left_whole():
+    model = tiny_model("mixtral")
+    (name, block), (_, other) = moe_blocks(model)
+    original_forward = block.gate.forward
+    block.gate.forward = lambda hidden_states: original_forward(hidden_states)  # as accelerate
+    with pytest.warns(UserWarning, match=f"{name} .*forward is replaced on the instance"):
+        assert patch(model) == 1
+    assert not isinstance(block.gate, FusedRouter) and isinstance(other.gate, FusedRouter)

@@ -67,7 +67,9 @@ def patch(
         reason = (
             "its router is none of the routers moe_kernels expresses"
             if router is None
-            else unsupported_experts(experts)
+            else _wrapped(router, "router")
+            or _wrapped(experts, "experts")
+            or unsupported_experts(experts)
         )
         if reason is not None:
             warnings.warn(
@@ -119,6 +121,14 @@ def _fuse_router(router: nn.Module, routing: Routing, balancing: str | None, rat
         router.moe_added_bias = True
     elif bias.dtype != torch.float32:
         router._buffers[BIAS] = bias.float()
+
+
+def _wrapped(module: nn.Module, role: str) -> str | None:
+    # A forward set on the instance (accelerate's device-map hooks do this) would keep calling
+    # the original class's forward: switching the class would change nothing.
+    if "forward" in module.__dict__:
+        return f"its {role} module's forward is replaced on the instance (by hooks such as accelerate's)"
+    return None
 
 
 def _switch_class(module: nn.Module, mixin: type, **attributes: object) -> None:
