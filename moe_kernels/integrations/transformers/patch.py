@@ -127,7 +127,10 @@ def _wrapped(module: nn.Module, role: str) -> str | None:
     # A forward set on the instance (accelerate's device-map hooks do this) would keep calling
     # the original class's forward: switching the class would change nothing.
     if "forward" in module.__dict__:
-        return f"its {role} module's forward is replaced on the instance (by hooks such as accelerate's)"
+        return (
+            f"its {role} module's forward is replaced on the instance "
+            "(by hooks such as accelerate's)"
+        )
     return None
 
 
