@@ -289,13 +289,82 @@ def check(name: str, got: Tensor, want: Tensor, dtype: torch.dtype) -> str:
     return report
 
 
+def time_pass(
+    name: str,
+    module: nn.Module,
+    fn: Callable[[Tensor], Tensor],
+    passes: str,
+    x: Tensor,
+    grad: Tensor,
+    dev: str,
+    repeats: int,
+) -> Timing:
+    """Times ``fn`` (the computation of ``module``) for one pass: "forward" under no_grad with
+    ``module`` in eval mode, "forward+backward" in train mode from None gradients. A single
+    warm-up for implementations timed with at most 2 repeats (the slow ones)."""
+    if passes == "forward":
+        module.eval()
+
+        def run() -> None:
+            with torch.no_grad():
+                fn(x.detach())
+    else:
+        module.train()
+
+        def run() -> None:
+            forward_backward(module, fn, x, grad)
+
+    timing = measure(run, dev, warmup=1 if repeats <= 2 else 2, repeats=repeats)
+    print(f"  {name}: {timing.median_ms:.1f} ms (min {timing.min_ms:.1f})", flush=True)
+    return timing
+
+
+def time_dense(dense: DenseGemms, passes: str, dev: str, repeats: int) -> Timing:
+    if passes == "forward":
+        with torch.no_grad():
+            timing = measure(dense.forward, dev, repeats=repeats)
+    else:
+        timing = measure(dense.forward_backward, dev, repeats=repeats)
+    print(f"  dense: {timing.median_ms:.1f} ms (min {timing.min_ms:.1f})", flush=True)
+    return timing
+
+
+def block_bench_args(doc: str, shapes: dict[str, Shape]) -> tuple[argparse.Namespace, list[Shape]]:
+    """The command line of the block benchmarks (this one and bench_transformers.py), and the
+    shapes it asks for; applies --keep-freed-memory."""
+    parser = argparse.ArgumentParser(
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    parser.add_argument("--shape", nargs="+", default=list(shapes), choices=list(shapes))
+    parser.add_argument("--tokens", type=int, default=None, help="override the shapes' tokens")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--eager-repeats", type=int, default=2, help="repeats of transformers' eager loop (slow)"
+    )
+    parser.add_argument(
+        "--keep-freed-memory",
+        action="store_true",
+        help="moe_kernels.keep_freed_memory() first (what moe-train does on the CPU), for every "
+        "implementation alike; results go to <name>_kept_memory",
+    )
+    args = parser.parse_args()
+    if args.keep_freed_memory and not keep_freed_memory():
+        sys.exit("--keep-freed-memory: this C library has no mallopt")
+    chosen = [
+        shapes[name] if args.tokens is None else replace(shapes[name], num_tokens=args.tokens)
+        for name in args.shape
+    ]
+    return args, chosen
+
+
 def bench_shape(shape: Shape, dev: str, dtype: torch.dtype, repeats: int, eager_repeats: int):
     """Checks the implementations agree, then times them: one row per pass."""
     hf, layer = build(shape, dev, dtype)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(shape.num_tokens, shape.hidden, generator=g).to(dev, dtype)
     x.requires_grad_()
-    x_in = x.detach()
     grad = torch.randn(x.shape, generator=g).to(dev, dtype)
     impls = {
         "moe_kernels": (layer, layer),
@@ -312,41 +381,17 @@ def bench_shape(shape: Shape, dev: str, dtype: torch.dtype, repeats: int, eager_
     dense = DenseGemms(shape, dev, dtype)
 
     def timed(name: str, passes: str) -> Timing:
-        module, fn = impls[name]
-        if passes == "forward":
-            layer.eval()
-
-            def run() -> None:
-                with torch.no_grad():
-                    fn(x_in)
-        else:
-            layer.train()
-
-            def run() -> None:
-                forward_backward(module, fn, x, grad)
-
         slow = name == "transformers_eager"
-        timing = measure(
-            run, dev, warmup=1 if slow else 2, repeats=eager_repeats if slow else repeats
+        return time_pass(
+            name, *impls[name], passes, x, grad, dev, eager_repeats if slow else repeats
         )
-        print(f"  {name}: {timing.median_ms:.1f} ms (min {timing.min_ms:.1f})", flush=True)
-        return timing
-
-    def timed_dense(passes: str) -> Timing:
-        if passes == "forward":
-            with torch.no_grad():
-                timing = measure(dense.forward, dev, repeats=repeats)
-        else:
-            timing = measure(dense.forward_backward, dev, repeats=repeats)
-        print(f"  dense: {timing.median_ms:.1f} ms (min {timing.min_ms:.1f})", flush=True)
-        return timing
 
     rows = []
     for passes in ("forward", "forward+backward"):
         print(f"{shape.name} {passes}", flush=True)
         load = OtherLoad()
         t = {name: timed(name, passes) for name in impls}
-        t["dense"] = timed_dense(passes)
+        t["dense"] = time_dense(dense, passes, dev, repeats)
         ms = {name: timing.median_ms for name, timing in t.items()}
         interference = load.seconds()
         print(f"  while timing: {interference}", flush=True)
@@ -374,32 +419,10 @@ def bench_shape(shape: Shape, dev: str, dtype: torch.dtype, repeats: int, eager_
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
-    parser.add_argument("--shape", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-    parser.add_argument("--tokens", type=int, default=None, help="override the shapes' tokens")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument(
-        "--eager-repeats", type=int, default=2, help="repeats of transformers' eager loop (slow)"
-    )
-    parser.add_argument(
-        "--keep-freed-memory",
-        action="store_true",
-        help="moe_kernels.keep_freed_memory() first (what moe-train does on the CPU), for every "
-        "implementation alike; results go to bench_layer_<device>_<dtype>_kept_memory",
-    )
-    args = parser.parse_args()
-    if args.keep_freed_memory and not keep_freed_memory():
-        sys.exit("--keep-freed-memory: this C library has no mallopt")
+    args, shapes = block_bench_args(__doc__, SHAPES)
     dev, dtype = args.device, DTYPES[args.dtype]
     results = []
-    for name in args.shape:
-        shape = (
-            SHAPES[name] if args.tokens is None else replace(SHAPES[name], num_tokens=args.tokens)
-        )
+    for shape in shapes:
         results += bench_shape(shape, dev, dtype, args.repeats, args.eager_repeats)
     save(
         f"bench_layer_{dev}_{args.dtype}" + ("_kept_memory" if args.keep_freed_memory else ""),

@@ -32,21 +32,29 @@ Writes results/bench_transformers_<device>_<dtype>[_kept_memory].json and .md.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import sys
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, replace
+from dataclasses import asdict
 
 import torch
 import transformers
-from bench_layer import DTYPES, DenseGemms, OtherLoad, Shape, check, forward_backward
+from bench_layer import (
+    DTYPES,
+    DenseGemms,
+    OtherLoad,
+    Shape,
+    block_bench_args,
+    check,
+    forward_backward,
+    time_dense,
+    time_pass,
+)
 from torch import Tensor, nn
 
 from moe_kernels.integrations.transformers import patch
-from moe_kernels.memory import keep_freed_memory
-from timer import Timing, measure, save
+from timer import Timing, save
 
 SHAPES = {
     s.name: s
@@ -152,37 +160,17 @@ def bench_shape(shape: Shape, dev: str, dtype: torch.dtype, repeats: int, eager_
     dense = DenseGemms(shape, dev, dtype)
 
     def timed(name: str, passes: str) -> Timing:
-        module, fn = impls[name]
-        if passes == "forward":
-            module.eval()
-
-            def run() -> None:
-                with torch.no_grad():
-                    fn(x.detach())
-        else:
-            module.train()
-
-            def run() -> None:
-                forward_backward(module, fn, x, grad)
-
         slow = name == "eager"
-        timing = measure(
-            run, dev, warmup=1 if slow else 2, repeats=eager_repeats if slow else repeats
+        return time_pass(
+            name, *impls[name], passes, x, grad, dev, eager_repeats if slow else repeats
         )
-        print(f"  {name}: {timing.median_ms:.1f} ms (min {timing.min_ms:.1f})", flush=True)
-        return timing
 
     rows = []
     for passes in ("forward", "forward+backward"):
         print(f"{shape.name} {passes}", flush=True)
         load = OtherLoad()
         t = {name: timed(name, passes) for name in impls}
-        if passes == "forward":
-            with torch.no_grad():
-                t["dense"] = measure(dense.forward, dev, repeats=repeats)
-        else:
-            t["dense"] = measure(dense.forward_backward, dev, repeats=repeats)
-        print(f"  dense: {t['dense'].median_ms:.1f} ms", flush=True)
+        t["dense"] = time_dense(dense, passes, dev, repeats)
         ms = {name: timing.median_ms for name, timing in t.items()}
         ours = ms["patched"]
         rows.append(
@@ -204,31 +192,10 @@ def bench_shape(shape: Shape, dev: str, dtype: torch.dtype, repeats: int, eager_
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
-    parser.add_argument("--shape", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-    parser.add_argument("--tokens", type=int, default=None, help="override the shapes' tokens")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument(
-        "--eager-repeats", type=int, default=2, help="repeats of transformers' eager loop (slow)"
-    )
-    parser.add_argument(
-        "--keep-freed-memory",
-        action="store_true",
-        help="moe_kernels.keep_freed_memory() first, for every implementation alike",
-    )
-    args = parser.parse_args()
-    if args.keep_freed_memory and not keep_freed_memory():
-        sys.exit("--keep-freed-memory: this C library has no mallopt")
+    args, shapes = block_bench_args(__doc__, SHAPES)
     dev, dtype = args.device, DTYPES[args.dtype]
     results = []
-    for name in args.shape:
-        shape = (
-            SHAPES[name] if args.tokens is None else replace(SHAPES[name], num_tokens=args.tokens)
-        )
+    for shape in shapes:
         results += bench_shape(shape, dev, dtype, args.repeats, args.eager_repeats)
     save(
         f"bench_transformers_{dev}_{args.dtype}"
