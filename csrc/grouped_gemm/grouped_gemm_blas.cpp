@@ -29,12 +29,13 @@ std::vector<int64_t> segment_sizes(const at::Tensor& tokens_per_expert, int64_t 
   return sizes;
 }
 
-// Runs body(e, first_row) for every expert segment. On the CPU, with many more experts than
-// threads, each thread runs whole experts, one GEMM at a time on one core: a GEMM of a few
-// hundred rows split over all cores spends much of its time synchronising them (bf16
-// forward at the DeepSeek-V3 shape: 57 ms instead of 74 on 2 cores). Threads take the largest
-// remaining expert first, so unequal loads still finish together. On CUDA, or with few
-// experts, one segment after the other, each GEMM using the whole machine.
+// Runs body(e, first_row) for every expert segment. On the CPU, with many more busy experts
+// than threads (8 per thread), each thread runs whole experts, one GEMM at a time on one core:
+// a GEMM of a few hundred rows split over all cores spends much of its time synchronising them
+// (bf16 forward at the DeepSeek-V3 shape: 57 ms instead of 74 on 2 cores). Threads take the
+// largest remaining expert first, so unequal loads still finish together. On CUDA, or with a
+// few large experts (whose big GEMMs the library's own threading serves well), one segment
+// after the other, each GEMM using the whole machine.
 template <typename Body>
 void for_each_segment(const std::vector<int64_t>& sizes, bool on_cpu, const Body& body) {
   const int64_t num_experts = static_cast<int64_t>(sizes.size());
@@ -42,7 +43,7 @@ void for_each_segment(const std::vector<int64_t>& sizes, bool on_cpu, const Body
   std::exclusive_scan(sizes.begin(), sizes.end(), first_row.begin(), int64_t{0});
   const int64_t threads = at::get_num_threads();
   const int64_t busy = std::count_if(sizes.begin(), sizes.end(), [](int64_t s) { return s > 0; });
-  if (!on_cpu || threads == 1 || busy < 4 * threads) {
+  if (!on_cpu || threads == 1 || busy < 8 * threads) {
     for (int64_t e = 0; e < num_experts; ++e) body(e, first_row[e]);
     return;
   }
