@@ -49,6 +49,10 @@ def router_of(block):
     return next(child for child in block.children() if type(child) in supported_routers())
 
 
+def router_of_fused(block):
+    return next(child for child in block.children() if isinstance(child, FusedRouter))
+
+
 def hidden_states(model, seed=0, dtype=torch.float32, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(2, 12, model.config.hidden_size, generator=g)
@@ -72,14 +76,14 @@ def test_patch_switches_router_and_experts_of_every_block(family):
         moe_blocks(model), moe_blocks(fused), strict=True
     ):
         assert name == fused_name and type(block) is type(fused_block)
-        router, fused_router = router_of(block), None
+        assert isinstance(fused_block.experts, FusedExperts)
+        assert isinstance(fused_block.experts, type(block.experts))
+        router, fused_router = router_of(block), router_of_fused(fused_block)
+        assert isinstance(fused_router, type(router))
+        # Every other child is the same class as before.
         for child_name, child in fused_block.named_children():
-            original = getattr(block, child_name)
-            if child is fused_block.experts:
-                assert isinstance(child, FusedExperts) and isinstance(child, type(original))
-            elif type(original) is type(router):
-                fused_router = child
-        assert isinstance(fused_router, FusedRouter) and isinstance(fused_router, type(router))
+            if child is not fused_block.experts and child is not fused_router:
+                assert type(child) is type(getattr(block, child_name))
 
 
 # On the CPU, the CUDA kernels on the emulator, and a GPU where there is one.
@@ -153,10 +157,6 @@ def test_routing_decisions_identical_and_counted(family):
         assert fused_weights.dtype == weights.dtype
         counts = torch.bincount(ids.flatten(), minlength=fused_router.tokens_per_expert.numel())
         assert torch.equal(fused_router.tokens_per_expert, counts)
-
-
-def router_of_fused(block):
-    return next(child for child in block.children() if isinstance(child, FusedRouter))
 
 
 @pytest.mark.parametrize("family", INSTALLED)

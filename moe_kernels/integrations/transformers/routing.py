@@ -11,12 +11,12 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ... import ops
 from ..._nvtx import nvtx_range
+from ..._precision import KeepsFp32
 from ...balancer import in_backward_pass
 
 BIAS = "e_score_correction_bias"
@@ -78,7 +78,7 @@ def supported_routers() -> dict[type[nn.Module], Routing]:
     return found
 
 
-class FusedRouter(nn.Module):
+class FusedRouter(KeepsFp32):
     """Mixed into a router's class by ``patch``: the same ``(router_logits, weights, ids)``
     from one ``biased_topk``, which also counts each expert's tokens.
 
@@ -91,6 +91,11 @@ class FusedRouter(nn.Module):
     moe_routing: Routing
     moe_balancing: str | None = None
     moe_rate: float = 0.0
+
+    @property
+    def fp32_tensors(self) -> tuple[str, ...]:
+        # Without balancing the model's own bias follows the model's dtype, as it does unpatched.
+        return (BIAS,) if self.moe_balancing == "loss_free" else ()
 
     def forward(self, hidden_states: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         with nvtx_range("router"):
@@ -123,15 +128,3 @@ class FusedRouter(nn.Module):
     def _normalize(self) -> bool:
         normalize = self.moe_routing.normalize
         return bool(getattr(self, normalize)) if isinstance(normalize, str) else normalize
-
-    def _apply(self, fn, recurse=True):
-        # A loss-free bias keeps fp32 through model.to(bf16): its steps of 1e-3 would vanish
-        # next to 1.0 in bf16 (as in KeepsFp32).
-        bias = getattr(self, BIAS, None) if self.moe_balancing else None
-        saved = None if bias is None else bias.detach().clone()
-        super()._apply(fn, recurse)
-        if saved is not None:
-            bias = getattr(self, BIAS)
-            if bias.dtype != torch.float32:
-                self._buffers[BIAS] = saved.to(bias.device)
-        return self
