@@ -302,3 +302,13 @@ def test_blocks_whose_forward_another_library_wrapped_are_left_whole():
     with pytest.warns(UserWarning, match=f"{name} .*forward is replaced on the instance"):
         assert patch(model) == 1
     assert not isinstance(block.gate, FusedRouter) and isinstance(other.gate, FusedRouter)
+
+
+def test_save_pretrained_of_a_patched_model_loads_unpatched(tmp_path):
+    model = tiny_model("qwen2_moe")
+    fused = patched_copy(model)
+    fused.save_pretrained(tmp_path)
+    loaded = type(model).from_pretrained(tmp_path).eval()
+    assert not any(isinstance(m, (FusedRouter, FusedExperts)) for m in loaded.modules())
+    ids = torch.randint(3, model.config.vocab_size, (2, 10))
+    torch.testing.assert_close(loaded(ids).logits, model(ids).logits, **FP32)
