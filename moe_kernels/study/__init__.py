@@ -1,0 +1,1 @@
+"""The balance study: the measurements behind the papers' findings, at small scale."""
