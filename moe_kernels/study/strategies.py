@@ -1,0 +1,52 @@
+"""The arms of the study: one named training configuration per balancing strategy, all on the
+same model, data, seed and token budget (only how the load is balanced differs)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from ..train.config import TrainConfig
+
+
+def strategies(base: TrainConfig) -> dict[str, TrainConfig]:
+    """Every arm the study trains, derived from ``base`` (its model, data, seed, steps and
+    tokens per step):
+
+    - ``none``; ``aux_loss`` at alpha 1e-2, 1e-3, 1e-4 (arXiv 2408.15664's dilemma);
+      ``seq_aux_loss`` (DeepSeek-V3, alpha 1e-3);
+    - ``global_aux_loss`` (arXiv 2501.11873, alpha 1e-3) with its balance batch of 2 and 4
+      micro-batches: the step's sequences split into 2 or 4 micro-batches of gradient
+      accumulation, the loss counting every micro-batch of the step so far, against the
+      micro-batch loss (``aux_loss``) of the same step;
+    - ``loss_free`` at rates 1e-4, 1e-3, 1e-2, sign rule, and 1e-3 proportional;
+    - ``expert_choice`` (capacity factor 1).
+    """
+    sequences = base.micro_batch_size * base.grad_accumulation
+
+    def arm(balancing: str, micro_batches: int = 1, **changes: object) -> TrainConfig:
+        if sequences % micro_batches:
+            raise ValueError(
+                f"the base's {sequences} sequences per step do not split into {micro_batches} "
+                "micro-batches"
+            )
+        return dataclasses.replace(
+            base,
+            balancing=balancing,
+            micro_batch_size=sequences // micro_batches,
+            grad_accumulation=micro_batches,
+            **changes,
+        )
+
+    arms = {"none": arm("none")}
+    for alpha in ("1e-2", "1e-3", "1e-4"):
+        arms[f"aux_loss_{alpha}"] = arm("aux_loss", aux_coeff=float(alpha))
+    arms["seq_aux_loss_1e-3"] = arm("seq_aux_loss", aux_coeff=1e-3)
+    for micro_batches in (2, 4):
+        arms[f"global_aux_loss_1e-3_x{micro_batches}"] = arm(
+            "global_aux_loss", micro_batches, aux_coeff=1e-3, global_counts="running"
+        )
+    for rate in ("1e-4", "1e-3", "1e-2"):
+        arms[f"loss_free_{rate}"] = arm("loss_free", rate=float(rate), rule="sign")
+    arms["loss_free_1e-3_proportional"] = arm("loss_free", rate=1e-3, rule="proportional")
+    arms["expert_choice"] = arm("expert_choice", capacity_factor=1.0)
+    return arms
