@@ -25,6 +25,8 @@ def test_quick_study_reports_every_arm_from_its_runs(tmp_path):
     assert main(["--quick", "--out", str(out), "--no-progress"]) == 0
     report = (out / "report.md").read_text()
     assert "python -m moe_kernels.study --quick" in report
+    for plot in ("loss.png", "maxvio.png", "maxvio_by_computation_batch.png"):
+        assert f"]({plot})" in report and (out / plot).read_bytes()[:4] == b"\x89PNG"
     arms = list(strategies(STUDY_PRESETS["quick"]))
     results = json.loads((out / "results.json").read_text())["arms"]
     assert list(results) == arms
