@@ -7,7 +7,7 @@ import json
 import re
 
 from moe_kernels.study.__main__ import main
-from moe_kernels.study.report import _number
+from moe_kernels.study.findings import number
 from moe_kernels.study.run import COMPUTATION_BATCH_SIZES, STUDY_PRESETS
 from moe_kernels.study.strategies import strategies
 
@@ -38,16 +38,22 @@ def test_quick_study_reports_every_arm_from_its_runs(tmp_path):
         measures = json.loads((out / "runs" / name / "measures.json").read_text())
         assert results[name] == {"summary": summary, "measures": measures}
         assert main_table[name] == [
-            _number(summary["val_perplexity"]),
-            _number(summary["maxvio_global"]),
-            _number(summary["maxvio_batch"]),
-            _number(measures["future_token_leakage"]),
+            number(summary["val_perplexity"]),
+            number(summary["maxvio_global"]),
+            number(summary["maxvio_batch"]),
+            number(measures["future_token_leakage"]),
         ]
         sizes = measures["maxvio_by_computation_batch"]
-        assert by_size[name] == [_number(sizes[str(s)]) for s in COMPUTATION_BATCH_SIZES]
+        assert by_size[name] == [number(sizes[str(s)]) for s in COMPUTATION_BATCH_SIZES]
     # Expert choice balances by construction and leaks the future; token choice does not.
     assert results["expert_choice"]["measures"]["future_token_leakage"] > 1e-3
     assert results["loss_free_1e-2"]["measures"]["future_token_leakage"] < 1e-6
+
+    verdicts = [line for line in report.splitlines() if re.match(r"[1-4]\. ", line)]
+    assert len(verdicts) == 4
+    assert all(re.search(r": (agrees|does not agree)[.:]", line) for line in verdicts)
+    leak = results["expert_choice"]["measures"]["future_token_leakage"]
+    assert f"moves earlier logits by {number(leak)} of the largest logit" in verdicts[2]
 
     # A second run trains nothing: every arm's files stay as they were.
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*.json")}

@@ -7,13 +7,10 @@ from pathlib import Path
 
 from ..train.atomic import atomic_write_text
 from ..train.plots import plot_runs
+from .findings import findings, number
 from .run import COMPUTATION_BATCH_SIZES
 
 PLOTS = ("loss.png", "maxvio.png", "maxvio_by_computation_batch.png")
-
-
-def _number(value: float) -> str:
-    return f"{value:.4g}"
 
 
 def write_plots(results: dict, out_dir: Path) -> None:
@@ -62,15 +59,23 @@ def write_report(results: dict, preset: str, command: str, out_dir: Path) -> Pat
         f"Regenerate with `{command}`. Every arm trains the same model on the same data, seed "
         "and token budget; only the balancing differs.",
         "",
+        "## Findings",
+        "",
+        "Verdicts at this scale, from the numbers below: never tuned to agree with the papers.",
+        "",
+        *findings(results),
+        "",
+        "## Arms",
+        "",
         "| arm | val perplexity | MaxVio_global | MaxVio_batch | future-token leakage |",
         "|---|---|---|---|---|",
     ]
     for name, arm in results.items():
         summary, measures = arm["summary"], arm["measures"]
         lines.append(
-            f"| {name} | {_number(summary['val_perplexity'])} | "
-            f"{_number(summary['maxvio_global'])} | {_number(summary['maxvio_batch'])} | "
-            f"{_number(measures['future_token_leakage'])} |"
+            f"| {name} | {number(summary['val_perplexity'])} | "
+            f"{number(summary['maxvio_global'])} | {number(summary['maxvio_batch'])} | "
+            f"{number(measures['future_token_leakage'])} |"
         )
     sizes = [str(size) for size in COMPUTATION_BATCH_SIZES]
     lines += [
@@ -82,7 +87,7 @@ def write_report(results: dict, preset: str, command: str, out_dir: Path) -> Pat
     ]
     for name, arm in results.items():
         by_size = arm["measures"]["maxvio_by_computation_batch"]
-        lines.append(f"| {name} | " + " | ".join(_number(by_size[s]) for s in sizes) + " |")
+        lines.append(f"| {name} | " + " | ".join(number(by_size[s]) for s in sizes) + " |")
     lines += ["", "## Plots", ""] + [f"![{name}]({name})" for name in PLOTS]
     path = out_dir / "report.md"
     atomic_write_text(path, "\n".join(lines) + "\n")
