@@ -3,8 +3,11 @@ future-token leakage (expert choice against token choice)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
+from test_train import MICRO
 
 from moe_kernels.layer import moe_layers
 from moe_kernels.study.measures import (
@@ -12,19 +15,11 @@ from moe_kernels.study.measures import (
     future_token_leakage,
     maxvio_by_computation_batch,
 )
-from moe_kernels.train.config import ModelConfig, TrainConfig
+from moe_kernels.train.config import TrainConfig
 from moe_kernels.train.model import MoETransformer
 
-MODEL = ModelConfig(
-    vocab_size=64,
-    hidden_size=32,
-    num_layers=2,
-    num_heads=2,
-    num_experts=8,
-    topk=2,
-    expert_ffn_hidden_size=32,
-    max_seq_len=16,
-)
+# test_train's micro model, its vocabulary cut to the ids these tests draw.
+MODEL = dataclasses.replace(MICRO.model, vocab_size=64)
 
 
 def model_with(balancing: str) -> MoETransformer:
