@@ -109,6 +109,10 @@ def test_split_holds_out_whole_documents(stdlib_corpus):
     assert train and val
     assert not set(train) & set(val)
     assert 0.01 < len(val) / (len(train) + len(val)) < 0.15
+    # Each held-out module's domain is its package (or itself): several modules share one.
+    assert len(stdlib_corpus.val_domains) == len(val)
+    assert "/" not in "".join(stdlib_corpus.val_domains)
+    assert len(set(stdlib_corpus.val_domains)) < len(val)
 
 
 def test_python_comments_become_prose_paragraphs():
@@ -154,6 +158,9 @@ def test_folder_corpus_reads_every_text_file_and_skips_binaries(tmp_path):
     ordered = [texts[name] for name in sorted(texts)]
     assert corpus.train == [text for text in ordered if text in corpus.train]
     assert load_corpus(str(tmp_path)) == corpus
+    # A file's domain is its top folder, or its own name at the top.
+    domain = {text: name.split("/")[0].removesuffix(".md") for name, text in texts.items()}
+    assert corpus.val_domains == [domain[text] for text in corpus.val]
 
 
 @pytest.mark.parametrize("val_fraction", [0.001, 0.999])
@@ -181,6 +188,7 @@ def test_single_file_corpus_is_split_into_paragraph_chunks(tmp_path):
     documents = corpus.train + corpus.val
     assert all(len(document) >= 2000 for document in documents)
     assert sorted(p for document in documents for p in document.split("\n\n")) == sorted(paragraphs)
+    assert set(corpus.val_domains) == {"book"}
 
 
 def test_missing_or_unusable_sources_name_the_path(tmp_path):
@@ -204,6 +212,9 @@ def test_kjv_corpus_has_one_document_per_chapter():
     genesis_2 = next(chapter for chapter in chapters if chapter.startswith("Thus the heavens"))
     assert genesis_2.split("\n")[1].startswith("And on the seventh day God ended his work")
     assert sum(chapter.count("\n") + 1 for chapter in chapters) == 31102  # verses, a line each
+    # A chapter's domain is its book: 66 of them, a few held out.
+    assert all(re.fullmatch(r"\d?[A-Za-z]+", book) for book in corpus.val_domains)
+    assert 5 < len(set(corpus.val_domains)) <= 66
 
 
 def test_kjv_corpus_absent_says_what_to_install(monkeypatch):
@@ -342,7 +353,13 @@ def test_bpe_refuses_a_vocabulary_without_room_for_bytes():
 
 
 def _small_corpus(stdlib_corpus: Corpus) -> Corpus:
-    return Corpus("small", stdlib_corpus.train[:30], stdlib_corpus.val[:3], "small-corpus")
+    return Corpus(
+        "small",
+        stdlib_corpus.train[:30],
+        stdlib_corpus.val[:3],
+        stdlib_corpus.val_domains[:3],
+        "small-corpus",
+    )
 
 
 def test_get_tokenizer_trains_on_train_text_once_then_loads(stdlib_corpus, tmp_path, monkeypatch):
@@ -380,7 +397,7 @@ def test_get_tokenizer_kinds(stdlib_corpus, tmp_path):
 
 
 def test_tokenize_corpus_ends_each_document_and_caches(tmp_path, monkeypatch):
-    corpus = Corpus("tiny", ["ab", "ć"], ["z"], "tiny-corpus")
+    corpus = Corpus("tiny", ["ab", "ć"], ["z"], ["letters"], "tiny-corpus")
     tokenizer = ByteTokenizer()
     train, val = tokenize_corpus(corpus, tokenizer, tmp_path)
     assert train.dtype == torch.int64 and val.dtype == torch.int64

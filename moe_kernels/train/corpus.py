@@ -20,7 +20,7 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .documents import Document, default_cache_dir, short_sha256
+from .documents import Document, default_cache_dir, short_sha256, top_folder
 from .stdlib_text import stdlib_documents
 
 DEFAULT_VAL_FRACTION = 0.05
@@ -35,12 +35,14 @@ class Corpus:
     """Documents of text split into training and held-out validation documents.
 
     ``fingerprint`` (16 hex digits) changes with the text and with the split rule; it keys
-    what is derived from the corpus in the cache (tokenizers, token ids).
+    what is derived from the corpus in the cache (tokenizers, token ids). ``val_domains``
+    names the domain of each validation document (``Document.domain``).
     """
 
     name: str
     train: list[str] = field(repr=False)
     val: list[str] = field(repr=False)
+    val_domains: list[str] = field(repr=False)
     fingerprint: str
 
 
@@ -88,6 +90,7 @@ def _split(name: str, documents: list[Document], val_fraction: float) -> Corpus:
         name=name,
         train=[doc.text for doc, held_out in zip(documents, in_val, strict=True) if not held_out],
         val=[doc.text for doc, held_out in zip(documents, in_val, strict=True) if held_out],
+        val_domains=[doc.domain for doc, held_out in zip(documents, in_val, strict=True) if held_out],
         fingerprint=fingerprint,
     )
 
@@ -102,7 +105,7 @@ def _hash_position(name: str) -> float:
 # The King James Bible
 
 _KJV_DATA = Path("/usr/lib/bible.data")
-_KJV_VERSE = re.compile(r"^(?P<chapter>\d?[A-Za-z]+\d+):\d+ (?P<text>.*)$")  # Ge1:1 text
+_KJV_VERSE = re.compile(r"^(?P<chapter>(?P<book>\d?[A-Za-z]+)\d+):\d+ (?P<text>.*)$")  # Ge1:1
 
 
 def _kjv_documents() -> list[Document]:
@@ -110,6 +113,7 @@ def _kjv_documents() -> list[Document]:
 
     Chapters, not books: holding out 5% of 66 books by hash leaves a validation split of
     anything from one short epistle to several long books, 5% of the chapters is steady.
+    The book is the chapter's domain.
     ``bible-kjv-text`` holds the text compressed in a format of its own; ``bible`` (of
     ``bible-kjv``) decompresses it.
     """
@@ -125,13 +129,15 @@ def _kjv_documents() -> list[Document]:
     dump = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, text=True)
     if dump.returncode != 0:
         raise RuntimeError(f"`{' '.join(command)}` failed: {dump.stderr.strip()}")
-    chapters: dict[str, list[str]] = {}
+    chapters: dict[tuple[str, str], list[str]] = {}
     for line in dump.stdout.splitlines():
         match = _KJV_VERSE.match(line)
         if match is None:
             raise ValueError(f"unexpected line in the output of `bible`: {line!r}")
-        chapters.setdefault(match["chapter"], []).append(match["text"])
-    return [Document(chapter, "\n".join(verses)) for chapter, verses in chapters.items()]
+        chapters.setdefault((match["chapter"], match["book"]), []).append(match["text"])
+    return [
+        Document(chapter, "\n".join(verses), book) for (chapter, book), verses in chapters.items()
+    ]
 
 
 # --------------------------------------------------------------------------------------------
@@ -152,7 +158,9 @@ def _path_documents(path: Path) -> list[Document]:
         if text is None:
             raise ValueError(f"{path} is not a UTF-8 text file")
         chunks = _paragraph_chunks(text)
-        return [Document(f"{path.name}#{index}", chunk) for index, chunk in enumerate(chunks)]
+        return [
+            Document(f"{path.name}#{index}", chunk, path.stem) for index, chunk in enumerate(chunks)
+        ]
     if path.exists():
         raise ValueError(f"{path} is neither a file nor a folder")
     raise FileNotFoundError(
@@ -172,7 +180,7 @@ def _folder_documents(folder: Path) -> list[Document]:
     for relative in sorted(relative_paths, key=Path.as_posix):
         text = _read_text(folder / relative)
         if text:
-            documents.append(Document(relative.as_posix(), text))
+            documents.append(Document(relative.as_posix(), text, top_folder(relative.as_posix())))
     return documents
 
 

@@ -6,13 +6,21 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 
 @dataclass(frozen=True)
 class Document:
-    name: str  # what the split hashes: a relative path, a book, a chunk index
+    name: str  # what the split hashes: a relative path, a chapter, a chunk index
     text: str
+    domain: str  # what it is about: a package, a book, a folder (for routing per domain)
+
+
+def top_folder(relative_path: str) -> str:
+    """The domain of a file in a tree: its first folder, or its own name without its suffix
+    at the top (``asyncio/events.py`` and ``asyncio.py`` are both ``asyncio``)."""
+    first, _, rest = relative_path.partition("/")
+    return first if rest else PurePosixPath(first).stem
 
 
 def default_cache_dir() -> Path:

@@ -15,7 +15,7 @@ import tokenize
 from pathlib import Path
 
 from .atomic import atomic_write
-from .documents import Document, short_sha256
+from .documents import Document, short_sha256, top_folder
 
 # --------------------------------------------------------------------------------------------
 # The standard library's docstrings and comments
@@ -47,7 +47,10 @@ def stdlib_documents(cache_dir: Path) -> list[Document]:
     key = short_sha256(str(_STDLIB_EXTRACTION_VERSION), sys.version, str(root), *listing)
     cache_path = cache_dir / f"stdlib-{sys.version_info[0]}.{sys.version_info[1]}-{key}.json"
     if cache_path.is_file():
-        return [Document(name, text) for name, text in json.loads(cache_path.read_bytes())]
+        return [
+            Document(name, text, top_folder(name))
+            for name, text in json.loads(cache_path.read_bytes())
+        ]
     documents = _extract_stdlib_documents(root, sources)
     payload = json.dumps([[doc.name, doc.text] for doc in documents]).encode()
     atomic_write(cache_path, lambda file: file.write(payload))
@@ -72,7 +75,8 @@ def _extract_stdlib_documents(root: Path, sources: list[Path]) -> list[Document]
         except (SyntaxError, tokenize.TokenError, UnicodeDecodeError):
             continue  # not Python this interpreter can read (e.g. a stray Python 2 file)
         if paragraphs:
-            documents.append(Document(path.relative_to(root).as_posix(), "\n\n".join(paragraphs)))
+            name = path.relative_to(root).as_posix()
+            documents.append(Document(name, "\n\n".join(paragraphs), top_folder(name)))
     return documents
 
 
