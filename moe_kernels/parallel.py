@@ -167,6 +167,19 @@ def consolidated_state_dict(model: nn.Module, layout: ParallelLayout) -> dict[st
     return state
 
 
+def local_state_dict(state: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
+    """The inverse of ``consolidated_state_dict``: the unsharded model's ``state`` with every
+    [E, ...] expert weight cut to the experts ``model`` holds here, to load into it."""
+    local = dict(state)
+    for module_name, module in model.named_modules():
+        if not (isinstance(module, SwiGLUExperts) and module.sharded):
+            continue
+        held = slice(module.first_expert, module.first_expert + module.num_local_experts)
+        for name, _ in module.named_parameters():
+            local[f"{module_name}.{name}"] = state[f"{module_name}.{name}"][held]
+    return local
+
+
 def mean_over_ranks(value: float, device: torch.device) -> float:
     """The mean of a number over every rank (the number itself in one process)."""
     if not dist.is_initialized():
@@ -183,6 +196,7 @@ __all__ = [
     "consolidated_state_dict",
     "init_expert_parallel",
     "is_sharded_expert",
+    "local_state_dict",
     "mean_over_ranks",
     "split_parameters",
 ]

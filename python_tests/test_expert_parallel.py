@@ -108,6 +108,28 @@ def test_a_step_equals_one_process_on_the_global_batch(tmp_path, world_size, ep_
                 assert state["blocks.0.ffn.balancer.bias"].abs().sum() > 0  # it moved
 
 
+def _shard_and_gather(rank, world_size, config, state):
+    layout = parallel.init_expert_parallel(config.ep_size)
+    model = MoETransformer(config, layout)
+    model.load_state_dict(parallel.local_state_dict(state, model))
+    return parallel.consolidated_state_dict(model, layout)
+
+
+def test_local_state_dict_is_the_inverse_of_consolidating(tmp_path):
+    """Unsharded weights cut to each rank's experts load into the sharded model and gather
+    back to themselves."""
+    torch.manual_seed(3)
+    state = {
+        name: torch.randn_like(t) if t.is_floating_point() else t
+        for name, t in MoETransformer(SMALL).state_dict().items()
+    }
+    config = dataclasses.replace(SMALL, ep_size=2)
+    for gathered in run_on_ranks(_shard_and_gather, 2, tmp_path, config, state):
+        assert gathered.keys() == state.keys()
+        for name, want in state.items():
+            assert torch.equal(gathered[name], want), name
+
+
 CLI_MODEL = [
     "--tokenizer", "bytes", "--hidden-size", "32", "--num-layers", "2", "--num-heads", "2",
     "--num-experts", "8", "--topk", "2", "--expert-ffn-hidden-size", "16", "--seq-len", "16",

@@ -27,8 +27,12 @@ def test_every_arm_differs_from_the_base_only_in_balancing():
     assert [arms[f"aux_loss_{a}"].aux_coeff for a in ("1e-2", "1e-3", "1e-4")] == [1e-2, 1e-3, 1e-4]
     assert [arms[f"loss_free_{r}"].rate for r in ("1e-4", "1e-3", "1e-2")] == [1e-4, 1e-3, 1e-2]
     assert arms["loss_free_1e-3_proportional"].rule == "proportional"
-    # The global loss's balance batch spans 2 and 4 micro-batches of the same step.
-    assert [arms[f"global_aux_loss_1e-3_x{n}"].grad_accumulation for n in (2, 4)] == [2, 4]
+    # Micro- and global-batch losses on the same micro-batches of each step: the global
+    # loss's balance batch spans 2 and 4 of them.
+    for n in (2, 4):
+        micro, global_ = arms[f"aux_loss_1e-3_x{n}"], arms[f"global_aux_loss_1e-3_x{n}"]
+        assert micro.grad_accumulation == global_.grad_accumulation == n
+        assert (micro.balancing, global_.balancing) == ("aux_loss", "global_aux_loss")
 
 
 def test_a_base_that_does_not_split_is_refused():

@@ -20,9 +20,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     preset = "quick" if args.quick else "default"
     out = args.out or Path("results") / ("study-quick" if args.quick else "study")
-    results = run_study(preset, out, args.device, progress=not args.no_progress)
+    study = run_study(preset, out, args.device, progress=not args.no_progress)
     command = "python -m moe_kernels.study" + (" --quick" if args.quick else "")
-    print(f"report: {write_report(results, preset, command, out)}")
+    print(f"report: {write_report(study, command, out)}")
     return 0
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from itertools import pairwise
 
 from .run import COMPUTATION_BATCH_SIZES
+from .strategies import AUX_ALPHAS, SPLITS
 
 # MaxVio "falls" with the computation batch when the largest batch's is this much lower than
 # a single sequence's; less is "flat".
@@ -21,18 +22,27 @@ def _verdict(holds: bool) -> str:
     return "agrees" if holds else "does not agree"
 
 
-def findings(results: dict) -> list[str]:
-    """One Markdown paragraph per finding of the issue (1-4; expert specialisation aside)."""
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def findings(study: dict) -> list[str]:
+    """One Markdown paragraph per finding of the issue, 1 to 4, from ``run_study``'s results."""
+    results = study["arms"]
 
     def summary(name: str, key: str) -> float:
         return float(results[name]["summary"][key])
 
-    def arms(prefix: str) -> list[str]:
-        return [name for name in results if name.startswith(prefix)]
+    def measure(name: str, key: str):
+        return results[name]["measures"][key]
 
     # 1. Loss-free balancing: lower MaxVio_global than the aux loss at equal or better perplexity.
-    loss_free = min(arms("loss_free"), key=lambda n: summary(n, "maxvio_global"))
-    aux = min(arms("aux_loss"), key=lambda n: summary(n, "maxvio_global"))
+    loss_free = min(
+        (name for name in results if name.startswith("loss_free")),
+        key=lambda n: summary(n, "maxvio_global"),
+    )
+    by_alpha = [f"aux_loss_{alpha}" for alpha in sorted(AUX_ALPHAS, key=float)]
+    aux = min(by_alpha, key=lambda n: summary(n, "maxvio_global"))
     holds = summary(loss_free, "maxvio_global") < summary(aux, "maxvio_global") and summary(
         loss_free, "val_perplexity"
     ) <= summary(aux, "val_perplexity")
@@ -43,7 +53,6 @@ def findings(results: dict) -> list[str]:
         f"{number(summary(loss_free, 'val_perplexity'))}; best-balanced aux-loss arm {aux}: "
         f"{number(summary(aux, 'maxvio_global'))}, {number(summary(aux, 'val_perplexity'))}."
     )
-    by_alpha = sorted(arms("aux_loss"), key=lambda n: float(n.rsplit("_", 1)[1]))
     maxvio = [summary(n, "maxvio_global") for n in by_alpha]
     perplexity = [summary(n, "val_perplexity") for n in by_alpha]
     dilemma = all(a > b for a, b in pairwise(maxvio)) and all(
@@ -61,7 +70,7 @@ def findings(results: dict) -> list[str]:
 
     # 2. MaxVio per computation batch falls with its size under loss-free, not under the aux loss.
     def drop(name: str) -> tuple[float, float, float]:
-        by_size = results[name]["measures"]["maxvio_by_computation_batch"]
+        by_size = measure(name, "maxvio_by_computation_batch")
         small, large = (
             by_size[str(s)] for s in (COMPUTATION_BATCH_SIZES[0], COMPUTATION_BATCH_SIZES[-1])
         )
@@ -76,6 +85,20 @@ def findings(results: dict) -> list[str]:
         f"{COMPUTATION_BATCH_SIZES[0]} to {COMPUTATION_BATCH_SIZES[-1]} sequences, {loss_free} "
         f"goes {number(lf_small)} -> {number(lf_large)} ({number(100 * lf_drop)}% lower), {aux} "
         f"{number(aux_small)} -> {number(aux_large)} ({number(100 * aux_drop)}% lower)."
+    )
+    # The one-process grouping against real expert parallelism at small sizes.
+    checked = {
+        (ranks, name, int(size)): abs(value - measure(name, "maxvio_by_computation_batch")[size])
+        for ranks, arms in study["expert_parallel"].items()
+        for name, by_size in arms.items()
+        for size, value in by_size.items()
+    }
+    sizes = sorted({size for _, _, size in checked})
+    second += (
+        f" Grouping sequences in one process stands for expert parallelism: the rows every "
+        f"rank's experts received on {' and '.join(study['expert_parallel'])} ranks (computation "
+        f"batches of {', '.join(map(str, sizes))} sequences, {len(checked)} runs) "
+        f"give MaxVio that differs from it by at most {number(max(checked.values()))}."
     )
 
     # 3. Expert choice leaks future tokens; token choice does not.
@@ -92,14 +115,37 @@ def findings(results: dict) -> list[str]:
         f"under expert choice, at most {number(token_choice)} under any token-choice arm."
     )
 
-    # 4. Global-batch balance models better than micro-batch balance (arXiv 2501.11873).
-    micro = summary("aux_loss_1e-3", "val_perplexity")
-    global_arms = {n: summary(n, "val_perplexity") for n in arms("global_aux_loss")}
+    # 4. Global-batch balance models better and specialises experts more than micro-batch
+    # balance on the same micro-batches (arXiv 2501.11873).
+    pairs = [(f"aux_loss_1e-3_x{n}", f"global_aux_loss_1e-3_x{n}") for n in SPLITS]
+    better = all(summary(g, "val_perplexity") < summary(m, "val_perplexity") for m, g in pairs)
     fourth = (
-        f"4. Balancing over the global batch models better than over each micro-batch "
-        f"(arXiv 2501.11873): {_verdict(all(p < micro for p in global_arms.values()))}. "
-        f"Perplexity {number(micro)} with the micro-batch loss (aux_loss_1e-3), "
-        + ", ".join(f"{number(p)} with {n}" for n, p in global_arms.items())
+        f"4. Balancing over the global batch models better than over each micro-batch of the "
+        f"same size (arXiv 2501.11873): {_verdict(better)}. "
+        + "; ".join(
+            f"perplexity {number(summary(m, 'val_perplexity'))} ({m}) against "
+            f"{number(summary(g, 'val_perplexity'))} ({g})"
+            for m, g in pairs
+        )
         + "."
     )
+    if study["domains"]:
+        specialises = all(
+            measure(g, "domain_specialisation") > measure(m, "domain_specialisation")
+            and mean(measure(g, "topk_score_sum")) > mean(measure(m, "topk_score_sum"))
+            for m, g in pairs
+        )
+        fourth += (
+            f" It specialises experts more, by domain and in the router's top-k score sum: "
+            f"{_verdict(specialises)}. Over the held-out text of {len(study['domains'])} "
+            f"domains: "
+            + "; ".join(
+                f"{name}: domain specialisation "
+                f"{number(measure(name, 'domain_specialisation'))}, top-k score sum "
+                f"{number(mean(measure(name, 'topk_score_sum')))}"
+                for pair in pairs
+                for name in pair
+            )
+            + "."
+        )
     return [first, second, third, fourth]

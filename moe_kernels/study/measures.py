@@ -1,12 +1,13 @@
 """What the study measures on a trained model, beside validation loss and MaxVio_global:
-balance per computation batch as the batch grows, and whether routing leaks future tokens."""
+balance per computation batch as the batch grows, whether routing leaks future tokens, and how
+specialised its experts are."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
 
-from ..balance import max_violation
+from ..balance import max_violation, routing_probabilities
 from ..layer import moe_layers
 
 
@@ -71,3 +72,47 @@ def future_token_leakage(model: nn.Module, tokens: Tensor, position: int, seed: 
     before = model(tokens)[:, :position].float()
     after = model(changed)[:, :position].float()
     return float((after - before).abs().max() / before.abs().max())
+
+
+@torch.no_grad()
+def topk_score_sum(model: nn.Module, tokens: Tensor) -> list[float]:
+    """Per MoE layer, the mean over tokens of the sum of the k largest routing probabilities
+    (``balance.routing_probabilities``; arXiv 2501.11873's measure of specialisation): 1 when
+    the router puts everything on k experts, k/E when it cannot tell them apart. The bias of
+    loss-free balancing does not enter: it chooses, it does not score."""
+    model.eval()
+    layers = moe_layers(model)
+    sums: list[float] = []
+
+    def measure(layer, args) -> None:
+        tokens_in = args[0].reshape(-1, layer.hidden_size)
+        scores = routing_probabilities(layer.router.logits(tokens_in), layer.router.score_fn)
+        sums.append(float(scores.topk(layer.topk, dim=-1).values.sum(dim=-1).mean()))
+
+    handles = [layer.register_forward_pre_hook(measure) for layer in layers]
+    try:
+        model(tokens)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return sums
+
+
+def expert_frequency(counts: Tensor) -> Tensor:
+    """[N, L, E] per-sequence counts -> [L, E] fp64: each expert's share of a layer's
+    routed tokens over all N sequences."""
+    totals = counts.sum(dim=0).double()
+    return totals / totals.sum(dim=-1, keepdim=True)
+
+
+def domain_specialisation(frequencies: Tensor) -> float:
+    """How differently a model routes each domain's text: [D, L, E] expert frequencies of D
+    domains -> the total-variation distance between a domain's frequencies and their mean
+    over the domains, averaged over domains and layers. 0 when every domain is routed alike;
+    it grows as experts come to serve some domains and not others."""
+    if frequencies.shape[0] < 2:
+        raise ValueError(
+            f"domain specialisation needs at least 2 domains, got {frequencies.shape[0]}"
+        )
+    distance = 0.5 * (frequencies - frequencies.mean(dim=0)).abs().sum(dim=-1)
+    return float(distance.mean())

@@ -1,9 +1,10 @@
-"""Runs the study: every arm trained once (cached and resumable), then measured on held-out text,
-then the report."""
+"""Runs the study: every arm trained once (cached and resumable), then measured on held-out text
+(overall and per domain), then checked on real expert parallelism."""
 
 from __future__ import annotations
 
 import json
+from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -12,15 +13,29 @@ from ..train.atomic import atomic_write_text
 from ..train.checkpoint import load_export
 from ..train.config import PRESETS as TRAIN_PRESETS
 from ..train.config import ModelConfig, TrainConfig
+from ..train.corpus import load_corpus
 from ..train.documents import default_cache_dir
 from ..train.loop import prepare_data, train
 from ..train.model import MoETransformer
-from .measures import counts_per_sequence, future_token_leakage, maxvio_by_computation_batch
+from ..train.tokenizer import get_tokenizer
+from .expert_parallel import run_expert_parallel
+from .measures import (
+    counts_per_sequence,
+    domain_specialisation,
+    expert_frequency,
+    future_token_leakage,
+    maxvio_by_computation_batch,
+    topk_score_sum,
+)
 from .strategies import strategies
 
 # Computation batches of 1 to 64 held-out sequences (arXiv 2408.15664, Figure 5).
 COMPUTATION_BATCH_SIZES = [1, 2, 4, 8, 16, 32, 64]
 LEAKAGE_SEQUENCES = 4
+# Held-out sequences per domain: domains with fewer are left out, more are cut off.
+DOMAIN_SEQUENCES = (8, 16)
+# Expert-parallel groups the computation batches are checked on.
+EXPERT_PARALLEL_RANKS = (2, 4)
 
 STUDY_PRESETS: dict[str, TrainConfig] = {
     # The tiny training preset for every arm: about a minute each on 2 CPU cores.
@@ -44,13 +59,17 @@ def run_arm(config: TrainConfig, out_dir: Path, device: str, progress: bool) -> 
     if summary_path.exists():
         return json.loads(summary_path.read_text())
     resume = any(out_dir.glob("checkpoint*.pt"))
-    return train(config, out_dir, device=device, resume=resume, progress=progress)
+    return train(
+        config, out_dir, device=device, resume=resume, progress=progress, label=out_dir.name
+    )
 
 
 @torch.no_grad()
-def measure_arm(out_dir: Path, held_out: torch.Tensor) -> dict:
+def measure_arm(out_dir: Path, held_out: torch.Tensor, domains: dict[str, torch.Tensor]) -> dict:
     """The arm's measurements on held-out sequences (cached in ``measures.json``): MaxVio by
-    computation batch size, and how far its outputs move when later tokens change."""
+    computation batch size, how far its outputs move when later tokens change, the top-k score
+    sum per layer, and each domain's expert frequencies with their specialisation (None with
+    fewer than 2 domains)."""
     measures_path = out_dir / "measures.json"
     if measures_path.exists():
         return json.loads(measures_path.read_text())
@@ -66,7 +85,18 @@ def measure_arm(out_dir: Path, held_out: torch.Tensor) -> dict:
         "future_token_leakage": future_token_leakage(
             model, held_out[:LEAKAGE_SEQUENCES], position=held_out.shape[1] // 2
         ),
+        "topk_score_sum": topk_score_sum(model, held_out),
     }
+    frequencies = {
+        domain: expert_frequency(counts_per_sequence(model, sequences))
+        for domain, sequences in domains.items()
+    }
+    measures["expert_frequency_by_domain"] = {d: f.tolist() for d, f in frequencies.items()}
+    measures["domain_specialisation"] = (
+        domain_specialisation(torch.stack(list(frequencies.values())))
+        if len(frequencies) >= 2
+        else None
+    )
     atomic_write_text(measures_path, json.dumps(measures, indent=2) + "\n")
     return measures
 
@@ -80,18 +110,57 @@ def held_out_sequences(config: TrainConfig, count: int) -> torch.Tensor:
     return val[: count * length].view(count, length)
 
 
+def held_out_by_domain(config: TrainConfig) -> dict[str, torch.Tensor]:
+    """{domain: [n, seq_len] ids}: each domain's held-out documents (``Corpus.val_domains``)
+    encoded one after another, for domains with at least ``DOMAIN_SEQUENCES[0]`` sequences,
+    at most ``DOMAIN_SEQUENCES[1]`` each, in order of name; {} for a token file."""
+    if config.data.endswith((".npy", ".bin")):
+        return {}
+    corpus = load_corpus(config.data)
+    tokenizer = get_tokenizer(
+        config.tokenizer, corpus, config.model.vocab_size, default_cache_dir()
+    )
+    ids: dict[str, list[int]] = defaultdict(list)
+    for text, domain in zip(corpus.val, corpus.val_domains, strict=True):
+        ids[domain] += [*tokenizer.encode(text), tokenizer.eot_id]
+    fewest, most = DOMAIN_SEQUENCES
+    domains = {}
+    for domain in sorted(ids):
+        count = min(len(ids[domain]) // config.seq_len, most)
+        if count >= fewest:
+            domains[domain] = torch.tensor(ids[domain][: count * config.seq_len]).view(count, -1)
+    return domains
+
+
 def run_study(preset: str, out_dir: Path, device: str = "cpu", progress: bool = True) -> dict:
     """Trains and measures every arm of ``strategies(STUDY_PRESETS[preset])`` under
-    ``out_dir/runs/<arm>``; returns {arm: summary and measures}."""
+    ``out_dir/runs/<arm>``, then runs the token-choice arms on ``EXPERT_PARALLEL_RANKS``
+    ranks; writes and returns {"preset", "domains": [name], "arms": {arm: {"summary",
+    "measures"}}, "expert_parallel": {ranks: {arm: {size: MaxVio}}}}."""
     base = STUDY_PRESETS[preset]
     held_out = held_out_sequences(base, max(COMPUTATION_BATCH_SIZES))
-    results = {}
-    for name, config in strategies(base).items():
+    domains = held_out_by_domain(base)
+    arms = {}
+    configs = strategies(base)
+    for index, (name, config) in enumerate(configs.items(), 1):
+        if progress:
+            print(f"[{index}/{len(configs)}] {name}", flush=True)
         arm_dir = out_dir / "runs" / name
         summary = run_arm(config, arm_dir, device, progress)
-        results[name] = {"summary": summary, "measures": measure_arm(arm_dir, held_out)}
-    atomic_write_text(
-        out_dir / "results.json",
-        json.dumps({"preset": preset, "arms": results}, indent=2, default=str) + "\n",
-    )
-    return results
+        arms[name] = {"summary": summary, "measures": measure_arm(arm_dir, held_out, domains)}
+    token_choice = [
+        out_dir / "runs" / name
+        for name, config in configs.items()
+        if config.balancing != "expert_choice"
+    ]
+    study = {
+        "preset": preset,
+        "domains": list(domains),
+        "arms": arms,
+        "expert_parallel": {
+            str(ranks): run_expert_parallel(token_choice, held_out, ranks, out_dir / "runs")
+            for ranks in EXPERT_PARALLEL_RANKS
+        },
+    }
+    atomic_write_text(out_dir / "results.json", json.dumps(study, indent=2, default=str) + "\n")
+    return study

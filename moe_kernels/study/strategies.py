@@ -7,6 +7,11 @@ import dataclasses
 
 from ..train.config import TrainConfig
 
+AUX_ALPHAS = ("1e-2", "1e-3", "1e-4")
+LOSS_FREE_RATES = ("1e-4", "1e-3", "1e-2")
+# Micro-batches a step's sequences are split into, for the micro- and global-batch aux losses.
+SPLITS = (2, 4)
+
 
 def strategies(base: TrainConfig) -> dict[str, TrainConfig]:
     """Every arm the study trains, derived from ``base`` (its model, data, seed, steps and
@@ -14,10 +19,11 @@ def strategies(base: TrainConfig) -> dict[str, TrainConfig]:
 
     - ``none``; ``aux_loss`` at alpha 1e-2, 1e-3, 1e-4 (arXiv 2408.15664's dilemma);
       ``seq_aux_loss`` (DeepSeek-V3, alpha 1e-3);
-    - ``global_aux_loss`` (arXiv 2501.11873, alpha 1e-3) with its balance batch of 2 and 4
-      micro-batches: the step's sequences split into 2 or 4 micro-batches of gradient
-      accumulation, the loss counting every micro-batch of the step so far, against the
-      micro-batch loss (``aux_loss``) of the same step;
+    - micro-batch against global-batch balance (arXiv 2501.11873, alpha 1e-3): the step's
+      sequences split into 2 or 4 micro-batches of gradient accumulation, then
+      ``aux_loss_1e-3_x{n}`` balances each micro-batch on its own, while
+      ``global_aux_loss_1e-3_x{n}`` counts every micro-batch of the step so far: its balance
+      batch is n micro-batches, as n data-parallel ranks would give;
     - ``loss_free`` at rates 1e-4, 1e-3, 1e-2, sign rule, and 1e-3 proportional;
     - ``expert_choice`` (capacity factor 1).
     """
@@ -38,14 +44,15 @@ def strategies(base: TrainConfig) -> dict[str, TrainConfig]:
         )
 
     arms = {"none": arm("none")}
-    for alpha in ("1e-2", "1e-3", "1e-4"):
+    for alpha in AUX_ALPHAS:
         arms[f"aux_loss_{alpha}"] = arm("aux_loss", aux_coeff=float(alpha))
     arms["seq_aux_loss_1e-3"] = arm("seq_aux_loss", aux_coeff=1e-3)
-    for micro_batches in (2, 4):
-        arms[f"global_aux_loss_1e-3_x{micro_batches}"] = arm(
-            "global_aux_loss", micro_batches, aux_coeff=1e-3, global_counts="running"
+    for split in SPLITS:
+        arms[f"aux_loss_1e-3_x{split}"] = arm("aux_loss", split, aux_coeff=1e-3)
+        arms[f"global_aux_loss_1e-3_x{split}"] = arm(
+            "global_aux_loss", split, aux_coeff=1e-3, global_counts="running"
         )
-    for rate in ("1e-4", "1e-3", "1e-2"):
+    for rate in LOSS_FREE_RATES:
         arms[f"loss_free_{rate}"] = arm("loss_free", rate=float(rate), rule="sign")
     arms["loss_free_1e-3_proportional"] = arm("loss_free", rate=1e-3, rule="proportional")
     arms["expert_choice"] = arm("expert_choice", capacity_factor=1.0)

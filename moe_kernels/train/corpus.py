@@ -90,7 +90,9 @@ def _split(name: str, documents: list[Document], val_fraction: float) -> Corpus:
         name=name,
         train=[doc.text for doc, held_out in zip(documents, in_val, strict=True) if not held_out],
         val=[doc.text for doc, held_out in zip(documents, in_val, strict=True) if held_out],
-        val_domains=[doc.domain for doc, held_out in zip(documents, in_val, strict=True) if held_out],
+        val_domains=[
+            doc.domain for doc, held_out in zip(documents, in_val, strict=True) if held_out
+        ],
         fingerprint=fingerprint,
     )
 

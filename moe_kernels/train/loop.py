@@ -266,13 +266,14 @@ def train(
     device: str = "auto",
     resume: bool = False,
     progress: bool = True,
+    label: str | None = None,
     cache_dir: Path | None = None,
     timeout: datetime.timedelta = datetime.timedelta(minutes=10),
 ) -> dict[str, object]:
     """Trains one model, writing its checkpoint, ``history.jsonl``, ``summary.json``, the plots
     and ``model.pt`` (the consolidated weights) into ``out_dir``; with ``resume``, continues
     from its checkpoint exactly (same weights, optimizer, bias, counts, RNG and data position).
-    Returns the summary.
+    ``label`` names the run on its progress bar (default: its balancing). Returns the summary.
 
     Under ``torchrun`` (an initialised default group) every rank calls it alike: each trains on
     its share of every global batch, experts are sharded over groups of ``config.ep_size``
@@ -352,7 +353,7 @@ def train(
     bar = tqdm(
         total=config.steps,
         initial=step,
-        desc=config.balancing,
+        desc=label or config.balancing,
         disable=not (progress and is_main),
         dynamic_ncols=True,
     )
