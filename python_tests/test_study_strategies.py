@@ -19,6 +19,8 @@ def test_every_arm_differs_from_the_base_only_in_balancing():
         "balancing", "rate", "rule", "aux_coeff", "global_counts", "capacity_factor",
         "micro_batch_size", "grad_accumulation",
     }  # fmt: skip
+    seed_arm = arms.pop("aux_loss_1e-3_seed1")
+    assert seed_arm == dataclasses.replace(arms["aux_loss_1e-3"], seed=base.seed + 1)
     for name, config in arms.items():
         assert config.tokens_per_step == base.tokens_per_step, name
         for field in dataclasses.fields(base):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..train.atomic import atomic_write_text
 from ..train.plots import plot_runs
-from .findings import findings, mean, number
+from .findings import findings, mean, number, seed_noise
 from .run import COMPUTATION_BATCH_SIZES
 from .strategies import SPLITS
 
@@ -34,7 +34,7 @@ def write_plots(study: dict, out_dir: Path) -> list[str]:
         for name in results
     }
     plot_runs(histories, out_dir)
-    figure, axis = plt.subplots(figsize=(7, 4.5))
+    figure, axis = plt.subplots(figsize=(9.5, 4.5))
     axis.set_prop_cycle(color=plt.cm.tab20.colors)  # a colour per arm (12 of them)
     for name, arm in results.items():
         by_size = arm["measures"]["maxvio_by_computation_batch"]
@@ -50,7 +50,7 @@ def write_plots(study: dict, out_dir: Path) -> list[str]:
     axis.set_ylabel("MaxVio")
     axis.set_title("MaxVio per computation batch (held-out text)")
     axis.grid(alpha=0.3)
-    axis.legend(fontsize=7, ncol=2)
+    axis.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     figure.tight_layout()
     figure.savefig(out_dir / PLOTS[2], dpi=100)
     plt.close(figure)
@@ -66,11 +66,14 @@ def _plot_domain_frequencies(study: dict, path: Path, plt) -> None:
     domain)."""
     split = SPLITS[-1]
     names = [f"aux_loss_1e-3_x{split}", f"global_aux_loss_1e-3_x{split}"]
-    figure, axes = plt.subplots(1, len(names), figsize=(11, 0.3 * len(study["domains"]) + 2))
+    figure, axes = plt.subplots(1, len(names), figsize=(11, 0.25 * len(study["domains"]) + 1.5))
     for axis, name in zip(axes, names, strict=True):
         by_domain = study["arms"][name]["measures"]["expert_frequency_by_domain"]
         image = axis.imshow(
-            [by_domain[domain][-1] for domain in study["domains"]], cmap="viridis", vmin=0
+            [by_domain[domain][-1] for domain in study["domains"]],
+            cmap="viridis",
+            vmin=0,
+            aspect="auto",
         )
         axis.set_yticks(range(len(study["domains"])), study["domains"], fontsize=7)
         axis.set_xlabel("expert")
@@ -101,6 +104,7 @@ def write_report(study: dict, command: str, out_dir: Path) -> Path:
         "## Findings",
         "",
         "Verdicts at this scale, from the numbers below: never tuned to agree with the papers.",
+        seed_noise(study),
         "",
         *findings(study),
         "",

@@ -11,6 +11,7 @@ AUX_ALPHAS = ("1e-2", "1e-3", "1e-4")
 LOSS_FREE_RATES = ("1e-4", "1e-3", "1e-2")
 # Micro-batches a step's sequences are split into, for the micro- and global-batch aux losses.
 SPLITS = (2, 4)
+SEED_ARM = "aux_loss_1e-3_seed1"
 
 
 def strategies(base: TrainConfig) -> dict[str, TrainConfig]:
@@ -25,7 +26,9 @@ def strategies(base: TrainConfig) -> dict[str, TrainConfig]:
       ``global_aux_loss_1e-3_x{n}`` counts every micro-batch of the step so far: its balance
       batch is n micro-batches, as n data-parallel ranks would give;
     - ``loss_free`` at rates 1e-4, 1e-3, 1e-2, sign rule, and 1e-3 proportional;
-    - ``expert_choice`` (capacity factor 1).
+    - ``expert_choice`` (capacity factor 1);
+    - ``aux_loss_1e-3_seed1``: ``aux_loss_1e-3`` from another seed, for the scale of the
+      differences chance alone makes.
     """
     sequences = base.micro_batch_size * base.grad_accumulation
 
@@ -56,4 +59,5 @@ def strategies(base: TrainConfig) -> dict[str, TrainConfig]:
         arms[f"loss_free_{rate}"] = arm("loss_free", rate=float(rate), rule="sign")
     arms["loss_free_1e-3_proportional"] = arm("loss_free", rate=1e-3, rule="proportional")
     arms["expert_choice"] = arm("expert_choice", capacity_factor=1.0)
+    arms[SEED_ARM] = dataclasses.replace(arms["aux_loss_1e-3"], seed=base.seed + 1)
     return arms

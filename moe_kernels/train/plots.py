@@ -32,6 +32,7 @@ def plot_runs(histories: Mapping[str, Sequence[Mapping[str, object]]], out_dir: 
     for name, series in panels.items():
         figure, axes = plt.subplots(1, len(series), figsize=(6 * len(series), 4), squeeze=False)
         for axis, (key, title, style) in zip(axes[0], series, strict=True):
+            axis.set_prop_cycle(color=plt.cm.tab20.colors)  # a colour per run, up to 20
             for strategy, history in histories.items():
                 steps, values = _series(history, key)
                 if steps:
@@ -39,10 +40,12 @@ def plot_runs(histories: Mapping[str, Sequence[Mapping[str, object]]], out_dir: 
             axis.set_title(title)
             axis.set_xlabel("step")
             axis.grid(alpha=0.3)
-            axis.legend()
+        # One legend for both panels, beside them: many runs would cover the curves.
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        figure.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
         figure.tight_layout()
         path = out_dir / name
-        figure.savefig(path, dpi=100)
+        figure.savefig(path, dpi=100, bbox_inches="tight")
         plt.close(figure)
         written.append(path)
     return written
