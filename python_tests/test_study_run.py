@@ -45,7 +45,8 @@ def test_quick_study_reports_every_arm_from_its_runs(tmp_path):
     assert study["domains"] == list(held_out_by_domain(STUDY_PRESETS["quick"]))
     main_table = table_rows(report, "| arm | val perplexity")
     by_size = table_rows(report, "| arm | 1 |")
-    assert list(main_table) == list(by_size) == arms
+    topk_by_layer = table_rows(report, "| arm | layer 1 |")
+    assert list(main_table) == list(by_size) == list(topk_by_layer) == arms
     for name in arms:
         summary = json.loads((out / "runs" / name / "summary.json").read_text())
         measures = json.loads((out / "runs" / name / "measures.json").read_text())
@@ -60,6 +61,8 @@ def test_quick_study_reports_every_arm_from_its_runs(tmp_path):
         ]
         sizes = measures["maxvio_by_computation_batch"]
         assert by_size[name] == [number(sizes[str(s)]) for s in COMPUTATION_BATCH_SIZES]
+        assert topk_by_layer[name] == [number(value) for value in measures["topk_score_sum"]]
+        assert len(measures["topk_score_sum"]) == STUDY_PRESETS["quick"].model.num_layers
         frequencies = measures["expert_frequency_by_domain"]
         assert list(frequencies) == study["domains"]
         for per_layer in frequencies.values():

@@ -92,7 +92,8 @@ def write_report(study: dict, command: str, out_dir: Path) -> Path:
     """Writes ``out_dir/report.md`` and its plots: the findings; per arm, validation
     perplexity, MaxVio_global (held-out set), MaxVio_batch (mean over training), future-token
     leakage, top-k score sum (mean over layers) and domain specialisation; MaxVio by
-    computation batch size; the same measured on expert-parallel ranks."""
+    computation batch size; the top-k score sum per layer; MaxVio by computation batch size
+    measured on expert-parallel ranks."""
     results = study["arms"]
     plots = write_plots(study, out_dir)
     lines = [
@@ -139,6 +140,17 @@ def write_report(study: dict, command: str, out_dir: Path) -> Path:
     for name, arm in results.items():
         by_size = arm["measures"]["maxvio_by_computation_batch"]
         lines.append(f"| {name} | " + " | ".join(number(by_size[s]) for s in sizes) + " |")
+    layers = range(1, len(next(iter(results.values()))["measures"]["topk_score_sum"]) + 1)
+    lines += [
+        "",
+        "## Top-k score sum per MoE layer (held-out sequences)",
+        "",
+        "| arm | " + " | ".join(f"layer {layer}" for layer in layers) + " |",
+        "|---|" + "---|" * len(layers),
+    ]
+    for name, arm in results.items():
+        per_layer = arm["measures"]["topk_score_sum"]
+        lines.append(f"| {name} | " + " | ".join(map(number, per_layer)) + " |")
     lines += [
         "",
         "## MaxVio by computation batch size on expert-parallel ranks",
