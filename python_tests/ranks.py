@@ -37,9 +37,7 @@ def init_rank(rank: int, world_size: int, tmp_path: Path, backend: str) -> None:
     )
 
 
-def _worker(
-    rank: int, world_size: int, tmp_path: Path, backend: str, fn, args, skip_exit_teardown: bool
-) -> None:
+def _worker(rank: int, world_size: int, tmp_path: Path, backend: str, fn, args) -> None:
     torch.set_num_threads(1)  # 2-4 processes share the machine's cores
     init_rank(rank, world_size, tmp_path, backend)
     try:
@@ -47,19 +45,13 @@ def _worker(
         torch.save(result, tmp_path / f"result-{rank}.pt")
     finally:
         dist.destroy_process_group()
-    if skip_exit_teardown:
-        os._exit(0)
 
 
-def run_on_ranks(
-    fn, world_size: int, tmp_path: Path, *args, backend: str = "gloo", skip_exit_teardown=False
-) -> list:
-    """With ``backend="nccl"``, rank r runs on GPU r. ``skip_exit_teardown``: a rank that
-    finished ends with ``os._exit(0)``, skipping the interpreter's exit (for the one known
-    abort at exit, see test_dispatch.test_bad_calls_raise_on_every_rank)."""
+def run_on_ranks(fn, world_size: int, tmp_path: Path, *args, backend: str = "gloo") -> list:
+    """With ``backend="nccl"``, rank r runs on GPU r."""
     mp.spawn(
         _worker,
-        args=(world_size, tmp_path, backend, fn, args, skip_exit_teardown),
+        args=(world_size, tmp_path, backend, fn, args),
         nprocs=world_size,
         join=True,
     )

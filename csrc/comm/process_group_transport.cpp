@@ -1,5 +1,8 @@
 // The c10d ProcessGroup transport: a torch.distributed group's own all-to-all, whatever its
 // backend. Gloo runs it between CPU processes (the tests, CPU training); NCCL between GPUs.
+#include <chrono>
+#include <thread>
+
 #include <torch/csrc/distributed/c10d/GroupRegistry.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 
@@ -21,6 +24,19 @@ c10::intrusive_ptr<c10d::Work> all_to_all_single(Group& group, at::Tensor& outpu
   }
 }
 
+// Gloo's worker thread keeps a work until just after completing it. Waiting until it has let go
+// means the work is destroyed on this thread: destroying it releases Python objects (tensors
+// Python also holds, and the Python modes or saved-tensor hooks captured with the thread's
+// state), which takes the GIL, and a worker thread that takes the GIL at interpreter exit is
+// ended inside a noexcept destructor, which aborts the process ("terminate called without an
+// active exception"). Bounded, in case a backend keeps its works longer.
+void release_on_this_thread(c10::intrusive_ptr<c10d::Work> work) {
+  const auto give_up = std::chrono::steady_clock::now() + std::chrono::milliseconds(100);
+  while (work.use_count() > 1 && std::chrono::steady_clock::now() < give_up) {
+    std::this_thread::yield();
+  }
+}
+
 class ProcessGroupTransport final : public Transport {
  public:
   ProcessGroupTransport(std::string name, c10::intrusive_ptr<c10d::ProcessGroup> group)
@@ -35,7 +51,9 @@ class ProcessGroupTransport final : public Transport {
     at::Tensor in = input, out = output;
     std::vector<int64_t> send = send_splits, recv = recv_splits;
     try {
-      all_to_all_single(*group_, out, in, recv, send)->wait();
+      auto work = all_to_all_single(*group_, out, in, recv, send);
+      work->wait();
+      release_on_this_thread(std::move(work));
     } catch (const std::exception& error) {
       TORCH_CHECK(false, "moe_kernels expert-parallel all-to-all failed on ", describe(), ": ",
                   error.what(),
