@@ -2,7 +2,6 @@
 // backend. Gloo runs it between CPU processes (the tests, CPU training); NCCL between GPUs.
 #include <chrono>
 #include <thread>
-
 #include <torch/csrc/distributed/c10d/GroupRegistry.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 
