@@ -6,7 +6,7 @@ from __future__ import annotations
 from itertools import pairwise
 
 from .run import COMPUTATION_BATCH_SIZES
-from .strategies import AUX_ALPHAS, SEED_ARM, SPLITS
+from .strategies import AUX_ALPHAS, SEED_ARM, SPLITS, split_pair
 
 # MaxVio "falls" with the computation batch when the largest batch's is this much lower than
 # a single sequence's; less is "flat".
@@ -151,7 +151,7 @@ def findings(study: dict) -> list[str]:
 
     # 4. Global-batch balance models better and specialises experts more than micro-batch
     # balance on the same micro-batches (arXiv 2501.11873).
-    pairs = [(f"aux_loss_1e-3_x{n}", f"global_aux_loss_1e-3_x{n}") for n in SPLITS]
+    pairs = [split_pair(split) for split in SPLITS]
     better = all(summary(g, "val_perplexity") < summary(m, "val_perplexity") for m, g in pairs)
     fourth = (
         f"4. Balancing over the global batch models better than over each micro-batch of the "

@@ -9,7 +9,7 @@ from ..train.atomic import atomic_write_text
 from ..train.plots import plot_runs
 from .findings import findings, mean, number, seed_noise
 from .run import COMPUTATION_BATCH_SIZES
-from .strategies import SPLITS
+from .strategies import SPLITS, split_pair
 
 PLOTS = (
     "loss.png",
@@ -64,8 +64,7 @@ def _plot_domain_frequencies(study: dict, path: Path, plt) -> None:
     """Each domain's expert frequencies in the last MoE layer, micro- against global-batch
     balance on the same micro-batches (arXiv 2501.11873's Figure of expert selection per
     domain)."""
-    split = SPLITS[-1]
-    names = [f"aux_loss_1e-3_x{split}", f"global_aux_loss_1e-3_x{split}"]
+    names = split_pair(SPLITS[-1])
     figure, axes = plt.subplots(1, len(names), figsize=(11, 0.25 * len(study["domains"]) + 1.5))
     for axis, name in zip(axes, names, strict=True):
         by_domain = study["arms"][name]["measures"]["expert_frequency_by_domain"]

@@ -14,6 +14,11 @@ SPLITS = (2, 4)
 SEED_ARM = "aux_loss_1e-3_seed1"
 
 
+def split_pair(split: int) -> tuple[str, str]:
+    """The micro-batch and global-batch aux-loss arms whose steps are split ``split`` ways."""
+    return f"aux_loss_1e-3_x{split}", f"global_aux_loss_1e-3_x{split}"
+
+
 def strategies(base: TrainConfig) -> dict[str, TrainConfig]:
     """Every arm the study trains, derived from ``base`` (its model, data, seed, steps and
     tokens per step):
@@ -51,10 +56,9 @@ def strategies(base: TrainConfig) -> dict[str, TrainConfig]:
         arms[f"aux_loss_{alpha}"] = arm("aux_loss", aux_coeff=float(alpha))
     arms["seq_aux_loss_1e-3"] = arm("seq_aux_loss", aux_coeff=1e-3)
     for split in SPLITS:
-        arms[f"aux_loss_1e-3_x{split}"] = arm("aux_loss", split, aux_coeff=1e-3)
-        arms[f"global_aux_loss_1e-3_x{split}"] = arm(
-            "global_aux_loss", split, aux_coeff=1e-3, global_counts="running"
-        )
+        micro, global_ = split_pair(split)
+        arms[micro] = arm("aux_loss", split, aux_coeff=1e-3)
+        arms[global_] = arm("global_aux_loss", split, aux_coeff=1e-3, global_counts="running")
     for rate in LOSS_FREE_RATES:
         arms[f"loss_free_{rate}"] = arm("loss_free", rate=float(rate), rule="sign")
     arms["loss_free_1e-3_proportional"] = arm("loss_free", rate=1e-3, rule="proportional")
