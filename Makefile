@@ -3,14 +3,16 @@
 # MaxVio_global; `make test` creates .venv, installs the pinned dependencies,
 # builds the extension (CUDA kernels too when nvcc and a CUDA torch are present; force with
 # MOE_KERNELS_CUDA=0|1) and runs the test suite; `make test-asan` runs the CUDA kernels' tests on
-# the emulator under AddressSanitizer. `make bench` runs the CPU benchmarks (about 25 minutes);
+# the emulator under AddressSanitizer and UBSan. `make bench` runs the CPU benchmarks (about 25 minutes);
 # `make lint` checks formatting (ruff, clang-format) and `make format` applies it.
+# `make gpu-check` builds, tests, sanitizes and benchmarks the CUDA side on a machine with a GPU
+# and torch installed (QUICK=1: under 4 minutes); DRY_RUN=1 walks its stages on the CPU.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DEPS := $(VENV)/.deps-installed
 
-.PHONY: build train test test-asan bench lint format clean
+.PHONY: build train test test-asan bench gpu-check lint format clean
 
 $(DEPS): requirements-dev.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,13 +29,15 @@ train: build
 test: build
 	$(PY) -m pytest python_tests
 
-# The CUDA kernels on the CPU emulator, built with AddressSanitizer: an out-of-bounds access in
-# a kernel fails the test that made it (compute-sanitizer's memcheck, without a GPU). Python is
-# not linked with ASan, so its runtime and libstdc++ are preloaded.
+# The CUDA kernels on the CPU emulator, built with AddressSanitizer and UBSan's shift and bounds
+# checks: an out-of-bounds access, or a shift past a type's width, in a kernel fails the test
+# that made it (compute-sanitizer's memcheck, without a GPU). Python is not linked with ASan, so its runtime
+# and libstdc++ are preloaded.
 ASAN_PRELOAD = $(shell gcc -print-file-name=libasan.so) $(shell gcc -print-file-name=libstdc++.so)
 test-asan: $(DEPS)
-	MOE_KERNELS_CUDA=0 MOE_KERNELS_SANITIZE=address $(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
-	LD_PRELOAD="$(ASAN_PRELOAD)" ASAN_OPTIONS=detect_leaks=0 $(PY) -m pytest -q -k "emu or cuda" python_tests
+	MOE_KERNELS_CUDA=0 MOE_KERNELS_SANITIZE=address,shift,bounds $(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
+	LD_PRELOAD="$(ASAN_PRELOAD)" ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=print_stacktrace=1 \
+		$(PY) -m pytest -q -k "emu or cuda" python_tests
 
 bench: build
 	$(PY) benchmarks/bench_ops.py --dtype fp32
@@ -46,6 +50,15 @@ bench: build
 	$(PY) benchmarks/bench_dispatch.py
 	$(PY) benchmarks/bench_transformers.py --dtype fp32
 	$(PY) benchmarks/bench_transformers.py --dtype bf16
+
+# The GPU machine has its torch and no network: the check uses that Python as it is, no venv.
+ifdef DRY_RUN
+gpu-check: build
+	$(PY) benchmarks/gpu_check.py --dry-run
+else
+gpu-check:
+	$(PYTHON) benchmarks/gpu_check.py $(if $(QUICK),--quick)
+endif
 
 PY_SOURCES := moe_kernels python_tests benchmarks setup.py
 CXX_SOURCES = $(shell git ls-files 'csrc/*.h' 'csrc/*.cpp' 'csrc/*.cu' 'csrc/*.cuh')

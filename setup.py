@@ -3,10 +3,12 @@
 The module always holds the native CPU kernels. The CUDA kernels join it when a CUDA build of
 torch and a CUDA toolkit (``nvcc``) are both present, or when ``MOE_KERNELS_CUDA=1`` forces
 them (``MOE_KERNELS_CUDA=0`` forces a CPU-only build). ``TORCH_CUDA_ARCH_LIST`` picks the GPU
-architectures (default "8.0;9.0"); no GPU is ever queried at build time, so the CUDA variant
-builds on machines without one. ``MOE_KERNELS_SANITIZE=address`` builds the host code with
-AddressSanitizer, so that kernels run on the CPU emulator are checked for out-of-bounds
-accesses (``make test-asan``).
+architectures (default "8.0;9.0+PTX": machine code for Ampere and Hopper, and PTX that newer GPUs
+compile at load time); no GPU is ever queried at build time, so the CUDA variant
+builds on machines without one. ``MOE_KERNELS_SANITIZE=address,shift,bounds`` (gcc's
+-fsanitize names: address, undefined or some of its checks) builds the host code with
+AddressSanitizer and UndefinedBehaviorSanitizer, so that kernels run on the CPU emulator are
+checked for out-of-bounds accesses and undefined behaviour (``make test-asan``).
 
 The build imports torch, so install with ``pip install --no-build-isolation -e .``.
 """
@@ -23,7 +25,7 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
-DEFAULT_CUDA_ARCHS = "8.0;9.0"
+DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
 
 
 def find_cuda_home() -> Path | None:
@@ -111,9 +113,13 @@ class CMakeBuild(build_ext):
         arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip() or DEFAULT_CUDA_ARCHS
 
         sanitize = os.environ.get("MOE_KERNELS_SANITIZE", "").strip()
-        if sanitize not in ("", "address"):
-            raise SystemExit(f"MOE_KERNELS_SANITIZE must be empty or 'address', got '{sanitize}'")
-        variant = ("cuda" if with_cuda else "cpu") + ("-asan" if sanitize else "")
+        sanitizers = [name for name in sanitize.split(",") if name]
+        known = ("address", "undefined", "shift", "bounds", "signed-integer-overflow")
+        if any(name not in known for name in sanitizers):
+            raise SystemExit(
+                f"MOE_KERNELS_SANITIZE must name some of {', '.join(known)}; got '{sanitize}'"
+            )
+        variant = ("cuda" if with_cuda else "cpu") + "".join(f"-{name}" for name in sanitizers)
         build_dir = (
             ROOT / "build" / f"cmake-{variant}-py{sys.version_info.major}{sys.version_info.minor}"
         )
@@ -145,7 +151,7 @@ class CMakeBuild(build_ext):
             f"-DMOE_KERNELS_EXTRA_INCLUDES={';'.join(map(str, include_dirs))}",
             f"-DMOE_KERNELS_NVTX={'ON' if nvtx_include else 'OFF'}",
             f"-DMOE_KERNELS_CUDA={'ON' if with_cuda else 'OFF'}",
-            f"-DMOE_KERNELS_ASAN={'ON' if sanitize else 'OFF'}",
+            f"-DMOE_KERNELS_SANITIZERS={';'.join(sanitizers)}",
         ]
         nccl = find_nccl_library(site_packages) if with_cuda else None
         if with_cuda:

@@ -123,6 +123,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("emulation", &emulation, "(enabled, schedule, seed) of the CPU emulator.");
   m.def("emulated_ops", &moe_kernels::emu::emulated_ops,
         "The ops whose CUDA kernel runs on the CPU emulator under moe_kernels.emulate().");
+  m.def("emulated_launches", &moe_kernels::emu::emulated_launches, pybind11::arg("reset") = false,
+        "{kernel name: launches} on the CPU emulator since the last reset.");
 #if defined(MOE_KERNELS_WITH_NCCL)
   m.def(
       "nccl_unique_id", [] { return pybind11::bytes(moe_kernels::comm::nccl_unique_id()); },

@@ -15,15 +15,25 @@ all-to-all), then moves the rows with one all-to-all-v and orders them with
   between CPU processes, NCCL between GPUs);
 - ``"nccl"``: a communicator of NCCL's own for the group (``init_nccl``), one ``ncclSend`` and
   ``ncclRecv`` per peer inside ``ncclGroupStart/End`` on a side stream, ordered with events.
+  An explicit opt-in: NCCL documents that two communicators used concurrently on overlapping
+  devices can deadlock, and this one runs beside torch's ProcessGroupNCCL. It is safe only in a
+  loop where no other NCCL collective on these GPUs can be in flight during a dispatch or
+  combine: not beside DDP's or FSDP's collectives overlapped with backward, nor beside async
+  collectives of your own. ``moe-train``'s loop is such a loop (it reduces gradients only after
+  backward) and picks it on GPUs.
+
+``"auto"`` (the default) is ``"process_group"``: safe beside any other collective.
 
 Host synchronisation: exactly one per dispatch, when the exchanged counts are copied to the host
 (the all-to-all-v needs its splits there). Combine and both backwards reuse the plan and never
 wait (the first dispatch of a dispatcher also checks, once, that every rank has the same
 num_experts). Every rank checks every rank's counts and shapes, so a mismatch (another hidden
 size or dtype on some rank, or counts that do not sum to its rows) raises the same error on all
-of them instead of leaving some waiting. The NCCL transport's host wait polls for errors
-and gives up after its timeout, aborting the communicator; the process-group transport inherits
-its group's timeout (``init_process_group(timeout=...)``).
+of them instead of leaving some waiting. Every wait of the NCCL transport has its timeout: the
+communicator's creation, each exchange (watched on a thread of its own until it completes on the
+GPU) and the host wait; a dead peer aborts the communicator and raises an error naming the
+group. The process-group transport inherits its group's timeout
+(``init_process_group(timeout=...)``).
 """
 
 from __future__ import annotations
@@ -78,7 +88,10 @@ def init_nccl(
     """Creates the direct NCCL transport of ``group`` (the default group when None), on every
     rank of it (collective): rank 0 makes an NCCL unique id, the group broadcasts it, and each
     rank creates its communicator on ``device`` (default: the current CUDA device). ``timeout``
-    bounds the dispatcher's one host wait."""
+    bounds every wait of the transport: the communicator's creation (a rank that never calls
+    ``init_nccl`` fails the others after it), each exchange of rows, the dispatcher's host wait.
+    Dispatchers use it only when asked for ``transport="nccl"`` (see the module's docstring for
+    when that is safe)."""
     if not nccl_available():
         raise RuntimeError(
             "transport 'nccl' needs a CUDA build of moe_kernels with NCCL "
@@ -114,8 +127,9 @@ class ExpertParallelDispatcher:
     Args:
         num_experts: E, the layer's experts over the whole group; divisible by the group size.
         group: the expert-parallel group (default: the default group).
-        transport: "process_group", "nccl" (after ``init_nccl(group)``), or "auto": "nccl" for
-            CUDA rows when the group has an NCCL transport, else "process_group".
+        transport: "process_group", "nccl" (after ``init_nccl(group)``; an opt-in, safe only
+            when no other NCCL collective on these GPUs runs concurrently: see the module's
+            docstring), or "auto": "process_group", safe beside any collective.
     """
 
     def __init__(
@@ -164,9 +178,7 @@ class ExpertParallelDispatcher:
         self._agreed = True
 
     def _transport(self, rows: Tensor) -> str:
-        if self.transport != "auto":
-            return self.transport
-        return "nccl" if rows.is_cuda and self.group_name in _nccl_groups else "process_group"
+        return "process_group" if self.transport == "auto" else self.transport
 
     def dispatch(self, rows: Tensor, tokens_per_expert: Tensor) -> tuple[Tensor, DispatchPlan]:
         """[R, H] rows grouped by global expert (``permute``'s) and their [E] counts -> the

@@ -44,3 +44,9 @@ def emulate(schedule: str = "forward", seed: int = 0) -> Iterator[None]:
 def emulated_ops() -> list[str]:
     """The ops that run their CUDA kernel on the emulator under :func:`emulate`."""
     return sorted(_C.emulated_ops())
+
+
+def emulated_launches(reset: bool = False) -> dict[str, int]:
+    """``{kernel: launches}`` on the emulator since the last reset (``reset=True`` also resets):
+    the kernel names carry their template arguments, as a GPU profiler's trace shows them."""
+    return dict(_C.emulated_launches(reset))

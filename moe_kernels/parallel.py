@@ -32,6 +32,9 @@ class ParallelLayout:
     ep_size: int = 1
     ep_group: dist.ProcessGroup | None = None
     expert_data_group: dist.ProcessGroup | None = None
+    # What the dispatchers' transport "auto" becomes: the loop that owns every collective of
+    # the step chooses "nccl" when it has made the group's NCCL transport.
+    ep_transport: str = "process_group"
 
     @property
     def distributed(self) -> bool:

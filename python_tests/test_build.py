@@ -71,13 +71,22 @@ def _cuobjdump() -> str | None:
     not mk.build_info()["cuda"] or _cuobjdump() is None, reason="needs the CUDA build and cuobjdump"
 )
 def test_cuda_code_is_built_for_the_requested_archs():
-    # TORCH_CUDA_ARCH_LIST (default 8.0;9.0) decides the machine code in the module.
-    wanted = {
+    # TORCH_CUDA_ARCH_LIST (default 8.0;9.0+PTX) decides the machine code in the module, and
+    # "+PTX" adds the PTX that a GPU newer than every listed architecture compiles at load time
+    # (without it, such a GPU fails with "no kernel image" at the first launch).
+    archs = mk.build_info()["cuda_archs"].split(",")
+    wanted_elf = {"sm_" + arch.removesuffix("+PTX").replace(".", "") for arch in archs}
+    wanted_ptx = {
         "sm_" + arch.removesuffix("+PTX").replace(".", "")
-        for arch in mk.build_info()["cuda_archs"].split(",")
+        for arch in archs
+        if arch.endswith("+PTX")
     }
-    out = subprocess.run(
-        [_cuobjdump(), "--list-elf", mk._C.__file__], capture_output=True, text=True, check=True
-    )
-    built = {name.split(".")[-2] for name in out.stdout.split() if name.endswith(".cubin")}
-    assert built == wanted
+
+    def listed(flag: str, suffix: str) -> set[str]:
+        out = subprocess.run(
+            [_cuobjdump(), flag, mk._C.__file__], capture_output=True, text=True, check=True
+        )
+        return {name.split(".")[-2] for name in out.stdout.split() if name.endswith(suffix)}
+
+    assert listed("--list-elf", ".cubin") == wanted_elf
+    assert listed("--list-ptx", ".ptx") == wanted_ptx

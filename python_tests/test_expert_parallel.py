@@ -115,6 +115,39 @@ def _shard_and_gather(rank, world_size, config, state):
     return parallel.consolidated_state_dict(model, layout)
 
 
+def _transports(rank, world_size, config):
+    layout = parallel.init_expert_parallel(config.ep_size)
+    chosen = {}
+    for asked in ("auto", "process_group", "nccl"):
+        for loop_made_nccl in (False, True):
+            model = MoETransformer(
+                dataclasses.replace(config, ep_transport=asked),
+                dataclasses.replace(
+                    layout, ep_transport="nccl" if loop_made_nccl else "process_group"
+                ),
+            )
+            [transport] = {block.ffn.dispatcher.transport for block in model.blocks}
+            chosen[asked, loop_made_nccl] = transport
+    return chosen
+
+
+def test_the_direct_nccl_transport_is_an_opt_in(tmp_path):
+    """Two NCCL communicators used concurrently on one GPU can deadlock, so a model's layers
+    take the direct NCCL transport only when asked for it, or when the training loop, which
+    orders every collective of its step, made it (the layout's ep_transport); "auto" is
+    otherwise the group's own collective."""
+    config = dataclasses.replace(SMALL, ep_size=2)
+    for chosen in run_on_ranks(_transports, 2, tmp_path, config):
+        assert chosen == {
+            ("auto", False): "process_group",
+            ("auto", True): "nccl",
+            ("process_group", False): "process_group",
+            ("process_group", True): "process_group",
+            ("nccl", False): "nccl",
+            ("nccl", True): "nccl",
+        }
+
+
 def test_local_state_dict_is_the_inverse_of_consolidating(tmp_path):
     """Unsharded weights cut to each rank's experts load into the sharded model and gather
     back to themselves."""

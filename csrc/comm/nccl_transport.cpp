@@ -1,9 +1,15 @@
 // The direct NCCL transport: a communicator of NCCL's own per torch.distributed group, its
 // all-to-all-v one ncclSend and one ncclRecv per peer inside ncclGroupStart/End on a side
 // stream. Events order it after the work that produced the rows and before the work that reads
-// them, so the host never waits and the GPU overlaps it with unrelated kernels. NCCL has no
-// timeout of its own: the one host wait (to_host) polls the communicator's error state and its
-// own deadline, and aborts the communicator rather than hang when a peer is gone.
+// them, so the host never waits and the GPU overlaps it with unrelated kernels.
+//
+// NCCL has no timeout of its own and a dead peer makes its calls block forever, so the
+// communicator is non-blocking (every call returns at once and is then polled) and every wait
+// has a deadline: its creation, the enqueue of each exchange, the counts' host copy (to_host),
+// and, on a watchdog thread, the completion of each exchange on the GPU. A failure or an expired
+// deadline aborts the communicator (which also releases kernels stuck waiting for a peer) and
+// ends the job with an error that names the group, here or at the transport's next call, rather
+// than a hang at some later host synchronisation.
 #include "comm/nccl_transport.h"
 
 #include <ATen/cuda/CUDAContext.h>
@@ -13,6 +19,9 @@
 #include <nccl.h>
 
 #include <chrono>
+#include <condition_variable>
+#include <deque>
+#include <iostream>
 #include <map>
 #include <mutex>
 #include <thread>
@@ -22,12 +31,35 @@
 namespace moe_kernels::comm {
 namespace {
 
+using Clock = std::chrono::steady_clock;
+
 #define MOE_KERNELS_NCCL_CHECK(call, what)                                                       \
   do {                                                                                           \
     const ncclResult_t result_ = (call);                                                         \
     TORCH_CHECK(result_ == ncclSuccess || result_ == ncclInProgress, "moe_kernels: ", what,      \
                 " failed: ", ncclGetErrorString(result_), " (", ncclGetLastError(nullptr), ")"); \
   } while (false)
+
+// ncclGroupStart ... ncclGroupEnd. An exception between the two would leave the group open on
+// this thread, and every later NCCL call of the thread (torch's own collectives included) would
+// then join that group and never run: the destructor closes it on every path.
+class NcclGroup {
+ public:
+  NcclGroup() { MOE_KERNELS_NCCL_CHECK(ncclGroupStart(), "ncclGroupStart"); }
+  NcclGroup(const NcclGroup&) = delete;
+  NcclGroup& operator=(const NcclGroup&) = delete;
+  ~NcclGroup() {
+    if (open_) ncclGroupEnd();
+  }
+
+  void end() {
+    open_ = false;
+    MOE_KERNELS_NCCL_CHECK(ncclGroupEnd(), "ncclGroupEnd");
+  }
+
+ private:
+  bool open_ = true;
+};
 
 class NcclTransport final : public Transport {
  public:
@@ -37,10 +69,22 @@ class NcclTransport final : public Transport {
         rank_(rank),
         size_(size),
         device_(device),
-        timeout_(std::chrono::duration<double>(timeout_s)),
+        timeout_(
+            std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(timeout_s))),
         stream_(c10::cuda::getStreamFromPool(/*isHighPriority=*/true, device)) {
     const c10::cuda::CUDAGuard guard(device_);
-    MOE_KERNELS_NCCL_CHECK(ncclCommInitRank(&comm_, size_, id, rank_), "ncclCommInitRank");
+    ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
+    config.blocking = 0;
+    const std::lock_guard lock(mutex_);
+    try {
+      MOE_KERNELS_NCCL_CHECK(ncclCommInitRankConfig(&comm_, size_, id, rank_, &config),
+                             "ncclCommInitRankConfig");
+      wait_until_ready("creating the communicator (are all ranks calling init_nccl?)");
+    } catch (...) {
+      abort();
+      throw;
+    }
+    watchdog_ = std::thread([this] { watch(); });
   }
 
   // Communicators are released by release_nccl_transport; one still alive at exit is left to
@@ -56,18 +100,98 @@ class NcclTransport final : public Transport {
     TORCH_CHECK(input.is_cuda() && input.get_device() == device_,
                 "transport 'nccl' moves tensors of cuda:", static_cast<int>(device_), ", got ",
                 input.device());
-    TORCH_CHECK(comm_ != nullptr, describe(), " was aborted after an earlier failure");
     const c10::cuda::CUDAGuard guard(device_);
+    const std::lock_guard lock(mutex_);
+    check_alive();
     const auto compute = c10::cuda::getCurrentCUDAStream(device_);
     at::cuda::CUDAEvent ready;
     ready.record(compute);
     ready.block(stream_);
+    try {
+      enqueue(input, output, send_splits, recv_splits);
+      wait_until_ready("enqueueing an all-to-all of rows");
+    } catch (...) {
+      abort();
+      throw;
+    }
+    // The caching allocator must not hand these buffers to other work before the side stream
+    // is done with them.
+    c10::cuda::CUDACachingAllocator::recordStream(input.storage().data_ptr(), stream_);
+    c10::cuda::CUDACachingAllocator::recordStream(output.storage().data_ptr(), stream_);
+    at::cuda::CUDAEvent done;
+    done.record(stream_);
+    done.block(compute);
+    pending_.push_back(Pending{std::move(done), Clock::now() + timeout_});
+    wake_watchdog_.notify_one();
+  }
+
+  at::Tensor to_host(const at::Tensor& tensor) override {
+    const c10::cuda::CUDAGuard guard(device_);
+    auto host = at::empty(tensor.sizes(), tensor.options().device(at::kCPU).pinned_memory(true));
+    host.copy_(tensor, /*non_blocking=*/true);
+    at::cuda::CUDAEvent copied;
+    copied.record(c10::cuda::getCurrentCUDAStream(device_));
+    const auto deadline = Clock::now() + timeout_;
+    while (!copied.query()) {
+      {
+        const std::lock_guard lock(mutex_);
+        check_alive();
+        const ncclResult_t state = async_state();
+        if (state != ncclSuccess && state != ncclInProgress) {
+          fail(std::string("NCCL reported ") + ncclGetErrorString(state) +
+               " (another rank has probably failed)");
+        }
+        if (Clock::now() > deadline) {
+          fail("no counts from the other ranks within " + seconds() +
+               " (another rank has probably failed or stopped)");
+        }
+      }
+      std::this_thread::sleep_for(std::chrono::microseconds(50));
+    }
+    return host;
+  }
+
+  std::string describe() const override {
+    return "rank " + std::to_string(rank_) + " of the NCCL transport of group '" + name_ + "' (" +
+           std::to_string(size_) + " ranks)";
+  }
+
+  void destroy() {
+    {
+      const std::lock_guard lock(mutex_);
+      stopping_ = true;
+    }
+    wake_watchdog_.notify_one();
+    if (watchdog_.joinable()) watchdog_.join();
+    const c10::cuda::CUDAGuard guard(device_);
+    const std::lock_guard lock(mutex_);
+    if (comm_ == nullptr) return;
+    // A non-blocking communicator is finalised (its pending work flushed) before destruction.
+    try {
+      MOE_KERNELS_NCCL_CHECK(ncclCommFinalize(comm_), "ncclCommFinalize");
+      wait_until_ready("finalising the communicator");
+    } catch (const c10::Error&) {
+      abort();
+      return;
+    }
+    ncclCommDestroy(comm_);
+    comm_ = nullptr;
+  }
+
+ private:
+  struct Pending {
+    at::cuda::CUDAEvent done;
+    Clock::time_point deadline;
+  };
+
+  void enqueue(const at::Tensor& input, const at::Tensor& output,
+               const std::vector<int64_t>& send_splits, const std::vector<int64_t>& recv_splits) {
     // Rows are sent as bytes: one code path for every dtype.
     const int64_t row_bytes = input.size(1) * input.element_size();
     const auto* in = static_cast<const char*>(input.const_data_ptr());
     auto* out = static_cast<char*>(output.mutable_data_ptr());
     int64_t sent = 0, received = 0;
-    MOE_KERNELS_NCCL_CHECK(ncclGroupStart(), "ncclGroupStart");
+    NcclGroup group;
     for (int peer = 0; peer < size_; ++peer) {
       const size_t send_bytes = send_splits[peer] * row_bytes;
       const size_t recv_bytes = recv_splits[peer] * row_bytes;
@@ -82,64 +206,96 @@ class NcclTransport final : public Transport {
       sent += send_bytes;
       received += recv_bytes;
     }
-    MOE_KERNELS_NCCL_CHECK(ncclGroupEnd(), "ncclGroupEnd");
-    // The caching allocator must not hand these buffers to other work before the side stream
-    // is done with them.
-    c10::cuda::CUDACachingAllocator::recordStream(input.storage().data_ptr(), stream_);
-    c10::cuda::CUDACachingAllocator::recordStream(output.storage().data_ptr(), stream_);
-    at::cuda::CUDAEvent done;
-    done.record(stream_);
-    done.block(compute);
+    group.end();
   }
 
-  at::Tensor to_host(const at::Tensor& tensor) override {
+  // The watchdog: exchanges complete in order on the side stream, so only the oldest one
+  // pending needs watching.
+  void watch() {
     const c10::cuda::CUDAGuard guard(device_);
-    auto host = at::empty(tensor.sizes(), tensor.options().device(at::kCPU).pinned_memory(true));
-    host.copy_(tensor, /*non_blocking=*/true);
-    at::cuda::CUDAEvent copied;
-    copied.record(c10::cuda::getCurrentCUDAStream(device_));
-    const auto deadline = std::chrono::steady_clock::now() + timeout_;
-    while (!copied.query()) {
-      ncclResult_t state = ncclSuccess;
-      MOE_KERNELS_NCCL_CHECK(ncclCommGetAsyncError(comm_, &state), "ncclCommGetAsyncError");
-      if (state != ncclSuccess && state != ncclInProgress) {
-        abort();
-        TORCH_CHECK(false, describe(), ": NCCL reported ", ncclGetErrorString(state),
-                    " (another rank has probably failed); the communicator is aborted");
+    std::unique_lock lock(mutex_);
+    while (true) {
+      wake_watchdog_.wait(lock, [this] { return stopping_ || !pending_.empty(); });
+      if (stopping_) return;
+      while (!pending_.empty() && pending_.front().done.query()) pending_.pop_front();
+      if (!pending_.empty() && comm_ != nullptr) {
+        const ncclResult_t state = async_state();
+        std::string failure;
+        if (state != ncclSuccess && state != ncclInProgress) {
+          failure = std::string("NCCL reported ") + ncclGetErrorString(state) +
+                    " during an all-to-all of rows (another rank has probably failed)";
+        } else if (Clock::now() > pending_.front().deadline) {
+          failure = "an all-to-all of rows did not complete within " + seconds() +
+                    " (another rank has probably failed or stopped)";
+        }
+        if (!failure.empty()) {
+          error_ = describe() + ": " + failure + "; the communicator is aborted";
+          // The thread that queued the exchange may be blocked in a host synchronisation:
+          // say why now, not only at the transport's next call.
+          std::cerr << "moe_kernels: " << error_ << std::endl;
+          abort();
+          pending_.clear();
+        }
       }
-      if (std::chrono::steady_clock::now() > deadline) {
-        abort();
-        TORCH_CHECK(false, describe(), ": no counts from the other ranks within ", timeout_.count(),
-                    " s (another rank has probably failed or stopped); the communicator is "
-                    "aborted");
-      }
-      std::this_thread::sleep_for(std::chrono::microseconds(50));
+      lock.unlock();
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+      lock.lock();
     }
-    return host;
   }
 
-  std::string describe() const override {
-    return "rank " + std::to_string(rank_) + " of the NCCL transport of group '" + name_ + "' (" +
-           std::to_string(size_) + " ranks)";
+  // Polls the communicator until its last operation is done. Holds mutex_.
+  void wait_until_ready(const std::string& what) {
+    const auto deadline = Clock::now() + timeout_;
+    while (true) {
+      const ncclResult_t state = async_state();
+      if (state == ncclSuccess) return;
+      if (state != ncclInProgress) {
+        fail(what + ": NCCL reported " + ncclGetErrorString(state) + " (" +
+             ncclGetLastError(comm_) + ")");
+      }
+      if (Clock::now() > deadline) fail(what + ": not done within " + seconds());
+      std::this_thread::yield();
+    }
   }
 
-  void destroy() {
-    if (comm_ != nullptr) ncclCommDestroy(comm_);
-    comm_ = nullptr;
+  ncclResult_t async_state() {
+    ncclResult_t state = ncclSuccess;
+    const ncclResult_t result = ncclCommGetAsyncError(comm_, &state);
+    return result == ncclSuccess ? state : result;
   }
 
- private:
+  void check_alive() const {
+    TORCH_CHECK(comm_ != nullptr, error_.empty() ? describe() + " was released" : error_);
+  }
+
+  [[noreturn]] void fail(const std::string& why) {
+    error_ = describe() + ": " + why + "; the communicator is aborted";
+    abort();
+    TORCH_CHECK(false, error_);
+  }
+
   void abort() {
     if (comm_ != nullptr) ncclCommAbort(comm_);
     comm_ = nullptr;
   }
 
+  std::string seconds() const {
+    return std::to_string(std::chrono::duration<double>(timeout_).count()) + " s";
+  }
+
   std::string name_;
   int rank_, size_;
   c10::DeviceIndex device_;
-  std::chrono::duration<double> timeout_;
+  Clock::duration timeout_;
   c10::cuda::CUDAStream stream_;
+  // Guards comm_, error_, pending_ and stopping_ between the caller and the watchdog.
+  std::mutex mutex_;
   ncclComm_t comm_ = nullptr;
+  std::string error_;
+  std::deque<Pending> pending_;
+  bool stopping_ = false;
+  std::condition_variable wake_watchdog_;
+  std::thread watchdog_;
 };
 
 // Never destroyed: see ~NcclTransport.

@@ -45,6 +45,7 @@ void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shar
                         shared_bytes,
                         mode.schedule,
                         mode.seed};
+  note_emulated_launch(spec.kernel_name);
   run_launch(spec, &KernelCall<Params...>::invoke, &call);
 }
 

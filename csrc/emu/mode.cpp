@@ -1,5 +1,6 @@
 #include "emu/mode.h"
 
+#include <map>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -10,6 +11,7 @@ namespace {
 std::mutex mode_mutex;
 Mode mode;
 std::vector<std::string> emulated;
+std::map<std::string, int64_t> launches;
 
 }  // namespace
 
@@ -31,6 +33,18 @@ void note_emulated_op(const char* name) {
 std::vector<std::string> emulated_ops() {
   const std::lock_guard<std::mutex> lock(mode_mutex);
   return emulated;
+}
+
+void note_emulated_launch(const std::string& kernel) {
+  const std::lock_guard<std::mutex> lock(mode_mutex);
+  ++launches[kernel];
+}
+
+std::map<std::string, int64_t> emulated_launches(bool reset) {
+  const std::lock_guard<std::mutex> lock(mode_mutex);
+  auto counted = launches;
+  if (reset) launches.clear();
+  return counted;
 }
 
 }  // namespace moe_kernels::emu

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -23,5 +24,11 @@ void set_mode(const Mode& mode);
 void note_emulated_op(const char* name);
 // The ops that run on the emulator under moe_kernels.emulate(); the others stay native.
 std::vector<std::string> emulated_ops();
+
+// How many times each kernel (by its name, template arguments included) was launched on the
+// emulator since the last reset: what a GPU driver's kernel trace would show, so a test can
+// check that a driver launches every kernel of the package.
+void note_emulated_launch(const std::string& kernel);
+std::map<std::string, int64_t> emulated_launches(bool reset);
 
 }  // namespace moe_kernels::emu

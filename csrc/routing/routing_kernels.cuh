@@ -197,6 +197,9 @@ __global__ void __launch_bounds__(kRoutingWarps* kWarpSize)
       __syncwarp();  // the stage is rewritten by the next token
 #pragma unroll
       for (int i = 0; i < kSlots; ++i) {
+        // Padding slots (expert >= E) are never live, and their group index can pass 63: the
+        // shift below is only defined for a live slot's group (< n_groups <= 64).
+        if (!(live >> i & 1u)) continue;
         const int group = (i * kWarpSize + lane) / static_cast<int>(p.experts_per_group);
         if (!(kept >> group & 1u)) live &= ~(1u << i);
       }

@@ -279,8 +279,9 @@ def train(
     its share of every global batch, experts are sharded over groups of ``config.ep_size``
     ranks, and each rank writes its own checkpoint file (``checkpoint-rank<r>-of-<W>.pt``: its
     experts, optimizer state and RNG); rank 0 writes the rest. On GPUs the dispatcher's
-    transport "auto" is the direct NCCL one. A collective that waits longer than ``timeout`` for
-    another rank stops this one with an error."""
+    transport "auto" is the direct NCCL one: safe here, since this loop runs no other collective
+    while rows move (gradients are reduced after backward). A collective that waits longer than
+    ``timeout`` for another rank stops this one with an error."""
     layout = init_expert_parallel(config.ep_size, timeout)
     is_main = layout.rank == 0
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -291,6 +292,7 @@ def train(
         and config.ep_transport != "process_group"
     ):
         init_nccl(layout.ep_group, torch_device, timeout)
+        layout = dataclasses.replace(layout, ep_transport="nccl")
     data = prepare_data(config, cache_dir or default_cache_dir())
     config = dataclasses.replace(
         config, model=dataclasses.replace(config.model, vocab_size=data.vocab_size)

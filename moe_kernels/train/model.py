@@ -81,7 +81,7 @@ def moe_ffn(config: TrainConfig, layout: ParallelLayout) -> MoELayer:
         # The bias moves with the counts of every rank: data x expert parallel.
         process_group=dist.group.WORLD if layout.distributed else None,
         ep_group=layout.ep_group if layout.ep_size > 1 else None,
-        ep_transport=config.ep_transport,
+        ep_transport=layout.ep_transport if config.ep_transport == "auto" else config.ep_transport,
     )
 
 
