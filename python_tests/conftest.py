@@ -54,11 +54,30 @@ def on_backends(*ops: str):
 
 @pytest.fixture
 def device(request):
-    """The torch device of the backend; for "emu-<schedule>", "cpu" with the emulator on."""
+    """The torch device of the backend; for "emu-<schedule>", "cpu" with the emulator on.
+
+    On "cuda", fp32 matmuls of torch (cuBLAS: the tests' baselines, the "cublas" backend, the
+    unpatched transformers models) run in IEEE fp32, never TF32: the kernels compute fp32 in
+    fp32 (the SIMT kernel, no tensor cores), and the tests' fp32 tolerances assume both sides
+    do. TF32 is off by default; this keeps it off whatever the process set before.
+    """
     backend = getattr(request, "param", "cpu")
     if backend.startswith("emu-"):
         with emulate(backend.removeprefix("emu-"), seed=0):
             yield "cpu"
+    elif backend == "cuda":
+        # torch >= 2.9 names it fp32_precision ("ieee" or "tf32"); mixing it with the older
+        # allow_tf32 flag is an error there, so only the older torch gets the older flag.
+        matmul = torch.backends.cuda.matmul
+        flag, ieee = ("fp32_precision", "ieee")
+        if not hasattr(matmul, flag):
+            flag, ieee = ("allow_tf32", False)
+        before = getattr(matmul, flag)
+        setattr(matmul, flag, ieee)
+        try:
+            yield backend
+        finally:
+            setattr(matmul, flag, before)
     else:
         yield backend
 
@@ -76,6 +95,67 @@ def tie_free_logits(
     grid = torch.linspace(-3.0, 3.0, num_experts, dtype=torch.float64)
     order = torch.rand(num_tokens, num_experts, generator=g).argsort(dim=1)
     return grid[order].to(dtype)
+
+
+# How far a GPU's routing choice values may lie from the reference's. CUDA's expf is within
+# 2 ulp (the host's libm within 1), nvcc contracts to FMA, and a softmax sum adds the token's
+# terms in another order: a score may differ by a few fp32 ulps, bounded here by 2e-6 of the
+# token's largest score. Adding the bias then rounds once more, by at most an ulp of the choice.
+GPU_SCORE_RTOL = 2e-6
+
+
+def near_ties(
+    logits: torch.Tensor,
+    bias: torch.Tensor | None,
+    k: int,
+    score_fn: str = "sigmoid",
+    n_groups: int = 1,
+    topk_groups: int = 1,
+    group_score: str = "top2",
+    **_,
+) -> torch.Tensor:
+    """[T] bool: the tokens whose routing a GPU may legitimately decide otherwise than the
+    reference (SPEC.md section 1), with the choice values moved by the bound above.
+
+    A token is decided when its kept groups' worst score beats the best dropped group by more
+    than both groups' scores can move (each adds up to ``size`` choice values, and rounds at
+    each addition), and its k chosen experts (after the group mask) are ordered, and ahead of
+    the next, by more than two choice values can move. Equal logits with equal biases are no
+    near tie: every device computes them the same value, and the lower index wins everywhere.
+    tie_free_logits and integer_bias keep the choice values themselves far apart; group
+    scores, sums of choice values, can still come close (sigmoid(x) + sigmoid(-x) = 1 makes
+    two groups tie exactly), so group-limited routing on a GPU has a few such tokens.
+    """
+    eps = torch.finfo(torch.float32).eps
+    x = logits.detach().cpu().double()
+    scores = x.sigmoid() if score_fn == "sigmoid" else x.softmax(dim=-1)
+    b = torch.zeros(x.shape[1], dtype=x.dtype) if bias is None else bias.detach().cpu().double()
+    choice = scores + b
+    choice = choice.masked_fill(choice.isnan(), float("-inf"))  # as every backend does
+    num_tokens, num_experts = choice.shape
+    largest_choice = choice.abs().masked_fill(~choice.isfinite(), 0).amax(dim=1)
+    delta = (
+        GPU_SCORE_RTOL * scores.masked_fill(scores.isnan(), 0).amax(dim=1) + eps * largest_choice
+    )
+    near = torch.zeros(num_tokens, dtype=torch.bool)
+    if n_groups > 1:
+        per_group = num_experts // n_groups
+        size = min(2, per_group) if group_score == "top2" else k // topk_groups
+        grouped = choice.view(num_tokens, n_groups, per_group)
+        group_scores = grouped.topk(size, dim=-1).values.sum(dim=-1)
+        group_delta = size * (delta + size * eps * largest_choice)
+        ranked, order = group_scores.sort(dim=-1, descending=True, stable=True)
+        if topk_groups < n_groups:
+            gap = ranked[:, topk_groups - 1] - ranked[:, topk_groups]
+            near |= ~(gap > 2 * group_delta)
+        keep = torch.zeros_like(group_scores, dtype=torch.bool)
+        keep.scatter_(1, order[:, :topk_groups], True)
+        choice = grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).view(num_tokens, -1)
+    order = choice.sort(dim=-1, descending=True, stable=True).indices[:, : k + 1]
+    ranked = choice.gather(1, order)
+    twins = (x.gather(1, order).diff(dim=1) == 0) & (b[order].diff(dim=1) == 0)
+    close = ~(-ranked.diff(dim=1) > 2 * delta.unsqueeze(1)) & ~twins & ranked[:, 1:].isfinite()
+    return near | close.any(dim=1)
 
 
 def integer_bias(num_experts: int, seed: int = 1) -> torch.Tensor:

@@ -6,6 +6,12 @@ run on tensor cores (mma.sync, ldmatrix, cp.async), fp32/fp64 and unaligned 16-b
 the SIMT kernel. Shapes are ragged on purpose: rows not a multiple of the 128-row tile, K and N
 not multiples of 64, single-row and empty experts. Accuracy is judged as the issue asks: the
 error against an fp64 reference at most twice that of torch's own matmul in the same dtype.
+
+No test asks a GPU for the emulator's bits: its tensor cores add a k16 step's exact products in
+one fused adder that truncates (the emulator adds them in k order, rounding each time), and nvcc
+contracts the SIMT kernel's fp32 multiply-adds to FMAs (one rounding instead of two). Both move
+the fp32 accumulators by ulps, far below the bf16/fp16 rounding of the output and the fp32
+errors of torch's matmul; the order of the sums is the emulator's (no split-K, no atomics).
 """
 
 import pytest
@@ -39,7 +45,9 @@ def operands(sizes, k, n, dtype, trans_b, device="cpu", seed=0):
 
 def assert_as_accurate_as_torch(got, exact, same_dtype_torch):
     """|got - exact| at most twice torch's own error in got's dtype (plus half an ulp of the
-    largest value, for outputs where torch happens to be exact)."""
+    largest value, for outputs where torch happens to be exact). torch's matmul runs on the
+    CPU whatever the backend: a fixed yardstick, which the GPU's summation (tensor cores, FMA)
+    meets as the emulator's does."""
     assert got.dtype == same_dtype_torch.dtype and got.shape == exact.shape
     ours = (got.cpu().double() - exact).abs().max().item() if got.numel() else 0.0
     theirs = (same_dtype_torch.cpu().double() - exact).abs().max().item() if got.numel() else 0.0
@@ -125,6 +133,8 @@ def test_hundreds_of_experts(device, dtype):
     for e in nonzero[:10]:
         rows = slice(int(starts[e]), int(starts[e] + counts[e]))
         want = a.cpu().double()[rows].T @ grad.cpu().double()[rows]
+        # bf16 output rounding (2^-9 relative) bounds the error on every backend; fp32 at most
+        # 8 products per element is far inside it.
         torch.testing.assert_close(got[e].cpu().double(), want, rtol=2e-2, atol=5e-2)
 
 
@@ -195,6 +205,8 @@ def test_swiglu_backward_op(device, half, dtype):
     grad_out = torch.randn(37, half, generator=g).to(device, dtype)
     got = mk.swiglu_backward(grad_out, pre)
     exact = ref.swiglu_backward(grad_out.cpu().double(), pre.cpu().double())
+    # fp32: a few ulps of CUDA's expf and of FMA contraction on a GPU; 16-bit: the output's
+    # rounding (2^-9 relative for bf16).
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=2e-2)
     torch.testing.assert_close(got.cpu().double(), exact, **tol)
 
@@ -211,6 +223,10 @@ def test_swiglu_gradcheck_fp64(device):
 def test_cublas_backend_agrees(device, dtype):
     a, b, counts = operands(SEGMENTS["skewed_with_empty"], 64, 48, dtype, False, device)
     grad = torch.randn(a.shape[0], 48).to(device, dtype)
+    # Two summation orders on one device. fp32: both IEEE fp32 (cuBLAS without TF32: the
+    # device fixture), K = 64 terms of about 1, a few 1e-6 apart. bf16: both round fp32
+    # accumulators to bf16 (cuBLAS may also reduce split-K partials in bf16), an ulp or two of
+    # outputs of about 8.
     tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=5e-2)
     for op, args in [
         (mk.grouped_gemm, (a, b, counts)),

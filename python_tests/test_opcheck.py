@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import moe_kernels  # noqa: F401
-from conftest import integer_bias, random_ids, tie_free_logits
+from conftest import HAS_GPU, has_kernel, integer_bias, random_ids, tie_free_logits
 from moe_kernels.emulator import emulate, emulated_ops
 
 ops = torch.ops.moe_kernels
@@ -123,6 +123,23 @@ def test_opcheck_of_the_cuda_op(name):
         pytest.skip("no CUDA kernel")
     with emulate():
         torch.library.opcheck(op, args)
+
+
+def on_cuda(arg):
+    if not isinstance(arg, torch.Tensor):
+        return arg
+    return arg.detach().to("cuda").requires_grad_(arg.requires_grad)
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="needs a GPU")
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_opcheck_of_the_cuda_op_on_a_gpu(name):
+    """The CUDA ops on a real GPU against the same schema and fake kernels. opcheck compares
+    the op's outputs between its runs on one device only (the kernels are deterministic)."""
+    op, args = CASES[name]
+    if not has_kernel(op._qualified_op_name.split("::")[1], "CUDA"):
+        pytest.skip("no CUDA kernel")
+    torch.library.opcheck(op, tuple(on_cuda(arg) for arg in args))
 
 
 # Collectives need a process group: test_dispatch.py opchecks the row movements on Gloo ranks.

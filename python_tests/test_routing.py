@@ -1,24 +1,72 @@
 """biased_topk against the reference (SPEC.md section 1): ids and counts exactly, weights to
-fp32 tolerance, and the gradient w.r.t. logits."""
+fp32 tolerance, and the gradient w.r.t. logits.
+
+On a GPU the scores come from CUDA's expf (within 2 ulp; the host's libm within 1), with FMA
+contraction and the softmax sum in the warp's order: they differ from the reference's by a few
+fp32 ulps. That is far inside the weights' tolerance, and far below the gaps between the test
+logits' choice values (tie_free_logits, integer_bias), so ids and counts stay exact. Only group
+scores, sums of choice values, can come closer than that (conftest.near_ties): the few tokens
+where they do may keep another group on a GPU, and are checked for a valid routing instead.
+"""
 
 import pytest
 import torch
 
 import moe_kernels as mk
-from conftest import emulating, integer_bias, on_backends, tie_free_logits
+from conftest import emulating, integer_bias, near_ties, on_backends, tie_free_logits
 from moe_kernels import reference as ref
 
 # (num_experts, topk): k in {1, 2, 8, E}, wherever k <= E.
 EXPERTS_TOPK = [(e, k) for e in (1, 8, 64, 256) for k in sorted({1, 2, 8, e}) if k <= e]
 
 
-def assert_routing_equal(got, want):
-    weights, ids, counts = (t.cpu() for t in got)
-    ref_weights, ref_ids, ref_counts = want
-    assert torch.equal(ids, ref_ids)
-    assert torch.equal(counts, ref_counts)
+def weights_of(logits, ids, score_fn="sigmoid", normalize=True, scale=1.0, **_):
+    """The weights SPEC.md section 1 gives the experts ``ids`` of each token: their unbiased
+    scores, normalized and scaled (the reference's arithmetic, for any choice of experts)."""
+    x = logits.double() if logits.dtype == torch.float64 else logits.float()
+    scores = torch.sigmoid(x) if score_fn == "sigmoid" else torch.softmax(x, dim=-1)
+    weights = scores.gather(1, ids)
+    if normalize:
+        total = weights.sum(dim=-1, keepdim=True)
+        weights = weights / torch.where(total == 0, torch.ones_like(total), total)
+    return weights * scale
+
+
+def assert_routes_like_reference(device, logits, bias, k, **kwargs):
+    """Routes ``logits`` (built on the CPU) on ``device`` and compares with the reference: ids
+    and counts exactly, weights to fp32 tolerance (a GPU's scores differ by a few ulps). On a
+    GPU, the tokens ``near_ties`` names may be decided either way (at most 1 in 20, so that the
+    test still compares most tokens exactly): they need k distinct experts of their own, with
+    the weights of those experts, and the counts must be those of the ids. On the CPU and the
+    emulator every token is compared exactly."""
+    on_device = None if bias is None else bias.to(device)
+    weights, ids, counts = (
+        t.cpu() for t in mk.biased_topk(logits.to(device), on_device, k, **kwargs)
+    )
+    ref_weights, ref_ids, ref_counts = ref.biased_topk(logits, bias, k, **kwargs)
+    num_tokens, num_experts = logits.shape
+    undecided = torch.zeros(num_tokens, dtype=torch.bool)
+    if device == "cuda":
+        undecided = near_ties(logits, bias, k, **kwargs)
+        assert int(undecided.sum()) <= num_tokens // 20, "too many near ties in the test data"
+    decided = ~undecided
+    assert torch.equal(ids[decided], ref_ids[decided])
     assert weights.dtype == ref_weights.dtype
-    torch.testing.assert_close(weights, ref_weights, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(weights[decided], ref_weights[decided], rtol=1e-5, atol=1e-6)
+    # Counts are exact integers: those of the decided tokens are the reference's.
+    assert torch.equal(counts, torch.bincount(ids.flatten(), minlength=num_experts))
+    undecided_counts = torch.bincount(ref_ids[undecided].flatten(), minlength=num_experts)
+    assert torch.equal(
+        counts - torch.bincount(ids[undecided].flatten(), minlength=num_experts),
+        ref_counts - undecided_counts,
+    )
+    if undecided.any():
+        own = ids[undecided]
+        assert own.min() >= 0 and own.max() < num_experts
+        assert all(len(set(row)) == k for row in own.tolist())
+        want = weights_of(logits[undecided], own, **kwargs)
+        torch.testing.assert_close(weights[undecided], want, rtol=1e-5, atol=1e-6)
+    return weights, ids, counts
 
 
 @on_backends("biased_topk")
@@ -31,8 +79,7 @@ def test_biased_topk_matches_reference(device, num_experts, topk, num_tokens, dt
         num_tokens = min(num_tokens, 100)  # k rounds of warp argmax per token: slow to emulate
     logits = tie_free_logits(num_tokens, num_experts, dtype)
     bias = integer_bias(num_experts)
-    got = mk.biased_topk(logits.to(device), bias.to(device), topk, score_fn=score_fn)
-    assert_routing_equal(got, ref.biased_topk(logits, bias, topk, score_fn=score_fn))
+    got = assert_routes_like_reference(device, logits, bias, topk, score_fn=score_fn)
     assert int(got[2].sum()) == num_tokens * topk
 
 
@@ -42,14 +89,7 @@ def test_biased_topk_matches_reference(device, num_experts, topk, num_tokens, dt
 def test_weights_options(device, normalize, scale, with_bias):
     logits = tie_free_logits(33, 64)
     bias = integer_bias(64) if with_bias else None
-    got = mk.biased_topk(
-        logits.to(device),
-        None if bias is None else bias.to(device),
-        6,
-        normalize=normalize,
-        scale=scale,
-    )
-    assert_routing_equal(got, ref.biased_topk(logits, bias, 6, normalize=normalize, scale=scale))
+    assert_routes_like_reference(device, logits, bias, 6, normalize=normalize, scale=scale)
 
 
 @pytest.mark.parametrize(
@@ -71,8 +111,7 @@ def test_group_limited_routing(device, n_groups, topk_groups, topk, group_score,
     kwargs = dict(
         score_fn=score_fn, n_groups=n_groups, topk_groups=topk_groups, group_score=group_score
     )
-    got = [t.cpu() for t in mk.biased_topk(logits.to(device), bias.to(device), topk, **kwargs)]
-    assert_routing_equal(got, ref.biased_topk(logits, bias, topk, **kwargs))
+    got = assert_routes_like_reference(device, logits, bias, topk, **kwargs)
     # Every chosen expert lies in one of the kept groups.
     groups_per_token = (got[1] // (64 // n_groups)).unique(dim=1) if topk > 1 else got[1]
     assert all(len(set(row.tolist())) <= topk_groups for row in groups_per_token)
@@ -82,13 +121,32 @@ def test_group_limited_routing(device, n_groups, topk_groups, topk, group_score,
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("score_fn", ["sigmoid", "softmax"])
 def test_largest_shapes_of_the_cuda_kernel(device, dtype, score_fn):
-    # E = 512 (16 experts per lane), k = 16, G = 32 groups keeping 4; and G = 64.
+    # E = 512 (16 experts per lane), k = 16, G = 32 groups keeping 4; and G = 64. In bf16 the
+    # grid is finer than an ulp near +-3, so some logits of a token are equal: equal scores on
+    # every device (and equal biases then tie exactly), the lower index first everywhere.
     logits = tie_free_logits(150, 512, dtype, seed=8)
     bias = integer_bias(512, seed=9)
     for n_groups, topk_groups in ((32, 4), (64, 8)):
         kwargs = dict(score_fn=score_fn, n_groups=n_groups, topk_groups=topk_groups)
-        got = mk.biased_topk(logits.to(device), bias.to(device), 16, **kwargs)
-        assert_routing_equal(got, ref.biased_topk(logits, bias, 16, **kwargs))
+        assert_routes_like_reference(device, logits, bias, 16, **kwargs)
+
+
+@on_backends("biased_topk")
+@pytest.mark.parametrize("num_experts", [448, 320])  # 7 and 5 experts per group
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("score_fn", ["sigmoid", "softmax"])
+def test_64_groups_with_padding_slots(device, num_experts, dtype, score_fn):
+    # The CUDA kernel rounds E up to 16 experts per lane (512): the padding slots past the last
+    # expert fall in groups 64 and above, past the 64-bit mask of kept groups, which they must
+    # never index (a shift by 64 or more is undefined behaviour: the emulator's UBSan build
+    # reports it). A few tokens, so that the emulator is quick. Equal bf16 logits tie exactly,
+    # as in the test above.
+    logits = tie_free_logits(40, num_experts, dtype, seed=10)
+    bias = integer_bias(num_experts, seed=11)
+    kwargs = dict(score_fn=score_fn, n_groups=64, topk_groups=4)
+    _, ids, _ = assert_routes_like_reference(device, logits, bias, 8, **kwargs)
+    groups_per_token = ids // (num_experts // 64)
+    assert all(len(set(row)) <= 4 for row in groups_per_token.tolist())
 
 
 @on_backends("biased_topk")
@@ -115,6 +173,8 @@ def test_bias_decides_choice_but_not_weights(device):
 
 @on_backends("biased_topk")
 def test_ties_go_to_lower_expert_index(device):
+    # Exact ties on every device: equal logits give bit-equal scores (and group scores, summed
+    # in the same order), whatever the device's expf.
     logits = torch.zeros(3, 40, device=device)
     for score_fn in ("sigmoid", "softmax"):
         _, ids, _ = mk.biased_topk(logits, None, 3, score_fn=score_fn)
@@ -142,7 +202,8 @@ def test_non_finite_logits_give_valid_distinct_ids(device):
 
 @on_backends("biased_topk")
 def test_zero_weight_sum_stays_zero(device):
-    logits = torch.full((2, 4), -200.0, device=device)  # sigmoid underflows to exactly 0
+    # sigmoid underflows to exactly 0 on any IEEE device: exp(200) overflows to inf.
+    logits = torch.full((2, 4), -200.0, device=device)
     weights, _, _ = mk.biased_topk(logits, None, 2)
     assert torch.equal(weights.cpu(), torch.zeros(2, 2))
 
@@ -150,9 +211,8 @@ def test_zero_weight_sum_stays_zero(device):
 @on_backends("biased_topk")
 def test_fp64_logits_compute_in_fp64(device):
     logits = tie_free_logits(9, 32, torch.float64)
-    got = mk.biased_topk(logits.to(device), integer_bias(32).to(device), 4)
+    got = assert_routes_like_reference(device, logits, integer_bias(32), 4)
     assert got[0].dtype == torch.float64
-    assert_routing_equal(got, ref.biased_topk(logits, integer_bias(32), 4))
 
 
 @on_backends("biased_topk", "biased_topk_backward")
@@ -171,8 +231,13 @@ def test_gradient_matches_reference(device, score_fn, normalize, scale, n_groups
     )
     upstream = torch.randn(40, 4, generator=torch.Generator().manual_seed(0))
     bias = integer_bias(32)
+    # The gradients compare only where both sides route alike, on a GPU too.
+    assert not near_ties(ref_logits, bias, 4, **kwargs).any()
     (mk.biased_topk(logits, bias.to(device), 4, **kwargs)[0] * upstream.to(device)).sum().backward()
     (ref.biased_topk(ref_logits, bias, 4, **kwargs)[0] * upstream).sum().backward()
+    # fp32 tolerance: a GPU's scores and the softmax backward's warp sums differ from the
+    # reference's by a few ulps (expf, FMA, summation order); each score's gradient is added
+    # once per token, so its float atomics have no order to differ in.
     torch.testing.assert_close(logits.grad.cpu(), ref_logits.grad, rtol=1e-5, atol=1e-6)
 
 
@@ -181,6 +246,7 @@ def test_gradient_matches_reference(device, score_fn, normalize, scale, n_groups
 def test_gradient_in_half_types(device, dtype):
     logits = tie_free_logits(20, 16, dtype).to(device).requires_grad_()
     ref_logits = logits.detach().cpu().requires_grad_()
+    assert not near_ties(ref_logits, None, 3).any()
     mk.biased_topk(logits, None, 3)[0].pow(2).sum().backward()
     ref.biased_topk(ref_logits, None, 3)[0].pow(2).sum().backward()
     assert logits.grad.dtype == dtype
