@@ -2,11 +2,14 @@
 
     python benchmarks/bench_grouped_gemm.py [--device cpu|cuda] [--dtype bf16|fp16|fp32]
                                             [--tokens N] [--repeats 5] [--models NAME ...]
+                                            [--loads uniform skewed] [--out DIR] [--smoke]
 
-Shapes of real models: a DeepSeek-V2-Lite-style layer (64 experts, hidden 2048, expert FFN
-1408, top-6) and a Mixtral-8x7B-style one (8 experts, hidden 4096, FFN 14336, top-2), with
-uniform routing and skewed routing (experts drawn with Zipf-like popularity, so a few experts
-get most rows and some get few). For each, the three products of training on the first expert
+Shapes of real models' MoE layers: "deepseek-v3" (256 experts, hidden 7168, expert FFN 2048,
+top-8), "qwen3-moe" (Qwen3-30B-A3B: 128 experts, hidden 2048, FFN 768, top-8),
+"deepseek-v2-lite" (64 experts, hidden 2048, FFN 1408, top-6) and "mixtral-8x7b" (8 experts,
+hidden 4096, FFN 14336, top-2); by default the last two (the CPU's run). Each with uniform
+routing and with skewed routing (experts drawn with Zipf-like popularity, so a few experts get
+most rows and some get few); for each, the three products of training on the first expert
 projection ([gate | up], N = 2F) and the second:
   - "up fwd"    rows [R, H] x [E, H, 2F]; "up fwd+swiglu" the same with the fused epilogue
     (baselines: their product, then silu(gate) * up);
@@ -18,12 +21,11 @@ backend: cuBLAS on CUDA, BLAS on the CPU), the Python loop of torch.mm per exper
 reference), torch._grouped_mm where this torch supports the case, and one dense GEMM of the
 same FLOPs ([R, K] x [K, N]: the ceiling). TFLOP/s are useful FLOPs (2 R K N) over the median
 time; "of_dense" is ours over the dense GEMM's rate. Writes
-results/bench_grouped_gemm_<device>_<dtype>.json and .md.
+<out>/bench_grouped_gemm_<device>_<dtype>.json and .md (``--out``, default benchmarks/results).
 """
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -32,9 +34,7 @@ import torch.nn.functional as F
 
 import moe_kernels as mk
 from moe_kernels import reference as ref
-from timer import measure, save
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from timer import DTYPES, measure, num_tokens, parse, parser, randn, save, sized, supported, unit
 
 
 @dataclass(frozen=True)
@@ -49,10 +49,14 @@ class Model:
 MODELS = {
     m.name: m
     for m in [
+        Model("deepseek-v3", num_experts=256, hidden=7168, ffn=2048, topk=8),
+        Model("qwen3-moe", num_experts=128, hidden=2048, ffn=768, topk=8),
         Model("deepseek-v2-lite", num_experts=64, hidden=2048, ffn=1408, topk=6),
         Model("mixtral-8x7b", num_experts=8, hidden=4096, ffn=14336, topk=2),
     ]
 }
+CPU_MODELS = ["deepseek-v2-lite", "mixtral-8x7b"]
+LOADS = ["uniform", "skewed"]
 
 
 def routed_counts(model: Model, num_tokens: int, load: str, device: str) -> torch.Tensor:
@@ -74,15 +78,6 @@ def grouped_mm_wgrad(a: torch.Tensor, grad: torch.Tensor, counts: torch.Tensor) 
     return torch._grouped_mm(a.t(), grad, offs=torch.cumsum(counts, 0, dtype=torch.int32))
 
 
-def supported(fn: Callable[[], object]) -> Callable[[], object] | None:
-    """fn, or None when this torch cannot run it (torch._grouped_mm's dtype/device limits)."""
-    try:
-        fn()
-    except (RuntimeError, NotImplementedError, AttributeError):
-        return None
-    return fn
-
-
 def swiglu(pre: torch.Tensor) -> torch.Tensor:
     gate, up = pre.chunk(2, dim=-1)
     return F.silu(gate) * up
@@ -96,13 +91,13 @@ def wgrad_loop(a: torch.Tensor, grad: torch.Tensor, counts: torch.Tensor) -> tor
 
 def cases(model: Model, rows: torch.Tensor, counts: torch.Tensor, device: str, dtype):
     """(name, flops, ours, library loop, python loop, torch._grouped_mm or None, dense)."""
-    g = torch.Generator().manual_seed(1)
+    g = torch.Generator(device).manual_seed(1)
     E, H, Fh = model.num_experts, model.hidden, model.ffn
     R = rows.shape[0]
-    w_up = (torch.randn(E, H, 2 * Fh, generator=g) / H**0.5).to(device, dtype)
-    w_down = (torch.randn(E, Fh, H, generator=g) / Fh**0.5).to(device, dtype)
-    h = torch.randn(R, Fh, generator=g).to(device, dtype)
-    grad_up = torch.randn(R, 2 * Fh, generator=g).to(device, dtype)
+    w_up = randn(E, H, 2 * Fh, generator=g, dtype=dtype, scale=H**-0.5)
+    w_down = randn(E, Fh, H, generator=g, dtype=dtype, scale=Fh**-0.5)
+    h = randn(R, Fh, generator=g, dtype=dtype)
+    grad_up = randn(R, 2 * Fh, generator=g, dtype=dtype)
     up_t = w_up.transpose(1, 2)  # [E, 2F, H] view: the dgrad's b^T without a copy
     dense_up, dense_down = w_up[0], w_down[0]
     return [
@@ -139,54 +134,54 @@ def cases(model: Model, rows: torch.Tensor, counts: torch.Tensor, device: str, d
     ]  # fmt: skip
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
-    parser.add_argument(
-        "--tokens", type=int, default=None, help="tokens per batch (16384 on cuda, 1024 on cpu)"
-    )
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--models", nargs="+", default=sorted(MODELS), choices=sorted(MODELS))
-    parser.add_argument("--loads", nargs="+", default=["uniform", "skewed"])
-    args = parser.parse_args()
-    device, dtype = args.device, DTYPES[args.dtype]
-    num_tokens = args.tokens or (16384 if device == "cuda" else 1024)
+def bench(model: Model, load: str, tokens: int, device: str, dtype, repeats: int):
+    """Yields one row per op: the TFLOP/s of ours and of each baseline, for one model and load."""
+    counts = routed_counts(model, tokens, load, device)
+    g = torch.Generator(device).manual_seed(0)
+    rows = randn(int(counts.sum()), model.hidden, generator=g, dtype=dtype)
+    sizes = counts.float()
 
     def tflops(flops: int, fn: Callable[[], object] | None) -> float | None:
         if fn is None:
             return None
-        return flops / measure(fn, device, repeats=args.repeats).median_ms / 1e9
+        return flops / measure(fn, device, repeats=repeats).median_ms / 1e9
 
-    results = []
+    for op, flops, *fns in cases(model, rows, counts, device, dtype):
+        ours, library, loop, gmm, dense = (tflops(flops, fn) for fn in fns)
+        yield {
+            "model": model.name,
+            "load": load,
+            "op": op,
+            "rows_per_expert": f"{sizes.min():.0f}/{sizes.median():.0f}/{sizes.max():.0f}",
+            "ours_TFLOPs": ours,
+            "library_loop_TFLOPs": library,
+            "python_loop_TFLOPs": loop,
+            "grouped_mm_TFLOPs": gmm,
+            "dense_TFLOPs": dense,
+            "of_dense": ours / dense,
+            "vs_library_loop": ours / library,
+            "vs_grouped_mm": ours / gmm if gmm else None,
+        }
+
+
+def main() -> None:
+    p = parser(__doc__, DTYPES, dtype="bf16", repeats=5)
+    p.add_argument("--models", nargs="+", default=CPU_MODELS, choices=list(MODELS))
+    p.add_argument("--loads", nargs="+", default=LOADS, choices=LOADS)
+    args = parse(p)
+    device, dtype = args.device, DTYPES[args.dtype]
+    tokens = num_tokens(args, 16384 if device == "cuda" else 1024)
+    results, failed = [], []
     for name in args.models:
-        model = MODELS[name]
         for load in args.loads:
-            counts = routed_counts(model, num_tokens, load, device)
-            rows = torch.randn(int(counts.sum()), model.hidden).to(device, dtype)
-            sizes = counts.float()
-            for op, flops, *fns in cases(model, rows, counts, device, dtype):
-                ours, library, loop, gmm, dense = (tflops(flops, fn) for fn in fns)
-                row = {
-                    "model": name,
-                    "load": load,
-                    "op": op,
-                    "rows_per_expert": f"{sizes.min():.0f}/{sizes.median():.0f}/{sizes.max():.0f}",
-                    "ours_TFLOPs": ours,
-                    "library_loop_TFLOPs": library,
-                    "python_loop_TFLOPs": loop,
-                    "grouped_mm_TFLOPs": gmm,
-                    "dense_TFLOPs": dense,
-                    "of_dense": ours / dense,
-                    "vs_library_loop": ours / library,
-                    "vs_grouped_mm": ours / gmm if gmm else None,
-                }
-                results.append(row)
-                print(row, flush=True)
+            with unit(f"{name} {load}", failed):
+                for row in bench(
+                    sized(MODELS[name], args), load, tokens, device, dtype, args.repeats
+                ):
+                    results.append(row)
+                    print(row, flush=True)
     for row in results:
-        row["tokens"] = num_tokens
+        row["tokens"] = tokens
     save(
         f"bench_grouped_gemm_{device}_{args.dtype}",
         results,
@@ -204,8 +199,10 @@ def main() -> None:
             "vs_library_loop",
             "vs_grouped_mm",
         ],
-        f"Grouped GEMM, TFLOP/s ({device}, {args.dtype}, {num_tokens} tokens; rows per expert "
+        f"Grouped GEMM, TFLOP/s ({device}, {args.dtype}, {tokens} tokens; rows per expert "
         "min/median/max)",
+        args.out,
+        failed,
     )
 
 

@@ -2,7 +2,7 @@
 
     python benchmarks/bench_layer.py [--device cpu|cuda] [--dtype fp32|bf16] [--shape NAME ...]
                                      [--tokens N] [--repeats 5] [--eager-repeats 2]
-                                     [--keep-freed-memory]
+                                     [--keep-freed-memory] [--out DIR] [--smoke]
 
 One MoE block, forward and forward+backward, four implementations of the same computation with
 the same weights (transformers' parameters copied into MoELayer):
@@ -25,7 +25,11 @@ the same weights (transformers' parameters copied into MoELayer):
 forward with gradients then ``out.backward(grad)`` for a fixed random ``grad``, gradients of
 the input and every parameter set to None before each repeat. Before timing, the script checks
 that every implementation gives transformers' eager output and input gradient (fp32: allclose
-rtol 1e-4, atol 1e-5; bf16: relative error norm below 2e-2) and exits with an error otherwise.
+rtol 1e-4, atol 1e-5; bf16: relative error norm below 2e-2), or grouped_mm's when
+``--eager-repeats 0`` skips the eager loop (whose backward gives each expert's slice of the
+weights a gradient the size of all experts: at 256 experts of DeepSeek-V3's size, by estimate
+seconds and tens of GB per backward on a GPU); a shape that does not match is not timed, and
+the script exits non-zero.
 
 ``--keep-freed-memory`` calls ``moe_kernels.keep_freed_memory()`` first (glibc malloc then
 serves large blocks from its heap and keeps freed memory, as moe-train does on the CPU): every
@@ -35,12 +39,17 @@ creates per step stop costing a page fault each.
 Shapes: "deepseek-v3" (hidden 1024, expert FFN 512, 64 experts, top-6 of 8 groups keeping 4,
 1 shared expert, routed scaling 2.5, 4096 tokens) and "mixtral" (hidden 1024, FFN 3584,
 8 experts, top-2, 2048 tokens, no shared expert: DeepseekV3MoE accepts n_shared_experts=0 and
-builds a shared MLP of intermediate size 0, which adds zeros). The loss-free bias is random
-(scale 0.1), so the bias changes the routing.
+builds a shared MLP of intermediate size 0, which adds zeros), the two run by default; and
+for a GPU, the MoE layers of real models at their real sizes: "deepseek-v3-671b" (hidden 7168,
+expert FFN 2048, 256 experts, top-8 of 8 groups keeping 4, 1 shared expert, routed scaling
+2.5, 4096 tokens), "qwen3-30b-a3b" (hidden 2048, FFN 768, 128 experts, top-8, 8192 tokens) and
+"mixtral-8x7b" (hidden 4096, FFN 14336, 8 experts, top-2, 4096 tokens), here all routed as
+DeepSeek-V3 routes (bench_transformers.py runs each in its own family's block). The loss-free
+bias is random (scale 0.1), so the bias changes the routing. Weights are made on the device.
 
 Columns: medians in ms; "dense_over_ours" is dense_ms / moe_kernels_ms (the fraction of the
 dense-GEMM ceiling the layer reaches); "speedup_vs_X" is X's time over ours (above 1: we are
-faster). Writes results/bench_layer_<device>_<dtype>.json and .md (the JSON adds FLOPs,
+faster). Writes <out>/bench_layer_<device>_<dtype>.json and .md (the JSON adds FLOPs,
 GFLOP/s, minimum times, repeats, and "interference": the CPU seconds other processes used and
 the hypervisor stole while the row was timed; re-run when they are not near 0).
 """
@@ -54,7 +63,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -64,9 +73,7 @@ from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
 
 from moe_kernels.layer import MoELayer
 from moe_kernels.memory import keep_freed_memory
-from timer import Timing, measure, save
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+from timer import DTYPES, Timing, measure, parse, parser, randn, save, sized, unit
 
 
 @dataclass(frozen=True)
@@ -81,6 +88,7 @@ class Shape:
     topk_groups: int = 1
     n_shared: int = 0
     route_scale: float = 1.0
+    family: str = "deepseek_v3"  # whose block bench_transformers.py runs
 
     def flops(self) -> int:
         """Forward GEMM FLOPs: routed rows x [gate | up] and x down, shared expert on all."""
@@ -94,7 +102,20 @@ SHAPES = {
     for s in [
         Shape("deepseek-v3", num_tokens=4096, hidden=1024, ffn=512, num_experts=64, topk=6,
               n_groups=8, topk_groups=4, n_shared=1, route_scale=2.5),
-        Shape("mixtral", num_tokens=2048, hidden=1024, ffn=3584, num_experts=8, topk=2),
+        Shape("mixtral", num_tokens=2048, hidden=1024, ffn=3584, num_experts=8, topk=2,
+              family="mixtral"),
+    ]
+}  # fmt: skip
+# Real models' MoE layers, for a GPU (bench_transformers.py runs them too).
+MODEL_SHAPES = {
+    s.name: s
+    for s in [
+        Shape("deepseek-v3-671b", num_tokens=4096, hidden=7168, ffn=2048, num_experts=256,
+              topk=8, n_groups=8, topk_groups=4, n_shared=1, route_scale=2.5),
+        Shape("qwen3-30b-a3b", num_tokens=8192, hidden=2048, ffn=768, num_experts=128, topk=8,
+              family="qwen3_moe"),
+        Shape("mixtral-8x7b", num_tokens=4096, hidden=4096, ffn=14336, num_experts=8, topk=2,
+              family="mixtral"),
     ]
 }  # fmt: skip
 
@@ -115,14 +136,15 @@ def build(shape: Shape, device: str, dtype: torch.dtype) -> tuple[DeepseekV3MoE,
         hidden_act="silu",
     )
     config._experts_implementation = "eager"
-    with warnings.catch_warnings():  # n_shared_experts=0: "zero-element tensors" init warning
-        warnings.simplefilter("ignore", UserWarning)
+    # Made on the device: a real model's experts would take minutes on the CPU.
+    with torch.device(device), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # n_shared_experts=0: zero-element tensors
         hf = DeepseekV3MoE(config)
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator(device).manual_seed(0)
     E, H, Fh, Fs = shape.num_experts, shape.hidden, shape.ffn, shape.n_shared * shape.ffn
 
     def init(tensor: Tensor, scale: float) -> None:
-        tensor.copy_(torch.randn(tensor.shape, generator=g) * scale)
+        tensor.normal_(0, scale, generator=g)
 
     with torch.no_grad():
         init(hf.gate.weight, H**-0.5)
@@ -132,20 +154,22 @@ def build(shape: Shape, device: str, dtype: torch.dtype) -> tuple[DeepseekV3MoE,
         for linear in (hf.shared_experts.gate_proj, hf.shared_experts.up_proj):
             init(linear.weight, H**-0.5)
         init(hf.shared_experts.down_proj.weight, max(Fs, 1) ** -0.5)
-    hf.to(device, dtype)
-    layer = MoELayer(
-        H,
-        Fh,
-        E,
-        shape.topk,
-        balancing="loss_free",
-        score_fn="sigmoid",
-        n_groups=shape.n_groups,
-        topk_groups=shape.topk_groups,
-        normalize=True,
-        route_scale=shape.route_scale,
-        num_shared_experts=shape.n_shared,
-    ).to(device, dtype)  # the router weight and the bias stay fp32
+    hf.to(dtype)
+    with torch.device(device):
+        layer = MoELayer(
+            H,
+            Fh,
+            E,
+            shape.topk,
+            balancing="loss_free",
+            score_fn="sigmoid",
+            n_groups=shape.n_groups,
+            topk_groups=shape.topk_groups,
+            normalize=True,
+            route_scale=shape.route_scale,
+            num_shared_experts=shape.n_shared,
+        )
+    layer.to(dtype)  # the router weight and the bias stay fp32
     with torch.no_grad():
         layer.router.weight.copy_(hf.gate.weight)
         layer.balancer.bias.copy_(hf.gate.e_score_correction_bias)
@@ -216,11 +240,11 @@ class DenseGemms:
     """torch.mm products of the layer's FLOPs on random operands: the ceiling."""
 
     def __init__(self, shape: Shape, device: str, dtype: torch.dtype) -> None:
-        g = torch.Generator().manual_seed(2)
+        g = torch.Generator(device).manual_seed(2)
         T, H, Fh, R = shape.num_tokens, shape.hidden, shape.ffn, shape.num_tokens * shape.topk
 
         def rand(*size: int) -> Tensor:
-            return torch.randn(size, generator=g).to(device, dtype)
+            return randn(*size, generator=g, dtype=dtype)
 
         pairs = [(rand(R, H), rand(2 * Fh, H)), (rand(R, Fh), rand(H, Fh))]
         if shape.n_shared:
@@ -276,7 +300,7 @@ def forward_backward(module: nn.Module, fn: Callable[[Tensor], Tensor], x: Tenso
 
 
 def check(name: str, got: Tensor, want: Tensor, dtype: torch.dtype) -> str:
-    """Exits with an error unless ``got`` matches ``want``; returns the error it found."""
+    """Raises unless ``got`` matches ``want``; returns the error it found."""
     err = (got.float() - want.float()).norm() / want.float().norm()
     max_abs = (got.float() - want.float()).abs().max()
     if dtype == torch.float32:
@@ -285,7 +309,7 @@ def check(name: str, got: Tensor, want: Tensor, dtype: torch.dtype) -> str:
         ok = bool(err < 2e-2)
     report = f"{name}: relative error {err:.2e}, max abs {max_abs:.2e}"
     if not ok:
-        sys.exit(f"mismatch, not timing unequal work: {report}")
+        raise ValueError(f"mismatch, not timing unequal work: {report}")
     return report
 
 
@@ -300,8 +324,7 @@ def time_pass(
     repeats: int,
 ) -> Timing:
     """Times ``fn`` (the computation of ``module``) for one pass: "forward" under no_grad with
-    ``module`` in eval mode, "forward+backward" in train mode from None gradients. A single
-    warm-up for implementations timed with at most 2 repeats (the slow ones)."""
+    ``module`` in eval mode, "forward+backward" in train mode from None gradients."""
     if passes == "forward":
         module.eval()
 
@@ -314,7 +337,7 @@ def time_pass(
         def run() -> None:
             forward_backward(module, fn, x, grad)
 
-    timing = measure(run, dev, warmup=1 if repeats <= 2 else 2, repeats=repeats)
+    timing = measure(run, dev, repeats=repeats)
     print(f"  {name}: {timing.median_ms:.1f} ms (min {timing.min_ms:.1f})", flush=True)
     return timing
 
@@ -329,51 +352,63 @@ def time_dense(dense: DenseGemms, passes: str, dev: str, repeats: int) -> Timing
     return timing
 
 
-def block_bench_args(doc: str, shapes: dict[str, Shape]) -> tuple[argparse.Namespace, list[Shape]]:
+def block_bench_args(
+    doc: str, shapes: dict[str, Shape], default: list[str]
+) -> tuple[argparse.Namespace, list[Shape]]:
     """The command line of the block benchmarks (this one and bench_transformers.py), and the
-    shapes it asks for; applies --keep-freed-memory."""
-    parser = argparse.ArgumentParser(
-        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    shapes it asks for, sized by --smoke and --tokens; applies --keep-freed-memory."""
+    p = parser(doc, ("fp32", "bf16"), dtype="fp32", repeats=5)
+    p.add_argument("--shape", nargs="+", default=default, choices=list(shapes))
+    p.add_argument(
+        "--eager-repeats",
+        type=int,
+        default=2,
+        help="repeats of transformers' eager loop (slow); 0 skips it",
     )
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
-    parser.add_argument("--shape", nargs="+", default=list(shapes), choices=list(shapes))
-    parser.add_argument("--tokens", type=int, default=None, help="override the shapes' tokens")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument(
-        "--eager-repeats", type=int, default=2, help="repeats of transformers' eager loop (slow)"
-    )
-    parser.add_argument(
+    p.add_argument(
         "--keep-freed-memory",
         action="store_true",
         help="moe_kernels.keep_freed_memory() first (what moe-train does on the CPU), for every "
         "implementation alike; results go to <name>_kept_memory",
     )
-    args = parser.parse_args()
+    args = parse(p)
+    if args.smoke:
+        args.eager_repeats = min(args.eager_repeats, 1)
     if args.keep_freed_memory and not keep_freed_memory():
         sys.exit("--keep-freed-memory: this C library has no mallopt")
-    chosen = [
-        shapes[name] if args.tokens is None else replace(shapes[name], num_tokens=args.tokens)
-        for name in args.shape
-    ]
-    return args, chosen
+    return args, [sized(shapes[name], args) for name in args.shape]
+
+
+def results_name(script: str, args: argparse.Namespace) -> str:
+    return f"{script}_{args.device}_{args.dtype}" + (
+        "_kept_memory" if args.keep_freed_memory else ""
+    )
+
+
+def timing_note(args: argparse.Namespace) -> str:
+    """How a block benchmark timed, for its title."""
+    eager = f"{args.eager_repeats} for eager" if args.eager_repeats else "eager not run"
+    kept = ", freed memory kept by malloc" if args.keep_freed_memory else ""
+    return f"medians of {args.repeats} repeats, {eager}{kept}"
 
 
 def bench_shape(shape: Shape, dev: str, dtype: torch.dtype, repeats: int, eager_repeats: int):
-    """Checks the implementations agree, then times them: one row per pass."""
+    """Checks the implementations agree, then times them: yields one row per pass."""
     hf, layer = build(shape, dev, dtype)
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(shape.num_tokens, shape.hidden, generator=g).to(dev, dtype)
-    x.requires_grad_()
-    grad = torch.randn(x.shape, generator=g).to(dev, dtype)
+    g = torch.Generator(dev).manual_seed(1)
+    x = randn(shape.num_tokens, shape.hidden, generator=g, dtype=dtype).requires_grad_()
+    grad = randn(*x.shape, generator=g, dtype=dtype)
     impls = {
         "moe_kernels": (layer, layer),
         "transformers_eager": (hf, transformers_block(hf, "eager")),
         "transformers_grouped_mm": (hf, transformers_block(hf, "grouped_mm")),
         "pure_torch": (layer, lambda x: pure_torch_moe(layer, x)),
     }
+    if not eager_repeats:
+        del impls["transformers_eager"]
+    reference = "transformers_eager" if eager_repeats else "transformers_grouped_mm"
     layer.train()
-    ref_out, ref_grad = forward_backward(hf, impls["transformers_eager"][1], x, grad)
+    ref_out, ref_grad = forward_backward(*impls[reference], x, grad)
     for name, (module, fn) in impls.items():
         out, x_grad = forward_backward(module, fn, x, grad)
         print(f"{shape.name} {name} {check('output', out, ref_out, dtype)}")
@@ -386,7 +421,6 @@ def bench_shape(shape: Shape, dev: str, dtype: torch.dtype, repeats: int, eager_
             name, *impls[name], passes, x, grad, dev, eager_repeats if slow else repeats
         )
 
-    rows = []
     for passes in ("forward", "forward+backward"):
         print(f"{shape.name} {passes}", flush=True)
         load = OtherLoad()
@@ -396,36 +430,36 @@ def bench_shape(shape: Shape, dev: str, dtype: torch.dtype, repeats: int, eager_
         interference = load.seconds()
         print(f"  while timing: {interference}", flush=True)
         flops = shape.flops() * (1 if passes == "forward" else 3)
-        ours = ms["moe_kernels"]
-        rows.append(
-            {
-                "shape": shape.name,
-                "pass": passes,
-                **{f"{name}_ms": value for name, value in ms.items()},
-                "dense_over_ours": ms["dense"] / ours,
-                "speedup_vs_grouped_mm": ms["transformers_grouped_mm"] / ours,
-                "speedup_vs_eager": ms["transformers_eager"] / ours,
-                "speedup_vs_pure_torch": ms["pure_torch"] / ours,
-                "gemm_flops": flops,
-                "moe_kernels_GFLOPs": flops / ours / 1e6,
-                "dense_GFLOPs": flops / ms["dense"] / 1e6,
-                **{f"{name}_min_ms": timing.min_ms for name, timing in t.items()},
-                "repeats": {name: timing.repeats for name, timing in t.items()},
-                "interference": interference,
-                "config": asdict(shape),
-            }
-        )
-    return rows
+        ours, eager = ms["moe_kernels"], ms.get("transformers_eager")
+        yield {
+            "shape": shape.name,
+            "pass": passes,
+            "transformers_eager_ms": eager,  # None when --eager-repeats 0 skipped it
+            **{f"{name}_ms": value for name, value in ms.items()},
+            "dense_over_ours": ms["dense"] / ours,
+            "speedup_vs_grouped_mm": ms["transformers_grouped_mm"] / ours,
+            "speedup_vs_eager": eager / ours if eager else None,
+            "speedup_vs_pure_torch": ms["pure_torch"] / ours,
+            "gemm_flops": flops,
+            "moe_kernels_GFLOPs": flops / ours / 1e6,
+            "dense_GFLOPs": flops / ms["dense"] / 1e6,
+            **{f"{name}_min_ms": timing.min_ms for name, timing in t.items()},
+            "repeats": {name: timing.repeats for name, timing in t.items()},
+            "interference": interference,
+            "config": asdict(shape),
+        }
 
 
 def main() -> None:
-    args, shapes = block_bench_args(__doc__, SHAPES)
+    args, shapes = block_bench_args(__doc__, {**SHAPES, **MODEL_SHAPES}, list(SHAPES))
     dev, dtype = args.device, DTYPES[args.dtype]
-    results = []
+    results, failed = [], []
     for shape in shapes:
-        results += bench_shape(shape, dev, dtype, args.repeats, args.eager_repeats)
+        with unit(shape.name, failed):
+            for row in bench_shape(shape, dev, dtype, args.repeats, args.eager_repeats):
+                results.append(row)
     save(
-        f"bench_layer_{dev}_{args.dtype}" + ("_kept_memory" if args.keep_freed_memory else ""),
+        results_name("bench_layer", args),
         results,
         [
             "shape",
@@ -441,8 +475,9 @@ def main() -> None:
             "speedup_vs_pure_torch",
         ],
         f"MoELayer vs transformers' DeepseekV3MoE, pure PyTorch and dense GEMMs of equal FLOPs "
-        f"({dev}, {args.dtype}, medians of {args.repeats} repeats, {args.eager_repeats} for eager"
-        + (", freed memory kept by malloc)" if args.keep_freed_memory else ")"),
+        f"({dev}, {args.dtype}, {timing_note(args)})",
+        args.out,
+        failed,
     )
 
 

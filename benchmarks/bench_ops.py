@@ -1,32 +1,42 @@
 """Each op of the package against the pure-PyTorch reference composition, in the same run.
 
-    python benchmarks/bench_ops.py [--device cpu|cuda] [--dtype fp32|bf16|fp16] [--tokens 4096]
+    python benchmarks/bench_ops.py [--device cpu|cuda] [--dtype fp32|bf16|fp16]
+                                   [--shape small|qwen3-moe|deepseek-v3] [--tokens N]
+                                   [--repeats 7] [--out DIR] [--smoke]
 
-Shapes of a small DeepSeek-V3-style MoE layer (64 experts, top-6 of 8 groups keeping 4,
-hidden 1024, expert FFN 512; 8 expert-parallel ranks for transpose_segments); the router logits are fp32 whatever the model dtype. Prints a
-table and writes results/bench_ops_<device>_<dtype>.json and .md. "speedup" is the
-reference's median time over ours (above 1: we are faster). The memory-bound ops report the
-bandwidth of the bytes they must move at least ("GBps") and its fraction of the bandwidth of
-a plain 512 MB device copy measured in the same run ("of_copy_peak": near 1, the op runs at
-the speed of memory). The grouped GEMM also runs against torch._grouped_mm where this torch
-has it for the device, and the GEMM-bound rows against dense matrix products of equal FLOPs
-("dense_over_ours" near 1: the op costs what its FLOPs cost).
+Shapes: "small" (the default), a small DeepSeek-V3-style MoE layer (64 experts, top-6 of 8
+groups keeping 4, hidden 1024, expert FFN 512, 4096 tokens); the MoE layers of real models for
+a GPU: "qwen3-moe" (Qwen3-30B-A3B: 128 experts, top-8, hidden 2048, FFN 768, 16384 tokens) and
+"deepseek-v3" (256 experts, top-8 of 8 groups keeping 4, hidden 7168, FFN 2048, 8192 tokens;
+its experts take 22 GB in bf16, and in fp32, with the reference's gradients of them (per
+expert, then stacked), an estimated 135 GB: bf16 only). Routing scores are sigmoids; 8
+expert-parallel ranks for transpose_segments; the router logits are fp32 whatever the model
+dtype. Prints a table and writes <out>/bench_ops_<device>_<dtype>[_<shape>].json and .md
+(``--out``, default benchmarks/results).
+
+"speedup" is the reference's median time over ours (above 1: we are faster). The backward rows
+time the backward alone of a forward already run (autograd from the op's outputs, for ours
+and for the reference). The memory-bound ops report the bandwidth of the bytes they must move
+at least ("GBps") and its fraction of the bandwidth of a plain 512 MB device copy measured in
+the same run ("of_copy_peak": near 1, the op runs at the speed of memory; ops on a few KB, as
+update_bias, are bound by the launch, not by memory). The grouped GEMM also runs against
+torch._grouped_mm where this torch has it for the device and dtype, and the GEMM-bound rows
+against dense matrix products of equal FLOPs ("dense_over_ours" near 1: the op costs what its
+FLOPs cost).
 """
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
+from bench_grouped_gemm import grouped_mm
 
 import moe_kernels as mk
 from moe_kernels import reference as ref
-from timer import measure, save
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from timer import DTYPES, measure, parse, parser, randn, save, sized, supported, unit
 
 
 @dataclass(frozen=True)
@@ -39,6 +49,14 @@ class Shape:
     n_groups: int = 8
     topk_groups: int = 4
     ep_size: int = 8  # expert-parallel ranks, for transpose_segments' grid
+
+
+SHAPES = {
+    "small": Shape(),
+    "qwen3-moe": Shape(16384, hidden=2048, ffn=768, num_experts=128, topk=8, n_groups=1,
+                       topk_groups=1),
+    "deepseek-v3": Shape(8192, hidden=7168, ffn=2048, num_experts=256, topk=8),
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -58,13 +76,23 @@ def nbytes(*tensors: torch.Tensor) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def copy_bandwidth_gbps(device: str, repeats: int) -> float:
-    """GB/s of a 512 MB device-to-device copy (256 MB read, 256 MB written): the practical
+def copy_bandwidth_gbps(device: str, repeats: int, num_bytes: int) -> float:
+    """GB/s of a device-to-device copy of ``num_bytes`` (half read, half written): the practical
     peak of memory bandwidth on this machine."""
-    src = torch.empty(256 * 1024 * 1024, dtype=torch.uint8, device=device)
+    src = torch.empty(num_bytes // 2, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     ms = measure(lambda: dst.copy_(src), device, repeats=repeats).median_ms
-    return 2 * src.numel() / ms / 1e6
+    return num_bytes / ms / 1e6
+
+
+def backward(outputs, inputs, grads) -> Callable[[], object]:
+    """The backward alone of a forward already run, from ``outputs`` to ``inputs``; the graph is
+    kept for the next repeat."""
+    return lambda: torch.autograd.grad(outputs, inputs, grads, retain_graph=True)
+
+
+def leaf(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.detach().requires_grad_()
 
 
 def expert_ffn(impl, x, logits, bias, w_gate_up, w_down, shape: Shape):
@@ -84,88 +112,85 @@ def dense_ffn(rows, w_gate_up, w_down):
     return (F.silu(gate) * up) @ w_down
 
 
-def grouped_mm_baseline(device: str):
-    """torch._grouped_mm (offsets are cumulative int32 row ends), or None where unsupported."""
-    if not hasattr(torch, "_grouped_mm"):
-        return None
-
-    def run(a, b, counts):
-        return torch._grouped_mm(a, b, offs=torch.cumsum(counts, 0, dtype=torch.int32))
-
-    try:
-        run(
-            torch.randn(4, 8, device=device),
-            torch.randn(2, 8, 8, device=device),
-            torch.tensor([1, 3], device=device),
-        )
-    except (RuntimeError, NotImplementedError):
-        return None
-    return run
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--tokens", type=int, default=Shape.num_tokens)
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
-    args = parser.parse_args()
-    shape = Shape(num_tokens=args.tokens)
+    p = parser(__doc__, DTYPES, dtype="fp32", repeats=7)
+    p.add_argument("--shape", default="small", choices=list(SHAPES))
+    args = parse(p)
+    shape = sized(SHAPES[args.shape], args)
     dev, dtype = args.device, DTYPES[args.dtype]
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator(dev).manual_seed(0)
     T, H, Fh, E, k = shape.num_tokens, shape.hidden, shape.ffn, shape.num_experts, shape.topk
-    logits = torch.randn(T, E, generator=g).to(dev)
-    bias = (torch.randn(E, generator=g) * 0.1).to(dev)
-    x = torch.randn(T, H, generator=g).to(dev, dtype)
+    logits = randn(T, E, generator=g, dtype=torch.float32)
+    bias = randn(E, generator=g, dtype=torch.float32, scale=0.1)
+    x = randn(T, H, generator=g, dtype=dtype)
     weights, ids, counts = mk.biased_topk(
         logits, bias, k, "sigmoid", shape.n_groups, shape.topk_groups
     )
     rows, row_map, _ = mk.permute(x, ids, E)
-    w_gate_up = (torch.randn(E, H, 2 * Fh, generator=g) / H**0.5).to(dev, dtype)
-    w_down = (torch.randn(E, Fh, H, generator=g) / Fh**0.5).to(dev, dtype)
-    h = torch.randn(rows.shape[0], Fh, generator=g).to(dev, dtype)
-    grouped_mm = grouped_mm_baseline(dev)
+    w_gate_up = randn(E, H, 2 * Fh, generator=g, dtype=dtype, scale=H**-0.5)
+    w_down = randn(E, Fh, H, generator=g, dtype=dtype, scale=Fh**-0.5)
+    h = randn(rows.shape[0], Fh, generator=g, dtype=dtype)
+    pre = randn(rows.shape[0], 2 * Fh, generator=g, dtype=dtype)  # [gate | up]
 
     def fwd_bwd(impl):
-        params = [p.detach().requires_grad_() for p in (x, logits, w_gate_up, w_down)]
-        xx, ll, wg, wd = params
+        xx, ll, wg, wd = (leaf(t) for t in (x, logits, w_gate_up, w_down))
         expert_ffn(impl, xx, ll, bias, wg, wd, shape).sum().backward()
 
     dense_weights = (w_gate_up[0], w_down[0])
 
     def dense_fwd_bwd():
-        params = [p.detach().requires_grad_() for p in (rows, *dense_weights)]
-        dense_ffn(*params).sum().backward()
+        dense_ffn(*(leaf(t) for t in (rows, *dense_weights))).sum().backward()
 
     topk_args = (k, "sigmoid", shape.n_groups, shape.topk_groups)
     out = torch.empty_like(x)
+    # Each implementation updates its own copy of the bias in place, repeat after repeat.
+    our_bias, ref_bias = bias.clone(), bias.clone()
     # The permuted rows as an expert-parallel rank of ep_size ranks would receive them, grouped
     # by (source rank, local expert); counts of the whole layer stand in for the received ones.
     segment_counts = counts.view(shape.ep_size, -1)
+    # Leaves and output gradients of the backward rows: each forward runs once, before timing.
+    ll, xx, rr, ww = leaf(logits), leaf(x), leaf(rows), leaf(weights)
+    grad_weights, grad_rows, grad_out = (torch.randn_like(t) for t in (weights, rows, x))
+
+    def backwards(impl):
+        return {
+            "biased_topk": backward(impl.biased_topk(ll, bias, *topk_args)[0], ll, grad_weights),
+            "permute": backward(impl.permute(xx, ids, E)[0], xx, grad_rows),
+            "unpermute": backward(impl.unpermute(rr, row_map, ww), (rr, ww), grad_out),
+        }
+
+    our_bwd, ref_bwd = backwards(mk), backwards(ref)
     cases = [
         Case("biased_topk", lambda: mk.biased_topk(logits, bias, *topk_args),
              lambda: ref.biased_topk(logits, bias, *topk_args),
              min_bytes=nbytes(logits, weights, ids, counts)),
+        Case("biased_topk backward", our_bwd["biased_topk"], ref_bwd["biased_topk"],
+             min_bytes=nbytes(grad_weights, logits, ids, logits)),
         Case("expert_histogram", lambda: mk.expert_histogram(ids, E),
              lambda: ref.expert_histogram(ids, E), min_bytes=nbytes(ids, counts)),
-        Case("update_bias", lambda: mk.update_bias(bias.clone(), counts, 1e-3),
-             lambda: ref.update_bias(bias.clone(), counts, 1e-3)),
+        Case("update_bias", lambda: mk.update_bias(our_bias, counts, 1e-3),
+             lambda: ref.update_bias(ref_bias, counts, 1e-3),
+             min_bytes=nbytes(counts, bias, bias)),
         Case("permute", lambda: mk.permute(x, ids, E), lambda: ref.permute(x, ids, E),
              min_bytes=nbytes(x, ids, rows, row_map)),
         Case("permute align=16", lambda: mk.permute(x, ids, E, 16),
              lambda: ref.permute(x, ids, E, 16), min_bytes=nbytes(x, ids, rows, row_map)),
+        Case("permute backward", our_bwd["permute"], ref_bwd["permute"],
+             min_bytes=nbytes(rows, row_map, x)),
         Case("unpermute", lambda: mk.unpermute(rows, row_map, weights),
              lambda: ref.unpermute(rows, row_map, weights),
              min_bytes=nbytes(rows, row_map, weights, out)),
+        Case("unpermute backward", our_bwd["unpermute"], ref_bwd["unpermute"],
+             min_bytes=nbytes(grad_out, rows, row_map, weights, rows, weights)),
         Case(f"transpose_segments {shape.ep_size}x{E // shape.ep_size}",
              lambda: mk.transpose_segments(rows, segment_counts),
              lambda: ref.transpose_segments(rows, segment_counts),
              min_bytes=2 * nbytes(rows) + nbytes(segment_counts)),
+        Case("swiglu_backward", lambda: mk.swiglu_backward(h, pre),
+             lambda: ref.swiglu_backward(h, pre), min_bytes=nbytes(h, pre, pre)),
         Case("grouped_gemm [R,F]x[E,F,H]", lambda: mk.grouped_gemm(h, w_down, counts),
              lambda: ref.grouped_gemm(h, w_down, counts),
-             grouped_mm=(lambda: grouped_mm(h, w_down, counts)) if grouped_mm else None,
+             grouped_mm=supported(lambda: grouped_mm(h, w_down, counts)),
              dense=lambda: h @ w_down[0]),
         Case("MoE FFN forward",
              lambda: expert_ffn(mk, x, logits, bias, w_gate_up, w_down, shape),
@@ -174,29 +199,19 @@ def main() -> None:
         Case("MoE FFN forward+backward", lambda: fwd_bwd(mk), lambda: fwd_bwd(ref),
              dense=dense_fwd_bwd),
     ]  # fmt: skip
-    results = []
-    copy_gbps = copy_bandwidth_gbps(dev, args.repeats)
+    copy_bytes = (16 if args.smoke else 512) * 1024 * 1024
+    copy_gbps = copy_bandwidth_gbps(dev, args.repeats, copy_bytes)
     print(f"device copy: {copy_gbps:.1f} GB/s", flush=True)
+    results, failed = [], []
     for case in cases:
-        t_ours = measure(case.ours, dev, repeats=args.repeats).median_ms
-        t_ref = measure(case.reference, dev, repeats=args.repeats).median_ms
-        row = {"op": case.name, "ours_ms": t_ours, "reference_ms": t_ref, "speedup": t_ref / t_ours}
-        if case.min_bytes is not None:
-            row["GBps"] = case.min_bytes / t_ours / 1e6
-            row["of_copy_peak"] = row["GBps"] / copy_gbps
-        if case.grouped_mm is not None:
-            row["grouped_mm_ms"] = measure(case.grouped_mm, dev, repeats=args.repeats).median_ms
-            row["speedup_vs_grouped_mm"] = row["grouped_mm_ms"] / t_ours
-        if case.dense is not None:
-            row["dense_equal_flops_ms"] = measure(case.dense, dev, repeats=args.repeats).median_ms
-            row["dense_over_ours"] = row["dense_equal_flops_ms"] / t_ours
-        results.append(row)
-        print(row, flush=True)
+        with unit(case.name, failed):
+            results.append(time_case(case, dev, args.repeats, copy_gbps))
+            print(results[-1], flush=True)
     for row in results:
         row["shape"] = asdict(shape)
         row["copy_GBps"] = copy_gbps
     save(
-        f"bench_ops_{dev}_{args.dtype}",
+        f"bench_ops_{dev}_{args.dtype}" + ("" if args.shape == "small" else f"_{args.shape}"),
         results,
         [
             "op",
@@ -210,8 +225,27 @@ def main() -> None:
             "dense_equal_flops_ms",
             "dense_over_ours",
         ],
-        f"moe_kernels ops vs the pure-PyTorch reference ({dev}, {args.dtype}, {shape})",
+        f"moe_kernels ops vs the pure-PyTorch reference ({dev}, {args.dtype}, {args.shape}: "
+        f"{shape})",
+        args.out,
+        failed,
     )
+
+
+def time_case(case: Case, dev: str, repeats: int, copy_gbps: float) -> dict[str, object]:
+    t_ours = measure(case.ours, dev, repeats=repeats).median_ms
+    t_ref = measure(case.reference, dev, repeats=repeats).median_ms
+    row = {"op": case.name, "ours_ms": t_ours, "reference_ms": t_ref, "speedup": t_ref / t_ours}
+    if case.min_bytes is not None:
+        row["GBps"] = case.min_bytes / t_ours / 1e6
+        row["of_copy_peak"] = row["GBps"] / copy_gbps
+    if case.grouped_mm is not None:
+        row["grouped_mm_ms"] = measure(case.grouped_mm, dev, repeats=repeats).median_ms
+        row["speedup_vs_grouped_mm"] = row["grouped_mm_ms"] / t_ours
+    if case.dense is not None:
+        row["dense_equal_flops_ms"] = measure(case.dense, dev, repeats=repeats).median_ms
+        row["dense_over_ours"] = row["dense_equal_flops_ms"] / t_ours
+    return row
 
 
 if __name__ == "__main__":

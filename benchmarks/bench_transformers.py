@@ -3,6 +3,7 @@
     python benchmarks/bench_transformers.py [--device cpu|cuda] [--dtype fp32|bf16]
                                             [--shape NAME ...] [--tokens N] [--repeats 5]
                                             [--eager-repeats 2] [--keep-freed-memory]
+                                            [--out DIR] [--smoke]
 
 One block per shape, built from transformers' classes with random weights (each weight
 ``randn * fan_in ** -0.5``, a DeepSeek bias ``0.1 * randn``), forward and forward+backward,
@@ -15,25 +16,28 @@ timed as:
   - "dense": ``torch.mm`` products of the block's GEMM FLOPs (``bench_layer.DenseGemms``): the
     ceiling no implementation of the block can pass.
 Before timing, the script checks that the patched block and grouped_mm give eager's output and
-input gradient (as ``bench_layer.check``) on every token whose routing has no tie (bf16 logits
-tie often; see ``tie_free_tokens``) and exits with an error otherwise. "forward" runs
-under ``torch.no_grad()`` in eval mode; "forward+backward" in train mode, the gradients of the
-input and every parameter set to None before each repeat.
+input gradient (as ``bench_layer.check``; against grouped_mm's when ``--eager-repeats 0`` skips
+eager, as bench_layer.py explains) on every token whose routing has no tie (bf16 logits tie
+often; see ``tie_free_tokens``); a shape that does not match is not timed, and the script exits
+non-zero. "forward" runs under ``torch.no_grad()`` in eval mode; "forward+backward" in train
+mode, the gradients of the input and every parameter set to None before each repeat.
 
 Shapes: "deepseek-v3" (``DeepseekV3MoE``: hidden 1024, expert FFN 512, 64 experts, top-6 of 8
 groups keeping 4, 1 shared expert, 4096 tokens), "mixtral" (``MixtralSparseMoeBlock``: hidden
 1024, FFN 3584, 8 experts, top-2, 2048 tokens), "qwen2-moe" (``Qwen2MoeSparseMoeBlock``: hidden
-1024, FFN 256, 64 experts, top-8, a gated shared expert of FFN 1024, 4096 tokens).
+1024, FFN 256, 64 experts, top-8, a gated shared expert of FFN 1024, 4096 tokens), the three run
+by default; and for a GPU, bench_layer's real models at their real sizes, each in its family's
+block: "deepseek-v3-671b" (``DeepseekV3MoE``), "qwen3-30b-a3b" (``Qwen3MoeSparseMoeBlock``) and
+"mixtral-8x7b" (``MixtralSparseMoeBlock``). Weights are made on the device.
 
 Columns: medians in ms; "speedup_vs_X" is X's time over the patched block's (above 1: patched
 is faster); "dense_over_patched" the fraction of the dense ceiling the patched block reaches.
-Writes results/bench_transformers_<device>_<dtype>[_kept_memory].json and .md.
+Writes <out>/bench_transformers_<device>_<dtype>[_kept_memory].json and .md.
 """
 
 from __future__ import annotations
 
 import copy
-import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict
@@ -41,37 +45,40 @@ from dataclasses import asdict
 import torch
 import transformers
 from bench_layer import (
-    DTYPES,
+    MODEL_SHAPES,
     DenseGemms,
     OtherLoad,
     Shape,
     block_bench_args,
     check,
     forward_backward,
+    results_name,
     time_dense,
     time_pass,
+    timing_note,
 )
 from torch import Tensor, nn
 
 from moe_kernels.integrations.transformers import patch
-from timer import Timing, save
+from timer import DTYPES, Timing, randn, save, unit
 
 SHAPES = {
     s.name: s
     for s in [
         Shape("deepseek-v3", num_tokens=4096, hidden=1024, ffn=512, num_experts=64, topk=6,
               n_groups=8, topk_groups=4, n_shared=1, route_scale=2.5),
-        Shape("mixtral", num_tokens=2048, hidden=1024, ffn=3584, num_experts=8, topk=2),
+        Shape("mixtral", num_tokens=2048, hidden=1024, ffn=3584, num_experts=8, topk=2,
+              family="mixtral"),
         Shape("qwen2-moe", num_tokens=4096, hidden=1024, ffn=256, num_experts=64, topk=8,
-              n_shared=4),
+              n_shared=4, family="qwen2_moe"),
     ]
 }  # fmt: skip
 
 
-def transformers_block(shape: Shape) -> nn.Module:
-    """The family's own sparse-MoE block class, configured for ``shape``."""
+def transformers_block(shape: Shape, device: str) -> nn.Module:
+    """The family's own sparse-MoE block class, configured for ``shape``, made on ``device``."""
     common = dict(hidden_size=shape.hidden, num_experts_per_tok=shape.topk, hidden_act="silu")
-    if shape.name == "deepseek-v3":
+    if shape.family == "deepseek_v3":
         config = transformers.DeepseekV3Config(
             **common,
             moe_intermediate_size=shape.ffn,
@@ -83,11 +90,19 @@ def transformers_block(shape: Shape) -> nn.Module:
             norm_topk_prob=True,
         )
         from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE as block
-    elif shape.name == "mixtral":
+    elif shape.family == "mixtral":
         config = transformers.MixtralConfig(
             **common, intermediate_size=shape.ffn, num_local_experts=shape.num_experts
         )
         from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock as block
+    elif shape.family == "qwen3_moe":
+        config = transformers.Qwen3MoeConfig(
+            **common, moe_intermediate_size=shape.ffn, num_experts=shape.num_experts,
+            norm_topk_prob=True,
+        )  # fmt: skip
+        from transformers.models.qwen3_moe.modeling_qwen3_moe import (
+            Qwen3MoeSparseMoeBlock as block,
+        )
     else:
         config = transformers.Qwen2MoeConfig(
             **common,
@@ -100,14 +115,15 @@ def transformers_block(shape: Shape) -> nn.Module:
             Qwen2MoeSparseMoeBlock as block,
         )
     config._experts_implementation = "eager"
-    module = block(config)
-    g = torch.Generator().manual_seed(0)
+    with torch.device(device):  # a real model's experts would take minutes on the CPU
+        module = block(config)
+    g = torch.Generator(device).manual_seed(0)
     with torch.no_grad():
         for parameter in module.parameters():
-            parameter.copy_(torch.randn(parameter.shape, generator=g) * parameter.shape[-1] ** -0.5)
+            parameter.normal_(0, parameter.shape[-1] ** -0.5, generator=g)
         for name, buffer in module.named_buffers():
             if name.endswith("e_score_correction_bias"):
-                buffer.copy_(torch.randn(buffer.shape, generator=g) * 0.1)
+                buffer.normal_(0, 0.1, generator=g)
     return module
 
 
@@ -134,29 +150,32 @@ def tie_free_tokens(block: nn.Module, x: Tensor) -> Tensor:
 
 
 def bench_shape(shape: Shape, dev: str, dtype: torch.dtype, repeats: int, eager_repeats: int):
-    original = transformers_block(shape).to(dev, dtype)
+    """Checks the implementations agree, then times them: yields one row per pass."""
+    original = transformers_block(shape, dev).to(dtype)
     patched = copy.deepcopy(original)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         if patch(patched) != 1:
-            sys.exit(f"{shape.name}: patch did not replace the block")
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(1, shape.num_tokens, shape.hidden, generator=g).to(dev, dtype)
-    x.requires_grad_()
-    grad = torch.randn(x.shape, generator=g).to(dev, dtype)
+            raise RuntimeError(f"{shape.name}: patch did not replace the block")
+    g = torch.Generator(dev).manual_seed(1)
+    x = randn(1, shape.num_tokens, shape.hidden, generator=g, dtype=dtype).requires_grad_()
+    grad = randn(*x.shape, generator=g, dtype=dtype)
     impls = {
         "eager": (original, with_experts(original, "eager")),
         "grouped_mm": (original, with_experts(original, "grouped_mm")),
         "patched": (patched, patched),
     }
-    ref_out, ref_grad = forward_backward(original, impls["eager"][1], x, grad)
+    if not eager_repeats:
+        del impls["eager"]
+    reference = "eager" if eager_repeats else "grouped_mm"
+    ref_out, ref_grad = forward_backward(*impls[reference], x, grad)
     keep = tie_free_tokens(original, x)
     print(f"{shape.name}: comparing the {int(keep.sum())} of {keep.numel()} tokens without ties")
     for name in ("grouped_mm", "patched"):
         out, x_grad = forward_backward(*impls[name], x, grad)
         for what, got, want in (("output", out, ref_out), ("input grad", x_grad, ref_grad)):
             report = check(what, got[0, keep], want[0, keep], dtype)
-            print(f"{shape.name} {name} {report}", flush=True)
+            print(f"{shape.name} {name} vs {reference} {report}", flush=True)
     dense = DenseGemms(shape, dev, dtype)
 
     def timed(name: str, passes: str) -> Timing:
@@ -165,41 +184,39 @@ def bench_shape(shape: Shape, dev: str, dtype: torch.dtype, repeats: int, eager_
             name, *impls[name], passes, x, grad, dev, eager_repeats if slow else repeats
         )
 
-    rows = []
     for passes in ("forward", "forward+backward"):
         print(f"{shape.name} {passes}", flush=True)
         load = OtherLoad()
         t = {name: timed(name, passes) for name in impls}
         t["dense"] = time_dense(dense, passes, dev, repeats)
         ms = {name: timing.median_ms for name, timing in t.items()}
-        ours = ms["patched"]
-        rows.append(
-            {
-                "shape": shape.name,
-                "block": type(original).__name__,
-                "pass": passes,
-                **{f"{name}_ms": value for name, value in ms.items()},
-                "speedup_vs_grouped_mm": ms["grouped_mm"] / ours,
-                "speedup_vs_eager": ms["eager"] / ours,
-                "dense_over_patched": ms["dense"] / ours,
-                **{f"{name}_min_ms": timing.min_ms for name, timing in t.items()},
-                "repeats": {name: timing.repeats for name, timing in t.items()},
-                "interference": load.seconds(),
-                "config": asdict(shape),
-            }
-        )
-    return rows
+        ours, eager = ms["patched"], ms.get("eager")
+        yield {
+            "shape": shape.name,
+            "block": type(original).__name__,
+            "pass": passes,
+            "eager_ms": eager,  # None when --eager-repeats 0 skipped it
+            **{f"{name}_ms": value for name, value in ms.items()},
+            "speedup_vs_grouped_mm": ms["grouped_mm"] / ours,
+            "speedup_vs_eager": eager / ours if eager else None,
+            "dense_over_patched": ms["dense"] / ours,
+            **{f"{name}_min_ms": timing.min_ms for name, timing in t.items()},
+            "repeats": {name: timing.repeats for name, timing in t.items()},
+            "interference": load.seconds(),
+            "config": asdict(shape),
+        }
 
 
 def main() -> None:
-    args, shapes = block_bench_args(__doc__, SHAPES)
+    args, shapes = block_bench_args(__doc__, {**SHAPES, **MODEL_SHAPES}, list(SHAPES))
     dev, dtype = args.device, DTYPES[args.dtype]
-    results = []
+    results, failed = [], []
     for shape in shapes:
-        results += bench_shape(shape, dev, dtype, args.repeats, args.eager_repeats)
+        with unit(shape.name, failed):
+            for row in bench_shape(shape, dev, dtype, args.repeats, args.eager_repeats):
+                results.append(row)
     save(
-        f"bench_transformers_{dev}_{args.dtype}"
-        + ("_kept_memory" if args.keep_freed_memory else ""),
+        results_name("bench_transformers", args),
         results,
         [
             "shape",
@@ -213,8 +230,9 @@ def main() -> None:
             "dense_over_patched",
         ],
         f"transformers' MoE blocks, original (eager, grouped_mm) and patched by moe_kernels "
-        f"({dev}, {args.dtype}, medians of {args.repeats} repeats, {args.eager_repeats} for eager"
-        + (", freed memory kept by malloc)" if args.keep_freed_memory else ")"),
+        f"({dev}, {args.dtype}, {timing_note(args)})",
+        args.out,
+        failed,
     )
 
 
