@@ -32,12 +32,13 @@ test: build
 # The CUDA kernels on the CPU emulator, built with AddressSanitizer and UBSan's shift and bounds
 # checks: an out-of-bounds access, or a shift past a type's width, in a kernel fails the test
 # that made it (compute-sanitizer's memcheck, without a GPU). Python is not linked with ASan, so its runtime
-# and libstdc++ are preloaded.
+# and libstdc++ are preloaded. --capture=sys: a sanitizer reports on file descriptor 2 as the
+# process dies, so pytest must not be capturing that descriptor.
 ASAN_PRELOAD = $(shell gcc -print-file-name=libasan.so) $(shell gcc -print-file-name=libstdc++.so)
 test-asan: $(DEPS)
 	MOE_KERNELS_CUDA=0 MOE_KERNELS_SANITIZE=address,shift,bounds $(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
 	LD_PRELOAD="$(ASAN_PRELOAD)" ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=print_stacktrace=1 \
-		$(PY) -m pytest -q -k "emu or cuda" python_tests
+		$(PY) -m pytest -q --capture=sys -k "emu or cuda" python_tests
 
 bench: build
 	$(PY) benchmarks/bench_ops.py --dtype fp32
