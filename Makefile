@@ -7,6 +7,8 @@
 # `make lint` checks formatting (ruff, clang-format) and `make format` applies it.
 # `make gpu-check` builds, tests, sanitizes and benchmarks the CUDA side on a machine with a GPU
 # and torch installed (QUICK=1: under 4 minutes); DRY_RUN=1 walks its stages on the CPU.
+# `make test-gpu-machine` builds and tests against that machine's software (Python 3.12, torch
+# 2.11, transformers 5.17) in .venv-gpu-machine, as CI does on every submission.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
