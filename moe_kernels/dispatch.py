@@ -154,7 +154,8 @@ class ExpertParallelDispatcher:
         self.num_experts = num_experts
         self.num_local_experts = num_experts // self.size
         self.first_expert = self.rank * self.num_local_experts
-        self.transport = transport
+        # "auto" is the transport that is safe beside any other collective.
+        self.transport = "process_group" if transport == "auto" else transport
         self._agreed = False
 
     def _check_num_experts(self, tokens_per_expert: Tensor) -> None:
@@ -177,17 +178,13 @@ class ExpertParallelDispatcher:
             )
         self._agreed = True
 
-    def _transport(self, rows: Tensor) -> str:
-        return "process_group" if self.transport == "auto" else self.transport
-
     def dispatch(self, rows: Tensor, tokens_per_expert: Tensor) -> tuple[Tensor, DispatchPlan]:
         """[R, H] rows grouped by global expert (``permute``'s) and their [E] counts -> the
         rows of this rank's experts, [N, H] grouped by local expert then source rank, and the
         plan (``plan.tokens_per_expert`` holds the [E/P] segment sizes). Collective."""
         self._check_num_experts(tokens_per_expert)
-        transport = self._transport(rows)
         send_splits, recv_counts_host, recv_counts, group_counts = _ops.ep_plan(
-            rows, tokens_per_expert, self.group_name, transport
+            rows, tokens_per_expert, self.group_name, self.transport
         )
         plan = DispatchPlan(
             send_splits=send_splits.tolist(),
@@ -195,10 +192,10 @@ class ExpertParallelDispatcher:
             recv_counts=recv_counts,
             tokens_per_expert=recv_counts.sum(0),
             group_tokens_per_expert=group_counts,
-            transport=transport,
+            transport=self.transport,
         )
         expert_rows = _ops.ep_dispatch_rows(
-            rows, recv_counts, plan.send_splits, plan.recv_splits, self.group_name, transport
+            rows, recv_counts, plan.send_splits, plan.recv_splits, self.group_name, self.transport
         )
         return expert_rows, plan
 
