@@ -111,11 +111,11 @@ def permute_rows(device: str) -> None:
             rows, row_map, counts = mk.permute(dev_x, ids.to(device), 12, align)
             want_rows, want_map, want_counts = ref.permute(x, ids, 12, align)
             assert torch.equal(rows.cpu(), want_rows) and torch.equal(row_map.cpu(), want_map)
+            assert torch.equal(counts.cpu(), want_counts), "permute's tokens_per_expert"
             out = mk.unpermute(rows * 2, row_map, dev_weights)
             close(out, ref.unpermute(want_rows * 2, want_map, weights), "unpermute")
             out.square().sum().backward()  # permute_with_map, unpermute_weights_grad
             assert dev_x.grad is not None and dev_weights.grad is not None
-            del want_counts
 
 
 def gemms(device: str) -> None:
