@@ -33,7 +33,10 @@ class MoELayer(nn.Module):
         ``"aux_loss"``: the Switch/GShard loss of each micro-batch, ``aux_coeff`` * it in
             ``self.aux_loss`` after the forward (add it to the model's loss).
         ``"seq_aux_loss"``: the same per sequence, averaged (DeepSeek-V3); sequences are the
-            leading dimension of [B, S, H] inputs (a [T, H] input is one sequence).
+            leading dimension of [B, S, H] inputs (a [T, H] input is one sequence). With
+            ``aux_group_size`` g > 1, per group of g consecutive sequences: the balance batch
+            between a sequence and the micro-batch (arXiv 2501.11873's balance-batch sweep at
+            equal compute; g = B is ``"aux_loss"``).
         ``"global_aux_loss"``: Qwen's global-batch loss (arXiv 2501.11873): expert loads
             counted over every micro-batch of the step so far and every rank of
             ``process_group`` (``global_counts="running"``), or the previous step's complete
@@ -60,6 +63,8 @@ class MoELayer(nn.Module):
         num_shared_experts: shared experts, each of intermediate size F (0: none).
         rate, rule, freeze_after: the loss-free bias update (see ``Balancer``).
         aux_coeff: alpha of the aux losses.
+        aux_group_size: sequences per balance group of ``"seq_aux_loss"``; B must be a
+            multiple of it.
         global_counts: "running" or "previous", for ``global_aux_loss``.
         capacity_factor: for ``expert_choice``.
         process_group: the data x expert-parallel group counts are summed over.
@@ -90,6 +95,7 @@ class MoELayer(nn.Module):
         rule: str = "sign",
         freeze_after: int | None = None,
         aux_coeff: float = 1e-3,
+        aux_group_size: int = 1,
         global_counts: str = "running",
         capacity_factor: float = 1.0,
         process_group: dist.ProcessGroup | None = None,
@@ -104,6 +110,8 @@ class MoELayer(nn.Module):
             raise ValueError(
                 f"global_counts must be 'running' or 'previous', got {global_counts!r}"
             )
+        if aux_group_size < 1:
+            raise ValueError(f"aux_group_size must be >= 1, got {aux_group_size}")
         if capacity_factor <= 0:
             raise ValueError(f"capacity_factor must be > 0, got {capacity_factor}")
         if num_shared_experts < 0:
@@ -115,6 +123,7 @@ class MoELayer(nn.Module):
         self.topk = topk
         self.balancing = balancing
         self.aux_coeff = aux_coeff
+        self.aux_group_size = aux_group_size
         self.global_counts = global_counts
         self.capacity_factor = capacity_factor
         self.router = Router(
@@ -221,14 +230,20 @@ class MoELayer(nn.Module):
         if keep is not None:
             scores = scores * keep.unsqueeze(1)
         if self.balancing == "seq_aux_loss":
-            batch = math.prod(shape[:-2]) if len(shape) > 2 else 1
-            per_sequence = balance.counts_per_sequence(
-                ids.view(batch, -1, self.topk),
+            sequences = math.prod(shape[:-2]) if len(shape) > 2 else 1
+            if sequences % self.aux_group_size:
+                raise ValueError(
+                    f"seq_aux_loss balances groups of aux_group_size={self.aux_group_size} "
+                    f"sequences; the batch's {sequences} sequences do not split into them"
+                )
+            groups = sequences // self.aux_group_size
+            per_group = balance.counts_per_sequence(
+                ids.view(groups, -1, self.topk),
                 self.num_experts,
-                None if keep is None else keep.view(batch, -1),
+                None if keep is None else keep.view(groups, -1),
             )
             return balance.seq_aux_loss(
-                scores.view(batch, -1, self.num_experts), per_sequence, self.topk, self.aux_coeff
+                scores.view(groups, -1, self.num_experts), per_group, self.topk, self.aux_coeff
             )
         num_tokens = logits.shape[0] if keep is None else keep.sum()
         if self.balancing == "aux_loss":
@@ -285,7 +300,8 @@ class MoELayer(nn.Module):
             return self.balancer.update()
 
     def extra_repr(self) -> str:
-        return f"balancing={self.balancing}, aux_coeff={self.aux_coeff}"
+        group = f", aux_group_size={self.aux_group_size}" if self.aux_group_size > 1 else ""
+        return f"balancing={self.balancing}, aux_coeff={self.aux_coeff}{group}"
 
 
 def moe_layers(model: nn.Module) -> Iterator[MoELayer]:

@@ -318,6 +318,25 @@ def test_global_aux_loss_equals_the_micro_batch_loss_with_one_micro_batch_and_on
     assert float(micro.aux_loss.detach()) > 0
 
 
+def test_seq_aux_loss_groups_span_one_sequence_to_the_micro_batch():
+    """aux_group_size g balances groups of g consecutive sequences: g = 1 is the per-sequence
+    loss, g = B the micro-batch loss, and g in between the mean of the groups' own losses."""
+    x = torch.randn(4, 6, H)
+
+    def loss(balancing, inputs, **kwargs):
+        layer = make_layer(balancing, aux_coeff=0.01, **kwargs)
+        layer(inputs)
+        return layer.aux_loss
+
+    torch.testing.assert_close(loss("seq_aux_loss", x, aux_group_size=4), loss("aux_loss", x))
+    pairs = [loss("aux_loss", x[first : first + 2]) for first in (0, 2)]
+    torch.testing.assert_close(loss("seq_aux_loss", x, aux_group_size=2), sum(pairs) / 2)
+    per_sequence = loss("seq_aux_loss", x)
+    assert not torch.allclose(per_sequence, loss("aux_loss", x))
+    with pytest.raises(ValueError, match="aux_group_size=3"):
+        loss("seq_aux_loss", x, aux_group_size=3)
+
+
 def hand_global_loss(layer, x, counts, num_tokens):
     logits = F.linear(x, layer.router.weight)
     scores = balance.routing_probabilities(logits, layer.router.score_fn)
@@ -413,6 +432,7 @@ def test_model_helpers_collect_aux_losses_and_update_every_layer():
         (dict(balancing="auxloss"), "balancing must be one of"),
         (dict(global_counts="later"), "global_counts"),
         (dict(capacity_factor=0), "capacity_factor"),
+        (dict(aux_group_size=0), "aux_group_size"),
         (dict(topk=9), "topk must be in"),
         (dict(rule="linear"), "rule"),
         (dict(rate=-1.0), "rate"),

@@ -126,6 +126,26 @@ def test_every_strategy_trains(tmp_path, balancing):
     assert all(a > 0 for a in aux) == (balancing in ("aux_loss", "seq_aux_loss", "global_aux_loss"))
 
 
+def test_the_bias_warm_up_rate_holds_for_its_steps_then_the_rate(tmp_path):
+    """Every update moves each bias entry by exactly the rate of its step under the sign rule
+    (counts are never all equal here), so the largest move of step n is that step's rate."""
+    config = dataclasses.replace(
+        MICRO, steps=6, eval_every=6, rate=1e-3, bias_warmup_rate=0.25, bias_warmup_steps=2
+    )
+    model = loop.MoETransformer(config)
+    layer = next(moe_layers(model))
+    moves = []
+    for _ in range(config.steps):
+        before = layer.balancer.bias.clone()
+        model(torch.randint(0, config.model.vocab_size, (4, 16)))
+        layer.update_balance()
+        moves.append(float((layer.balancer.bias - before).abs().max()))
+    assert moves == pytest.approx([0.25, 0.25, 1e-3, 1e-3, 1e-3, 1e-3], rel=1e-5)  # fp32 bias
+    assert dataclasses.replace(MICRO, rate=1e-3).rate == 1e-3  # no warm-up by default
+    summary = run(tmp_path, "warm", config)
+    assert summary["config"]["bias_warmup_steps"] == 2
+
+
 def test_bf16_autocast_trains(tmp_path):
     config = dataclasses.replace(MICRO, steps=20, eval_every=20, dtype="bf16")
     summary = run(tmp_path, "bf16", config)

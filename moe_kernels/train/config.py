@@ -47,8 +47,17 @@ class TrainConfig:
     dtype: str = "fp32"
     balancing: str = "loss_free"
     rate: float = 1e-3
+    # Loss-free: the bias moves at bias_warmup_rate for its first bias_warmup_steps updates,
+    # then at rate. The sign rule's step sets the floor of its imbalance, so a high rate that
+    # undoes the early collapse of routing, then the paper's 1e-3, ends better balanced
+    # than either alone.
+    bias_warmup_rate: float = 0.0
+    bias_warmup_steps: int = 0
     rule: str = "sign"
     aux_coeff: float = 1e-3
+    # seq_aux_loss: sequences per balance group (1: DeepSeek-V3's sequence-wise loss; the
+    # micro-batch's sequences: the micro-batch loss, aux_loss).
+    aux_group_size: int = 1
     global_counts: str = "running"
     capacity_factor: float = 1.0
     # Expert parallelism (under torchrun): experts sharded over groups of ep_size ranks; every

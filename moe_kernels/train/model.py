@@ -9,6 +9,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..balancer import RateSchedule
 from ..experts import SwiGLUExperts, SwiGLUMLP
 from ..layer import MoELayer
 from ..parallel import ParallelLayout
@@ -60,6 +61,18 @@ class Block(nn.Module):
         return x + self.ffn(self.ffn_norm(x))
 
 
+def bias_rate(config: TrainConfig) -> float | RateSchedule:
+    """The loss-free update rate: ``config.rate``, after ``bias_warmup_steps`` updates at
+    ``bias_warmup_rate`` when those are set."""
+    if config.bias_warmup_steps <= 0:
+        return config.rate
+
+    def rate(update: int) -> float:
+        return config.bias_warmup_rate if update < config.bias_warmup_steps else config.rate
+
+    return rate
+
+
 def moe_ffn(config: TrainConfig, layout: ParallelLayout) -> MoELayer:
     model = config.model
     return MoELayer(
@@ -73,9 +86,10 @@ def moe_ffn(config: TrainConfig, layout: ParallelLayout) -> MoELayer:
         topk_groups=model.topk_groups,
         route_scale=model.route_scale,
         num_shared_experts=model.num_shared_experts,
-        rate=config.rate,
+        rate=bias_rate(config),
         rule=config.rule,
         aux_coeff=config.aux_coeff,
+        aux_group_size=config.aux_group_size,
         global_counts=config.global_counts,
         capacity_factor=config.capacity_factor,
         # The bias moves with the counts of every rank: data x expert parallel.
