@@ -1,6 +1,5 @@
-"""The study's measurements: MaxVio by computation batch size, per-sequence routing counts,
-future-token leakage (expert choice against token choice), the top-k score sum, and expert
-frequencies per domain with their specialisation."""
+"""The study's measurements: MaxVio of consecutive computation batches, per-window routing
+counts, future-token leakage (expert choice against token choice) and the top-k score sum."""
 
 from __future__ import annotations
 
@@ -12,12 +11,10 @@ from test_train import MICRO
 
 from moe_kernels.layer import moe_layers
 from moe_kernels.study.measures import (
-    counts_per_sequence,
-    domain_specialisation,
-    expert_frequency,
+    consecutive_batch_maxvio,
     future_token_leakage,
-    maxvio_by_computation_batch,
     topk_score_sum,
+    window_counts,
 )
 from moe_kernels.train.config import TrainConfig
 from moe_kernels.train.model import MoETransformer
@@ -41,27 +38,29 @@ def tokens(batch=4, seq=16, seed=1):
     )
 
 
-def test_maxvio_by_computation_batch_sums_consecutive_sequences():
+def test_consecutive_batch_maxvio_sums_consecutive_windows():
     # Two experts; sequences alternate between all-on-expert-0 and all-on-expert-1.
     counts = torch.tensor([[[2, 0]], [[0, 2]], [[2, 0]], [[0, 2]]])
-    result = maxvio_by_computation_batch(counts, [1, 2, 3, 4])
+    result = consecutive_batch_maxvio(counts, [1, 2, 3, 4])
     # Alone, each sequence puts twice the mean on one expert; pairs balance exactly; the first
     # three sequences give loads 4 and 2 around a mean of 3.
     assert result == {1: 1.0, 2: 0.0, 3: pytest.approx(1 / 3), 4: 0.0}
     for bad in (0, 5):
         with pytest.raises(ValueError, match="sizes"):
-            maxvio_by_computation_batch(counts, [bad])
+            consecutive_batch_maxvio(counts, [bad])
 
 
-def test_counts_per_sequence_add_up_to_the_batch_under_token_choice():
+def test_window_counts_are_each_windows_own_routing():
     model = model_with("loss_free")
-    batch = tokens()
-    per_sequence = counts_per_sequence(model, batch)
-    assert per_sequence.shape == (4, 2, MODEL.num_experts)
-    assert (per_sequence.sum(dim=2) == 16 * MODEL.topk).all()
-    model(batch)  # token choice: a token's experts do not depend on its batch
-    whole = torch.stack([layer.tokens_per_expert for layer in moe_layers(model)])
-    assert torch.equal(per_sequence.sum(dim=0), whole)
+    batch = tokens(batch=5)
+    counts = window_counts(model, batch, batch_size=2)  # batches of 2, 2 and 1 windows
+    assert counts.shape == (5, 2, MODEL.num_experts) and counts.dtype == torch.int64
+    for window, got in zip(batch, counts, strict=True):
+        model(window.unsqueeze(0))  # routed alone
+        alone = torch.stack([layer.tokens_per_expert for layer in moe_layers(model)])
+        assert torch.equal(got, alone)
+    with pytest.raises(ValueError, match="token choice"):
+        window_counts(model_with("expert_choice"), batch)
 
 
 def test_expert_choice_leaks_future_tokens_and_token_choice_does_not():
@@ -97,19 +96,5 @@ def test_topk_score_sum_of_each_layer_is_its_routers_largest_probabilities(score
         expected = scores.sort(-1, descending=True).values[:, : MODEL.topk].sum(-1).mean()
         assert got == pytest.approx(float(expected), rel=1e-5)
         assert MODEL.topk / MODEL.num_experts < got < 1
-
-
-def test_expert_frequency_and_domain_specialisation_by_hand():
-    # 2 sequences, 1 layer, 4 experts: the shares of all routed tokens.
-    counts = torch.tensor([[[3, 1, 0, 0]], [[1, 1, 2, 0]]])
-    assert expert_frequency(counts).tolist() == [[0.5, 0.25, 0.25, 0.0]]
-    # Two domains on disjoint experts are as far apart as can be from their mean, 0.5 each;
-    # identical domains not at all; the distance is averaged over layers.
-    apart = torch.tensor([[[0.5, 0.5, 0.0, 0.0]], [[0.0, 0.0, 0.5, 0.5]]])
-    assert domain_specialisation(apart) == 0.5
-    alike = torch.full((3, 1, 4), 0.25)
-    assert domain_specialisation(alike) == 0.0
-    two_layers = torch.cat([apart, torch.full((2, 1, 4), 0.25)], dim=1)
-    assert domain_specialisation(two_layers) == 0.25
-    with pytest.raises(ValueError, match="at least 2 domains"):
-        domain_specialisation(alike[:1])
+    # In batches the mean is over the same tokens.
+    assert topk_score_sum(model, tokens(), batch_size=3) == pytest.approx(sums, rel=1e-6)

@@ -1,25 +1,21 @@
-"""The study end to end on its quick preset: every arm trained, measured, run on expert-parallel
-ranks and reported, each number of the report read from the runs; a second run reuses them; an
-interrupted arm resumes. And the held-out text of each domain."""
+"""The study end to end on its quick preset: every run trained, measured and reported, each
+number of the report read from the results and each verdict following its rule from the runs'
+own numbers; expert-parallel ranks see the one-process computation batches; a second run
+reuses everything; an interrupted run resumes to the same result."""
 
 from __future__ import annotations
 
 import json
+import math
 import re
 
 from moe_kernels.study.__main__ import main
-from moe_kernels.study.findings import mean, number
-from moe_kernels.study.run import (
-    COMPUTATION_BATCH_SIZES,
-    DOMAIN_SEQUENCES,
-    EXPERT_PARALLEL_RANKS,
-    STUDY_PRESETS,
-    held_out_by_domain,
-)
+from moe_kernels.study.findings import findings, interval_text, number
+from moe_kernels.study.run import STUDY_PRESETS
+from moe_kernels.study.stats import Interval, mean_interval, verdict
 from moe_kernels.study.strategies import strategies
-from moe_kernels.train.corpus import load_corpus
-from moe_kernels.train.documents import default_cache_dir
-from moe_kernels.train.tokenizer import get_tokenizer
+
+PRESET = STUDY_PRESETS["quick"]
 
 
 def table_rows(report: str, header: str) -> dict[str, list[str]]:
@@ -30,100 +26,105 @@ def table_rows(report: str, header: str) -> dict[str, list[str]]:
     }
 
 
-def test_quick_study_reports_every_arm_from_its_runs(tmp_path):
+def numbers_in(value) -> list[float]:
+    if isinstance(value, dict):
+        return [x for v in value.values() for x in numbers_in(v)]
+    if isinstance(value, list):
+        return [x for v in value for x in numbers_in(v)]
+    return [float(value)] if isinstance(value, int | float) and not isinstance(value, bool) else []
+
+
+def test_quick_study_reports_every_run_and_follows_its_rules(tmp_path):
     out = tmp_path / "study"
     assert main(["--quick", "--out", str(out), "--no-progress"]) == 0
     report = (out / "report.md").read_text()
-    assert "python -m moe_kernels.study --quick" in report
-    plots = ("loss.png", "maxvio.png", "maxvio_by_computation_batch.png")
-    for plot in (*plots, "expert_frequency_by_domain.png"):
+    assert "python -m moe_kernels.study --preset quick" in report
+    for plot in ("frontier.png", "maxvio_by_computation_batch.png", "loss.png", "maxvio.png",
+                 "expert_frequency_by_domain.png"):  # fmt: skip
         assert f"]({plot})" in report and (out / plot).read_bytes()[:4] == b"\x89PNG"
-    arms = list(strategies(STUDY_PRESETS["quick"]))
     study = json.loads((out / "results.json").read_text())
-    results = study["arms"]
-    assert list(results) == arms
-    assert study["domains"] == list(held_out_by_domain(STUDY_PRESETS["quick"]))
-    main_table = table_rows(report, "| arm | val perplexity")
-    by_size = table_rows(report, "| arm | 1 |")
-    topk_by_layer = table_rows(report, "| arm | layer 1 |")
-    assert list(main_table) == list(by_size) == list(topk_by_layer) == arms
-    for name in arms:
-        summary = json.loads((out / "runs" / name / "summary.json").read_text())
-        measures = json.loads((out / "runs" / name / "measures.json").read_text())
-        assert results[name] == {"summary": summary, "measures": measures}
-        assert main_table[name] == [
-            number(summary["val_perplexity"]),
-            number(summary["maxvio_global"]),
-            number(summary["maxvio_batch"]),
-            number(measures["future_token_leakage"]),
-            number(mean(measures["topk_score_sum"])),
-            number(measures["domain_specialisation"]),
-        ]
-        sizes = measures["maxvio_by_computation_batch"]
-        assert by_size[name] == [number(sizes[str(s)]) for s in COMPUTATION_BATCH_SIZES]
-        assert topk_by_layer[name] == [number(value) for value in measures["topk_score_sum"]]
-        assert len(measures["topk_score_sum"]) == STUDY_PRESETS["quick"].model.num_layers
-        frequencies = measures["expert_frequency_by_domain"]
-        assert list(frequencies) == study["domains"]
-        for per_layer in frequencies.values():
-            assert all(abs(sum(f) - 1) < 1e-9 for f in per_layer)
+    arms = strategies(PRESET.train, PRESET.seeds, PRESET.bias_warmup_steps)
+    assert {arm: list(map(int, runs)) for arm, runs in study["runs"].items()} == {
+        arm: list(spec.seeds) for arm, spec in arms.items()
+    }
+    assert len(study["domains"]) == PRESET.domains
 
-    # Real expert parallelism: every token-choice arm on 2 and 4 ranks, each rank routing 1
-    # and 2 sequences per forward, receives exactly the loads of the one-process grouping.
-    token_choice = [name for name in arms if name != "expert_choice"]
-    assert list(study["expert_parallel"]) == [str(r) for r in EXPERT_PARALLEL_RANKS]
+    # Every number was computed: finite, except the interval of a single seed.
+    for arm, runs in study["runs"].items():
+        for seed, run in runs.items():
+            folder = out / "runs" / arm / f"seed{seed}"
+            assert run["summary"] == json.loads((folder / "summary.json").read_text())
+            assert run["measures"] == json.loads((folder / "measures.json").read_text())
+            assert all(math.isfinite(x) for x in numbers_in(run)), (arm, seed)
+    assert all(math.isfinite(x) for x in numbers_in(study["balanced_router"]))
+
+    # The arms table: each cell the mean over seeds (and its interval) of the JSON's numbers.
+    main_table = table_rows(report, "| arm | seeds | perplexity")
+    assert list(main_table) == list(arms)
+    for arm, runs in study["runs"].items():
+        perplexity = [run["measures"]["perplexity"] for run in runs.values()]
+        expected = (
+            interval_text(mean_interval(perplexity).to_dict())
+            if len(perplexity) > 1
+            else number(perplexity[0])
+        )
+        assert main_table[arm][:2] == [str(len(runs)), expected]
+
+    # Each finding states its criterion before its numbers, and each verdict is its rule
+    # applied to an interval recomputed here from the runs.
+    assert [f["number"] for f in study["findings"]] == [1, 2, 3, 4]
+    assert json.dumps(study["findings"]) == json.dumps(findings(study))  # NaN: the sd of 1 seed
+    for finding in study["findings"]:
+        header = f"### {finding['number']}. "
+        section = report[report.index(header) :].split("\n### ")[0]
+        assert section.index("**Criterion.**") < section.index("**Verdict:")
+        assert f"**Verdict: {finding['verdict']}.**" in section
+        for part in finding["parts"]:
+            assert part["verdict"] == verdict(Interval(**part["interval"]), part["paper_effect"])
+            assert f"| {part['name']} |" in section
+    table_2 = {p["name"]: p for p in study["findings"][0]["parts"]}
+    balance = table_2["balance at the paper's alpha"]["interval"]
+    aux, loss_free = (
+        [run["measures"]["maxvio_global"] for run in study["runs"][arm].values()]
+        for arm in ("aux_loss_1e-3", "loss_free_warm")
+    )
+    assert balance["mean"] == sum(a - b for a, b in zip(aux, loss_free, strict=True)) / len(aux)
+
+    # MaxVio of computation batches: every size to the plateau, which is MaxVio_global.
+    sizes = [str(s) for s in PRESET.curve_sizes]
+    curve_table = table_rows(report, "| arm | 1 |")
+    for arm, runs in study["runs"].items():
+        if arm == "expert_choice":
+            continue
+        for run in runs.values():
+            curve = run["measures"]["computation_batch"]
+            assert list(curve) == sizes
+            assert curve[sizes[-1]]["mean"] == run["measures"]["maxvio_global"]
+            assert all(curve[s]["low"] <= curve[s]["mean"] <= curve[s]["high"] for s in sizes)
+        assert len(curve_table[arm]) == len(sizes)
+
+    # Expert parallelism: the first seed of the Table-2 pair on 2 and 4 ranks, each rank
+    # routing 1 and 2 windows per forward, receives exactly the one-process loads.
+    assert list(study["expert_parallel"]) == [str(r) for r in PRESET.expert_parallel_ranks]
     for ranks, by_arm in study["expert_parallel"].items():
-        assert list(by_arm) == token_choice
-        for name, by_size in by_arm.items():
+        assert list(by_arm) == ["aux_loss_1e-3", "loss_free_warm"]
+        for arm, by_size in by_arm.items():
             assert list(by_size) == [str(int(ranks) * m) for m in (1, 2)]
-            for size, value in by_size.items():
-                assert value == results[name]["measures"]["maxvio_by_computation_batch"][size]
-    rows = [
-        [ranks, name, size, number(value), number(value)]
-        for ranks, by_arm in study["expert_parallel"].items()
-        for name, by_size in by_arm.items()
-        for size, value in by_size.items()
-    ]
-    table = report[report.index("| ranks | arm |") :].split("\n\n")[0].splitlines()[2:]
-    assert table == ["| " + " | ".join(row) + " |" for row in rows]
-    # Expert choice balances by construction and leaks the future; token choice does not.
-    assert results["expert_choice"]["measures"]["future_token_leakage"] > 1e-3
-    assert results["loss_free_1e-2"]["measures"]["future_token_leakage"] < 1e-6
+            one_process = study["runs"][arm]["0"]["measures"]["consecutive_batches"]
+            assert all(value == one_process[size] for size, value in by_size.items())
+    leak = study["findings"][2]
+    assert leak["verdict"] == "agrees"  # exact at any scale
 
-    verdicts = [line for line in report.splitlines() if re.match(r"[1-4]\. ", line)]
-    assert len(verdicts) == 4
-    assert all(re.search(r": (agrees|does not agree)[.:]", line) for line in verdicts)
-    leak = results["expert_choice"]["measures"]["future_token_leakage"]
-    assert f"moves earlier logits by {number(leak)} of the largest logit" in verdicts[2]
-
-    # A second run trains nothing: every arm's files stay as they were.
-    stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*.json")}
+    # A second run trains and measures nothing again.
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/*.json")}
     assert main(["--quick", "--out", str(out), "--no-progress"]) == 0
-    assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*.json")} == stamps
+    assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/*.json")} == stamps
 
-    # An arm interrupted after its last checkpoint, before its summary, resumes from it to the
+    # A run interrupted after its last checkpoint, before its summary, resumes from it to the
     # same result.
-    arm = out / "runs" / "loss_free_1e-2"
+    folder = out / "runs" / "loss_free_warm" / "seed1"
     for name in ("summary.json", "measures.json"):
-        (arm / name).unlink()
+        (folder / name).unlink()
     assert main(["--quick", "--out", str(out), "--no-progress"]) == 0
-    resumed = json.loads((arm / "summary.json").read_text())
-    assert resumed["val_loss"] == results["loss_free_1e-2"]["summary"]["val_loss"]
-
-
-def test_held_out_by_domain_is_each_domains_held_out_text():
-    config = STUDY_PRESETS["quick"]
-    domains = held_out_by_domain(config)
-    fewest, most = DOMAIN_SEQUENCES
-    assert len(domains) >= 2 and list(domains) == sorted(domains)
-    assert all(
-        fewest <= len(ids) <= most and ids.shape[1] == config.seq_len for ids in domains.values()
-    )
-    corpus = load_corpus(config.data)
-    tokenizer = get_tokenizer(
-        config.tokenizer, corpus, config.model.vocab_size, default_cache_dir()
-    )
-    for domain, ids in domains.items():
-        first = corpus.val[corpus.val_domains.index(domain)]
-        expected = [*tokenizer.encode(first), tokenizer.eot_id][: config.seq_len]
-        assert ids.flatten()[: len(expected)].tolist() == expected
+    resumed = json.loads((folder / "measures.json").read_text())
+    assert resumed == study["runs"]["loss_free_warm"]["1"]["measures"]

@@ -161,6 +161,7 @@ def test_folder_corpus_reads_every_text_file_and_skips_binaries(tmp_path):
     # A file's domain is its top folder, or its own name at the top.
     domain = {text: name.split("/")[0].removesuffix(".md") for name, text in texts.items()}
     assert corpus.val_domains == [domain[text] for text in corpus.val]
+    assert corpus.train_domains == [domain[text] for text in corpus.train]
 
 
 @pytest.mark.parametrize("val_fraction", [0.001, 0.999])
@@ -357,6 +358,7 @@ def _small_corpus(stdlib_corpus: Corpus) -> Corpus:
         "small",
         stdlib_corpus.train[:30],
         stdlib_corpus.val[:3],
+        stdlib_corpus.train_domains[:30],
         stdlib_corpus.val_domains[:3],
         "small-corpus",
     )
@@ -397,7 +399,7 @@ def test_get_tokenizer_kinds(stdlib_corpus, tmp_path):
 
 
 def test_tokenize_corpus_ends_each_document_and_caches(tmp_path, monkeypatch):
-    corpus = Corpus("tiny", ["ab", "ć"], ["z"], ["letters"], "tiny-corpus")
+    corpus = Corpus("tiny", ["ab", "ć"], ["z"], ["letters"] * 2, ["letters"], "tiny-corpus")
     tokenizer = ByteTokenizer()
     train, val = tokenize_corpus(corpus, tokenizer, tmp_path)
     assert train.dtype == torch.int64 and val.dtype == torch.int64

@@ -1,14 +1,14 @@
 """MaxVio per computation batch measured on real expert parallelism, to check the one-process
-emulation (``measures.maxvio_by_computation_batch``) at small sizes.
+emulation (``measures.consecutive_batch_maxvio``) at small sizes.
 
 Each trained arm runs on ``ranks`` processes (torchrun, Gloo on CPUs), its experts sharded over
-all of them, every rank routing ``micro_batch`` held-out sequences per forward. The rows each
+all of them, every rank routing ``micro_batch`` training windows per forward. The rows each
 rank's experts receive from the all-to-all, gathered over the group, are the load of one
 computation batch of ``micro_batch x ranks`` sequences: in one process, the same sequences
 grouped consecutively.
 
 ``python -m torch.distributed.run --standalone --nproc-per-node R -m
-moe_kernels.study.expert_parallel HELD_OUT OUT RUN_DIR...`` (``run_expert_parallel`` launches it).
+moe_kernels.study.expert_parallel WINDOWS OUT RUN_DIR...`` (``run_expert_parallel`` launches it).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ MICRO_BATCHES = (1, 2)
 
 @torch.no_grad()
 def maxvio_on_ranks(
-    model: MoETransformer, held_out: torch.Tensor, micro_batch: int, layout: ParallelLayout
+    model: MoETransformer, windows: torch.Tensor, micro_batch: int, layout: ParallelLayout
 ) -> float:
     """The mean over computation batches and layers of MaxVio of the rows every rank's experts
     received (collective over the expert-parallel group, which spans every rank here)."""
@@ -51,9 +51,9 @@ def maxvio_on_ranks(
     size = micro_batch * layout.world_size
     maxvio = []
     try:
-        for first in range(0, held_out.shape[0] - size + 1, size):
+        for first in range(0, windows.shape[0] - size + 1, size):
             start = first + layout.rank * micro_batch
-            model(held_out[start : start + micro_batch])
+            model(windows[start : start + micro_batch])
             local = torch.stack(received)  # [L, E / P]
             received.clear()
             shards = [torch.empty_like(local) for _ in range(layout.world_size)]
@@ -67,23 +67,25 @@ def maxvio_on_ranks(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("held_out", type=Path, help="a .pt file of [N, S] token ids")
+    parser.add_argument("windows", type=Path, help="a .pt file of [N, S] token ids")
     parser.add_argument("out", type=Path, help="the JSON file rank 0 writes")
-    parser.add_argument("runs", type=Path, nargs="+", help="arms' run folders (with model.pt)")
+    parser.add_argument(
+        "runs", type=Path, nargs="+", help="run folders <arm>/<seed> (with model.pt)"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # the ranks share the machine's cores
     dist.init_process_group("gloo")
     try:
         layout = init_expert_parallel(dist.get_world_size())
-        held_out = torch.load(args.held_out)
+        windows = torch.load(args.windows)
         results = {}
         for run in args.runs:
             config, state = load_export(run / EXPORT_NAME)
             model = MoETransformer(dataclasses.replace(config, ep_size=layout.ep_size), layout)
             model.load_state_dict(local_state_dict(state, model))
-            results[run.name] = {
+            results[run.parent.name] = {
                 str(micro_batch * layout.world_size): maxvio_on_ranks(
-                    model, held_out, micro_batch, layout
+                    model, windows, micro_batch, layout
                 )
                 for micro_batch in MICRO_BATCHES
             }
@@ -95,20 +97,21 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_expert_parallel(
-    runs: list[Path], held_out: torch.Tensor, ranks: int, out_dir: Path
+    runs: list[Path], windows: torch.Tensor, ranks: int, out_dir: Path
 ) -> dict[str, dict[str, float]]:
-    """{arm: {computation batch size: MaxVio}} of ``runs`` on ``ranks`` processes, cached in
-    ``out_dir/expert_parallel-<ranks>.json`` (rerun only when an arm is missing)."""
+    """{arm: {computation batch size: MaxVio}} of ``runs`` (one run folder ``<arm>/<seed>`` per
+    arm) on ``ranks`` processes, cached in ``out_dir/expert_parallel-<ranks>.json`` (rerun
+    only when an arm is missing)."""
     out = out_dir / f"expert_parallel-{ranks}.json"
     if out.exists():
         cached = json.loads(out.read_text())
-        if set(cached) == {run.name for run in runs}:
+        if set(cached) == {run.parent.name for run in runs}:
             return cached
-    held_out_path = out_dir / "held_out.pt"
-    torch.save(held_out, held_out_path)
+    windows_path = out_dir / "windows.pt"
+    torch.save(windows, windows_path)
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone",
-        f"--nproc-per-node={ranks}", "-m", __name__, str(held_out_path), str(out),
+        f"--nproc-per-node={ranks}", "-m", __name__, str(windows_path), str(out),
         *map(str, runs),
     ]  # fmt: skip
     subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})

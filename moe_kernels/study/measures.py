@@ -1,38 +1,63 @@
-"""What the study measures on a trained model, beside validation loss and MaxVio_global:
-balance per computation batch as the batch grows, whether routing leaks future tokens, and how
-specialised its experts are."""
+"""What the study measures on a trained model: each window's routing counts (for balance per
+computation batch and by domain), whether routing leaks future tokens, and how decided its
+router is."""
 
 from __future__ import annotations
+
+from functools import partial
 
 import torch
 from torch import Tensor, nn
 
-from ..balance import max_violation, routing_probabilities
+from ..balance import counts_per_sequence, max_violation, routing_probabilities
 from ..layer import moe_layers
 
 
 @torch.no_grad()
-def counts_per_sequence(model: nn.Module, tokens: Tensor) -> Tensor:
-    """[N, S] token ids -> [N, L, E] int64: each MoE layer's expert counts of each sequence,
-    routed one sequence per forward (the routing of one sequence, never its neighbours': with
-    expert choice a token's experts depend on its batch)."""
+def window_counts(model: nn.Module, windows: Tensor, batch_size: int = 64) -> Tensor:
+    """[N, S] token ids -> [N, L, E] int64: each MoE layer's expert counts of each window.
+    Token choice routes every token on its own, so windows can share a forward; expert
+    choice, whose experts pick among the batch's tokens, is refused."""
+    layers = list(moe_layers(model))
+    if any(layer.balancing == "expert_choice" for layer in layers):
+        raise ValueError("window_counts needs token choice: expert choice routes by the batch")
     model.eval()
-    per_sequence = []
-    for sequence in tokens:
-        model(sequence.unsqueeze(0))
-        per_sequence.append(
-            torch.stack([layer.tokens_per_expert.cpu() for layer in moe_layers(model)])
-        )
-    return torch.stack(per_sequence)
+    captured: list[Tensor] = []
+
+    def keep_ids(router, args, output) -> None:
+        captured.append(output[1])  # [B * S, k] expert ids
+
+    handles = [layer.router.register_forward_hook(keep_ids) for layer in layers]
+    per_batch = []
+    try:
+        for first in range(0, windows.shape[0], batch_size):
+            batch = windows[first : first + batch_size]
+            model(batch)
+            per_batch.append(
+                torch.stack(
+                    [
+                        counts_per_sequence(
+                            ids.view(batch.shape[0], -1, layer.topk), layer.num_experts
+                        ).cpu()
+                        for ids, layer in zip(captured, layers, strict=True)
+                    ],
+                    dim=1,
+                )
+            )
+            captured.clear()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return torch.cat(per_batch)
 
 
-def maxvio_by_computation_batch(counts: Tensor, sizes: list[int]) -> dict[int, float]:
+def consecutive_batch_maxvio(counts: Tensor, sizes: list[int]) -> dict[int, float]:
     """MaxVio per computation batch as it grows (arXiv 2408.15664, Figure 5): consecutive
     sequences grouped ``size`` at a time, each group's counts summed per layer, MaxVio of each
     group and layer averaged. Sequences past the last whole group are left out.
 
     Args:
-        counts: [N, L, E] per-sequence counts (``counts_per_sequence``).
+        counts: [N, L, E] per-window counts (``window_counts``).
         sizes: computation batch sizes in sequences, each in [1, N].
 
     Returns:
@@ -75,44 +100,29 @@ def future_token_leakage(model: nn.Module, tokens: Tensor, position: int, seed: 
 
 
 @torch.no_grad()
-def topk_score_sum(model: nn.Module, tokens: Tensor) -> list[float]:
+def topk_score_sum(model: nn.Module, tokens: Tensor, batch_size: int = 64) -> list[float]:
     """Per MoE layer, the mean over tokens of the sum of the k largest routing probabilities
     (``balance.routing_probabilities``; arXiv 2501.11873's measure of specialisation): 1 when
     the router puts everything on k experts, k/E when it cannot tell them apart. The bias of
-    loss-free balancing does not enter: it chooses, it does not score."""
+    loss-free balancing does not enter: it chooses, it does not score. ``tokens`` [N, S] go
+    through the model ``batch_size`` sequences at a time."""
     model.eval()
-    layers = moe_layers(model)
-    sums: list[float] = []
+    layers = list(moe_layers(model))
+    sums = torch.zeros(len(layers), dtype=torch.float64)
 
-    def measure(layer, args) -> None:
+    def measure(index: int, layer, args) -> None:
         tokens_in = args[0].reshape(-1, layer.hidden_size)
         scores = routing_probabilities(layer.router.logits(tokens_in), layer.router.score_fn)
-        sums.append(float(scores.topk(layer.topk, dim=-1).values.sum(dim=-1).mean()))
+        sums[index] += scores.topk(layer.topk, dim=-1).values.sum(dim=-1).double().sum().cpu()
 
-    handles = [layer.register_forward_pre_hook(measure) for layer in layers]
+    handles = [
+        layer.register_forward_pre_hook(partial(measure, index))
+        for index, layer in enumerate(layers)
+    ]
     try:
-        model(tokens)
+        for first in range(0, tokens.shape[0], batch_size):
+            model(tokens[first : first + batch_size])
     finally:
         for handle in handles:
             handle.remove()
-    return sums
-
-
-def expert_frequency(counts: Tensor) -> Tensor:
-    """[N, L, E] per-sequence counts -> [L, E] fp64: each expert's share of a layer's
-    routed tokens over all N sequences."""
-    totals = counts.sum(dim=0).double()
-    return totals / totals.sum(dim=-1, keepdim=True)
-
-
-def domain_specialisation(frequencies: Tensor) -> float:
-    """How differently a model routes each domain's text: [D, L, E] expert frequencies of D
-    domains -> the total-variation distance between a domain's frequencies and their mean
-    over the domains, averaged over domains and layers. 0 when every domain is routed alike;
-    it grows as experts come to serve some domains and not others."""
-    if frequencies.shape[0] < 2:
-        raise ValueError(
-            f"domain specialisation needs at least 2 domains, got {frequencies.shape[0]}"
-        )
-    distance = 0.5 * (frequencies - frequencies.mean(dim=0)).abs().sum(dim=-1)
-    return float(distance.mean())
+    return (sums / tokens.numel()).tolist()

@@ -1,166 +1,340 @@
-"""Runs the study: every arm trained once (cached and resumable), then measured on held-out text
-(overall and per domain), then checked on real expert parallelism."""
+"""Runs the study: every arm trained from each of its seeds (cached and resumable), each model
+measured on training-distribution windows and held-out text, the expert-parallel check, then
+the findings."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ..balance import max_violation
+from ..parallel import ParallelLayout
 from ..train.atomic import atomic_write_text
 from ..train.checkpoint import load_export
 from ..train.config import PRESETS as TRAIN_PRESETS
 from ..train.config import ModelConfig, TrainConfig
-from ..train.corpus import load_corpus
-from ..train.documents import default_cache_dir
-from ..train.loop import prepare_data, train
+from ..train.data import eval_batches
+from ..train.loop import evaluate, resolve_device, train
 from ..train.model import MoETransformer
-from ..train.tokenizer import get_tokenizer
-from .expert_parallel import run_expert_parallel
+from .expert_parallel import MICRO_BATCHES, run_expert_parallel
+from .findings import findings
 from .measures import (
-    counts_per_sequence,
-    domain_specialisation,
-    expert_frequency,
+    consecutive_batch_maxvio,
     future_token_leakage,
-    maxvio_by_computation_batch,
     topk_score_sum,
+    window_counts,
 )
-from .strategies import strategies
+from .stats import (
+    balanced_router_counts,
+    computation_batch_curve,
+    domain_frequencies,
+    specialisation_against_null,
+)
+from .strategies import TABLE_PAIR, Arm, Seeds, strategies
+from .windows import StudyWindows, study_windows
 
-# Computation batches of 1 to 64 held-out sequences (arXiv 2408.15664, Figure 5).
-COMPUTATION_BATCH_SIZES = [1, 2, 4, 8, 16, 32, 64]
 LEAKAGE_SEQUENCES = 4
-# Held-out sequences per domain: domains with fewer are left out, more are cut off.
-DOMAIN_SEQUENCES = (8, 16)
-# Expert-parallel groups the computation batches are checked on.
-EXPERT_PARALLEL_RANKS = (2, 4)
 
-STUDY_PRESETS: dict[str, TrainConfig] = {
-    # The tiny training preset for every arm: about a minute each on 2 CPU cores.
-    "default": TRAIN_PRESETS["tiny"],
-    # Seconds per arm: the report's structure, not its findings.
-    "quick": TrainConfig(
-        model=ModelConfig(
-            hidden_size=64, num_layers=2, num_heads=2, num_experts=8, expert_ffn_hidden_size=64,
-            max_seq_len=64,
-        ),
-        seq_len=64, micro_batch_size=8, steps=40, warmup_steps=5, rate=1e-2,
-        eval_every=20, eval_tokens=8192, checkpoint_every=20,
+
+@dataclass(frozen=True)
+class StudyPreset:
+    """What one study trains and measures.
+
+    ``train``: every arm's base; ``seeds``: paired seeds per question; ``bias_warmup_steps``:
+    the loss-free warm-up; ``perplexity_tokens``: held-out tokens of the final perplexity;
+    ``balance_windows``: random training windows every model routes (Figure 5's computation
+    batches are drawn from them, ``curve_groups`` per size, up to ``largest_batch``, the
+    criterion read over ``large_batches``); ``domains`` x ``windows_per_domain``: the
+    windows of domain specialisation, against ``null_permutations`` shuffles of their labels;
+    ``expert_parallel_ranks`` and ``expert_parallel_windows``: the expert-parallel check.
+    """
+
+    train: TrainConfig
+    seeds: Seeds
+    bias_warmup_steps: int
+    perplexity_tokens: int
+    balance_windows: int
+    largest_batch: int
+    large_batches: tuple[int, int]
+    curve_groups: int
+    domains: int
+    windows_per_domain: int
+    null_permutations: int
+    expert_parallel_ranks: tuple[int, ...]
+    expert_parallel_windows: int
+
+    @property
+    def curve_sizes(self) -> list[int]:
+        """1, 2, 4, ... up to ``largest_batch``, then every window (the plateau)."""
+        sizes = [1 << i for i in range(self.largest_batch.bit_length())]
+        return [*sizes, self.balance_windows]
+
+
+def _study_train(base: TrainConfig, eval_every: int) -> TrainConfig:
+    # The runs' own evaluations only trace MaxVio_global and loss over training (8 k held-out
+    # tokens each); the study measures the final models on far more text.
+    return dataclasses.replace(base, eval_every=eval_every, eval_tokens=8192)
+
+
+STUDY_PRESETS: dict[str, StudyPreset] = {
+    # About 40 minutes on 2 CPU cores: 33 runs of the tiny training preset (300 steps of
+    # 2048 tokens), 8 paired seeds for the Table-2 pair, 3 for the rest.
+    "default": StudyPreset(
+        train=_study_train(TRAIN_PRESETS["tiny"], eval_every=25),
+        seeds=Seeds(table=8, frontier=3, balance_batch=3),
+        bias_warmup_steps=60,
+        perplexity_tokens=65536,
+        balance_windows=2048,
+        largest_batch=1024,
+        large_batches=(64, 1024),
+        curve_groups=200,
+        domains=12,
+        windows_per_domain=32,
+        null_permutations=200,
+        expert_parallel_ranks=(2, 4),
+        expert_parallel_windows=64,
     ),
-}  # fmt: skip
+    # A few minutes: the report's structure and rules, not its findings.
+    "quick": StudyPreset(
+        train=TrainConfig(
+            model=ModelConfig(
+                hidden_size=64,
+                num_layers=2,
+                num_heads=2,
+                num_experts=8,
+                expert_ffn_hidden_size=64,
+                max_seq_len=64,
+            ),
+            seq_len=64,
+            micro_batch_size=8,
+            steps=40,
+            warmup_steps=5,
+            eval_every=10,
+            eval_tokens=4096,
+            checkpoint_every=20,
+        ),
+        seeds=Seeds(table=2, frontier=1, balance_batch=2),
+        bias_warmup_steps=10,
+        perplexity_tokens=8192,
+        balance_windows=256,
+        largest_batch=128,
+        large_batches=(16, 128),
+        curve_groups=50,
+        domains=4,
+        windows_per_domain=8,
+        null_permutations=50,
+        expert_parallel_ranks=(2, 4),
+        expert_parallel_windows=16,
+    ),  # fmt: skip
+    # For one H100/H200 (python -m moe_kernels.study --preset gpu --device cuda): the small
+    # training preset's model (32 experts top-4, 6 layers of 256) on 32 sequences of 256
+    # tokens a step, computation batches to 4096 windows.
+    "gpu": StudyPreset(
+        train=dataclasses.replace(
+            _study_train(TRAIN_PRESETS["small"], eval_every=50),
+            micro_batch_size=32,
+            steps=400,
+            warmup_steps=40,
+            checkpoint_every=400,
+        ),
+        seeds=Seeds(table=3, frontier=2, balance_batch=2),
+        bias_warmup_steps=80,
+        perplexity_tokens=262144,
+        balance_windows=8192,
+        largest_batch=4096,
+        large_batches=(64, 4096),
+        curve_groups=200,
+        domains=16,
+        windows_per_domain=64,
+        null_permutations=200,
+        expert_parallel_ranks=(),
+        expert_parallel_windows=0,
+    ),  # fmt: skip
+}
 
 
-def run_arm(config: TrainConfig, out_dir: Path, device: str, progress: bool) -> dict:
-    """Trains one arm unless its summary exists (a finished run is never repeated; an
+def run_arm(config: TrainConfig, out_dir: Path, device: str, progress: bool, label: str) -> dict:
+    """Trains one run unless its summary exists (a finished run is never repeated; an
     interrupted one resumes from its checkpoint) and returns its summary."""
     summary_path = out_dir / "summary.json"
     if summary_path.exists():
         return json.loads(summary_path.read_text())
     resume = any(out_dir.glob("checkpoint*.pt"))
-    return train(
-        config, out_dir, device=device, resume=resume, progress=progress, label=out_dir.name
-    )
+    return train(config, out_dir, device=device, resume=resume, progress=progress, label=label)
+
+
+def measure_settings(preset: StudyPreset, windows: StudyWindows) -> dict:
+    """What a model's measures depend on beside its weights: cached measures made under other
+    settings are measured again."""
+    return {
+        "perplexity_tokens": preset.perplexity_tokens,
+        "balance_windows": preset.balance_windows,
+        "curve_sizes": preset.curve_sizes,
+        "curve_groups": preset.curve_groups,
+        "domains": windows.domains,
+        "windows_per_domain": preset.windows_per_domain,
+        "null_permutations": preset.null_permutations,
+        "expert_parallel_windows": preset.expert_parallel_windows,
+    }
 
 
 @torch.no_grad()
-def measure_arm(out_dir: Path, held_out: torch.Tensor, domains: dict[str, torch.Tensor]) -> dict:
-    """The arm's measurements on held-out sequences (cached in ``measures.json``): MaxVio by
-    computation batch size, how far its outputs move when later tokens change, the top-k score
-    sum per layer, and each domain's expert frequencies with their specialisation (None with
-    fewer than 2 domains)."""
-    measures_path = out_dir / "measures.json"
-    if measures_path.exists():
-        return json.loads(measures_path.read_text())
-    config, state = load_export(out_dir / "model.pt")
-    model = MoETransformer(config)
+def measure_run(run_dir: Path, preset: StudyPreset, windows: StudyWindows, device: str) -> dict:
+    """One trained model's measures (cached in ``measures.json``): perplexity and MaxVio on
+    the held-out documents; future-token leakage; and for token choice, from each training
+    window's counts (kept in ``counts.pt``), MaxVio_global over all of them (per layer and
+    mean), MaxVio of random computation batches by size, consecutive batches for the
+    expert-parallel check, and over the domain windows, the top-k score sum per layer, each
+    domain's expert frequencies and the domain specialisation against its null."""
+    settings = measure_settings(preset, windows)
+    path = run_dir / "measures.json"
+    if path.exists():
+        cached = json.loads(path.read_text())
+        if cached["settings"] == settings:
+            return cached
+    config, state = load_export(run_dir / "model.pt")
+    torch_device = resolve_device(device)
+    model = MoETransformer(config).to(torch_device)
     model.load_state_dict(state)
-    counts = counts_per_sequence(model, held_out)
-    measures = {
-        "maxvio_by_computation_batch": {
-            str(size): value
-            for size, value in maxvio_by_computation_batch(counts, COMPUTATION_BATCH_SIZES).items()
-        },
-        "future_token_leakage": future_token_leakage(
-            model, held_out[:LEAKAGE_SEQUENCES], position=held_out.shape[1] // 2
-        ),
-        "topk_score_sum": topk_score_sum(model, held_out),
-    }
-    frequencies = {
-        domain: expert_frequency(counts_per_sequence(model, sequences))
-        for domain, sequences in domains.items()
-    }
-    measures["expert_frequency_by_domain"] = {d: f.tolist() for d, f in frequencies.items()}
-    measures["domain_specialisation"] = (
-        domain_specialisation(torch.stack(list(frequencies.values())))
-        if len(frequencies) >= 2
-        else None
+    held_out = eval_batches(
+        windows.held_out, config.micro_batch_size, config.seq_len, preset.perplexity_tokens
     )
-    atomic_write_text(measures_path, json.dumps(measures, indent=2) + "\n")
+    on_held_out = evaluate(model, held_out, config, torch_device, ParallelLayout())
+    leakage_windows = torch.cat([inputs for inputs, _ in held_out])[:LEAKAGE_SEQUENCES]
+    measures: dict = {
+        "settings": settings,
+        "perplexity": float(torch.tensor(on_held_out["val_loss"]).exp()),
+        "maxvio_held_out": on_held_out["maxvio_global"],
+        "future_token_leakage": future_token_leakage(
+            model, leakage_windows.to(torch_device), position=config.seq_len // 2
+        ),
+    }
+    if config.balancing == "expert_choice":
+        return _write_measures(path, measures)
+    counts = window_counts(model, windows.balance.to(torch_device))
+    torch.save(counts, run_dir / "counts.pt")
+    per_layer = balance_per_layer(counts)
+    measures["maxvio_global_per_layer"] = per_layer
+    measures["maxvio_global"] = sum(per_layer) / len(per_layer)
+    measures["computation_batch"] = {
+        str(size): value
+        for size, value in computation_batch_curve(
+            counts, preset.curve_sizes, preset.curve_groups
+        ).items()
+    }
+    ep_sizes = [ranks * m for ranks in preset.expert_parallel_ranks for m in MICRO_BATCHES]
+    measures["consecutive_batches"] = {
+        str(size): value
+        for size, value in consecutive_batch_maxvio(
+            counts[: preset.expert_parallel_windows], sorted(set(ep_sizes))
+        ).items()
+    }
+    scored = windows.by_domain if windows.domains else windows.balance
+    scores = topk_score_sum(model, scored.to(torch_device))
+    measures["topk_score_sum_per_layer"] = scores
+    measures["topk_score_sum"] = sum(scores) / len(scores)
+    if len(windows.domains) >= 2:
+        by_domain = window_counts(model, windows.by_domain.to(torch_device))
+        labels = windows.domain_labels
+        measures["expert_frequency_by_domain"] = domain_frequencies(
+            by_domain, labels, len(windows.domains)
+        ).tolist()
+        measures["domain_specialisation"] = specialisation_against_null(
+            by_domain, labels, preset.null_permutations
+        )
+    return _write_measures(path, measures)
+
+
+def balance_per_layer(counts: torch.Tensor) -> list[float]:
+    """MaxVio of each layer's counts summed over every window: MaxVio_global in distribution."""
+    return max_violation(counts.sum(dim=0)).tolist()
+
+
+def _write_measures(path: Path, measures: dict) -> dict:
+    atomic_write_text(path, json.dumps(measures, indent=2) + "\n")
     return measures
 
 
-def held_out_sequences(config: TrainConfig, count: int) -> torch.Tensor:
-    """The first ``count`` held-out sequences of the arms' data, [count, seq_len]."""
-    val = prepare_data(config, default_cache_dir()).val
-    length = config.seq_len
-    if val.numel() < count * length:
-        raise ValueError(f"the held-out text has fewer than {count} sequences of {length}")
-    return val[: count * length].view(count, length)
-
-
-def held_out_by_domain(config: TrainConfig) -> dict[str, torch.Tensor]:
-    """{domain: [n, seq_len] ids}: each domain's held-out documents (``Corpus.val_domains``)
-    encoded one after another, for domains with at least ``DOMAIN_SEQUENCES[0]`` sequences,
-    at most ``DOMAIN_SEQUENCES[1]`` each, in order of name; {} for a token file."""
-    if config.data.endswith((".npy", ".bin")):
-        return {}
-    corpus = load_corpus(config.data)
-    tokenizer = get_tokenizer(
-        config.tokenizer, corpus, config.model.vocab_size, default_cache_dir()
+def run_study(preset_name: str, out_dir: Path, device: str = "cpu", progress: bool = True) -> dict:
+    """Trains and measures every run of ``strategies`` under ``out_dir/runs/<arm>/seed<s>``,
+    runs the Table-2 pair's first seed on expert-parallel ranks, draws the findings; writes
+    ``out_dir/results.json`` and returns it: {"preset", "design", "domains", "runs": {arm:
+    {seed: {"summary", "measures"}}}, "balanced_router": {size: {"mean", "low", "high"}},
+    "expert_parallel": {ranks: {arm: {size: MaxVio}}}, "findings": [...]}."""
+    preset = STUDY_PRESETS[preset_name]
+    windows = study_windows(
+        preset.train, preset.balance_windows, preset.domains, preset.windows_per_domain
     )
-    ids: dict[str, list[int]] = defaultdict(list)
-    for text, domain in zip(corpus.val, corpus.val_domains, strict=True):
-        ids[domain] += [*tokenizer.encode(text), tokenizer.eot_id]
-    fewest, most = DOMAIN_SEQUENCES
-    domains = {}
-    for domain in sorted(ids):
-        count = min(len(ids[domain]) // config.seq_len, most)
-        if count >= fewest:
-            domains[domain] = torch.tensor(ids[domain][: count * config.seq_len]).view(count, -1)
-    return domains
-
-
-def run_study(preset: str, out_dir: Path, device: str = "cpu", progress: bool = True) -> dict:
-    """Trains and measures every arm of ``strategies(STUDY_PRESETS[preset])`` under
-    ``out_dir/runs/<arm>``, then runs the token-choice arms on ``EXPERT_PARALLEL_RANKS``
-    ranks; writes and returns {"preset", "domains": [name], "arms": {arm: {"summary",
-    "measures"}}, "expert_parallel": {ranks: {arm: {size: MaxVio}}}}."""
-    base = STUDY_PRESETS[preset]
-    held_out = held_out_sequences(base, max(COMPUTATION_BATCH_SIZES))
-    domains = held_out_by_domain(base)
-    arms = {}
-    configs = strategies(base)
-    for index, (name, config) in enumerate(configs.items(), 1):
-        if progress:
-            print(f"[{index}/{len(configs)}] {name}", flush=True)
-        arm_dir = out_dir / "runs" / name
-        summary = run_arm(config, arm_dir, device, progress)
-        arms[name] = {"summary": summary, "measures": measure_arm(arm_dir, held_out, domains)}
-    token_choice = [
-        out_dir / "runs" / name
-        for name, config in configs.items()
-        if config.balancing != "expert_choice"
-    ]
+    arms = strategies(preset.train, preset.seeds, preset.bias_warmup_steps)
+    total = sum(len(arm.seeds) for arm in arms.values())
+    runs: dict[str, dict[str, dict]] = {}
+    done = 0
+    for name, arm in arms.items():
+        runs[name] = {}
+        for seed in arm.seeds:
+            done += 1
+            run_dir = out_dir / "runs" / name / f"seed{seed}"
+            label = f"{name} seed {seed}"
+            if progress:
+                print(f"[{done}/{total}] {label}", flush=True)
+            summary = run_arm(arm.run_config(seed), run_dir, device, progress, label)
+            runs[name][str(seed)] = {
+                "summary": summary,
+                "measures": measure_run(run_dir, preset, windows, device),
+            }
+    model = preset.train.model
     study = {
-        "preset": preset,
-        "domains": list(domains),
-        "arms": arms,
+        "preset": preset_name,
+        "design": design(preset, arms),
+        "domains": windows.domains,
+        "runs": runs,
+        "balanced_router": {
+            str(size): value
+            for size, value in computation_batch_curve(
+                balanced_router_counts(
+                    preset.balance_windows,
+                    preset.train.seq_len,
+                    model.num_layers,
+                    model.num_experts,
+                    model.topk,
+                ),
+                preset.curve_sizes,
+                preset.curve_groups,
+            ).items()
+        },  # fmt: skip
         "expert_parallel": {
-            str(ranks): run_expert_parallel(token_choice, held_out, ranks, out_dir / "runs")
-            for ranks in EXPERT_PARALLEL_RANKS
+            str(ranks): run_expert_parallel(
+                [out_dir / "runs" / name / f"seed{arms[name].seeds[0]}" for name in TABLE_PAIR],
+                windows.balance[: preset.expert_parallel_windows],
+                ranks,
+                out_dir / "runs",
+            )
+            for ranks in preset.expert_parallel_ranks
         },
     }
-    atomic_write_text(out_dir / "results.json", json.dumps(study, indent=2, default=str) + "\n")
+    study["findings"] = findings(study)
+    atomic_write_text(out_dir / "results.json", json.dumps(study, indent=2) + "\n")
     return study
+
+
+def design(preset: StudyPreset, arms: dict[str, Arm]) -> dict:
+    """What the report states of the study's design: arms and their seeds, the windows."""
+    return {
+        "arms": {name: list(arm.seeds) for name, arm in arms.items()},
+        "steps": preset.train.steps,
+        "tokens_per_step": preset.train.tokens_per_step,
+        "bias_warmup_steps": preset.bias_warmup_steps,
+        "perplexity_tokens": preset.perplexity_tokens,
+        "balance_windows": preset.balance_windows,
+        "seq_len": preset.train.seq_len,
+        "curve_sizes": preset.curve_sizes,
+        "large_batches": list(preset.large_batches),
+        "curve_groups": preset.curve_groups,
+        "windows_per_domain": preset.windows_per_domain,
+        "null_permutations": preset.null_permutations,
+        "expert_parallel_windows": preset.expert_parallel_windows,
+    }

@@ -1,67 +1,110 @@
-"""The arms of the study: one named training configuration per balancing strategy, all on the
-same model, data, seed and token budget (only how the load is balanced differs)."""
+"""The arms of the study: one named training configuration per balancing strategy, each trained
+from the same seeds (paired: seed i starts every arm from the same weights and draws the same
+batches), on the same model, data and token budget. Only how the load is balanced differs."""
 
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 
 from ..train.config import TrainConfig
 
-AUX_ALPHAS = ("1e-2", "1e-3", "1e-4")
-LOSS_FREE_RATES = ("1e-4", "1e-3", "1e-2")
-# Micro-batches a step's sequences are split into, for the micro- and global-batch aux losses.
-SPLITS = (2, 4)
-SEED_ARM = "aux_loss_1e-3_seed1"
+# arXiv 2408.15664's aux-loss baseline, and its loss-free rate after the warm-up.
+PAPER_ALPHA = "1e-3"
+PAPER_RATE = 1e-3
+# The warm-up's rate: it undoes the early collapse of routing within a few dozen steps.
+WARM_RATE = 1e-2
+# The aux loss's coefficients on the balance-perplexity frontier (Figure 2), beside
+# PAPER_ALPHA; the largest must reach loss-free's balance.
+FRONTIER_ALPHAS = ("3e-3", "1e-2", "3e-2")
+# Micro- against global-batch balance (arXiv 2501.11873) at a coefficient that binds: balance
+# groups of 1 and 4 sequences, against the whole micro-batch (the aux-loss arm of QWEN_ALPHA).
+QWEN_ALPHA = "3e-2"
+BALANCE_GROUPS = (1, 4)
+
+TABLE_PAIR = (f"aux_loss_{PAPER_ALPHA}", "loss_free_warm")
 
 
-def split_pair(split: int) -> tuple[str, str]:
-    """The micro-batch and global-batch aux-loss arms whose steps are split ``split`` ways."""
-    return f"aux_loss_1e-3_x{split}", f"global_aux_loss_1e-3_x{split}"
+def aux_arm(alpha: str) -> str:
+    return f"aux_loss_{alpha}"
 
 
-def strategies(base: TrainConfig) -> dict[str, TrainConfig]:
-    """Every arm the study trains, derived from ``base`` (its model, data, seed, steps and
-    tokens per step):
+def group_arm(group: int) -> str:
+    """The arm balancing groups of ``group`` sequences at QWEN_ALPHA."""
+    return f"seq_aux_loss_g{group}_{QWEN_ALPHA}"
 
-    - ``none``; ``aux_loss`` at alpha 1e-2, 1e-3, 1e-4 (arXiv 2408.15664's dilemma);
-      ``seq_aux_loss`` (DeepSeek-V3, alpha 1e-3);
-    - micro-batch against global-batch balance (arXiv 2501.11873, alpha 1e-3): the step's
-      sequences split into 2 or 4 micro-batches of gradient accumulation, then
-      ``aux_loss_1e-3_x{n}`` balances each micro-batch on its own, while
-      ``global_aux_loss_1e-3_x{n}`` counts every micro-batch of the step so far: its balance
-      batch is n micro-batches, as n data-parallel ranks would give;
-    - ``loss_free`` at rates 1e-4, 1e-3, 1e-2, sign rule, and 1e-3 proportional;
-    - ``expert_choice`` (capacity factor 1);
-    - ``aux_loss_1e-3_seed1``: ``aux_loss_1e-3`` from another seed, for the scale of the
-      differences chance alone makes.
+
+@dataclass(frozen=True)
+class Seeds:
+    """How many paired seeds each question gets: the Table-2 pair (aux loss at the paper's
+    alpha against warm-started loss-free), the frontier's other alphas, and the balance-batch
+    sweep."""
+
+    table: int
+    frontier: int
+    balance_batch: int
+
+
+@dataclass(frozen=True)
+class Arm:
+    config: TrainConfig  # the first seed's
+    seeds: tuple[int, ...]
+
+    def run_config(self, seed: int) -> TrainConfig:
+        return dataclasses.replace(self.config, seed=seed)
+
+
+def strategies(base: TrainConfig, seeds: Seeds, bias_warmup_steps: int) -> dict[str, Arm]:
+    """Every arm the study trains, derived from ``base`` (its model, data, steps, tokens per
+    step and first seed):
+
+    - ``aux_loss_1e-3`` and ``loss_free_warm`` (sign rule, rate 1e-2 for
+      ``bias_warmup_steps`` updates then the paper's 1e-3): arXiv 2408.15664's Table 2;
+    - ``aux_loss_{3e-3,1e-2,3e-2}``: its Figure 2 frontier; ``loss_free_1e-2``, the rate of
+      the warm-up held throughout (one seed), for what the warm-up changes;
+    - ``seq_aux_loss_g{1,4}_3e-2``: the aux loss over groups of 1 and 4 sequences, against
+      ``aux_loss_3e-2`` over the whole micro-batch (arXiv 2501.11873's balance batch);
+    - ``expert_choice`` (capacity factor 1, one seed): whether routing leaks future tokens.
     """
-    sequences = base.micro_batch_size * base.grad_accumulation
-
-    def arm(balancing: str, micro_batches: int = 1, **changes: object) -> TrainConfig:
-        if sequences % micro_batches:
-            raise ValueError(
-                f"the base's {sequences} sequences per step do not split into {micro_batches} "
-                "micro-batches"
-            )
-        return dataclasses.replace(
-            base,
-            balancing=balancing,
-            micro_batch_size=sequences // micro_batches,
-            grad_accumulation=micro_batches,
-            **changes,
+    if base.grad_accumulation != 1:
+        raise ValueError("the study's base trains one micro-batch per step (grad_accumulation=1)")
+    batch = base.micro_batch_size
+    if any(batch % group or group >= batch for group in BALANCE_GROUPS):
+        raise ValueError(
+            f"the base's micro-batch of {batch} sequences must split into balance groups of "
+            f"{BALANCE_GROUPS} sequences, each smaller than it"
         )
 
-    arms = {"none": arm("none")}
-    for alpha in AUX_ALPHAS:
-        arms[f"aux_loss_{alpha}"] = arm("aux_loss", aux_coeff=float(alpha))
-    arms["seq_aux_loss_1e-3"] = arm("seq_aux_loss", aux_coeff=1e-3)
-    for split in SPLITS:
-        micro, global_ = split_pair(split)
-        arms[micro] = arm("aux_loss", split, aux_coeff=1e-3)
-        arms[global_] = arm("global_aux_loss", split, aux_coeff=1e-3, global_counts="running")
-    for rate in LOSS_FREE_RATES:
-        arms[f"loss_free_{rate}"] = arm("loss_free", rate=float(rate), rule="sign")
-    arms["loss_free_1e-3_proportional"] = arm("loss_free", rate=1e-3, rule="proportional")
-    arms["expert_choice"] = arm("expert_choice", capacity_factor=1.0)
-    arms[SEED_ARM] = dataclasses.replace(arms["aux_loss_1e-3"], seed=base.seed + 1)
+    def first(count: int) -> tuple[int, ...]:
+        return tuple(range(base.seed, base.seed + count))
+
+    def arm(count: int, balancing: str, **changes: object) -> Arm:
+        return Arm(dataclasses.replace(base, balancing=balancing, **changes), first(count))
+
+    def aux(alpha: str, count: int) -> Arm:
+        return arm(count, "aux_loss", aux_coeff=float(alpha))
+
+    arms = {
+        aux_arm(PAPER_ALPHA): aux(PAPER_ALPHA, seeds.table),
+        "loss_free_warm": arm(
+            seeds.table,
+            "loss_free",
+            rate=PAPER_RATE,
+            bias_warmup_rate=WARM_RATE,
+            bias_warmup_steps=bias_warmup_steps,
+            rule="sign",
+        ),
+    }
+    for alpha in FRONTIER_ALPHAS:
+        count = max(seeds.frontier, seeds.balance_batch if alpha == QWEN_ALPHA else 0)
+        arms[aux_arm(alpha)] = aux(alpha, count)
+    arms["loss_free_1e-2"] = arm(1, "loss_free", rate=WARM_RATE, rule="sign")
+    for group in BALANCE_GROUPS:
+        arms[group_arm(group)] = arm(
+            seeds.balance_batch,
+            "seq_aux_loss",
+            aux_coeff=float(QWEN_ALPHA),
+            aux_group_size=group,
+        )
+    arms["expert_choice"] = arm(1, "expert_choice", capacity_factor=1.0)
     return arms

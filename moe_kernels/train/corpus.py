@@ -35,13 +35,14 @@ class Corpus:
     """Documents of text split into training and held-out validation documents.
 
     ``fingerprint`` (16 hex digits) changes with the text and with the split rule; it keys
-    what is derived from the corpus in the cache (tokenizers, token ids). ``val_domains``
-    names the domain of each validation document (``Document.domain``).
+    what is derived from the corpus in the cache (tokenizers, token ids). ``train_domains``
+    and ``val_domains`` name the domain of each document (``Document.domain``).
     """
 
     name: str
     train: list[str] = field(repr=False)
     val: list[str] = field(repr=False)
+    train_domains: list[str] = field(repr=False)
     val_domains: list[str] = field(repr=False)
     fingerprint: str
 
@@ -90,6 +91,9 @@ def _split(name: str, documents: list[Document], val_fraction: float) -> Corpus:
         name=name,
         train=[doc.text for doc, held_out in zip(documents, in_val, strict=True) if not held_out],
         val=[doc.text for doc, held_out in zip(documents, in_val, strict=True) if held_out],
+        train_domains=[
+            doc.domain for doc, held_out in zip(documents, in_val, strict=True) if not held_out
+        ],
         val_domains=[
             doc.domain for doc, held_out in zip(documents, in_val, strict=True) if held_out
         ],
