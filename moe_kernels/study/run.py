@@ -159,12 +159,26 @@ STUDY_PRESETS: dict[str, StudyPreset] = {
 
 def run_arm(config: TrainConfig, out_dir: Path, device: str, progress: bool, label: str) -> dict:
     """Trains one run unless its summary exists (a finished run is never repeated; an
-    interrupted one resumes from its checkpoint) and returns its summary."""
+    interrupted one resumes from its checkpoint) and returns its summary. A finished run of
+    another configuration is refused, never reused."""
     summary_path = out_dir / "summary.json"
     if summary_path.exists():
-        return json.loads(summary_path.read_text())
+        summary = json.loads(summary_path.read_text())
+        if _without_vocab(summary["config"]) != _without_vocab(config.to_dict()):
+            raise ValueError(
+                f"{out_dir} holds a run of another configuration than this study's {label}: "
+                "remove it, or give the study another --out"
+            )
+        return summary
     resume = any(out_dir.glob("checkpoint*.pt"))
     return train(config, out_dir, device=device, resume=resume, progress=progress, label=label)
+
+
+def _without_vocab(config: dict) -> dict:
+    """A run's configuration as JSON, but for the vocabulary size the data sets."""
+    config = json.loads(json.dumps(config))
+    del config["model"]["vocab_size"]
+    return config
 
 
 def measure_settings(preset: StudyPreset, windows: StudyWindows) -> dict:
@@ -270,22 +284,25 @@ def run_study(preset_name: str, out_dir: Path, device: str = "cpu", progress: bo
         preset.train, preset.balance_windows, preset.domains, preset.windows_per_domain
     )
     arms = strategies(preset.train, preset.seeds, preset.bias_warmup_steps)
-    total = sum(len(arm.seeds) for arm in arms.values())
-    runs: dict[str, dict[str, dict]] = {}
-    done = 0
-    for name, arm in arms.items():
-        runs[name] = {}
-        for seed in arm.seeds:
-            done += 1
-            run_dir = out_dir / "runs" / name / f"seed{seed}"
-            label = f"{name} seed {seed}"
-            if progress:
-                print(f"[{done}/{total}] {label}", flush=True)
-            summary = run_arm(arm.run_config(seed), run_dir, device, progress, label)
-            runs[name][str(seed)] = {
-                "summary": summary,
-                "measures": measure_run(run_dir, preset, windows, device),
-            }
+    # Seed by seed, so the first seed of every arm is ready first.
+    order = sorted(
+        ((seed, name) for name, arm in arms.items() for seed in arm.seeds),
+        key=lambda pair: (pair[0] - preset.train.seed, list(arms).index(pair[1])),
+    )
+    trained = {}
+    for done, (seed, name) in enumerate(order, 1):
+        label = f"{name} seed {seed}"
+        if progress:
+            print(f"[{done}/{len(order)}] {label}", flush=True)
+        run_dir = out_dir / "runs" / name / f"seed{seed}"
+        summary = run_arm(arms[name].run_config(seed), run_dir, device, progress, label)
+        trained[name, seed] = {
+            "summary": summary,
+            "measures": measure_run(run_dir, preset, windows, device),
+        }
+    runs = {
+        name: {str(seed): trained[name, seed] for seed in arm.seeds} for name, arm in arms.items()
+    }
     model = preset.train.model
     study = {
         "preset": preset_name,
@@ -305,7 +322,7 @@ def run_study(preset_name: str, out_dir: Path, device: str = "cpu", progress: bo
                 preset.curve_sizes,
                 preset.curve_groups,
             ).items()
-        },  # fmt: skip
+        },
         "expert_parallel": {
             str(ranks): run_expert_parallel(
                 [out_dir / "runs" / name / f"seed{arms[name].seeds[0]}" for name in TABLE_PAIR],
