@@ -7,6 +7,7 @@
 # `make lint` checks formatting (ruff, clang-format) and `make format` applies it.
 # `make gpu-check` builds, tests, sanitizes and benchmarks the CUDA side on a machine with a GPU
 # and torch installed (QUICK=1: under 4 minutes); DRY_RUN=1 walks its stages on the CPU.
+# `make gpu-study` builds there and runs the balance study's GPU preset (under 8 minutes).
 # `make test-gpu-machine` builds and tests against that machine's software (Python 3.12, torch
 # 2.11, transformers 5.17) in .venv-gpu-machine, as CI does on every submission.
 PYTHON ?= python3
@@ -14,7 +15,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DEPS := $(VENV)/.deps-installed
 
-.PHONY: build train test test-asan bench gpu-check lint format clean
+.PHONY: build train test test-asan bench gpu-check gpu-study lint format clean
 
 $(DEPS): requirements-dev.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -58,9 +59,13 @@ bench: build
 ifdef DRY_RUN
 gpu-check: build
 	$(PY) benchmarks/gpu_check.py --dry-run
+gpu-study: build
+	$(PY) benchmarks/gpu_check.py --dry-run --stages build study
 else
 gpu-check:
 	$(PYTHON) benchmarks/gpu_check.py $(if $(QUICK),--quick)
+gpu-study:
+	$(PYTHON) benchmarks/gpu_check.py --stages build study
 endif
 
 # The GPU machine's environment (Python 3.12, torch 2.11.0, transformers 5.17; nothing installs

@@ -1,6 +1,7 @@
 """The whole truth about the CUDA side in one command, for the rare minutes a GPU is lent.
 
     python benchmarks/gpu_check.py [--quick] [--dry-run] [--out DIR]     (make gpu-check)
+    python benchmarks/gpu_check.py --stages build study                  (make gpu-study)
 
 For a machine with a CUDA GPU and a torch already installed: no venv is made and nothing is
 downloaded. Four stages, each with its own time budget; a stage that fails or runs out of time
@@ -16,6 +17,10 @@ is recorded as such and the next one still runs, so a partial run still leaves i
 4. benchmarks: each against its baseline in the same run (see each script), and the ``small``
    training preset's tokens/s.
 
+One more stage runs only when named (``--stages``): ``study``, the balance study's ``gpu``
+preset (``python -m moe_kernels.study --preset gpu --device cuda``), its report in
+``study/`` of the output folder; with ``build`` first, under 8 minutes in all.
+
 Everything lands in ``benchmarks/results/gpu/<device name>/`` (``--out``): each step's log,
 the benchmarks' JSON and Markdown, ``build-summary.txt``, and ``summary.json`` /
 ``summary.md``, the one screen printed at the end. The exit status is non-zero when any stage
@@ -25,8 +30,8 @@ did not pass.
 their CPU counterparts on tiny shapes: the build in the variant already configured (a no-op
 when up to date), the emulated (``emu-forward``) cases of two test files, the kernel driver on
 the CPU emulator under three thread schedules in place of the sanitizer's tools, and the
-benchmarks' ``--smoke`` sizes on the CPU. The test suite runs it, so this script cannot rot
-between GPU visits.
+benchmarks' ``--smoke`` sizes on the CPU, and the study's ``quick`` preset. The test suite runs
+it, so this script cannot rot between GPU visits.
 """
 
 from __future__ import annotations
@@ -52,7 +57,8 @@ SANITIZER_TOOLS = ("memcheck", "racecheck", "synccheck", "initcheck")
 # Seconds per stage (full, --quick): under 8 and 4 minutes in all on one H100/H200. The dry
 # run emulates on a CPU of 2 cores and gets DRY_RUN_BUDGET_S for each.
 BUDGETS_S = {"build": (140, 120), "tests": (90, 45), "sanitizer": (120, 35),
-             "benchmarks": (120, 35)}  # fmt: skip
+             "benchmarks": (120, 35), "study": (330, 330)}  # fmt: skip
+DEFAULT_STAGES = ("build", "tests", "sanitizer", "benchmarks")
 DRY_RUN_BUDGET_S = 600
 EMULATED_TOOLS = {"memcheck": "forward", "racecheck": "reverse", "synccheck": "random",
                   "initcheck": "forward"}  # fmt: skip
@@ -187,6 +193,16 @@ def train_args(out: Path, dry_run: bool) -> list[str]:
             "--no-progress", "--out", str(out / "train-small")]  # fmt: skip
 
 
+def study_stage(out: Path, dry_run: bool, quick: bool) -> Stage:
+    """The balance study's GPU preset (its quick preset on the CPU in a dry run)."""
+    preset = ["--preset", "quick", "--device", "cpu"] if dry_run else ["--preset", "gpu",
+              "--device", "cuda"]  # fmt: skip
+    command = python(
+        "-m", "moe_kernels.study", *preset, "--no-progress", "--out", str(out / "study")
+    )
+    return Stage("study", budget("study", dry_run, quick), [Step("study", command)])
+
+
 def run_stage(stage: Stage, out: Path) -> None:
     deadline = time.monotonic() + stage.budget_s
     for step in stage.steps:
@@ -238,6 +254,7 @@ def summarize(stages: list[Stage], out: Path, header: dict[str, object]) -> str:
         "tests": r"passed|failed|skipped|error|no tests",
         "coverage": r"kernels launched|never launched",
         "train-small": r"tokens/s",
+        "study": r"report:|Error",
     }
     for stage in stages:
         for step in stage.steps:
@@ -256,6 +273,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer shapes and tools: < 4 min")
     parser.add_argument("--dry-run", action="store_true", help="walk every stage on the CPU")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--stages", nargs="+", choices=(*DEFAULT_STAGES, "study"), default=list(DEFAULT_STAGES),
+        help="the stages to run, in this order (default: all but study)",
+    )  # fmt: skip
     args = parser.parse_args()
     if not args.dry_run and not torch.cuda.is_available():
         sys.exit("gpu-check needs a CUDA GPU (or --dry-run, which walks every stage on the CPU)")
@@ -270,12 +291,14 @@ def main() -> None:
         "mode": "dry run" if args.dry_run else "quick" if args.quick else "full",
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
-    stages = [
-        build_stage(args.dry_run, args.quick),
-        test_stage(args.dry_run, args.quick),
-        sanitizer_stage(args.dry_run, args.quick),
-        benchmark_stage(out, args.dry_run, args.quick),
-    ]
+    make = {
+        "build": lambda: build_stage(args.dry_run, args.quick),
+        "tests": lambda: test_stage(args.dry_run, args.quick),
+        "sanitizer": lambda: sanitizer_stage(args.dry_run, args.quick),
+        "benchmarks": lambda: benchmark_stage(out, args.dry_run, args.quick),
+        "study": lambda: study_stage(out, args.dry_run, args.quick),
+    }
+    stages = [make[name]() for name in args.stages]
     begin = time.monotonic()
     for stage in stages:
         run_stage(stage, out)

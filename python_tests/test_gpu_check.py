@@ -40,6 +40,19 @@ def test_the_dry_run_walks_every_stage(tmp_path):
     assert "| benchmarks | train-small | passed |" in (tmp_path / "summary.md").read_text()
 
 
+def test_the_study_stage_runs_the_quick_preset_in_a_dry_run(tmp_path):
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--dry-run", "--stages",
+         "study", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [stage["name"] for stage in summary["stages"]] == ["study"]
+    assert json.loads((tmp_path / "study" / "results.json").read_text())["preset"] == "quick"
+    assert "| study | study | passed |" in (tmp_path / "summary.md").read_text()
+
+
 def test_every_declared_kernel_is_found():
     """The coverage check parses csrc/ for kernels: it must find each family's, with and
     without __launch_bounds__, or a kernel could escape the sanitizers unnoticed."""

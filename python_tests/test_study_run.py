@@ -5,13 +5,16 @@ reuses everything; an interrupted run resumes to the same result."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
 
+import pytest
+
 from moe_kernels.study.__main__ import main
 from moe_kernels.study.findings import findings, interval_text, number
-from moe_kernels.study.run import STUDY_PRESETS
+from moe_kernels.study.run import STUDY_PRESETS, run_arm
 from moe_kernels.study.stats import Interval, mean_interval, verdict
 from moe_kernels.study.strategies import strategies
 
@@ -128,3 +131,27 @@ def test_quick_study_reports_every_run_and_follows_its_rules(tmp_path):
     assert main(["--quick", "--out", str(out), "--no-progress"]) == 0
     resumed = json.loads((folder / "measures.json").read_text())
     assert resumed == study["runs"]["loss_free_warm"]["1"]["measures"]
+
+
+def test_every_preset_is_a_study_the_code_can_run():
+    for name, preset in STUDY_PRESETS.items():
+        arms = strategies(preset.train, preset.seeds, preset.bias_warmup_steps)
+        assert len(arms["loss_free_warm"].seeds) >= 2, name
+        sizes = preset.curve_sizes
+        assert sizes[-1] == preset.balance_windows > preset.largest_batch == sizes[-2], name
+        assert set(preset.large_batches) <= set(sizes), name
+        assert preset.expert_parallel_windows <= preset.balance_windows, name
+        assert preset.bias_warmup_steps < preset.train.steps, name
+
+
+def test_a_finished_run_of_another_configuration_is_refused(tmp_path):
+    config = PRESET.train
+    folder = tmp_path / "aux_loss_1e-3" / "seed0"
+    folder.mkdir(parents=True)
+    summary = {"config": dataclasses.replace(config, aux_coeff=0.5).to_dict()}
+    (folder / "summary.json").write_text(json.dumps(summary))
+    with pytest.raises(ValueError, match="another configuration"):
+        run_arm(config, folder, "cpu", progress=False, label="aux_loss_1e-3 seed 0")
+    assert run_arm(dataclasses.replace(config, aux_coeff=0.5), folder, "cpu", False, "x") == (
+        json.loads(json.dumps(summary))
+    )
