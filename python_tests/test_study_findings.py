@@ -66,7 +66,7 @@ def study(way: str) -> dict:
     lf_maxvio = 0.2 if better >= 0 else 2.0
     runs = {
         "aux_loss_1e-3": arm(100.0, 1.0, curve=(1.02, 1.0)),
-        "loss_free_warm": arm(
+        "loss_free_1e-2": arm(
             100.0 - 2 * better,
             lf_maxvio,
             curve=(0.5, 0.5 - 0.3 * better) if better else (0.5, 0.5),
@@ -78,7 +78,7 @@ def study(way: str) -> dict:
             104.0 - 2 * better, 0.15, topk=0.5 + 0.1 * better, specialisation=0.01 + 0.02 * better,
             noise=noise,
         ),
-        "loss_free_1e-2": arm(103.0, 0.25, seeds=SEEDS[:1]),
+        "loss_free_warm": arm(103.0, 0.25, seeds=SEEDS[:1]),
         group_arm(BALANCE_GROUPS[0]): arm(104.0, 0.2),
         group_arm(BALANCE_GROUPS[1]): arm(104.0, 0.18),
         "expert_choice": {"0": run(105.0, 0.0, 0.0, 0.0, 0.3, 0.0, leak=0.2 * (way == AGREES))},
@@ -97,7 +97,7 @@ def study(way: str) -> dict:
         "runs": runs,
         # Above loss-free's plateau, so the scale can show Figure 5.
         "balanced_router": {"16": {"mean": 3.0}},
-        "expert_parallel": {"2": {"aux_loss_1e-3": {"2": 1.0}, "loss_free_warm": {"2": lf_maxvio}}},
+        "expert_parallel": {"2": {"aux_loss_1e-3": {"2": 1.0}, "loss_free_1e-2": {"2": lf_maxvio}}},
     }
 
 
@@ -121,7 +121,7 @@ def test_parts_are_the_paired_differences_of_the_runs():
     table = findings(hand)[0]
     perplexity = {p["name"]: p for p in table["parts"]}["perplexity at the paper's alpha"]
     aux = [hand["runs"]["aux_loss_1e-3"][s]["measures"]["perplexity"] for s in SEEDS]
-    loss_free = [hand["runs"]["loss_free_warm"][s]["measures"]["perplexity"] for s in SEEDS]
+    loss_free = [hand["runs"]["loss_free_1e-2"][s]["measures"]["perplexity"] for s in SEEDS]
     expected = paired_difference(aux, loss_free, relative=True)
     assert perplexity["interval"] == expected.to_dict()
     assert perplexity["paper_effect"] == pytest.approx(0.06 / 9.56) == PAPER_PERPLEXITY_GAIN
@@ -134,12 +134,12 @@ def test_parts_are_the_paired_differences_of_the_runs():
 
 def test_a_perplexity_gain_smaller_than_the_papers_does_not_agree():
     hand = study(AGREES)
-    for seed, run in hand["runs"]["loss_free_warm"].items():  # 0.2% better on every seed
+    for seed, run in hand["runs"]["loss_free_1e-2"].items():  # 0.2% better on every seed
         aux = hand["runs"]["aux_loss_1e-3"][seed]["measures"]["perplexity"]
         run["measures"]["perplexity"] = aux * (1 - 0.002) + 0.0001 * int(seed)
     parts = {p["name"]: p for p in findings(hand)[0]["parts"]}
     assert parts["perplexity at the paper's alpha"]["verdict"] == AGREES  # its direction
-    for seed, run in hand["runs"]["loss_free_warm"].items():  # 0.2% worse to 0.1% better
+    for seed, run in hand["runs"]["loss_free_1e-2"].items():  # 0.2% worse to 0.1% better
         aux = hand["runs"]["aux_loss_1e-3"][seed]["measures"]["perplexity"]
         run["measures"]["perplexity"] = aux * (1 + 0.001 - 0.001 * int(seed))
     parts = {p["name"]: p for p in findings(hand)[0]["parts"]}

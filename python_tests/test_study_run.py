@@ -89,7 +89,7 @@ def test_quick_study_reports_every_run_and_follows_its_rules(tmp_path):
     balance = table_2["balance at the paper's alpha"]["interval"]
     aux, loss_free = (
         [run["measures"]["maxvio_global"] for run in study["runs"][arm].values()]
-        for arm in ("aux_loss_1e-3", "loss_free_warm")
+        for arm in ("aux_loss_1e-3", "loss_free_1e-2")
     )
     assert balance["mean"] == sum(a - b for a, b in zip(aux, loss_free, strict=True)) / len(aux)
 
@@ -110,7 +110,7 @@ def test_quick_study_reports_every_run_and_follows_its_rules(tmp_path):
     # routing 1 and 2 windows per forward, receives exactly the one-process loads.
     assert list(study["expert_parallel"]) == [str(r) for r in PRESET.expert_parallel_ranks]
     for ranks, by_arm in study["expert_parallel"].items():
-        assert list(by_arm) == ["aux_loss_1e-3", "loss_free_warm"]
+        assert list(by_arm) == ["aux_loss_1e-3", "loss_free_1e-2"]
         for arm, by_size in by_arm.items():
             assert list(by_size) == [str(int(ranks) * m) for m in (1, 2)]
             one_process = study["runs"][arm]["0"]["measures"]["consecutive_batches"]
@@ -125,18 +125,18 @@ def test_quick_study_reports_every_run_and_follows_its_rules(tmp_path):
 
     # A run interrupted after its last checkpoint, before its summary, resumes from it to the
     # same result.
-    folder = out / "runs" / "loss_free_warm" / "seed1"
+    folder = out / "runs" / "loss_free_1e-2" / "seed1"
     for name in ("summary.json", "measures.json"):
         (folder / name).unlink()
     assert main(["--quick", "--out", str(out), "--no-progress"]) == 0
     resumed = json.loads((folder / "measures.json").read_text())
-    assert resumed == study["runs"]["loss_free_warm"]["1"]["measures"]
+    assert resumed == study["runs"]["loss_free_1e-2"]["1"]["measures"]
 
 
 def test_every_preset_is_a_study_the_code_can_run():
     for name, preset in STUDY_PRESETS.items():
         arms = strategies(preset.train, preset.seeds, preset.bias_warmup_steps)
-        assert len(arms["loss_free_warm"].seeds) >= 2, name
+        assert len(arms["loss_free_1e-2"].seeds) >= 2, name
         sizes = preset.curve_sizes
         assert sizes[-1] == preset.balance_windows > preset.largest_batch == sizes[-2], name
         assert set(preset.large_batches) <= set(sizes), name

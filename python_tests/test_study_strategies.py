@@ -37,9 +37,11 @@ def test_every_arm_differs_from_the_base_only_in_balancing():
                 assert getattr(arm.config, field.name) == getattr(BASE, field.name), (name, field)
     aux, loss_free = (arms[name] for name in TABLE_PAIR)
     assert (aux.config.balancing, aux.config.aux_coeff) == ("aux_loss", float(PAPER_ALPHA))
-    assert (loss_free.config.rate, loss_free.config.bias_warmup_rate) == (1e-3, 1e-2)
-    assert loss_free.config.bias_warmup_steps == 60 and loss_free.config.rule == "sign"
+    assert (loss_free.config.balancing, loss_free.config.rate) == ("loss_free", 1e-2)
+    assert loss_free.config.bias_warmup_steps == 0 and loss_free.config.rule == "sign"
     assert len(aux.seeds) == len(loss_free.seeds) == SEEDS.table
+    warm = arms["loss_free_warm"].config  # 1e-2 for the warm-up, then the paper's 1e-3
+    assert (warm.bias_warmup_rate, warm.bias_warmup_steps, warm.rate) == (1e-2, 60, 1e-3)
     for alpha in FRONTIER_ALPHAS:
         arm = arms[aux_arm(alpha)]
         assert arm.config.aux_coeff == float(alpha)
@@ -53,7 +55,7 @@ def test_every_arm_differs_from_the_base_only_in_balancing():
         assert arm.config.aux_coeff == float(QWEN_ALPHA)
         assert arm.seeds == arms[aux_arm(QWEN_ALPHA)].seeds
     assert arms["expert_choice"].config.balancing == "expert_choice"
-    assert len(arms["expert_choice"].seeds) == len(arms["loss_free_1e-2"].seeds) == 1
+    assert len(arms["expert_choice"].seeds) == len(arms["loss_free_warm"].seeds) == 1
 
 
 def test_a_base_the_sweep_cannot_use_is_refused():

@@ -17,12 +17,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="the quick preset (a few minutes)")
     parser.add_argument("--out", type=Path, default=None, help="default results/study[-PRESET]")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="runs trained at once, sharing the CPU's threads"
+    )
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     preset = "quick" if args.quick else args.preset
     suffix = "" if preset == "default" else f"-{preset}"
     out = args.out or Path("results") / f"study{suffix}"
-    study = run_study(preset, out, args.device, progress=not args.no_progress)
+    study = run_study(preset, out, args.device, progress=not args.no_progress, jobs=args.jobs)
     command = "python -m moe_kernels.study" + (f" --preset {preset}" if suffix else "")
     if args.device != "cpu":
         command += f" --device {args.device}"

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import multiprocessing
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -81,12 +83,13 @@ def _study_train(base: TrainConfig, eval_every: int) -> TrainConfig:
 
 
 STUDY_PRESETS: dict[str, StudyPreset] = {
-    # About 40 minutes on 2 CPU cores: 33 runs of the tiny training preset (300 steps of
-    # 2048 tokens), 8 paired seeds for the Table-2 pair, 3 for the rest.
+    # About 30 minutes on 2 CPU cores with --jobs 2: 36 runs of the tiny training preset (300
+    # steps of 2048 tokens), 8 paired seeds for the Table-2 pair, 4 for the balance batch, 3
+    # for the frontier.
     "default": StudyPreset(
         train=_study_train(TRAIN_PRESETS["tiny"], eval_every=25),
-        seeds=Seeds(table=8, frontier=3, balance_batch=3),
-        bias_warmup_steps=60,
+        seeds=Seeds(table=8, frontier=3, balance_batch=4),
+        bias_warmup_steps=150,
         perplexity_tokens=65536,
         balance_windows=2048,
         largest_batch=1024,
@@ -118,7 +121,7 @@ STUDY_PRESETS: dict[str, StudyPreset] = {
             checkpoint_every=20,
         ),
         seeds=Seeds(table=2, frontier=1, balance_batch=2),
-        bias_warmup_steps=10,
+        bias_warmup_steps=20,
         perplexity_tokens=8192,
         balance_windows=256,
         largest_batch=128,
@@ -142,7 +145,7 @@ STUDY_PRESETS: dict[str, StudyPreset] = {
             checkpoint_every=400,
         ),
         seeds=Seeds(table=3, frontier=2, balance_batch=2),
-        bias_warmup_steps=80,
+        bias_warmup_steps=200,
         perplexity_tokens=262144,
         balance_windows=8192,
         largest_batch=4096,
@@ -273,33 +276,75 @@ def _write_measures(path: Path, measures: dict) -> dict:
     return measures
 
 
-def run_study(preset_name: str, out_dir: Path, device: str = "cpu", progress: bool = True) -> dict:
-    """Trains and measures every run of ``strategies`` under ``out_dir/runs/<arm>/seed<s>``,
-    runs the Table-2 pair's first seed on expert-parallel ranks, draws the findings; writes
-    ``out_dir/results.json`` and returns it: {"preset", "design", "domains", "runs": {arm:
-    {seed: {"summary", "measures"}}}, "balanced_router": {size: {"mean", "low", "high"}},
-    "expert_parallel": {ranks: {arm: {size: MaxVio}}}, "findings": [...]}."""
+@cache
+def preset_windows(preset_name: str) -> StudyWindows:
+    """The windows of a preset, drawn once per process."""
     preset = STUDY_PRESETS[preset_name]
-    windows = study_windows(
+    return study_windows(
         preset.train, preset.balance_windows, preset.domains, preset.windows_per_domain
     )
+
+
+def train_and_measure(task: tuple[str, str, int, Path, str, bool]) -> tuple[str, int, dict]:
+    """One run of the study, trained (or read from its cache) and measured: (arm, seed,
+    {"summary", "measures"}). A task names its preset, so a worker process rebuilds the rest."""
+    preset_name, name, seed, out_dir, device, progress = task
+    preset = STUDY_PRESETS[preset_name]
+    arm = strategies(preset.train, preset.seeds, preset.bias_warmup_steps)[name]
+    run_dir = out_dir / "runs" / name / f"seed{seed}"
+    summary = run_arm(arm.run_config(seed), run_dir, device, progress, f"{name} seed {seed}")
+    measures = measure_run(run_dir, preset, preset_windows(preset_name), device)
+    return name, seed, {"summary": summary, "measures": measures}
+
+
+def train_and_measure_all(
+    preset_name: str, out_dir: Path, device: str, progress: bool, jobs: int
+) -> dict[tuple[str, int], dict]:
+    """Every run of the preset, seed by seed (the first seed of every arm first), by ``jobs``
+    worker processes sharing the CPU's threads (one process: here, with a progress bar)."""
+    preset = STUDY_PRESETS[preset_name]
     arms = strategies(preset.train, preset.seeds, preset.bias_warmup_steps)
-    # Seed by seed, so the first seed of every arm is ready first.
     order = sorted(
         ((seed, name) for name, arm in arms.items() for seed in arm.seeds),
         key=lambda pair: (pair[0] - preset.train.seed, list(arms).index(pair[1])),
     )
-    trained = {}
-    for done, (seed, name) in enumerate(order, 1):
-        label = f"{name} seed {seed}"
-        if progress:
-            print(f"[{done}/{len(order)}] {label}", flush=True)
-        run_dir = out_dir / "runs" / name / f"seed{seed}"
-        summary = run_arm(arms[name].run_config(seed), run_dir, device, progress, label)
-        trained[name, seed] = {
-            "summary": summary,
-            "measures": measure_run(run_dir, preset, windows, device),
-        }
+    tasks = [
+        (preset_name, name, seed, out_dir, device, progress and jobs == 1) for seed, name in order
+    ]
+    if jobs == 1:
+        done = {}
+        for index, task in enumerate(tasks, 1):
+            if progress:
+                print(f"[{index}/{len(tasks)}] {task[1]} seed {task[2]}", flush=True)
+            name, seed, result = train_and_measure(task)
+            done[name, seed] = result
+        return done
+    threads = max(1, torch.get_num_threads() // jobs)
+    context = multiprocessing.get_context("spawn")
+    done = {}
+    with context.Pool(jobs, initializer=torch.set_num_threads, initargs=(threads,)) as pool:
+        for name, seed, result in pool.imap_unordered(train_and_measure, tasks):
+            done[name, seed] = result
+            if progress:
+                print(f"[{len(done)}/{len(tasks)}] {name} seed {seed} done", flush=True)
+    return done
+
+
+def run_study(
+    preset_name: str, out_dir: Path, device: str = "cpu", progress: bool = True, jobs: int = 1
+) -> dict:
+    """Trains and measures every run of ``strategies`` under ``out_dir/runs/<arm>/seed<s>``
+    (``jobs`` at a time), runs the Table-2 pair's first seed on expert-parallel ranks, draws
+    the findings; writes ``out_dir/results.json`` and returns it: {"preset", "design",
+    "domains", "runs": {arm: {seed: {"summary", "measures"}}}, "balanced_router": {size:
+    {"mean", "low", "high"}}, "expert_parallel": {ranks: {arm: {size: MaxVio}}}, "findings":
+    [...]}."""
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
+    preset = STUDY_PRESETS[preset_name]
+    windows = preset_windows(preset_name)
+    arms = strategies(preset.train, preset.seeds, preset.bias_warmup_steps)
+    trained = train_and_measure_all(preset_name, out_dir, device, progress, jobs)
     runs = {
         name: {str(seed): trained[name, seed] for seed in arm.seeds} for name, arm in arms.items()
     }

@@ -48,9 +48,9 @@ class TrainConfig:
     balancing: str = "loss_free"
     rate: float = 1e-3
     # Loss-free: the bias moves at bias_warmup_rate for its first bias_warmup_steps updates,
-    # then at rate. The sign rule's step sets the floor of its imbalance, so a high rate that
-    # undoes the early collapse of routing, then the paper's 1e-3, ends better balanced
-    # than either alone.
+    # then at rate. The sign rule's step sets the floor of its imbalance: a high rate undoes
+    # the early collapse of routing, a low one then balances finer, once the router moves
+    # less than the rate per step (not within the tiny preset's 300 steps: see the study).
     bias_warmup_rate: float = 0.0
     bias_warmup_steps: int = 0
     rule: str = "sign"
