@@ -195,8 +195,8 @@ def train_args(out: Path, dry_run: bool) -> list[str]:
 
 def study_stage(out: Path, dry_run: bool, quick: bool) -> Stage:
     """The balance study's GPU preset (its quick preset on the CPU in a dry run)."""
-    preset = ["--preset", "quick", "--device", "cpu"] if dry_run else ["--preset", "gpu",
-              "--device", "cuda"]  # fmt: skip
+    preset = ["--preset", "quick", "--device", "cpu", "--jobs", "2"] if dry_run else [
+              "--preset", "gpu", "--device", "cuda"]  # fmt: skip
     command = python(
         "-m", "moe_kernels.study", *preset, "--no-progress", "--out", str(out / "study")
     )

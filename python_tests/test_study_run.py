@@ -39,7 +39,7 @@ def numbers_in(value) -> list[float]:
 
 def test_quick_study_reports_every_run_and_follows_its_rules(tmp_path):
     out = tmp_path / "study"
-    assert main(["--quick", "--out", str(out), "--no-progress"]) == 0
+    assert main(["--quick", "--jobs", "2", "--out", str(out), "--no-progress"]) == 0
     report = (out / "report.md").read_text()
     assert "python -m moe_kernels.study --preset quick" in report
     for plot in ("frontier.png", "maxvio_by_computation_batch.png", "loss.png", "maxvio.png",
@@ -120,7 +120,7 @@ def test_quick_study_reports_every_run_and_follows_its_rules(tmp_path):
 
     # A second run trains and measures nothing again.
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/*.json")}
-    assert main(["--quick", "--out", str(out), "--no-progress"]) == 0
+    assert main(["--quick", "--jobs", "2", "--out", str(out), "--no-progress"]) == 0
     assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/*.json")} == stamps
 
     # A run interrupted after its last checkpoint, before its summary, resumes from it to the
@@ -128,7 +128,7 @@ def test_quick_study_reports_every_run_and_follows_its_rules(tmp_path):
     folder = out / "runs" / "loss_free_1e-2" / "seed1"
     for name in ("summary.json", "measures.json"):
         (folder / name).unlink()
-    assert main(["--quick", "--out", str(out), "--no-progress"]) == 0
+    assert main(["--quick", "--jobs", "2", "--out", str(out), "--no-progress"]) == 0
     resumed = json.loads((folder / "measures.json").read_text())
     assert resumed == study["runs"]["loss_free_1e-2"]["1"]["measures"]
 
