@@ -52,9 +52,10 @@ def window_counts(model: nn.Module, windows: Tensor, batch_size: int = 64) -> Te
 
 
 def consecutive_batch_maxvio(counts: Tensor, sizes: list[int]) -> dict[int, float]:
-    """MaxVio per computation batch as it grows (arXiv 2408.15664, Figure 5): consecutive
-    sequences grouped ``size`` at a time, each group's counts summed per layer, MaxVio of each
-    group and layer averaged. Sequences past the last whole group are left out.
+    """MaxVio of consecutive computation batches, what expert-parallel ranks that each route
+    their share of ``size`` consecutive windows see (``expert_parallel`` checks it): windows
+    grouped ``size`` at a time, each group's counts summed per layer, MaxVio of each group and
+    layer averaged. Windows past the last whole group are left out.
 
     Args:
         counts: [N, L, E] per-window counts (``window_counts``).
