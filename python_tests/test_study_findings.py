@@ -124,7 +124,12 @@ def test_parts_are_the_paired_differences_of_the_runs():
     loss_free = [hand["runs"]["loss_free_1e-2"][s]["measures"]["perplexity"] for s in SEEDS]
     expected = paired_difference(aux, loss_free, relative=True)
     assert perplexity["interval"] == expected.to_dict()
-    assert perplexity["paper_effect"] == pytest.approx(0.06 / 9.56) == PAPER_PERPLEXITY_GAIN
+    # The quantity says what was computed: relative to the second arm.
+    assert perplexity["quantity"] == (
+        "(perplexity(aux_loss_1e-3) - perplexity(loss_free_1e-2)) / perplexity(loss_free_1e-2)"
+    )
+    assert perplexity["relative"] and not table["parts"][0]["relative"]
+    assert perplexity["paper_effect"] == pytest.approx(0.06 / 9.50) == PAPER_PERPLEXITY_GAIN
     # The frontier part compares the smallest alpha at least as balanced as loss-free (0.2).
     frontier = {p["name"]: p for p in table["parts"]}[
         "perplexity on the frontier, at equal or better balance"

@@ -24,8 +24,9 @@ from .strategies import (
     group_arm,
 )
 
-# arXiv 2408.15664, Table 2 (1B model): perplexity 9.56 with the aux loss, 9.50 loss-free.
-PAPER_PERPLEXITY_GAIN = 1 - 9.50 / 9.56
+# arXiv 2408.15664, Table 2 (1B model): perplexity 9.56 with the aux loss, 9.50 loss-free,
+# as the part measures it: relative to loss-free's.
+PAPER_PERPLEXITY_GAIN = 9.56 / 9.50 - 1
 # Balance a "binding" coefficient reaches (MaxVio_global at or below it).
 BINDING_MAXVIO = 0.3
 # Finding 3: a logit moved by more than this (relative) is a leak; float rounding stays below
@@ -78,11 +79,28 @@ def shared_seeds(study: dict, *arms: str) -> list[str]:
     return sorted(set.intersection(*seeds), key=int)
 
 
-def part(name: str, quantity: str, interval: Interval, paper_effect: float = 0.0) -> dict:
-    """One tested quantity: its interval and verdict."""
+def first_seed(study: dict, arm: str) -> str:
+    return min(study["runs"][arm], key=int)
+
+
+# How a part's quantity names each measure.
+LABELS = {
+    "maxvio_global": "MaxVio_global",
+    "perplexity": "perplexity",
+    "topk_score_sum": "topk",
+    "domain_specialisation.corrected": "specialisation",
+}
+
+
+def part(
+    name: str, quantity: str, interval: Interval, paper_effect: float = 0.0, relative: bool = False
+) -> dict:
+    """One tested quantity: its interval and verdict; ``relative``: a fraction of a measure
+    (the report prints it as a percentage)."""
     return {
         "name": name,
         "quantity": quantity,
+        "relative": relative,
         "interval": interval.to_dict(),
         "paper_effect": paper_effect,
         "verdict": verdict(interval, paper_effect),
@@ -98,6 +116,24 @@ def paired(study: dict, key: str, better: str, worse: str, relative: bool = Fals
     )
 
 
+def paired_part(
+    study: dict,
+    name: str,
+    key: str,
+    better: str,
+    worse: str,
+    relative: bool = False,
+    paper_effect: float = 0.0,
+) -> dict:
+    """The part testing that ``better``'s ``key`` exceeds ``worse``'s (``paired``), its
+    quantity written from the same arguments."""
+    label = LABELS[key]
+    difference = f"{label}({better}) - {label}({worse})"
+    quantity = f"({difference}) / {label}({worse})" if relative else difference
+    interval = paired(study, key, better, worse, relative)
+    return part(name, quantity, interval, paper_effect, relative)
+
+
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
@@ -108,16 +144,15 @@ def table_2(study: dict) -> dict:
     worse; and the dilemma of alpha itself."""
     aux, loss_free = TABLE_PAIR
     parts = [
-        part(
-            "balance at the paper's alpha",
-            f"MaxVio_global({aux}) - MaxVio_global({loss_free})",
-            paired(study, "maxvio_global", aux, loss_free),
-        ),
-        part(
+        paired_part(study, "balance at the paper's alpha", "maxvio_global", aux, loss_free),
+        paired_part(
+            study,
             "perplexity at the paper's alpha",
-            f"(perplexity({aux}) - perplexity({loss_free})) / perplexity({aux})",
-            paired(study, "perplexity", aux, loss_free, relative=True),
-            PAPER_PERPLEXITY_GAIN,
+            "perplexity",
+            aux,
+            loss_free,
+            relative=True,
+            paper_effect=PAPER_PERPLEXITY_GAIN,
         ),
     ]
     notes = []
@@ -139,23 +174,27 @@ def table_2(study: dict) -> dict:
         )
     matched = matched or aux_arm(alphas[-1])
     parts.append(
-        part(
+        paired_part(
+            study,
             "perplexity on the frontier, at equal or better balance",
-            f"(perplexity({matched}) - perplexity({loss_free})) / perplexity({matched})",
-            paired(study, "perplexity", matched, loss_free, relative=True),
+            "perplexity",
+            matched,
+            loss_free,
+            relative=True,
         )
     )
     low, high = aux_arm(PAPER_ALPHA), aux_arm("1e-2")
     dilemma = [
-        part(
-            "the dilemma: a larger alpha balances better",
-            f"MaxVio_global({low}) - MaxVio_global({high})",
-            paired(study, "maxvio_global", low, high),
+        paired_part(
+            study, "the dilemma: a larger alpha balances better", "maxvio_global", low, high
         ),
-        part(
+        paired_part(
+            study,
             "the dilemma: a larger alpha models worse",
-            f"(perplexity({high}) - perplexity({low})) / perplexity({low})",
-            paired(study, "perplexity", high, low, relative=True),
+            "perplexity",
+            high,
+            low,
+            relative=True,
         ),
     ]
     return {
@@ -256,7 +295,7 @@ def expert_parallel_notes(study: dict) -> list[str]:
         abs(value - float(study["runs"][arm][seed]["measures"]["consecutive_batches"][size]))
         for ranks, by_arm in study["expert_parallel"].items()
         for arm, by_size in by_arm.items()
-        for seed in [min(study["runs"][arm], key=int)]
+        for seed in [first_seed(study, arm)]
         for size, value in by_size.items()
     ]
     return [
@@ -304,23 +343,17 @@ def global_batch(study: dict) -> dict:
     at a binding alpha: perplexity, router confidence, domain specialisation."""
     micro, global_ = group_arm(BALANCE_GROUPS[0]), aux_arm(QWEN_ALPHA)
     parts = [
-        part(
-            "perplexity",
-            f"(perplexity({micro}) - perplexity({global_})) / perplexity({micro})",
-            paired(study, "perplexity", micro, global_, relative=True),
-        ),
-        part(
-            "top-k score sum",
-            f"topk({global_}) - topk({micro})",
-            paired(study, "topk_score_sum", global_, micro),
-        ),
+        paired_part(study, "perplexity", "perplexity", micro, global_, relative=True),
+        paired_part(study, "top-k score sum", "topk_score_sum", global_, micro),
     ]
     if study["domains"]:
         parts.append(
-            part(
+            paired_part(
+                study,
                 "domain specialisation, null-corrected",
-                f"specialisation({global_}) - specialisation({micro})",
-                paired(study, "domain_specialisation.corrected", global_, micro),
+                "domain_specialisation.corrected",
+                global_,
+                micro,
             )
         )
     balance = _mean(per_seed(study, global_, "maxvio_global"))

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from ..train.atomic import atomic_write_text
 from ..train.plots import plot_runs
-from .findings import interval_text, measured, number, per_seed
-from .stats import mean_interval, paired_difference
+from .findings import first_seed, interval_text, measured, number, paired, per_seed
+from .stats import mean_interval
 from .strategies import BALANCE_GROUPS, QWEN_ALPHA, TABLE_PAIR, aux_arm, group_arm
 
 PLOTS = (
@@ -68,26 +68,30 @@ def plot_frontier(study: dict, path: Path) -> None:
     plt.close(figure)
 
 
+def mean_curve(study: dict, arm: str, key: str = "mean") -> list[float]:
+    """An arm's computation-batch curve (``key``: "mean", "low" or "high" of the draws),
+    averaged over its seeds, at each of the design's sizes."""
+    curves = [run["measures"]["computation_batch"] for run in study["runs"][arm].values()]
+    return [
+        sum(c[str(s)][key] for c in curves) / len(curves) for s in study["design"]["curve_sizes"]
+    ]
+
+
 def plot_computation_batches(study: dict, path: Path) -> None:
     """Figure 5: MaxVio against the computation batch, mean over seeds with the 2.5-97.5
     percentile band of the draws, every window's plateau dotted, and the perfectly balanced
     router for reference."""
     plt = _pyplot()
-    sizes = [str(s) for s in study["design"]["curve_sizes"]]
-    xs = [int(s) for s in sizes]
+    xs = study["design"]["curve_sizes"]
     figure, axis = plt.subplots(figsize=(8, 5))
     for arm, colour in zip((*TABLE_PAIR, aux_arm(QWEN_ALPHA)), plt.cm.tab10.colors, strict=False):
-        runs = study["runs"][arm].values()
-        curves = [run["measures"]["computation_batch"] for run in runs]
-        mean, low, high = (
-            [sum(c[s][key] for c in curves) / len(curves) for s in sizes]
-            for key in ("mean", "low", "high")
-        )
-        axis.plot(xs, mean, "o-", color=colour, markersize=3, label=f"{arm} ({len(curves)} seeds)")
+        mean, low, high = (mean_curve(study, arm, key) for key in ("mean", "low", "high"))
+        seeds = len(study["runs"][arm])
+        axis.plot(xs, mean, "o-", color=colour, markersize=3, label=f"{arm} ({seeds} seeds)")
         axis.fill_between(xs, low, high, color=colour, alpha=0.2)
         axis.axhline(mean[-1], color=colour, ls=":", lw=1)
     router = study["balanced_router"]
-    axis.plot(xs, [router[s]["mean"] for s in sizes], "k--", lw=1, label="perfectly balanced")
+    axis.plot(xs, [router[str(s)]["mean"] for s in xs], "k--", lw=1, label="perfectly balanced")
     axis.axvspan(*study["design"]["large_batches"], color="grey", alpha=0.08)
     axis.set_xscale("log", base=2)
     axis.set_yscale("log")
@@ -131,8 +135,8 @@ def write_plots(study: dict, out_dir: Path) -> list[str]:
     plot_frontier(study, out_dir / PLOTS[0])
     plot_computation_batches(study, out_dir / PLOTS[1])
     histories = {}
-    for arm, runs in study["runs"].items():
-        seed = min(runs, key=int)
+    for arm in study["runs"]:
+        seed = first_seed(study, arm)
         lines = (out_dir / "runs" / arm / f"seed{seed}" / "history.jsonl").open()
         histories[arm] = [json.loads(line) for line in lines]
     plot_runs(histories, out_dir)
@@ -160,7 +164,7 @@ def _findings_section(study: dict) -> list[str]:
                 "|---|---|---|---|---|---|---|",
             ]
             for part in finding["parts"]:
-                percent = "perplexity" in part["quantity"]
+                percent = part["relative"]
                 sd = part["interval"]["sd"] * (100 if percent else 1)
                 lines.append(
                     f"| {part['name']} | {part['quantity']} | {part['interval']['n']} | "
@@ -226,12 +230,7 @@ def _curve_section(study: dict) -> list[str]:
         "|---|" + "---|" * len(sizes),
     ]
     for arm in _token_choice(study):
-        curves = [run["measures"]["computation_batch"] for run in study["runs"][arm].values()]
-        lines.append(
-            f"| {arm} | "
-            + " | ".join(number(sum(c[s]["mean"] for c in curves) / len(curves)) for s in sizes)
-            + " |"
-        )
+        lines.append(f"| {arm} | " + " | ".join(map(number, mean_curve(study, arm))) + " |")
     router = study["balanced_router"]
     lines.append(
         "| perfectly balanced router | "
@@ -269,15 +268,9 @@ def _sweep_section(study: dict) -> list[str]:
             if study["domains"]
             else "n/a"
         )
-        seeds = sorted(set(study["runs"][arm]) & set(study["runs"][whole]), key=int)
         versus = (
             interval_text(
-                paired_difference(
-                    per_seed(study, arm, "perplexity", seeds),
-                    per_seed(study, whole, "perplexity", seeds),
-                    relative=True,
-                ).to_dict(),
-                percent=True,
+                paired(study, "perplexity", arm, whole, relative=True).to_dict(), percent=True
             )
             if arm != whole
             else "-"
@@ -302,8 +295,8 @@ def _expert_parallel_section(study: dict) -> list[str]:
     ]
     for ranks, by_arm in study["expert_parallel"].items():
         for arm, by_size in by_arm.items():
-            runs = study["runs"][arm]
-            one_process = runs[min(runs, key=int)]["measures"]["consecutive_batches"]
+            run = study["runs"][arm][first_seed(study, arm)]
+            one_process = run["measures"]["consecutive_batches"]
             lines += [
                 f"| {ranks} | {arm} | {size} | {number(value)} | {number(one_process[size])} |"
                 for size, value in by_size.items()

@@ -311,23 +311,21 @@ def train_and_measure_all(
     tasks = [
         (preset_name, name, seed, out_dir, device, progress and jobs == 1) for seed, name in order
     ]
-    if jobs == 1:
+
+    def collect(results) -> dict[tuple[str, int], dict]:
         done = {}
-        for index, task in enumerate(tasks, 1):
-            if progress:
-                print(f"[{index}/{len(tasks)}] {task[1]} seed {task[2]}", flush=True)
-            name, seed, result = train_and_measure(task)
-            done[name, seed] = result
-        return done
-    threads = max(1, torch.get_num_threads() // jobs)
-    context = multiprocessing.get_context("spawn")
-    done = {}
-    with context.Pool(jobs, initializer=torch.set_num_threads, initargs=(threads,)) as pool:
-        for name, seed, result in pool.imap_unordered(train_and_measure, tasks):
+        for name, seed, result in results:
             done[name, seed] = result
             if progress:
                 print(f"[{len(done)}/{len(tasks)}] {name} seed {seed} done", flush=True)
-    return done
+        return done
+
+    if jobs == 1:
+        return collect(map(train_and_measure, tasks))
+    threads = max(1, torch.get_num_threads() // jobs)
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(jobs, initializer=torch.set_num_threads, initargs=(threads,)) as pool:
+        return collect(pool.imap_unordered(train_and_measure, tasks))
 
 
 def run_study(
