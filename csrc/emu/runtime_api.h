@@ -14,7 +14,7 @@ struct dim3 {
       : x(vx), y(vy), z(vz) {}
 };
 
-enum cudaError_t : int { cudaSuccess = 0, cudaErrorInvalidValue = 1 };
+enum cudaError_t : int { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorNotSupported = 801 };
 using cudaStream_t = struct EmulatedStream*;
 
 enum cudaDeviceAttr : int {
@@ -73,5 +73,12 @@ cudaError_t cudaFuncSetAttribute(Kernel* kernel, cudaFuncAttribute attr, int val
 inline cudaError_t cudaGetLastError() { return cudaSuccess; }
 
 inline const char* cudaGetErrorString(cudaError_t error) {
-  return error == cudaSuccess ? "no error" : "invalid argument";
+  switch (error) {
+    case cudaSuccess:
+      return "no error";
+    case cudaErrorNotSupported:
+      return "operation not supported";
+    default:
+      return "invalid argument";
+  }
 }

@@ -43,7 +43,7 @@ void run(GroupedGemmProblem& p, const at::Tensor& tokens_per_expert_in, const at
   p.workspace = workspace.mutable_data_ptr<int64_t>();
   MOE_KERNELS_DISPATCH_FLOATING(like.scalar_type(), "grouped_gemm_cuda", [&] {
     using T = typename device::DeviceScalar<scalar_t>::type;
-    device::check_launch(launch_grouped_gemm<T>(p, device::current_stream()));
+    device::check_launch(launch_grouped_gemm<T>(p, GemmKernel::kAuto, device::current_stream()));
   });
 }
 

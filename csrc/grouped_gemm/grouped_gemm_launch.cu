@@ -104,7 +104,9 @@ GemmPath gemm_path(const GroupedGemmProblem& p) {
 }
 
 template <typename T>
-cudaError_t launch_grouped_gemm(const GroupedGemmProblem& problem, cudaStream_t stream) {
+cudaError_t launch_grouped_gemm(const GroupedGemmProblem& problem, GemmKernel kernel,
+                                cudaStream_t stream) {
+  if (kernel == GemmKernel::kWgmma) return cudaErrorNotSupported;
   GroupedGemmProblem p = problem;
   const int64_t elements = static_cast<int64_t>(sizeof(T));
   p.paired_output = aligned(p.out.data, p.out.ld, elements, 2 * elements) &&
@@ -150,7 +152,7 @@ cudaError_t launch_swiglu_backward(const T* grad_out, const T* pre, int64_t rows
 
 #define MOE_KERNELS_INSTANTIATE_GROUPED_GEMM(T)                                            \
   template GemmPath gemm_path<T>(const GroupedGemmProblem&);                               \
-  template cudaError_t launch_grouped_gemm<T>(const GroupedGemmProblem&, cudaStream_t);    \
+  template cudaError_t launch_grouped_gemm<T>(const GroupedGemmProblem&, GemmKernel, cudaStream_t); \
   template cudaError_t launch_swiglu_backward<T>(const T*, const T*, int64_t, int64_t, T*, \
                                                  cudaStream_t);
 MOE_KERNELS_INSTANTIATE_GROUPED_GEMM(float)

@@ -10,8 +10,13 @@
 
 namespace moe_kernels::gemm::MOE_KERNELS_TARGET {
 
-// Which kernel a problem runs on.
-enum class GemmPath : int { kTensorCore = 0, kSimt = 1 };
+// Which kernel a problem runs on: wgmma + TMA (sm_90a), mma.sync (sm_80+), or SIMT.
+enum class GemmPath : int { kTensorCore = 0, kSimt = 1, kWgmma = 2 };
+
+// The tensor-core kernel a caller asks for: the fastest one the device has (kAuto), or one by
+// name, to compare them (backend "wgmma" / "mma"); a kernel the device or the problem cannot run
+// is cudaErrorNotSupported.
+enum class GemmKernel : int { kAuto = 0, kWgmma = 1, kMma = 2 };
 
 // Tensor cores for bf16 / fp16 operands whose rows all start 16-byte aligned (K, N and the
 // SwiGLU half multiples of 8); the SIMT kernel otherwise.
@@ -22,7 +27,8 @@ GemmPath gemm_path(const GroupedGemmProblem& p);
 // into p.workspace, then the GEMM. Layouts: kRows takes a K-major lhs; kReduction an M-major lhs
 // and an N-major rhs (the weight gradient); anything else is cudaErrorInvalidValue.
 template <typename T>
-cudaError_t launch_grouped_gemm(const GroupedGemmProblem& p, cudaStream_t stream);
+cudaError_t launch_grouped_gemm(const GroupedGemmProblem& p, GemmKernel kernel,
+                                cudaStream_t stream);
 
 // grad_pre [rows, 2 * half] from grad_out [rows, half] and pre [rows, 2 * half].
 template <typename T>
