@@ -103,6 +103,12 @@ GemmPath gemm_path(const GroupedGemmProblem& p) {
   }
 }
 
+GemmPath auto_gemm_path(int major, int minor) {
+  if (major < 8) return GemmPath::kSimt;
+  (void)minor;
+  return GemmPath::kTensorCore;
+}
+
 template <typename T>
 cudaError_t launch_grouped_gemm(const GroupedGemmProblem& problem, GemmKernel kernel,
                                 cudaStream_t stream) {

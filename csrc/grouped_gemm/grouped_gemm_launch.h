@@ -23,6 +23,11 @@ enum class GemmKernel : int { kAuto = 0, kWgmma = 1, kMma = 2 };
 template <typename T>
 GemmPath gemm_path(const GroupedGemmProblem& p);
 
+// The kernel GemmKernel::kAuto runs for aligned 16-bit operands on a device of compute
+// capability major.minor: wgmma on sm_90 when this build has the sm_90a kernel, mma.sync from
+// sm_80, SIMT before. The emulator has every kernel.
+GemmPath auto_gemm_path(int major, int minor);
+
 // Two kernels on `stream`, no host synchronisation: the tile schedule from tokens_per_expert
 // into p.workspace, then the GEMM. Layouts: kRows takes a K-major lhs; kReduction an M-major lhs
 // and an N-major rhs (the weight gradient); anything else is cudaErrorInvalidValue.
