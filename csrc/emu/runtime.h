@@ -19,6 +19,7 @@
 #define __forceinline__ inline
 #define __noinline__
 #define __launch_bounds__(...)
+#define __grid_constant__
 #define __align__(n) alignas(n)
 // Shared memory needs registering for poisoning: kernels declare it with MOE_KERNELS_SHARED.
 #define __shared__ \

@@ -4,6 +4,7 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <new>
 #include <numeric>
 #include <random>
 #include <sstream>
@@ -14,6 +15,7 @@
 
 #include "emu/async_copy_queue.h"
 #include "emu/fiber.h"
+#include "emu/hopper.h"
 
 namespace moe_kernels::emu {
 namespace {
@@ -21,7 +23,7 @@ namespace {
 constexpr int kWarpSize = 32;
 constexpr int kMaxBlockThreads = 1024;
 
-enum class ThreadState { kRunnable, kAtBarrier, kInCollective, kExited };
+enum class ThreadState { kRunnable, kAtBarrier, kInCollective, kWaiting, kExited };
 
 struct Thread {
   FiberContext context;
@@ -63,7 +65,15 @@ struct Launch {
   int current = -1;
   FiberContext scheduler;
   std::string error;
-  std::vector<unsigned char> dynamic_shared;
+  unsigned char* dynamic_shared = nullptr;  // 1024-byte aligned, dynamic_shared_size bytes
+  size_t dynamic_shared_size = 0;
+  uint64_t progress = 0;  // events other threads may wait for
+};
+
+constexpr std::align_val_t kSharedAlignment{1024};
+
+struct SharedStorage {
+  void operator()(unsigned char* p) const { ::operator delete[](p, kSharedAlignment); }
 };
 
 std::mutex launch_mutex;
@@ -117,6 +127,7 @@ void thread_main(void*) {
               " copies that no cp_async_wait covered (a wait covers only committed groups)";
   }
   t.state = ThreadState::kExited;
+  ++l.progress;
   l.warps[l.current / kWarpSize].exited |= 1u << (l.current % kWarpSize);
   switch_fiber(t.context, l.scheduler);
   __builtin_unreachable();
@@ -155,6 +166,14 @@ void complete(Launch& l, int warp, const Collective& c) {
       case WarpOp::kSync:
       case WarpOp::kMma:
       case WarpOp::kLdmatrix:
+      case WarpOp::kWgmma:
+      case WarpOp::kWgmmaFence:
+      case WarpOp::kWgmmaCommit:
+      case WarpOp::kWgmmaWait:
+      case WarpOp::kSetmaxnreg:
+        break;
+      case WarpOp::kElect:
+        result = lane == __builtin_ctz(c.mask);
         break;
       case WarpOp::kBallot:
         result = votes;
@@ -227,7 +246,7 @@ bool open_barrier_or_finish(Launch& l) {
 }
 
 void poison_shared(Launch& l) {
-  std::fill(l.dynamic_shared.begin(), l.dynamic_shared.end(), kPoisonByte);
+  std::memset(l.dynamic_shared, kPoisonByte, l.dynamic_shared_size);
   for (auto [storage, bytes] : static_shared) std::memset(storage, kPoisonByte, bytes);
 }
 
@@ -274,12 +293,37 @@ void run_block(Launch& l, std::mt19937_64& rng) {
     l.warps[w].exited = 0;
     l.warps[w].pending.clear();
   }
+  reset_block_async_state();
   std::vector<int> warp_order(l.warps.size());
   std::iota(warp_order.begin(), warp_order.end(), 0);
   do {
-    arrange(warp_order, l.spec->schedule, rng);
-    for (int w : warp_order) run_warp(l, w, rng);
+    // Passes over the warps until no thread waits at an mbarrier, or one in which nothing
+    // happened that a waiter could have been waiting for.
+    for (;;) {
+      const uint64_t before = l.progress;
+      arrange(warp_order, l.spec->schedule, rng);
+      for (int w : warp_order) run_warp(l, w, rng);
+      int woken = 0;
+      for (Thread& t : l.threads) {
+        if (t.state == ThreadState::kWaiting) {
+          t.state = ThreadState::kRunnable;
+          ++woken;
+        }
+      }
+      if (woken == 0) break;
+      if (l.progress == before) {
+        for (Thread& t : l.threads) {
+          if (t.state == ThreadState::kRunnable) t.state = ThreadState::kWaiting;
+        }
+        throw std::runtime_error("moe_kernels emulator: deadlock in " + where(l) + ": threads " +
+                                 thread_list(l, ThreadState::kWaiting) +
+                                 " wait at mbarriers that nothing can complete any more");
+      }
+    }
   } while (open_barrier_or_finish(l));
+  if (const std::string left = block_async_leftover(); !left.empty()) {
+    throw std::runtime_error("moe_kernels emulator: " + left + " at the end of " + where(l));
+  }
 }
 
 void check_launch(const LaunchSpec& spec) {
@@ -335,6 +379,7 @@ uint64_t arrive(WarpOp op, unsigned mask, int width, uint64_t value, int lane_pa
   it->lane_param[lane] = lane_param;
   it->data[lane] = data;
   it->arrived |= 1u << lane;
+  ++l.progress;
   if (it->arrived == mask) {
     complete(l, warp, *it);
     w.pending.erase(it);
@@ -357,7 +402,10 @@ void run_launch(const LaunchSpec& spec, void (*call_kernel)(void*), void* kernel
   l.num_threads = static_cast<int>(spec.block.x * spec.block.y * spec.block.z);
   l.threads.resize(l.num_threads);
   l.warps.resize((l.num_threads + kWarpSize - 1) / kWarpSize);
-  l.dynamic_shared.resize(spec.dynamic_shared_bytes);
+  const std::unique_ptr<unsigned char[], SharedStorage> shared(
+      new (kSharedAlignment) unsigned char[std::max<size_t>(spec.dynamic_shared_bytes, 1)]);
+  l.dynamic_shared = shared.get();
+  l.dynamic_shared_size = spec.dynamic_shared_bytes;
   while (stacks.size() < static_cast<size_t>(l.num_threads)) {
     stacks.push_back(std::make_unique<FiberStack>());
   }
@@ -392,8 +440,21 @@ dim3 grid_dim() { return launch_or_fail("gridDim").spec->grid; }
 void sync_threads() {
   Launch& l = launch_or_fail("__syncthreads");
   l.threads[l.current].state = ThreadState::kAtBarrier;
+  ++l.progress;
   yield_to_scheduler(l);
 }
+
+int current_thread() { return launch_or_fail("a thread index").current; }
+
+int block_threads() { return launch_or_fail("a block size").num_threads; }
+
+void wait_for_progress() {
+  Launch& l = launch_or_fail("an mbarrier wait");
+  l.threads[l.current].state = ThreadState::kWaiting;
+  yield_to_scheduler(l);
+}
+
+void note_progress() { ++launch_or_fail("an asynchronous event").progress; }
 
 const char* warp_op_name(WarpOp op) {
   switch (op) {
@@ -419,6 +480,18 @@ const char* warp_op_name(WarpOp op) {
       return "mma.sync";
     case WarpOp::kLdmatrix:
       return "ldmatrix";
+    case WarpOp::kElect:
+      return "elect.sync";
+    case WarpOp::kWgmma:
+      return "wgmma.mma_async";
+    case WarpOp::kWgmmaFence:
+      return "wgmma.fence";
+    case WarpOp::kWgmmaCommit:
+      return "wgmma.commit_group";
+    case WarpOp::kWgmmaWait:
+      return "wgmma.wait_group";
+    case WarpOp::kSetmaxnreg:
+      return "setmaxnreg";
   }
   return "warp collective";
 }
@@ -445,8 +518,31 @@ unsigned active_mask() {
   return w.exists & ~w.exited;
 }
 
-void* dynamic_shared_memory() {
-  return launch_or_fail("dynamic shared memory").dynamic_shared.data();
+void* dynamic_shared_memory() { return launch_or_fail("dynamic shared memory").dynamic_shared; }
+
+uint32_t shared_address(const void* pointer, size_t bytes) {
+  const Launch& l = launch_or_fail("a shared-memory address");
+  const auto p = reinterpret_cast<uintptr_t>(pointer);
+  const auto begin = reinterpret_cast<uintptr_t>(l.dynamic_shared);
+  if (p < begin || p - begin > l.dynamic_shared_size || bytes > l.dynamic_shared_size - (p - begin)) {
+    std::ostringstream s;
+    s << "address " << pointer << " (" << bytes
+      << " bytes) is not in the block's dynamic shared memory, where the asynchronous units "
+         "(mbarriers, tensor copies, wgmma) address it";
+    fail(s.str());
+  }
+  return static_cast<uint32_t>(p - begin);
+}
+
+unsigned char* shared_bytes_at(uint32_t address, size_t bytes, const char* what) {
+  const Launch& l = launch_or_fail(what);
+  if (address > l.dynamic_shared_size || bytes > l.dynamic_shared_size - address) {
+    std::ostringstream s;
+    s << what << ": shared address 0x" << std::hex << address << std::dec << " + " << bytes
+      << " bytes is past the block's " << l.dynamic_shared_size << " bytes of shared memory";
+    fail(s.str());
+  }
+  return l.dynamic_shared + address;
 }
 
 void register_static_shared(void* storage, size_t bytes) {
@@ -461,7 +557,7 @@ bool in_shared_memory(const void* address, size_t bytes) {
     const auto begin = reinterpret_cast<uintptr_t>(storage);
     return p >= begin && p - begin <= size && bytes <= size - (p - begin);
   };
-  if (inside(l.dynamic_shared.data(), l.dynamic_shared.size())) return true;
+  if (inside(l.dynamic_shared, l.dynamic_shared_size)) return true;
   return std::any_of(static_shared.begin(), static_shared.end(),
                      [&](const auto& region) { return inside(region.first, region.second); });
 }

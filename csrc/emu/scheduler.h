@@ -6,9 +6,16 @@
 // different schedules. A barrier or collective that not every thread reaches is reported as an
 // error naming the kernel, never a hang. Launches are serialised process-wide.
 //
-// Tensor-core instructions (mma.sync, ldmatrix) are warp collectives too: the last lane to
+// Tensor-core instructions (mma.sync, ldmatrix, wgmma) are warp collectives too: the last lane to
 // arrive computes for the whole warp. Each thread also owns the queue of its cp.async copies,
 // emptied at every block start; a thread that exits while some are in flight is an error.
+//
+// Warp-specialised kernels meet at mbarriers, not at __syncthreads: a thread whose mbarrier wait
+// fails steps aside (wait_for_progress) and the block's other warps run; the waiters try again
+// after every pass over the warps in which something happened (note_progress), and a pass in
+// which nothing did while some still wait is a deadlock, reported as such. The asynchronous units
+// of Hopper (mbarriers, the tensor copy engine, wgmma) keep per-block state (emu/hopper.h), reset
+// at every block start and checked at its end.
 #pragma once
 
 #include <cstddef>
@@ -56,6 +63,12 @@ enum class WarpOp : int {
   kMatchAny,
   kMma,
   kLdmatrix,
+  kElect,
+  kWgmma,
+  kWgmmaFence,
+  kWgmmaCommit,
+  kWgmmaWait,
+  kSetmaxnreg,
 };
 const char* warp_op_name(WarpOp op);
 
@@ -75,8 +88,22 @@ void aligned_warp_collective(WarpOp op, void* lane_data, WarpFunction function);
 // Lanes of the caller's warp that exist and have not exited.
 unsigned active_mask();
 
-// Dynamic shared memory of the running block, poisoned at the block's start.
+// Dynamic shared memory of the running block, poisoned at the block's start; 1024-byte aligned,
+// as the swizzle patterns of the tensor copy engine and wgmma need.
 void* dynamic_shared_memory();
+// The shared-state-space address of a pointer into dynamic shared memory (what
+// __cvta_generic_to_shared gives on a GPU): its offset from the start. Fails for any other pointer.
+uint32_t shared_address(const void* pointer, size_t bytes);
+// The bytes at a shared-state-space address; fails when [address, address + bytes) is outside.
+unsigned char* shared_bytes_at(uint32_t address, size_t bytes, const char* what);
+// The calling thread's linear index in its block, and its warp's.
+int current_thread();
+// The running block's number of threads.
+int block_threads();
+// A thread whose wait cannot complete yet steps aside until the block has moved on.
+void wait_for_progress();
+// Something other threads may wait for has happened (an mbarrier changed, a copy landed).
+void note_progress();
 // Registers static shared storage: poisoned now and at the start of every block.
 void register_static_shared(void* storage, size_t bytes);
 // Whether [address, address + bytes) lies in the running block's dynamic shared memory or in one

@@ -206,6 +206,7 @@ void large_shared(size_t bytes, int allowed) {
 
 void bind_tensor_core(pybind11::module_& m);
 void bind_async_copy(pybind11::module_& m);
+void bind_hopper(pybind11::module_& m);
 
 void bind(pybind11::module_& m) {
   m.def("where_am_i", &where_am_i);
@@ -221,6 +222,7 @@ void bind(pybind11::module_& m) {
   m.def("large_shared", &large_shared);
   bind_tensor_core(m);
   bind_async_copy(m);
+  bind_hopper(m);
 }
 
 }  // namespace moe_kernels::emu::selftest
