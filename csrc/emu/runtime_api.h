@@ -20,6 +20,8 @@ using cudaStream_t = struct EmulatedStream*;
 enum cudaDeviceAttr : int {
   cudaDevAttrMaxSharedMemoryPerBlock = 8,
   cudaDevAttrMultiProcessorCount = 16,
+  cudaDevAttrComputeCapabilityMajor = 75,
+  cudaDevAttrComputeCapabilityMinor = 76,
   cudaDevAttrMaxSharedMemoryPerBlockOptin = 97,
 };
 
@@ -30,8 +32,11 @@ enum cudaFuncAttribute : int {
 namespace moe_kernels::emu {
 
 // The emulated device: few SMs, so that grid-stride loops and multi-block paths run even on the
-// small shapes the emulator can afford; the shared-memory limits of an H100.
+// small shapes the emulator can afford; the compute capability and shared-memory limits of an
+// H100 (sm_90, whose kernels it has them all).
 constexpr int kNumSMs = 4;
+constexpr int kComputeCapabilityMajor = 9;
+constexpr int kComputeCapabilityMinor = 0;
 constexpr int kSharedMemoryPerBlock = 48 * 1024;
 constexpr int kSharedMemoryPerBlockOptin = 227 * 1024;
 
@@ -51,6 +56,12 @@ inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int /
   switch (attr) {
     case cudaDevAttrMultiProcessorCount:
       *value = moe_kernels::emu::kNumSMs;
+      return cudaSuccess;
+    case cudaDevAttrComputeCapabilityMajor:
+      *value = moe_kernels::emu::kComputeCapabilityMajor;
+      return cudaSuccess;
+    case cudaDevAttrComputeCapabilityMinor:
+      *value = moe_kernels::emu::kComputeCapabilityMinor;
       return cudaSuccess;
     case cudaDevAttrMaxSharedMemoryPerBlock:
       *value = moe_kernels::emu::kSharedMemoryPerBlock;

@@ -2,14 +2,15 @@
 // wgmma tile product from operands the tensor copy engine placed, in every operand layout, with
 // the raw accumulator registers returned so the test maps them by CuTe's layout; a tensor copy's
 // raw shared-memory bytes; mbarrier phases; and mutations and misuse that must fail.
+#include <c10/util/BFloat16.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
 #include <cstdint>
-#include <array>
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "device/launch.h"
@@ -18,6 +19,8 @@
 #include "device/tensor_map.h"
 #include "device/warpgroup.h"
 #include "device/wgmma.h"
+#include "grouped_gemm/grouped_gemm_wgmma_launch.h"
+#include "grouped_gemm/wgmma_kernels.cuh"
 
 namespace moe_kernels::emu::selftest {
 namespace {
@@ -284,9 +287,53 @@ void hopper_misuse(int misuse, int threads) {
                                              misuse));
 }
 
+// The grouped GEMM's forward (c = a_e @ b[e]^T, bf16) on the wgmma kernel built with a mutation:
+// the tests expect each to compute a wrong product under one schedule or another.
+std::vector<float> wgmma_gemm_mutant(const std::string& mutation, std::vector<int16_t> a,
+                                     std::vector<int16_t> b, std::vector<int64_t> sizes, int64_t k,
+                                     int64_t n) {
+  using gemm::emulated::WgmmaMutation;
+  gemm::GroupedGemmProblem p;
+  p.m = 0;
+  for (int64_t rows : sizes) p.m += rows;
+  p.k = k;
+  p.n = n;
+  p.num_experts = static_cast<int64_t>(sizes.size());
+  if (static_cast<int64_t>(a.size()) != p.m * k || static_cast<int64_t>(b.size()) != p.num_experts * n * k) {
+    throw std::invalid_argument("wgmma_gemm_mutant: a is [sum(sizes), k], b [E, n, k]");
+  }
+  std::vector<uint16_t> c(static_cast<size_t>(p.m * n));
+  std::vector<int64_t> workspace(2 * (sizes.size() + 1));
+  p.lhs = {a.data(), k, 0, true};
+  p.rhs = {b.data(), k, n * k, true};
+  p.out = {c.data(), n, 0};
+  p.tokens_per_expert = sizes.data();
+  p.workspace = workspace.data();
+  const auto run = [&](auto mutant) {
+    check(gemm::emulated::launch_wgmma_gemm<device::bf16, decltype(mutant)::value>(p, nullptr));
+  };
+  if (mutation == "wrong_swizzle") {
+    run(std::integral_constant<WgmmaMutation, WgmmaMutation::kWrongSwizzle>{});
+  } else if (mutation == "no_wait") {
+    run(std::integral_constant<WgmmaMutation, WgmmaMutation::kNoWait>{});
+  } else if (mutation == "wrong_parity") {
+    run(std::integral_constant<WgmmaMutation, WgmmaMutation::kWrongParity>{});
+  } else if (mutation == "none") {
+    run(std::integral_constant<WgmmaMutation, WgmmaMutation::kNone>{});
+  } else {
+    throw std::invalid_argument("unknown mutation " + mutation);
+  }
+  std::vector<float> out(c.size());
+  for (size_t i = 0; i < c.size(); ++i) {
+    out[i] = static_cast<float>(c10::BFloat16(c[i], c10::BFloat16::from_bits()));
+  }
+  return out;
+}
+
 }  // namespace
 
 void bind_hopper(pybind11::module_& m) {
+  m.def("wgmma_gemm_mutant", &wgmma_gemm_mutant);
   m.def("wgmma_tile", &wgmma_tile);
   m.def("tensor_copy", &tensor_copy);
   m.def("mbarrier_phases", &mbarrier_phases);

@@ -4,6 +4,8 @@
 #include "device/pack.h"
 #include "device/tensor_core.h"
 #include "grouped_gemm/grouped_gemm_launch.h"
+#include "grouped_gemm/grouped_gemm_wgmma_launch.h"
+#include "grouped_gemm/scheduled_launch.h"
 #include "grouped_gemm/simt_kernels.cuh"
 #include "grouped_gemm/swiglu_kernels.cuh"
 #include "grouped_gemm/tensor_core_kernels.cuh"
@@ -18,73 +20,8 @@ using Tile = TensorCoreTile<128, 128, 64, 2, 2, 3>;
 constexpr int kTensorCoreBlocksPerSM = 2;
 constexpr int kSimtBlocksPerSM = 4;
 
-template <Grouping kGrouping>
-using GroupingConstant = std::integral_constant<Grouping, kGrouping>;
-template <bool kValue>
-using Bool = std::bool_constant<kValue>;
-
-// Calls f(grouping, lhs_k_major, rhs_k_major, swiglu) with the problem's layout as constants:
-// the five layouts the ops produce, one kernel instance each.
-template <typename F>
-cudaError_t with_layout(const GroupedGemmProblem& p, F&& f) {
-  if (p.grouping == Grouping::kReduction) {
-    if (p.lhs.k_major || p.rhs.k_major || p.swiglu) return cudaErrorInvalidValue;
-    return f(GroupingConstant<Grouping::kReduction>{}, Bool<false>{}, Bool<false>{}, Bool<false>{});
-  }
-  if (!p.lhs.k_major) return cudaErrorInvalidValue;
-  const GroupingConstant<Grouping::kRows> rows;
-  if (p.rhs.k_major) {
-    return p.swiglu ? f(rows, Bool<true>{}, Bool<true>{}, Bool<true>{})
-                    : f(rows, Bool<true>{}, Bool<true>{}, Bool<false>{});
-  }
-  return p.swiglu ? f(rows, Bool<true>{}, Bool<false>{}, Bool<true>{})
-                  : f(rows, Bool<true>{}, Bool<false>{}, Bool<false>{});
-}
-
 bool aligned(const void* data, int64_t ld, int64_t element_bytes, int64_t alignment) {
   return reinterpret_cast<uintptr_t>(data) % alignment == 0 && ld * element_bytes % alignment == 0;
-}
-
-// Tiles of the problem at most, without reading tokens_per_expert: sum_e ceil(rows_e / tile_m)
-// <= ceil(rows / tile_m) + E.
-int64_t max_tiles(const GroupedGemmProblem& p, int tile_m, int64_t n_tiles) {
-  if (p.grouping == Grouping::kRows) {
-    return ((p.m + tile_m - 1) / tile_m + p.num_experts) * n_tiles;
-  }
-  return p.num_experts * ((p.m + tile_m - 1) / tile_m) * n_tiles;
-}
-
-// The schedule kernel, then the GEMM kernel `Kernel` (tile_m x tile_n output tiles) on a
-// persistent grid.
-template <auto Kernel>
-cudaError_t launch_scheduled(const GroupedGemmProblem& p, int tile_m, int tile_n, int threads,
-                             int shared_bytes, int blocks_per_sm, cudaStream_t stream) {
-  int64_t* segment_offsets = p.workspace;
-  int64_t* tile_offsets = p.workspace + p.num_experts + 1;
-  const int64_t n_tiles = (output_columns(p) + tile_n - 1) / tile_n;
-  const bool by_rows = p.grouping == Grouping::kRows;
-  const device::LaunchConfig schedule_config{dim3(1), dim3(kScheduleThreads)};
-  const auto schedule_with = [&](auto* tokens_per_expert) {
-    using Index = std::remove_const_t<std::remove_pointer_t<decltype(tokens_per_expert)>>;
-    return device::launch<tile_schedule_kernel<Index>>(
-        schedule_config, stream, tokens_per_expert, p.num_experts, by_rows ? p.m : p.k,
-        by_rows ? int64_t{tile_m} : int64_t{0}, n_tiles, segment_offsets, tile_offsets);
-  };
-  cudaError_t err = p.tokens_int32
-                        ? schedule_with(static_cast<const int32_t*>(p.tokens_per_expert))
-                        : schedule_with(static_cast<const int64_t*>(p.tokens_per_expert));
-  if (err != cudaSuccess) return err;
-
-  const TileSchedule schedule{
-      p.grouping, segment_offsets, tile_offsets, p.num_experts, (p.m + tile_m - 1) / tile_m,
-      n_tiles,    tile_m,          tile_n};
-  device::LaunchConfig config{dim3(), dim3(threads), static_cast<size_t>(shared_bytes)};
-  err = device::grid_stride_blocks(max_tiles(p, tile_m, n_tiles), 1, blocks_per_sm, &config.grid);
-  if (err != cudaSuccess) return err;
-  if (shared_bytes > 48 * 1024) {
-    if ((err = device::allow_dynamic_shared<Kernel>(shared_bytes)) != cudaSuccess) return err;
-  }
-  return device::launch<Kernel>(config, stream, p, schedule);
 }
 
 }  // namespace
@@ -104,15 +41,47 @@ GemmPath gemm_path(const GroupedGemmProblem& p) {
 }
 
 GemmPath auto_gemm_path(int major, int minor) {
-  if (major < 8) return GemmPath::kSimt;
-  (void)minor;
-  return GemmPath::kTensorCore;
+  if (major == 9 && minor == 0 && kHasWgmmaKernel) return GemmPath::kWgmma;
+  return major >= 8 ? GemmPath::kTensorCore : GemmPath::kSimt;
 }
+
+namespace {
+
+// The kernel a request runs on this device for this problem, or cudaErrorNotSupported for a
+// named kernel that cannot run it.
+template <typename T>
+cudaError_t resolve_path(const GroupedGemmProblem& p, GemmKernel kernel, GemmPath* path) {
+  const GemmPath fits = gemm_path<T>(p);
+  if (fits == GemmPath::kSimt) {
+    *path = GemmPath::kSimt;
+    return kernel == GemmKernel::kAuto ? cudaSuccess : cudaErrorNotSupported;
+  }
+  int device = 0, major = 0, minor = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
+  if (err != cudaSuccess) return err;
+  const bool wgmma = auto_gemm_path(major, minor) == GemmPath::kWgmma && wgmma_supports(p);
+  switch (kernel) {
+    case GemmKernel::kWgmma:
+      *path = GemmPath::kWgmma;
+      return wgmma ? cudaSuccess : cudaErrorNotSupported;
+    case GemmKernel::kMma:
+      *path = GemmPath::kTensorCore;
+      return major >= 8 ? cudaSuccess : cudaErrorNotSupported;
+    default:
+      *path = wgmma ? GemmPath::kWgmma : auto_gemm_path(major, minor) == GemmPath::kSimt
+                                             ? GemmPath::kSimt
+                                             : GemmPath::kTensorCore;
+      return cudaSuccess;
+  }
+}
+
+}  // namespace
 
 template <typename T>
 cudaError_t launch_grouped_gemm(const GroupedGemmProblem& problem, GemmKernel kernel,
                                 cudaStream_t stream) {
-  if (kernel == GemmKernel::kWgmma) return cudaErrorNotSupported;
   GroupedGemmProblem p = problem;
   const int64_t elements = static_cast<int64_t>(sizeof(T));
   p.paired_output = aligned(p.out.data, p.out.ld, elements, 2 * elements) &&
@@ -120,7 +89,11 @@ cudaError_t launch_grouped_gemm(const GroupedGemmProblem& problem, GemmKernel ke
                     (!p.swiglu || (aligned(p.pre.data, p.pre.ld, elements, 2 * elements) &&
                                    p.swiglu_half % 2 == 0));
   if (p.num_experts == 0 || p.m == 0 || output_columns(p) == 0) return cudaSuccess;
-  const GemmPath path = gemm_path<T>(p);
+  GemmPath path = GemmPath::kSimt;
+  if (cudaError_t err = resolve_path<T>(p, kernel, &path); err != cudaSuccess) return err;
+  if constexpr (device::kIsTensorCoreType<T> && kHasWgmmaKernel) {
+    if (path == GemmPath::kWgmma) return launch_wgmma_gemm<T, WgmmaMutation{}>(p, stream);
+  }
   return with_layout(p, [&](auto grouping, auto lhs_k_major, auto rhs_k_major, auto swiglu) {
     constexpr Grouping kGrouping = decltype(grouping)::value;
     constexpr bool kLhs = decltype(lhs_k_major)::value, kRhs = decltype(rhs_k_major)::value;

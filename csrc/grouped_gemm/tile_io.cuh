@@ -100,7 +100,12 @@ struct TileOutput {
   // SwiGLU of the tile's gate columns c, c+1 (an even block) and their up columns (c + 8).
   __device__ __forceinline__ void store_swiglu(int r, int c, acc gate0, acc gate1, acc up0,
                                                acc up1) const {
-    const int col = GateUpInterleaved::output_column(c);
+    store_swiglu_at(r, GateUpInterleaved::output_column(c), gate0, gate1, up0, up1);
+  }
+
+  // SwiGLU into output columns col, col+1 (col even) from their gate and up values.
+  __device__ __forceinline__ void store_swiglu_at(int r, int col, acc gate0, acc gate1, acc up0,
+                                                  acc up1) const {
     if (r >= rows_left || col >= cols_left) return;
     put(out + r * ld + col, cols_left - col, paired, swiglu(gate0, up0), swiglu(gate1, up1));
     put(pre + r * pre_ld + col, cols_left - col, paired, gate0, gate1);
