@@ -16,7 +16,8 @@ projection ([gate | up], N = 2F) and the second:
   - "down fwd"  rows [R, F] x [E, F, H];
   - "up dgrad"  [R, 2F] x [E, H, 2F]^T, the input gradient;
   - "up wgrad"  [R, H]^T x [R, 2F] per expert, the weight gradient.
-Columns: our kernel ("kernel" backend), the per-expert loop of library GEMMs (the "cublas"
+Columns: our kernel ("auto" backend: on an H100/H200 the wgmma kernel), on CUDA also our mma.sync
+kernel by name ("mma": what sm_80/sm_89 run), the per-expert loop of library GEMMs (the "cublas"
 backend: cuBLAS on CUDA, BLAS on the CPU), the Python loop of torch.mm per expert (the
 reference), torch._grouped_mm where this torch supports the case, and one dense GEMM of the
 same FLOPs ([R, K] x [K, N]: the ceiling). TFLOP/s are useful FLOPs (2 R K N) over the median
@@ -90,7 +91,8 @@ def wgrad_loop(a: torch.Tensor, grad: torch.Tensor, counts: torch.Tensor) -> tor
 
 
 def cases(model: Model, rows: torch.Tensor, counts: torch.Tensor, device: str, dtype):
-    """(name, flops, ours, library loop, python loop, torch._grouped_mm or None, dense)."""
+    """(name, flops, ours, ours on the mma.sync kernel or None, library loop, python loop,
+    torch._grouped_mm or None, dense)."""
     g = torch.Generator(device).manual_seed(1)
     E, H, Fh = model.num_experts, model.hidden, model.ffn
     R = rows.shape[0]
@@ -100,33 +102,42 @@ def cases(model: Model, rows: torch.Tensor, counts: torch.Tensor, device: str, d
     grad_up = randn(R, 2 * Fh, generator=g, dtype=dtype)
     up_t = w_up.transpose(1, 2)  # [E, 2F, H] view: the dgrad's b^T without a copy
     dense_up, dense_down = w_up[0], w_down[0]
+
+    def mma(fn):  # our mma.sync kernel, by name: CUDA only (the CPU has one path)
+        return (lambda: fn(backend="mma")) if device == "cuda" and dtype != torch.float32 else None
+
     return [
         ("up fwd", 2 * R * H * 2 * Fh,
          lambda: mk.grouped_gemm(rows, w_up, counts),
+         mma(lambda **kw: mk.grouped_gemm(rows, w_up, counts, **kw)),
          lambda: mk.grouped_gemm(rows, w_up, counts, backend="cublas"),
          lambda: ref.grouped_gemm(rows, w_up, counts),
          supported(lambda: grouped_mm(rows, w_up, counts)),
          lambda: rows @ dense_up),
         ("up fwd+swiglu", 2 * R * H * 2 * Fh,
          lambda: mk.grouped_gemm_swiglu(rows, w_up, counts),
+         mma(lambda **kw: mk.grouped_gemm_swiglu(rows, w_up, counts, **kw)),
          lambda: swiglu(mk.grouped_gemm(rows, w_up, counts, backend="cublas")),
          lambda: swiglu(ref.grouped_gemm(rows, w_up, counts)),
          supported(lambda: swiglu(grouped_mm(rows, w_up, counts))),
          lambda: swiglu(rows @ dense_up)),
         ("down fwd", 2 * R * Fh * H,
          lambda: mk.grouped_gemm(h, w_down, counts),
+         mma(lambda **kw: mk.grouped_gemm(h, w_down, counts, **kw)),
          lambda: mk.grouped_gemm(h, w_down, counts, backend="cublas"),
          lambda: ref.grouped_gemm(h, w_down, counts),
          supported(lambda: grouped_mm(h, w_down, counts)),
          lambda: h @ dense_down),
         ("up dgrad", 2 * R * 2 * Fh * H,
          lambda: mk.grouped_gemm(grad_up, w_up, counts, trans_b=True),
+         mma(lambda **kw: mk.grouped_gemm(grad_up, w_up, counts, trans_b=True, **kw)),
          lambda: mk.grouped_gemm(grad_up, w_up, counts, trans_b=True, backend="cublas"),
          lambda: ref.grouped_gemm(grad_up, w_up, counts, trans_b=True),
          supported(lambda: grouped_mm(grad_up, up_t, counts)),
          lambda: grad_up @ dense_up.t()),
         ("up wgrad", 2 * R * H * 2 * Fh,
          lambda: mk.grouped_gemm_wgrad(rows, grad_up, counts),
+         mma(lambda **kw: mk.grouped_gemm_wgrad(rows, grad_up, counts, **kw)),
          lambda: mk.grouped_gemm_wgrad(rows, grad_up, counts, backend="cublas"),
          lambda: wgrad_loop(rows, grad_up, counts),
          supported(lambda: grouped_mm_wgrad(rows, grad_up, counts)),
@@ -147,13 +158,14 @@ def bench(model: Model, load: str, tokens: int, device: str, dtype, repeats: int
         return flops / measure(fn, device, repeats=repeats).median_ms / 1e9
 
     for op, flops, *fns in cases(model, rows, counts, device, dtype):
-        ours, library, loop, gmm, dense = (tflops(flops, fn) for fn in fns)
+        ours, mma, library, loop, gmm, dense = (tflops(flops, fn) for fn in fns)
         yield {
             "model": model.name,
             "load": load,
             "op": op,
             "rows_per_expert": f"{sizes.min():.0f}/{sizes.median():.0f}/{sizes.max():.0f}",
             "ours_TFLOPs": ours,
+            "mma_TFLOPs": mma,
             "library_loop_TFLOPs": library,
             "python_loop_TFLOPs": loop,
             "grouped_mm_TFLOPs": gmm,
@@ -191,6 +203,7 @@ def main() -> None:
             "op",
             "rows_per_expert",
             "ours_TFLOPs",
+            "mma_TFLOPs",
             "library_loop_TFLOPs",
             "python_loop_TFLOPs",
             "grouped_mm_TFLOPs",

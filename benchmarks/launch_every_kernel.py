@@ -123,21 +123,25 @@ def gemms(device: str) -> None:
     counts = torch.tensor([0, 1, 37, 0, 70, 5])  # empty and single-row experts
     rows = int(counts.sum())
     for dtype in (torch.float32, torch.bfloat16):
-        for hidden, ffn in [(40, 24), (72, 56)]:  # K, N not multiples of a tile; 8-aligned
-            a = torch.randn(rows, hidden, generator=g).to(dtype)
-            w_up = (torch.randn(6, hidden, 2 * ffn, generator=g) / hidden**0.5).to(dtype)
-            w_down = (torch.randn(6, ffn, hidden, generator=g) / ffn**0.5).to(dtype)
-            dev = [t.to(device).requires_grad_() for t in (a, w_up, w_down)]
-            dev_counts = counts.to(device)
-            h = mk.grouped_gemm_swiglu(dev[0], dev[1], dev_counts)  # fused epilogue
-            out = mk.grouped_gemm(h, dev[2], dev_counts)
-            pre = ref.grouped_gemm(a.float(), w_up.float(), counts)
-            gate, up = pre.chunk(2, dim=1)
-            want_h = torch.nn.functional.silu(gate) * up
-            close(out, ref.grouped_gemm(want_h, w_down.float(), counts), "grouped GEMMs")
-            out.square().sum().backward()  # dgrad (trans_b), wgrad, swiglu_backward
-            assert all(t.grad is not None for t in dev)
-            close(dev[1].grad[0], torch.zeros(hidden, 2 * ffn), "an empty expert's wgrad")
+        # 16-bit products run on the device's fastest kernel ("auto": wgmma on sm_90, the
+        # emulator's device too) and, by name, on the mma.sync kernel that auto passes over there.
+        for backend in ("auto",) if dtype == torch.float32 else ("auto", "mma"):
+            for hidden, ffn in [(40, 24), (72, 56)]:  # K, N not multiples of a tile; 8-aligned
+                a = torch.randn(rows, hidden, generator=g).to(dtype)
+                w_up = (torch.randn(6, hidden, 2 * ffn, generator=g) / hidden**0.5).to(dtype)
+                w_down = (torch.randn(6, ffn, hidden, generator=g) / ffn**0.5).to(dtype)
+                dev = [t.to(device).requires_grad_() for t in (a, w_up, w_down)]
+                dev_counts = counts.to(device)
+                h = mk.grouped_gemm_swiglu(dev[0], dev[1], dev_counts, backend=backend)
+                out = mk.grouped_gemm(h, dev[2], dev_counts, backend=backend)
+                pre = ref.grouped_gemm(a.float(), w_up.float(), counts)
+                gate, up = pre.chunk(2, dim=1)
+                want_h = torch.nn.functional.silu(gate) * up
+                what = f"grouped GEMMs ({backend})"
+                close(out, ref.grouped_gemm(want_h, w_down.float(), counts), what)
+                out.square().sum().backward()  # dgrad (trans_b), wgrad, swiglu_backward
+                assert all(t.grad is not None for t in dev)
+                close(dev[1].grad[0], torch.zeros(hidden, 2 * ffn), "an empty expert's wgrad")
 
 
 def segments(device: str) -> None:
