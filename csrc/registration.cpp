@@ -14,6 +14,9 @@
 #if defined(MOE_KERNELS_WITH_NCCL)
 #include "comm/nccl_transport.h"
 #endif
+#if defined(MOE_KERNELS_WITH_CUDA)
+#include "grouped_gemm/grouped_gemm_launch.h"
+#endif
 
 namespace moe_kernels::emu::selftest {
 void bind(pybind11::module_& m);
@@ -48,13 +51,13 @@ TORCH_LIBRARY(moe_kernels, m) {
   // Grouped GEMM (SPEC.md section 4).
   m.def(
       "grouped_gemm(Tensor a, Tensor b, Tensor tokens_per_expert, bool trans_b=False, "
-      "str backend=\"kernel\") -> Tensor");
+      "str backend=\"auto\") -> Tensor");
   m.def(
       "grouped_gemm_wgrad(Tensor a, Tensor grad_c, Tensor tokens_per_expert, bool trans_b=False, "
-      "str backend=\"kernel\") -> Tensor");
+      "str backend=\"auto\") -> Tensor");
   m.def(
       "grouped_gemm_swiglu(Tensor a, Tensor b, Tensor tokens_per_expert, bool trans_b=False, "
-      "str backend=\"kernel\") -> (Tensor out, Tensor pre)");
+      "str backend=\"auto\") -> (Tensor out, Tensor pre)");
   m.def("swiglu_backward(Tensor grad_out, Tensor pre) -> Tensor");
 
   // Expert-parallel dispatch and combine (SPEC.md section 5; csrc/comm/dispatch.cpp): the row
@@ -96,6 +99,25 @@ std::map<std::string, std::string> build_info() {
   return info;
 }
 
+#if defined(MOE_KERNELS_WITH_CUDA)
+// The kernel backend="auto" runs the grouped GEMM products with on a CUDA device of compute
+// capability major.minor, for bf16/fp16 operands with K and N multiples of 8 (fp32, fp64 and
+// unaligned shapes run "simt" everywhere): "wgmma" (the sm_90a wgmma + TMA kernel), "mma"
+// (mma.sync, sm_80 on) or "simt".
+std::string grouped_gemm_auto_kernel(int major, int minor) {
+  using moe_kernels::gemm::cuda::GemmPath;
+  switch (moe_kernels::gemm::cuda::auto_gemm_path(major, minor)) {
+    case GemmPath::kWgmma:
+      return "wgmma";
+    case GemmPath::kTensorCore:
+      return "mma";
+    case GemmPath::kSimt:
+      return "simt";
+  }
+  return "simt";
+}
+#endif
+
 void set_emulation(bool enabled, const std::string& schedule, uint64_t seed) {
   using moe_kernels::emu::Schedule;
   const std::map<std::string, Schedule> schedules{{"forward", Schedule::kForward},
@@ -118,6 +140,12 @@ std::tuple<bool, std::string, uint64_t> emulation() {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "moe_kernels native library: ops are in torch.ops.moe_kernels";
   m.def("build_info", &build_info, "How this module was built: CUDA kernels, archs, NVTX.");
+#if defined(MOE_KERNELS_WITH_CUDA)
+  m.def("grouped_gemm_auto_kernel", &grouped_gemm_auto_kernel, pybind11::arg("major"),
+        pybind11::arg("minor"),
+        "The grouped GEMM kernel backend='auto' runs on a device of compute capability "
+        "major.minor: 'wgmma', 'mma' or 'simt'.");
+#endif
   m.def("set_emulation", &set_emulation,
         "Run the CUDA kernels of the ops on the CPU emulator (or not), under a schedule.");
   m.def("emulation", &emulation, "(enabled, schedule, seed) of the CPU emulator.");
