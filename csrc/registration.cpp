@@ -15,7 +15,7 @@
 #include "comm/nccl_transport.h"
 #endif
 #if defined(MOE_KERNELS_WITH_CUDA)
-#include "grouped_gemm/grouped_gemm_launch.h"
+#include "grouped_gemm/grouped_gemm.h"
 #endif
 
 namespace moe_kernels::emu::selftest {
@@ -99,25 +99,6 @@ std::map<std::string, std::string> build_info() {
   return info;
 }
 
-#if defined(MOE_KERNELS_WITH_CUDA)
-// The kernel backend="auto" runs the grouped GEMM products with on a CUDA device of compute
-// capability major.minor, for bf16/fp16 operands with K and N multiples of 8 (fp32, fp64 and
-// unaligned shapes run "simt" everywhere): "wgmma" (the sm_90a wgmma + TMA kernel), "mma"
-// (mma.sync, sm_80 on) or "simt".
-std::string grouped_gemm_auto_kernel(int major, int minor) {
-  using moe_kernels::gemm::cuda::GemmPath;
-  switch (moe_kernels::gemm::cuda::auto_gemm_path(major, minor)) {
-    case GemmPath::kWgmma:
-      return "wgmma";
-    case GemmPath::kTensorCore:
-      return "mma";
-    case GemmPath::kSimt:
-      return "simt";
-  }
-  return "simt";
-}
-#endif
-
 void set_emulation(bool enabled, const std::string& schedule, uint64_t seed) {
   using moe_kernels::emu::Schedule;
   const std::map<std::string, Schedule> schedules{{"forward", Schedule::kForward},
@@ -141,8 +122,8 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "moe_kernels native library: ops are in torch.ops.moe_kernels";
   m.def("build_info", &build_info, "How this module was built: CUDA kernels, archs, NVTX.");
 #if defined(MOE_KERNELS_WITH_CUDA)
-  m.def("grouped_gemm_auto_kernel", &grouped_gemm_auto_kernel, pybind11::arg("major"),
-        pybind11::arg("minor"),
+  m.def("grouped_gemm_auto_kernel", &moe_kernels::gemm::cuda::auto_kernel_name,
+        pybind11::arg("major"), pybind11::arg("minor"),
         "The grouped GEMM kernel backend='auto' runs on a device of compute capability "
         "major.minor: 'wgmma', 'mma' or 'simt'.");
 #endif

@@ -182,9 +182,9 @@ def grouped_gemm(
               ``"auto"``.
             - ``"torch"``: ``torch._grouped_mm``, a baseline, with the offsets computed on the
               device. fp32, bf16 and fp16 only, with K and N multiples of 16 bytes (else an
-              error). torch runs bf16 on sm_90 / sm_100 GPUs with no host synchronisation; in
-              every other case it loops over the experts after copying the offsets to the
-              host. Counts are checked on the CPU, not on CUDA.
+              error). torch runs bf16 on sm_90 / sm_100 GPUs with no host synchronisation (up
+              to 1024 experts); in every other case it loops over the experts after copying
+              the offsets to the host. Counts are checked on the CPU, not on CUDA.
 
     Returns:
         [M, N] in the dtype of ``a``, accumulated in fp32 for bf16/fp16. Differentiable w.r.t.

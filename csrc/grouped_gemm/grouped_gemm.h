@@ -134,6 +134,14 @@ std::tuple<at::Tensor, at::Tensor> grouped_gemm_swiglu_torch(const at::Tensor& a
 // product is not fused with it ("cublas" on CUDA, "torch").
 at::Tensor swiglu_of_product(const at::Tensor& pre);
 
+namespace cuda {
+// The kernel backend="auto" runs the products with on a CUDA device of compute capability
+// major.minor, for bf16/fp16 operands with K and N multiples of 8 (fp32, fp64 and unaligned
+// shapes run "simt" on every GPU): "wgmma" (the sm_90a wgmma + TMA kernel), "mma" (mma.sync,
+// from sm_80) or "simt" (grouped_gemm_cuda.cpp; build_info() reports it per device).
+std::string auto_kernel_name(int major, int minor);
+}  // namespace cuda
+
 namespace emulated {
 // The CUDA ops run on the CPU emulator (grouped_gemm_cuda.cpp compiled for it).
 at::Tensor grouped_gemm_cuda(const at::Tensor& a, const at::Tensor& b,

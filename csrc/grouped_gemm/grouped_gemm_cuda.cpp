@@ -10,6 +10,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <string>
 #include <tuple>
 
 #include "common/dispatch.h"
@@ -156,6 +157,18 @@ at::Tensor grouped_gemm_wgrad_cuda(const at::Tensor& a_in, const at::Tensor& gra
   p.out = {grad_b.mutable_data_ptr(), p.n, p.m * p.n};
   run(p, tokens_per_expert_in, a, choice);
   return grad_b;
+}
+
+std::string auto_kernel_name(int major, int minor) {
+  switch (auto_gemm_path(major, minor)) {
+    case GemmPath::kWgmma:
+      return "wgmma";
+    case GemmPath::kTensorCore:
+      return "mma";
+    case GemmPath::kSimt:
+      return "simt";
+  }
+  return "simt";
 }
 
 at::Tensor swiglu_backward_cuda(const at::Tensor& grad_out_in, const at::Tensor& pre_in) {

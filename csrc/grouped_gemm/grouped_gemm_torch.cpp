@@ -28,10 +28,13 @@ namespace {
 
 constexpr const char* kTorchBackend = "backend 'torch' (torch._grouped_mm)";
 
-void check_torch_dtype(const at::Tensor& a) {
+// Its dtypes; and its CUDA kernel (bf16) sets up the experts' problems in one thread block.
+void check_torch_operands(const at::Tensor& a, int64_t num_experts) {
   const at::ScalarType dtype = a.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, kTorchBackend,
               " takes float32, bfloat16 or float16 operands, got ", dtype);
+  TORCH_CHECK(!a.is_cuda() || dtype != at::kBFloat16 || num_experts <= 1024, kTorchBackend,
+              " takes at most 1024 experts for bf16 on CUDA, got ", num_experts);
 }
 
 // A dimension that is the leading one of an operand: its rows must be multiples of 16 bytes.
@@ -79,7 +82,7 @@ at::Tensor segment_ends(const at::Tensor& tokens_per_expert, int64_t num_rows) {
 
 at::Tensor grouped_gemm_torch(const at::Tensor& a_in, const at::Tensor& b_in,
                               const at::Tensor& tokens_per_expert, bool trans_b) {
-  check_torch_dtype(a_in);
+  check_torch_operands(a_in, tokens_per_expert.size(0));
   const int64_t m = a_in.size(0), k = a_in.size(1), n = b_in.size(trans_b ? 1 : 2);
   check_row_bytes(k, a_in, "K (a.size(1))");
   check_row_bytes(n, a_in, trans_b ? "N (b.size(1))" : "N (b.size(2))");
@@ -94,9 +97,9 @@ at::Tensor grouped_gemm_torch(const at::Tensor& a_in, const at::Tensor& b_in,
 // segments run along the reduction.
 at::Tensor grouped_gemm_wgrad_torch(const at::Tensor& a_in, const at::Tensor& grad_c_in,
                                     const at::Tensor& tokens_per_expert, bool trans_b) {
-  check_torch_dtype(a_in);
   const int64_t m = a_in.size(0), k = a_in.size(1), n = grad_c_in.size(1);
   const int64_t num_experts = tokens_per_expert.size(0);
+  check_torch_operands(a_in, num_experts);
   check_row_bytes(k, a_in, "K (a.size(1))");
   check_row_bytes(n, a_in, "N (grad_c.size(1))");
   const at::Tensor ends = segment_ends(tokens_per_expert, m);
