@@ -79,6 +79,7 @@ GM_PY := $(GM_VENV)/bin/python
 GM_DEPS := $(GM_VENV)/.deps-installed
 GM_PYTEST = $(GM_PY) -m pytest -q -k "not emu-forward"
 GM_OPS := $(addprefix python_tests/,test_routing.py test_permute.py test_grouped_gemm.py \
+	test_grouped_gemm_backends.py \
 	test_histogram_bias.py test_transpose_segments.py test_errors.py test_build.py \
 	test_compile.py test_opcheck.py test_emulator.py test_emulator_tensor_core.py)
 GM_RANKS := python_tests/test_dispatch.py::test_bad_calls_raise_on_every_rank \

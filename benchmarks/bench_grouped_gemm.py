@@ -16,11 +16,13 @@ projection ([gate | up], N = 2F) and the second:
   - "down fwd"  rows [R, F] x [E, F, H];
   - "up dgrad"  [R, 2F] x [E, H, 2F]^T, the input gradient;
   - "up wgrad"  [R, H]^T x [R, 2F] per expert, the weight gradient.
-Columns: our kernel ("auto" backend: on an H100/H200 the wgmma kernel), on CUDA also our mma.sync
-kernel by name ("mma": what sm_80/sm_89 run), the per-expert loop of library GEMMs (the "cublas"
-backend: cuBLAS on CUDA, BLAS on the CPU), the Python loop of torch.mm per expert (the
-reference), torch._grouped_mm where this torch supports the case, and one dense GEMM of the
-same FLOPs ([R, K] x [K, N]: the ceiling). TFLOP/s are useful FLOPs (2 R K N) over the median
+Columns: ours (the "auto" backend: the kernel ``build_info()["grouped_gemm"]`` names for the
+device, which the title repeats; on an H100/H200 the wgmma kernel), on CUDA also our mma.sync
+kernel by name ("mma": what sm_80/sm_89 run), the per-expert loop of library GEMMs (the
+"cublas" backend: cuBLAS on CUDA, BLAS on the CPU), the Python loop of torch.mm per expert (the
+reference), torch._grouped_mm where this torch supports the case (what the "torch" backend
+runs, called directly, with its SwiGLU unfused), and one dense GEMM of the same FLOPs ([R, K] x
+[K, N]: the ceiling). TFLOP/s are useful FLOPs (2 R K N) over the median
 time; "of_dense" is ours over the dense GEMM's rate. Writes
 <out>/bench_grouped_gemm_<device>_<dtype>.json and .md (``--out``, default benchmarks/results).
 """
@@ -69,6 +71,15 @@ def routed_counts(model: Model, num_tokens: int, load: str, device: str) -> torc
         popularity = 1.0 / torch.arange(1, model.num_experts + 1, dtype=torch.float32)
     ids = torch.multinomial(popularity.expand(num_tokens, -1), model.topk, generator=g)
     return mk.expert_histogram(ids, model.num_experts).to(device)
+
+
+def auto_kernel(device: str) -> str:
+    """What backend="auto" runs on ``device``: "cpu", or the current GPU's kernel."""
+    kernels = mk.build_info()["grouped_gemm"]
+    if device == "cpu":
+        return kernels["cpu"]
+    prefix = f"cuda:{torch.cuda.current_device()} "
+    return next((k for name, k in kernels.items() if name.startswith(prefix)), "no CUDA kernel")
 
 
 def grouped_mm(a: torch.Tensor, b: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -212,8 +223,8 @@ def main() -> None:
             "vs_library_loop",
             "vs_grouped_mm",
         ],
-        f"Grouped GEMM, TFLOP/s ({device}, {args.dtype}, {tokens} tokens; rows per expert "
-        "min/median/max)",
+        f"Grouped GEMM, TFLOP/s ({device}, {args.dtype}, {tokens} tokens, ours: "
+        f"{auto_kernel(device)}; rows per expert min/median/max)",
         args.out,
         failed,
     )

@@ -14,6 +14,9 @@
 #if defined(MOE_KERNELS_WITH_NCCL)
 #include "comm/nccl_transport.h"
 #endif
+#if defined(MOE_KERNELS_WITH_CUDA)
+#include "grouped_gemm/grouped_gemm.h"
+#endif
 
 namespace moe_kernels::emu::selftest {
 void bind(pybind11::module_& m);
@@ -48,13 +51,13 @@ TORCH_LIBRARY(moe_kernels, m) {
   // Grouped GEMM (SPEC.md section 4).
   m.def(
       "grouped_gemm(Tensor a, Tensor b, Tensor tokens_per_expert, bool trans_b=False, "
-      "str backend=\"kernel\") -> Tensor");
+      "str backend=\"auto\") -> Tensor");
   m.def(
       "grouped_gemm_wgrad(Tensor a, Tensor grad_c, Tensor tokens_per_expert, bool trans_b=False, "
-      "str backend=\"kernel\") -> Tensor");
+      "str backend=\"auto\") -> Tensor");
   m.def(
       "grouped_gemm_swiglu(Tensor a, Tensor b, Tensor tokens_per_expert, bool trans_b=False, "
-      "str backend=\"kernel\") -> (Tensor out, Tensor pre)");
+      "str backend=\"auto\") -> (Tensor out, Tensor pre)");
   m.def("swiglu_backward(Tensor grad_out, Tensor pre) -> Tensor");
 
   // Expert-parallel dispatch and combine (SPEC.md section 5; csrc/comm/dispatch.cpp): the row
@@ -118,6 +121,12 @@ std::tuple<bool, std::string, uint64_t> emulation() {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "moe_kernels native library: ops are in torch.ops.moe_kernels";
   m.def("build_info", &build_info, "How this module was built: CUDA kernels, archs, NVTX.");
+#if defined(MOE_KERNELS_WITH_CUDA)
+  m.def("grouped_gemm_auto_kernel", &moe_kernels::gemm::cuda::auto_kernel_name,
+        pybind11::arg("major"), pybind11::arg("minor"),
+        "The grouped GEMM kernel backend='auto' runs on a device of compute capability "
+        "major.minor: 'wgmma', 'mma' or 'simt'.");
+#endif
   m.def("set_emulation", &set_emulation,
         "Run the CUDA kernels of the ops on the CPU emulator (or not), under a schedule.");
   m.def("emulation", &emulation, "(enabled, schedule, seed) of the CPU emulator.");

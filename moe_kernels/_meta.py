@@ -8,6 +8,8 @@ Data-dependent sizes: ``permute`` returns T * k rows when ``align`` is 1 and an 
 import torch
 from torch import Tensor
 
+from .ops import GROUPED_GEMM_BACKENDS
+
 
 def _opmath(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -103,28 +105,41 @@ def _(grad_output, rows, row_map):
     return rows.new_empty(row_map.shape, dtype=_opmath(rows.dtype))
 
 
+def _check_backend(backend: str) -> None:
+    """The native ops' check of a grouped GEMM backend name, repeated for the same reason."""
+    torch._check(
+        backend in GROUPED_GEMM_BACKENDS,
+        lambda: (
+            "backend must be one of "
+            + ", ".join(f"'{name}'" for name in GROUPED_GEMM_BACKENDS)
+            + f", got '{backend}'"
+        ),
+    )
+
+
 @torch.library.register_fake("moe_kernels::grouped_gemm")
-def _(a: Tensor, b: Tensor, tokens_per_expert: Tensor, trans_b: bool = False, backend="kernel"):
+def _(a: Tensor, b: Tensor, tokens_per_expert: Tensor, trans_b: bool = False, backend="auto"):
     _check_device(b, a, "b", "a")
     _check_device(tokens_per_expert, a, "tokens_per_expert", "a")
+    _check_backend(backend)
     n = b.shape[1] if trans_b else b.shape[2]
     return a.new_empty((a.shape[0], n))
 
 
 @torch.library.register_fake("moe_kernels::grouped_gemm_swiglu")
-def _(a: Tensor, b: Tensor, tokens_per_expert: Tensor, trans_b: bool = False, backend="kernel"):
+def _(a: Tensor, b: Tensor, tokens_per_expert: Tensor, trans_b: bool = False, backend="auto"):
     _check_device(b, a, "b", "a")
     _check_device(tokens_per_expert, a, "tokens_per_expert", "a")
+    _check_backend(backend)
     n = b.shape[1] if trans_b else b.shape[2]
     return a.new_empty((a.shape[0], n // 2)), a.new_empty((a.shape[0], n))
 
 
 @torch.library.register_fake("moe_kernels::grouped_gemm_wgrad")
-def _(
-    a: Tensor, grad_c: Tensor, tokens_per_expert: Tensor, trans_b: bool = False, backend="kernel"
-):
+def _(a: Tensor, grad_c: Tensor, tokens_per_expert: Tensor, trans_b: bool = False, backend="auto"):
     _check_device(grad_c, a, "grad_c", "a")
     _check_device(tokens_per_expert, a, "tokens_per_expert", "a")
+    _check_backend(backend)
     num_experts, k, n = tokens_per_expert.shape[0], a.shape[1], grad_c.shape[1]
     return a.new_empty((num_experts, n, k) if trans_b else (num_experts, k, n))
 

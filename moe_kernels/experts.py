@@ -34,7 +34,8 @@ class SwiGLUExperts(nn.Module):
         num_experts: E, over the whole expert-parallel group.
         hidden_size: H.
         ffn_hidden_size: F, each expert's intermediate size.
-        backend: the grouped GEMM backend, "kernel" or "cublas" (see ``ops.grouped_gemm``).
+        backend: the grouped GEMM backend, one of ``ops.GROUPED_GEMM_BACKENDS`` (see
+            ``ops.grouped_gemm``; "auto": the fastest path of the device).
         first_expert, num_local_experts: the experts held here (default: all of them).
     """
 
@@ -43,7 +44,7 @@ class SwiGLUExperts(nn.Module):
         num_experts: int,
         hidden_size: int,
         ffn_hidden_size: int,
-        backend: str = "kernel",
+        backend: str = "auto",
         *,
         first_expert: int = 0,
         num_local_experts: int | None = None,
@@ -103,7 +104,7 @@ def swiglu_experts(
     gate_up_proj: Tensor,
     down_proj: Tensor,
     tokens_per_expert: Tensor,
-    backend: str = "kernel",
+    backend: str = "auto",
 ) -> Tensor:
     """SwiGLU experts over rows grouped by expert: ``down_e(silu(gate_e(x)) * up_e(x))``, with
     ``gate_up_proj`` [E, 2F, H] (gate rows, then up rows) and ``down_proj`` [E, H, F] in

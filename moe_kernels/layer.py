@@ -99,7 +99,7 @@ class MoELayer(nn.Module):
         global_counts: str = "running",
         capacity_factor: float = 1.0,
         process_group: dist.ProcessGroup | None = None,
-        backend: str = "kernel",
+        backend: str = "auto",
         ep_group: dist.ProcessGroup | None = None,
         ep_transport: str = "auto",
     ) -> None:

@@ -18,6 +18,9 @@ from torch import Tensor
 
 _ops = torch.ops.moe_kernels
 
+# The ``backend`` choices of the grouped GEMM ops (see ``grouped_gemm``).
+GROUPED_GEMM_BACKENDS = ("auto", "kernel", "wgmma", "mma", "cublas", "torch")
+
 
 def biased_topk(
     logits: Tensor,
@@ -152,7 +155,7 @@ def grouped_gemm(
     b: Tensor,
     tokens_per_expert: Tensor,
     trans_b: bool = False,
-    backend: str = "kernel",
+    backend: str = "auto",
 ) -> Tensor:
     """Per-expert matrix products over consecutive row segments: ``c_e = a_e @ b[e]``.
 
@@ -162,16 +165,30 @@ def grouped_gemm(
         tokens_per_expert: [E] int64 or int32, >= 0, summing to M (empty experts are legal), on
             the device of a.
         trans_b: whether b holds each expert's weight transposed, [N, K].
-        backend: ``"kernel"``, this package's kernels: on CUDA, tensor cores (mma.sync) for
-            bf16/fp16 when K, N are multiples of 8, else CUDA cores (fp32, fp64 and unaligned
-            shapes); no host synchronisation, and tokens_per_expert is not checked (counts are
-            clamped to the rows of a). ``"cublas"``: one cuBLAS GEMM per expert, which reads
-            the counts on the host (a synchronisation) and checks them. On the CPU both are one
-            BLAS call per expert, with the counts checked.
+        backend: what runs the products (one of ``GROUPED_GEMM_BACKENDS``):
+
+            - ``"auto"`` (the default; ``"kernel"`` is its older name): the fastest path of
+              this package for the device. On an sm_90 GPU the wgmma + TMA kernel, on sm_80 /
+              sm_89 the mma.sync kernel, both for bf16/fp16 with K and N multiples of 8
+              (fp32, fp64 and unaligned shapes run the SIMT kernel); on the CPU one BLAS call
+              per expert. ``moe_kernels.build_info()["grouped_gemm"]`` names the kernel each
+              device gets. On CUDA there is no host synchronisation, and tokens_per_expert is
+              not checked (counts are clamped to the rows of a); on the CPU it is.
+            - ``"wgmma"``, ``"mma"``: that kernel by name, to compare them (CUDA tensors, or
+              the CPU emulator); an error where it cannot run: another GPU, or operands it
+              does not take. On native CPU tensors, an error.
+            - ``"cublas"``: one cuBLAS GEMM per expert, a baseline; it reads the counts on the
+              host (a synchronisation) and checks them. On the CPU, the same BLAS loop as
+              ``"auto"``.
+            - ``"torch"``: ``torch._grouped_mm``, a baseline, with the offsets computed on the
+              device. fp32, bf16 and fp16 only, with K and N multiples of 16 bytes (else an
+              error). torch runs bf16 on sm_90 / sm_100 GPUs with no host synchronisation (up
+              to 1024 experts); in every other case it loops over the experts after copying
+              the offsets to the host. Counts are checked on the CPU, not on CUDA.
 
     Returns:
         [M, N] in the dtype of ``a``, accumulated in fp32 for bf16/fp16. Differentiable w.r.t.
-        ``a`` and ``b`` (an expert with no rows gets a zero gradient); the backward uses the
+        ``a`` and ``b`` (an expert with no rows gets a zero gradient); the backward runs on the
         same backend.
     """
     return _ops.grouped_gemm(a, b, tokens_per_expert, trans_b, backend)
@@ -182,7 +199,7 @@ def grouped_gemm_wgrad(
     grad_c: Tensor,
     tokens_per_expert: Tensor,
     trans_b: bool = False,
-    backend: str = "kernel",
+    backend: str = "auto",
 ) -> Tensor:
     """The weight gradient of ``grouped_gemm``: ``grad_b[e] = a_e^T @ grad_c_e``.
 
@@ -202,7 +219,7 @@ def grouped_gemm_swiglu(
     b: Tensor,
     tokens_per_expert: Tensor,
     trans_b: bool = False,
-    backend: str = "kernel",
+    backend: str = "auto",
 ) -> Tensor:
     """The first projection of SwiGLU experts, fused: ``silu(gate_e) * up_e`` where
     ``[gate_e | up_e] = a_e @ b[e]``.
@@ -211,8 +228,11 @@ def grouped_gemm_swiglu(
     (the first F) then the up projection (the last F).
 
     Returns:
-        [M, F] in the dtype of ``a``. On CUDA the activation is applied to the fp32
-        accumulators in the GEMM's epilogue, rounded once. Differentiable w.r.t. ``a`` and
+        [M, F] in the dtype of ``a``. With this package's kernels on CUDA (``"auto"``,
+        ``"wgmma"``, ``"mma"``) the activation is applied to the fp32 accumulators in the
+        GEMM's epilogue, rounded once; elsewhere (the CPU, ``"cublas"``, ``"torch"``) the
+        product ``[gate | up]`` is rounded to the dtype of ``a`` first, then activated in fp32
+        and rounded once more. Differentiable w.r.t. ``a`` and
         ``b``: the product ``[gate | up]`` ([M, 2F]) is kept for the backward.
     """
     return _ops.grouped_gemm_swiglu(a, b, tokens_per_expert, trans_b, backend)[0]

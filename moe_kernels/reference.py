@@ -102,7 +102,7 @@ def grouped_gemm(
     b: Tensor,
     tokens_per_expert: Tensor,
     trans_b: bool = False,
-    backend: str = "kernel",
+    backend: str = "auto",
 ) -> Tensor:
     weights = b.transpose(1, 2) if trans_b else b
     segments = a.split(tokens_per_expert.tolist())
@@ -120,7 +120,7 @@ def grouped_gemm_swiglu(
     b: Tensor,
     tokens_per_expert: Tensor,
     trans_b: bool = False,
-    backend: str = "kernel",
+    backend: str = "auto",
 ) -> Tensor:
     return swiglu(grouped_gemm(a, b, tokens_per_expert, trans_b))
 

@@ -354,7 +354,7 @@ CASES = {
         mk.grouped_gemm,
         (torch.randn(4, 4), torch.randn(2, 4, 3), torch.tensor([2, 2])),
         {"backend": "triton"},
-        r"backend must be one of 'kernel', 'cublas', got 'triton'",
+        r"backend must be one of 'auto', 'kernel', 'wgmma', 'mma', 'cublas', 'torch', got 'triton'",
     ),
     "sizes_device": (
         mk.grouped_gemm,
@@ -392,7 +392,7 @@ CASES = {
         mk.grouped_gemm_wgrad,
         (torch.randn(4, 4), torch.randn(4, 3), torch.tensor([2, 2])),
         {"backend": "eager"},
-        r"backend must be one of 'kernel', 'cublas', got 'eager'",
+        r"backend must be one of 'auto', 'kernel', 'wgmma', 'mma', 'cublas', 'torch', got 'eager'",
     ),
     # swiglu_backward
     "swiglu_backward_columns": (

@@ -2,18 +2,50 @@
 // the declarations its files share.
 #pragma once
 
+#include <array>
 #include <functional>
+#include <string>
 #include <string_view>
 #include <tuple>
+#include <utility>
 
 #include "common/checks.h"
 
 namespace moe_kernels::gemm {
 
-// backend: "kernel" (this package's kernels) or "cublas" (one library GEMM per expert: cuBLAS
-// on CUDA tensors; on the CPU both are the per-expert BLAS loop).
-inline void check_backend(std::string_view backend) {
-  check_choice(backend, {"kernel", "cublas"}, "backend");
+// What the `backend` argument of the products asks for. On CUDA tensors (and on the CPU emulator):
+// kAuto the fastest of this package's kernels the device has ("auto", and its older name
+// "kernel"), kWgmma / kMma one of them by name (the sm_90a wgmma + TMA kernel, the mma.sync
+// kernel), kCublas one cuBLAS GEMM per expert, kTorch torch._grouped_mm
+// (grouped_gemm_torch.cpp). On native CPU tensors kAuto and kCublas are the per-expert BLAS
+// loop, kTorch torch._grouped_mm, and the CUDA kernels by name are refused (cpu_runs_torch).
+enum class Backend : int { kAuto, kWgmma, kMma, kCublas, kTorch };
+
+inline constexpr std::array<std::pair<std::string_view, Backend>, 6> kBackends{{
+    {"auto", Backend::kAuto},
+    {"kernel", Backend::kAuto},
+    {"wgmma", Backend::kWgmma},
+    {"mma", Backend::kMma},
+    {"cublas", Backend::kCublas},
+    {"torch", Backend::kTorch},
+}};
+
+// The Backend a name stands for; any other name is an error that lists the choices.
+inline Backend check_backend(std::string_view backend) {
+  std::string choices;
+  for (const auto& [name, value] : kBackends) {
+    if (backend == name) return value;
+    choices += (choices.empty() ? "'" : ", '") + std::string(name) + "'";
+  }
+  TORCH_CHECK(false, "backend must be one of ", choices, ", got '", backend, "'");
+}
+
+// The backend of a product on native CPU tensors: true for "torch" (grouped_gemm_torch.cpp),
+// false for the CPU path ("auto", "kernel", "cublas"); a CUDA kernel by name is an error.
+inline bool cpu_runs_torch(Backend backend, std::string_view name) {
+  TORCH_CHECK(backend != Backend::kWgmma && backend != Backend::kMma, "backend '", name,
+              "' runs on CUDA tensors (or on the CPU emulator under moe_kernels.emulate())");
+  return backend == Backend::kTorch;
 }
 
 // a [M, K] and the counts of its row segments, tokens_per_expert [E]: what every product reads.
@@ -26,38 +58,40 @@ inline void check_segmented_rows(const at::Tensor& a, const at::Tensor& tokens_p
 }
 
 // a [M, K]; b [E, K, N] (or [E, N, K] with trans_b); tokens_per_expert [E].
-inline void check_grouped_gemm_args(const at::Tensor& a, const at::Tensor& b,
-                                    const at::Tensor& tokens_per_expert, bool trans_b,
-                                    std::string_view backend) {
+// Each check_*_args returns the Backend that `backend` names.
+inline Backend check_grouped_gemm_args(const at::Tensor& a, const at::Tensor& b,
+                                       const at::Tensor& tokens_per_expert, bool trans_b,
+                                       std::string_view backend) {
   check_segmented_rows(a, tokens_per_expert);
   check_dim(b, 3, "b");
   check_same_dtype(b, a, "b", "a");
   check_same_device(b, a, "b", "a");
   check_size(tokens_per_expert, 0, b.size(0), "tokens_per_expert", "num_experts (b.size(0))");
   check_size(b, trans_b ? 2 : 1, a.size(1), "b", "a.size(1) (K)");
-  check_backend(backend);
+  return check_backend(backend);
 }
 
 // As grouped_gemm, and b's N columns are [gate | up].
-inline void check_grouped_gemm_swiglu_args(const at::Tensor& a, const at::Tensor& b,
-                                           const at::Tensor& tokens_per_expert, bool trans_b,
-                                           std::string_view backend) {
-  check_grouped_gemm_args(a, b, tokens_per_expert, trans_b, backend);
+inline Backend check_grouped_gemm_swiglu_args(const at::Tensor& a, const at::Tensor& b,
+                                              const at::Tensor& tokens_per_expert, bool trans_b,
+                                              std::string_view backend) {
+  const Backend choice = check_grouped_gemm_args(a, b, tokens_per_expert, trans_b, backend);
   const int64_t n = b.size(trans_b ? 1 : 2);
   TORCH_CHECK(n % 2 == 0, "b must have an even number of output columns for SwiGLU ([gate | up]), ",
               "got ", n);
+  return choice;
 }
 
 // a [M, K]; grad_c [M, N]; tokens_per_expert [E].
-inline void check_grouped_gemm_wgrad_args(const at::Tensor& a, const at::Tensor& grad_c,
-                                          const at::Tensor& tokens_per_expert,
-                                          std::string_view backend) {
+inline Backend check_grouped_gemm_wgrad_args(const at::Tensor& a, const at::Tensor& grad_c,
+                                             const at::Tensor& tokens_per_expert,
+                                             std::string_view backend) {
   check_segmented_rows(a, tokens_per_expert);
   check_dim(grad_c, 2, "grad_c");
   check_same_dtype(grad_c, a, "grad_c", "a");
   check_same_device(grad_c, a, "grad_c", "a");
   check_size(grad_c, 0, a.size(0), "grad_c", "a.size(0) (M)");
-  check_backend(backend);
+  return check_backend(backend);
 }
 
 // grad_out [M, F]; pre [M, 2F].
@@ -81,6 +115,32 @@ at::Tensor grouped_gemm_blas(const at::Tensor& a, const at::Tensor& b,
                              const SegmentEpilogue& epilogue = {});
 at::Tensor grouped_gemm_wgrad_blas(const at::Tensor& a, const at::Tensor& grad_c,
                                    const at::Tensor& tokens_per_expert, bool trans_b);
+
+// The products through torch._grouped_mm (backend "torch", grouped_gemm_torch.cpp), on any
+// device: offsets are the cumulative sum of tokens_per_expert as int32 on its device, so nothing
+// waits for the device (torch's own fallback may: see there). Operands must be fp32, bf16 or
+// fp16 with K and N multiples of 16 bytes; anything else is an error naming the backend.
+at::Tensor grouped_gemm_torch(const at::Tensor& a, const at::Tensor& b,
+                              const at::Tensor& tokens_per_expert, bool trans_b);
+at::Tensor grouped_gemm_wgrad_torch(const at::Tensor& a, const at::Tensor& grad_c,
+                                    const at::Tensor& tokens_per_expert, bool trans_b);
+std::tuple<at::Tensor, at::Tensor> grouped_gemm_swiglu_torch(const at::Tensor& a,
+                                                             const at::Tensor& b,
+                                                             const at::Tensor& tokens_per_expert,
+                                                             bool trans_b);
+
+// SwiGLU of a library product pre = [gate | up] ([M, 2F]): silu(gate) * up in the accumulator
+// type, rounded once to pre's dtype (what the fused epilogue computes), for the backends whose
+// product is not fused with it ("cublas" on CUDA, "torch").
+at::Tensor swiglu_of_product(const at::Tensor& pre);
+
+namespace cuda {
+// The kernel backend="auto" runs the products with on a CUDA device of compute capability
+// major.minor, for bf16/fp16 operands with K and N multiples of 8 (fp32, fp64 and unaligned
+// shapes run "simt" on every GPU): "wgmma" (the sm_90a wgmma + TMA kernel), "mma" (mma.sync,
+// from sm_80) or "simt" (grouped_gemm_cuda.cpp; build_info() reports it per device).
+std::string auto_kernel_name(int major, int minor);
+}  // namespace cuda
 
 namespace emulated {
 // The CUDA ops run on the CPU emulator (grouped_gemm_cuda.cpp compiled for it).

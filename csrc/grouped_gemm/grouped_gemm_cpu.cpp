@@ -1,5 +1,6 @@
 // The grouped GEMM family on the CPU (SPEC.md section 4): the products are one BLAS call per
-// expert segment (grouped_gemm_blas.cpp; `backend` changes nothing here), SwiGLU and its
+// expert segment (grouped_gemm_blas.cpp; backend "torch" runs torch._grouped_mm instead,
+// grouped_gemm_torch.cpp, and the CUDA kernels by name are refused), SwiGLU and its
 // backward one parallel pass over the rows, computed in the accumulator type (the arithmetic of
 // torch's silu and silu_backward, the formulas of swiglu.h).
 #include <ATen/ATen.h>
@@ -33,7 +34,9 @@ at::Tensor grouped_gemm_cpu(const at::Tensor& a, const at::Tensor& b,
                             const at::Tensor& tokens_per_expert, bool trans_b,
                             c10::string_view backend) {
   MOE_KERNELS_NVTX_RANGE("grouped_gemm");
-  check_grouped_gemm_args(a, b, tokens_per_expert, trans_b, backend);
+  if (cpu_runs_torch(check_grouped_gemm_args(a, b, tokens_per_expert, trans_b, backend), backend)) {
+    return grouped_gemm_torch(a, b, tokens_per_expert, trans_b);
+  }
   return grouped_gemm_blas(a, b, tokens_per_expert, trans_b);
 }
 
@@ -41,7 +44,10 @@ at::Tensor grouped_gemm_wgrad_cpu(const at::Tensor& a, const at::Tensor& grad_c,
                                   const at::Tensor& tokens_per_expert, bool trans_b,
                                   c10::string_view backend) {
   MOE_KERNELS_NVTX_RANGE("grouped_gemm_wgrad");
-  check_grouped_gemm_wgrad_args(a, grad_c, tokens_per_expert, backend);
+  if (cpu_runs_torch(check_grouped_gemm_wgrad_args(a, grad_c, tokens_per_expert, backend),
+                     backend)) {
+    return grouped_gemm_wgrad_torch(a, grad_c, tokens_per_expert, trans_b);
+  }
   return grouped_gemm_wgrad_blas(a, grad_c, tokens_per_expert, trans_b);
 }
 
@@ -50,7 +56,10 @@ std::tuple<at::Tensor, at::Tensor> grouped_gemm_swiglu_cpu(const at::Tensor& a, 
                                                            const at::Tensor& tokens_per_expert,
                                                            bool trans_b, c10::string_view backend) {
   MOE_KERNELS_NVTX_RANGE("grouped_gemm_swiglu");
-  check_grouped_gemm_swiglu_args(a, b, tokens_per_expert, trans_b, backend);
+  if (cpu_runs_torch(check_grouped_gemm_swiglu_args(a, b, tokens_per_expert, trans_b, backend),
+                     backend)) {
+    return grouped_gemm_swiglu_torch(a, b, tokens_per_expert, trans_b);
+  }
   const int64_t half = b.size(trans_b ? 1 : 2) / 2;
   auto out = at::empty({a.size(0), half}, a.options());
   const at::ScalarType acc = opmath_dtype(a.scalar_type());

@@ -1,12 +1,16 @@
 // The grouped GEMM family for CUDA tensors: checks, device guard, allocation, current stream.
 // Compiled twice: for the CUDA build, and for the CPU emulator (moe_kernels.emulate()).
-// backend="kernel" runs this package's kernels with no host synchronisation: tokens_per_expert
-// stays on the device and is not checked (counts are clamped to the rows that exist, so a wrong
-// count gives wrong rows, never an out-of-bounds access). backend="cublas" runs one cuBLAS GEMM
-// per expert (grouped_gemm_blas.cpp): it reads the counts on the host, and checks them.
+// backend="auto" (or its older name "kernel") runs this package's fastest kernel for the device
+// (auto_gemm_path: wgmma + TMA on sm_90, mma.sync from sm_80, SIMT for the rest), "wgmma" and
+// "mma" one of them by name, an error where it cannot run; all with no host synchronisation:
+// tokens_per_expert stays on the device and is not checked (counts are clamped to the rows that
+// exist, so a wrong count gives wrong rows, never an out-of-bounds access). backend="cublas" runs
+// one cuBLAS GEMM per expert (grouped_gemm_blas.cpp): it reads the counts on the host, and checks
+// them. backend="torch" runs torch._grouped_mm (grouped_gemm_torch.cpp).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <string>
 #include <tuple>
 
 #include "common/dispatch.h"
@@ -18,7 +22,28 @@
 namespace moe_kernels::gemm::MOE_KERNELS_TARGET {
 namespace {
 
-bool use_cublas(c10::string_view backend) { return backend == "cublas"; }
+// The kernel a backend of this package's kernels asks the launcher for.
+GemmKernel gemm_kernel(Backend backend) {
+  switch (backend) {
+    case Backend::kWgmma:
+      return GemmKernel::kWgmma;
+    case Backend::kMma:
+      return GemmKernel::kMma;
+    default:
+      return GemmKernel::kAuto;
+  }
+}
+
+// A kernel asked for by name that cannot run the problem, or not on this device.
+void check_named_kernel(cudaError_t err, Backend backend) {
+  TORCH_CHECK(err != cudaErrorNotSupported || backend != Backend::kWgmma,
+              "backend 'wgmma' needs an sm_90 GPU (and a build for sm_90a) and 16-byte aligned "
+              "bf16/fp16 operands (K and N multiples of 8); backend='auto' picks the kernel that "
+              "runs");
+  TORCH_CHECK(err != cudaErrorNotSupported || backend != Backend::kMma,
+              "backend 'mma' needs an sm_80 or newer GPU and 16-byte aligned bf16/fp16 operands "
+              "(K and N multiples of 8); backend='auto' picks the kernel that runs");
+}
 
 // Operands of c = a_e @ b[e] (or b[e]^T): a is K-major; b[e] is K-major when transposed.
 GroupedGemmProblem product_problem(const at::Tensor& a, const at::Tensor& b, bool trans_b) {
@@ -34,7 +59,8 @@ GroupedGemmProblem product_problem(const at::Tensor& a, const at::Tensor& b, boo
 
 // Runs the problem's kernels on `like`'s dtype, with the segment counts and a workspace for the
 // tile schedule.
-void run(GroupedGemmProblem& p, const at::Tensor& tokens_per_expert_in, const at::Tensor& like) {
+void run(GroupedGemmProblem& p, const at::Tensor& tokens_per_expert_in, const at::Tensor& like,
+         Backend backend) {
   const at::Tensor tokens_per_expert = tokens_per_expert_in.contiguous();
   p.num_experts = tokens_per_expert.size(0);
   p.tokens_per_expert = tokens_per_expert.const_data_ptr();
@@ -43,7 +69,10 @@ void run(GroupedGemmProblem& p, const at::Tensor& tokens_per_expert_in, const at
   p.workspace = workspace.mutable_data_ptr<int64_t>();
   MOE_KERNELS_DISPATCH_FLOATING(like.scalar_type(), "grouped_gemm_cuda", [&] {
     using T = typename device::DeviceScalar<scalar_t>::type;
-    device::check_launch(launch_grouped_gemm<T>(p, GemmKernel::kAuto, device::current_stream()));
+    const cudaError_t err =
+        launch_grouped_gemm<T>(p, gemm_kernel(backend), device::current_stream());
+    check_named_kernel(err, backend);
+    device::check_launch(err);
   });
 }
 
@@ -53,14 +82,20 @@ at::Tensor grouped_gemm_cuda(const at::Tensor& a_in, const at::Tensor& b_in,
                              const at::Tensor& tokens_per_expert_in, bool trans_b,
                              c10::string_view backend) {
   MOE_KERNELS_NVTX_RANGE("grouped_gemm");
-  check_grouped_gemm_args(a_in, b_in, tokens_per_expert_in, trans_b, backend);
+  const Backend choice =
+      check_grouped_gemm_args(a_in, b_in, tokens_per_expert_in, trans_b, backend);
   const device::DeviceGuard guard(a_in.device());
-  if (use_cublas(backend)) return grouped_gemm_blas(a_in, b_in, tokens_per_expert_in, trans_b);
+  if (choice == Backend::kCublas) {
+    return grouped_gemm_blas(a_in, b_in, tokens_per_expert_in, trans_b);
+  }
+  if (choice == Backend::kTorch) {
+    return grouped_gemm_torch(a_in, b_in, tokens_per_expert_in, trans_b);
+  }
   const at::Tensor a = a_in.contiguous(), b = b_in.contiguous();
   GroupedGemmProblem p = product_problem(a, b, trans_b);
   auto c = at::empty({p.m, p.n}, a.options());
   p.out = {c.mutable_data_ptr(), p.n, 0};
-  run(p, tokens_per_expert_in, a);
+  run(p, tokens_per_expert_in, a, choice);
   return c;
 }
 
@@ -70,13 +105,16 @@ std::tuple<at::Tensor, at::Tensor> grouped_gemm_swiglu_cuda(const at::Tensor& a_
                                                             bool trans_b,
                                                             c10::string_view backend) {
   MOE_KERNELS_NVTX_RANGE("grouped_gemm_swiglu");
-  check_grouped_gemm_swiglu_args(a_in, b_in, tokens_per_expert_in, trans_b, backend);
+  const Backend choice =
+      check_grouped_gemm_swiglu_args(a_in, b_in, tokens_per_expert_in, trans_b, backend);
   const device::DeviceGuard guard(a_in.device());
-  if (use_cublas(backend)) {
+  if (choice == Backend::kCublas) {
     // The library product, then SwiGLU in ATen ops (in fp32, rounded once, as the kernel does).
     at::Tensor pre = grouped_gemm_blas(a_in, b_in, tokens_per_expert_in, trans_b);
-    const auto gate_up = pre.to(opmath_dtype(pre.scalar_type())).chunk(2, 1);
-    return {(at::silu(gate_up[0]) * gate_up[1]).to(pre.scalar_type()), pre};
+    return {swiglu_of_product(pre), pre};
+  }
+  if (choice == Backend::kTorch) {
+    return grouped_gemm_swiglu_torch(a_in, b_in, tokens_per_expert_in, trans_b);
   }
   const at::Tensor a = a_in.contiguous(), b = b_in.contiguous();
   GroupedGemmProblem p = product_problem(a, b, trans_b);
@@ -86,7 +124,7 @@ std::tuple<at::Tensor, at::Tensor> grouped_gemm_swiglu_cuda(const at::Tensor& a_
   auto pre = at::empty({p.m, p.n}, a.options());
   p.out = {out.mutable_data_ptr(), p.swiglu_half, 0};
   p.pre = {pre.mutable_data_ptr(), p.n, 0};
-  run(p, tokens_per_expert_in, a);
+  run(p, tokens_per_expert_in, a, choice);
   return {out, pre};
 }
 
@@ -96,10 +134,14 @@ at::Tensor grouped_gemm_wgrad_cuda(const at::Tensor& a_in, const at::Tensor& gra
                                    const at::Tensor& tokens_per_expert_in, bool trans_b,
                                    c10::string_view backend) {
   MOE_KERNELS_NVTX_RANGE("grouped_gemm_wgrad");
-  check_grouped_gemm_wgrad_args(a_in, grad_c_in, tokens_per_expert_in, backend);
+  const Backend choice =
+      check_grouped_gemm_wgrad_args(a_in, grad_c_in, tokens_per_expert_in, backend);
   const device::DeviceGuard guard(a_in.device());
-  if (use_cublas(backend)) {
+  if (choice == Backend::kCublas) {
     return grouped_gemm_wgrad_blas(a_in, grad_c_in, tokens_per_expert_in, trans_b);
+  }
+  if (choice == Backend::kTorch) {
+    return grouped_gemm_wgrad_torch(a_in, grad_c_in, tokens_per_expert_in, trans_b);
   }
   const at::Tensor a = a_in.contiguous(), grad_c = grad_c_in.contiguous();
   const at::Tensor& lhs = trans_b ? grad_c : a;
@@ -113,8 +155,20 @@ at::Tensor grouped_gemm_wgrad_cuda(const at::Tensor& a_in, const at::Tensor& gra
   p.rhs = {rhs.const_data_ptr(), p.n, 0, false};
   auto grad_b = at::empty({tokens_per_expert_in.size(0), p.m, p.n}, a.options());
   p.out = {grad_b.mutable_data_ptr(), p.n, p.m * p.n};
-  run(p, tokens_per_expert_in, a);
+  run(p, tokens_per_expert_in, a, choice);
   return grad_b;
+}
+
+std::string auto_kernel_name(int major, int minor) {
+  switch (auto_gemm_path(major, minor)) {
+    case GemmPath::kWgmma:
+      return "wgmma";
+    case GemmPath::kTensorCore:
+      return "mma";
+    case GemmPath::kSimt:
+      return "simt";
+  }
+  return "simt";
 }
 
 at::Tensor swiglu_backward_cuda(const at::Tensor& grad_out_in, const at::Tensor& pre_in) {

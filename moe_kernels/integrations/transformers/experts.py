@@ -54,7 +54,7 @@ class FusedExperts(nn.Module):
     """Mixed into an experts module's class by ``patch``: the same ``forward(hidden_states,
     top_k_index, top_k_weights)`` on this package's ops, with the module's own weights."""
 
-    moe_backend: str = "kernel"
+    moe_backend: str = "auto"
 
     def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
         with nvtx_range("dispatch"):

@@ -15,6 +15,7 @@ import warnings
 import torch
 from torch import nn
 
+from ... import ops
 from .experts import FusedExperts, unsupported_experts
 from .routing import BIAS, FusedRouter, Routing, supported_routers
 
@@ -28,7 +29,7 @@ def patch(
     balancing: str | None = None,
     rate: float = 1e-3,
     *,
-    backend: str = "kernel",
+    backend: str = "auto",
 ) -> int:
     """Runs every supported sparse-MoE block of ``model`` on this package's ops, in place.
 
@@ -44,7 +45,8 @@ def patch(
             without one gets a zero fp32 ``e_score_correction_bias`` buffer (saved in the
             ``state_dict``), and an existing one is kept fp32.
         rate: the loss-free update rate u (``bias += u * sign(mean - counts)``), >= 0.
-        backend: the grouped GEMM backend, "kernel" or "cublas" (see ``ops.grouped_gemm``).
+        backend: the grouped GEMM backend, one of ``ops.GROUPED_GEMM_BACKENDS`` (see
+            ``ops.grouped_gemm``; "auto": the fastest path of the device).
 
     Returns:
         How many blocks were patched.
@@ -53,8 +55,8 @@ def patch(
         raise ValueError(f"balancing must be one of {BALANCING}, got {balancing!r}")
     if rate < 0:
         raise ValueError(f"rate must be >= 0, got {rate}")
-    if backend not in ("kernel", "cublas"):
-        raise ValueError(f"backend must be 'kernel' or 'cublas', got {backend!r}")
+    if backend not in ops.GROUPED_GEMM_BACKENDS:
+        raise ValueError(f"backend must be one of {ops.GROUPED_GEMM_BACKENDS}, got {backend!r}")
     if any(isinstance(module, (FusedRouter, FusedExperts)) for module in model.modules()):
         raise ValueError("model is already patched: unpatch(model) first")
     routers = supported_routers()
