@@ -265,14 +265,16 @@ def test_an_unknown_backend_names_the_choices(emulated):
         mk.grouped_gemm(a.to("meta"), b.to("meta"), counts.to("meta"), backend="cutlass")
 
 
-def test_mma_runs_on_the_emulator():
-    """bf16 with K, N multiples of 8: the mma.sync kernel by name, forward and backward."""
+@pytest.mark.parametrize("kernel", ["mma", "wgmma"])
+def test_each_tensor_core_kernel_runs_by_name_on_the_emulator(kernel):
+    """bf16 with K, N and the SwiGLU half multiples of 8: the kernel by name (the emulated device
+    is an sm_90, which has both), forward and backward."""
     sizes = [0, 9, 1, 6]
-    a, b, counts = operands(sizes, torch.bfloat16, False)
-    upstream = torch.randn(sum(sizes), N).to(torch.bfloat16)
+    a, b, counts = operands(sizes, torch.bfloat16, False, n=32)
+    upstream = torch.randn(sum(sizes), 32).to(torch.bfloat16)
     with emulate():
-        got = gradients(lambda a, b: mk.grouped_gemm(a, b, counts, backend="mma"), a, b, upstream)
-        act = mk.grouped_gemm_swiglu(a, b, counts, backend="mma")
+        got = gradients(lambda a, b: mk.grouped_gemm(a, b, counts, backend=kernel), a, b, upstream)
+        act = mk.grouped_gemm_swiglu(a, b, counts, backend=kernel)
     exact = gradients(
         lambda a, b: ref.grouped_gemm(a, b, counts), a.double(), b.double(), upstream.double()
     )
@@ -281,16 +283,19 @@ def test_mma_runs_on_the_emulator():
     assert_matches_reference(act, ref.swiglu(exact[0]))
 
 
-def test_wgmma_on_the_emulator_runs_or_says_what_it_needs():
-    """Until the sm_90a kernel lands the launcher refuses it; either way no silent fallback."""
-    a, b, counts = operands([3, 0, 8], torch.bfloat16, False)
-    with emulate():
-        try:
-            got = mk.grouped_gemm(a, b, counts, backend="wgmma")
-        except RuntimeError as error:
-            assert "backend 'wgmma' needs an sm_90 GPU" in str(error)
-            return
-    assert_matches_reference(got, ref.grouped_gemm(a.double(), b.double(), counts))
+@pytest.mark.parametrize("kernel", ["mma", "wgmma"])
+@pytest.mark.parametrize(
+    "dtype,k,n", [(torch.float32, 16, 32), (torch.bfloat16, 30, 32), (torch.bfloat16, 16, 24)]
+)
+def test_a_kernel_by_name_says_what_it_needs_instead_of_falling_back(kernel, dtype, k, n):
+    """fp32, K not a multiple of 8, a SwiGLU half of 12: auto takes the SIMT kernel, the tensor
+    core kernels by name refuse."""
+    a, b, counts = operands([3, 0, 8], dtype, False, k=k, n=n)
+    with emulate(), pytest.raises(RuntimeError, match=f"backend '{kernel}' needs an sm_"):
+        if n == 24:
+            mk.grouped_gemm_swiglu(a, b, counts, backend=kernel)
+        else:
+            mk.grouped_gemm(a, b, counts, backend=kernel)
 
 
 @pytest.mark.parametrize("trans_b", [False, True])
