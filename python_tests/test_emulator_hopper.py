@@ -103,7 +103,9 @@ def stored(a, b, trans_a, trans_b):
 def test_wgmma_of_every_operand_layout(dtype, trans_a, trans_b, schedule):
     a, b = operand(64, 64, dtype, 3), operand(64, 128, dtype, 4)
     with emulate(schedule):
-        frags = selftest.wgmma_tile(dtype, trans_a, trans_b, *stored(a, b, trans_a, trans_b), "none")
+        frags = selftest.wgmma_tile(
+            dtype, trans_a, trans_b, *stored(a, b, trans_a, trans_b), "none"
+        )
     torch.testing.assert_close(tile_from_fragments(frags), a.float() @ b.float(), rtol=0, atol=0)
 
 
@@ -160,14 +162,13 @@ def expected_box(dims, box, coords):
     zeros outside it, in row-major box order."""
     out = []
     for index in range(torch.tensor(box).prod().item()):
-        at, rest, inside, flat, scale = [], index, True, 0, 1
-        for d, (size, b, c) in enumerate(zip(dims, box, coords, strict=True)):
+        rest, inside, flat, scale = index, True, 0, 1
+        for size, b, c in zip(dims, box, coords, strict=True):
             x = c + rest % b
             rest //= b
             inside = inside and 0 <= x < size
             flat += x * scale
             scale *= size
-            at.append(x)
         out.append(flat + 1 if inside else 0)
     return out
 
@@ -224,7 +225,10 @@ def test_mbarrier_phases_complete_after_their_arrivals(arrivals, schedule):
 
 
 def test_a_wait_for_a_phase_that_never_completes_is_a_deadlock():
-    with emulate(), pytest.raises(RuntimeError, match="deadlock .*mbarrier_phases_kernel.*mbarriers"):
+    with (
+        emulate(),
+        pytest.raises(RuntimeError, match="deadlock .*mbarrier_phases_kernel.*mbarriers"),
+    ):
         selftest.mbarrier_phases(2, True)
 
 

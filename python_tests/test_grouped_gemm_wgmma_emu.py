@@ -65,7 +65,9 @@ def test_the_kernel_built_with_a_bug_computes_a_wrong_product(mutation, schedule
     b = torch.randn(len(sizes), n, k, generator=g).to(torch.bfloat16)
     expected = ref.grouped_gemm(a.float(), b.float(), torch.tensor(sizes), trans_b=True)
     with emulate("reverse"):  # the control: the same kernel without the bug
-        good = torch.tensor(selftest.wgmma_gemm_mutant("none", bf16_bits(a), bf16_bits(b), sizes, k, n))
+        good = torch.tensor(
+            selftest.wgmma_gemm_mutant("none", bf16_bits(a), bf16_bits(b), sizes, k, n)
+        )
     torch.testing.assert_close(good.view(-1, n), expected, rtol=2e-2, atol=2e-1)
     for schedule in schedules:
         with emulate(schedule):

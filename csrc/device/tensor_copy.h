@@ -19,7 +19,8 @@ namespace moe_kernels::device::inline MOE_KERNELS_TARGET {
 // 128B swizzle), signalling `barrier`. One thread issues it.
 template <int kRank>
 __device__ __forceinline__ void tensor_copy_load(void* dst, const TensorMap& map,
-                                                 const int32_t (&coords)[kRank], uint64_t* barrier) {
+                                                 const int32_t (&coords)[kRank],
+                                                 uint64_t* barrier) {
   static_assert(kRank == 2 || kRank == 3, "2D and 3D boxes");
 #if defined(MOE_KERNELS_EMULATOR)
   emu::tensor_copy_load(shared_address(dst), &map, coords, shared_address(barrier));

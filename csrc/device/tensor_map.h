@@ -32,17 +32,17 @@ inline cudaError_t encode_tensor_map(TensorMap* map, int rank, const void* base,
                                      const uint32_t* box, bool bf16) {
 #if defined(MOE_KERNELS_EMULATOR)
   (void)bf16;
-  if (const std::string error = emu::encode_tensor_map(map, rank, 2, base, dims, strides_bytes,
-                                                       box, emu::TensorSwizzle::k128B);
+  if (const std::string error = emu::encode_tensor_map(map, rank, 2, base, dims, strides_bytes, box,
+                                                       emu::TensorSwizzle::k128B);
       !error.empty()) {
     throw std::invalid_argument("moe_kernels emulator: " + error);
   }
   return cudaSuccess;
 #else
-  using Encode = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*,
-                              const cuuint64_t*, const cuuint64_t*, const cuuint32_t*,
-                              const cuuint32_t*, CUtensorMapInterleave, CUtensorMapSwizzle,
-                              CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+  using Encode =
+      CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
+                   const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
+                   CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
   static const Encode encode = [] {
     void* function = nullptr;
     cudaDriverEntryPointQueryResult found{};
@@ -55,13 +55,12 @@ inline cudaError_t encode_tensor_map(TensorMap* map, int rank, const void* base,
   }();
   if (encode == nullptr) return cudaErrorNotSupported;
   const cuuint32_t element_strides[5] = {1, 1, 1, 1, 1};
-  const CUresult result =
-      encode(map, bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
-             static_cast<cuuint32_t>(rank), const_cast<void*>(base),
-             reinterpret_cast<const cuuint64_t*>(dims),
-             reinterpret_cast<const cuuint64_t*>(strides_bytes), box,
-             element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-             CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  const CUresult result = encode(
+      map, bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
+      static_cast<cuuint32_t>(rank), const_cast<void*>(base),
+      reinterpret_cast<const cuuint64_t*>(dims), reinterpret_cast<const cuuint64_t*>(strides_bytes),
+      box, element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+      CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   return result == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
 #endif
 }

@@ -36,10 +36,9 @@ __device__ __forceinline__ bool elect_one() {
   return emu::elect_one(0xffffffffu);
 #elif defined(MOE_KERNELS_SM90A)
   uint32_t elected = 0;
-  asm volatile(
-      "{\n.reg .pred p;\nelect.sync _|p, %1;\nselp.u32 %0, 1, 0, p;\n}\n"
-      : "=r"(elected)
-      : "r"(0xffffffffu));
+  asm volatile("{\n.reg .pred p;\nelect.sync _|p, %1;\nselp.u32 %0, 1, 0, p;\n}\n"
+               : "=r"(elected)
+               : "r"(0xffffffffu));
   return elected != 0;
 #else
   return threadIdx.x % 32 == 0;

@@ -1,7 +1,8 @@
+#include "emu/hopper_state.h"
+
 #include <string>
 
 #include "emu/hopper.h"
-#include "emu/hopper_state.h"
 
 namespace moe_kernels::emu {
 

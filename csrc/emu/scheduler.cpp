@@ -524,7 +524,8 @@ uint32_t shared_address(const void* pointer, size_t bytes) {
   const Launch& l = launch_or_fail("a shared-memory address");
   const auto p = reinterpret_cast<uintptr_t>(pointer);
   const auto begin = reinterpret_cast<uintptr_t>(l.dynamic_shared);
-  if (p < begin || p - begin > l.dynamic_shared_size || bytes > l.dynamic_shared_size - (p - begin)) {
+  if (p < begin || p - begin > l.dynamic_shared_size ||
+      bytes > l.dynamic_shared_size - (p - begin)) {
     std::ostringstream s;
     s << "address " << pointer << " (" << bytes
       << " bytes) is not in the block's dynamic shared memory, where the asynchronous units "

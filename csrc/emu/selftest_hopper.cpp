@@ -33,13 +33,13 @@ void check(cudaError_t err) {
 
 enum class Mutation : int {
   kNone,
-  kSwizzle,       // the descriptors say 64B swizzle, shared memory holds 128B
-  kStride,        // SBO of 512 bytes instead of 1024
-  kLeading,       // LBO of 4096 bytes instead of 8192 (MN-major B spans two 64-column blocks)
-  kNoWait,        // accumulators read before wgmma.wait_group
-  kNoFence,       // wgmma without wgmma.fence
-  kWrongParity,   // waits for the phase of parity 1: returns before the copies land
-  kNoExpectTx,    // arrives without expecting the copies' bytes
+  kSwizzle,      // the descriptors say 64B swizzle, shared memory holds 128B
+  kStride,       // SBO of 512 bytes instead of 1024
+  kLeading,      // LBO of 4096 bytes instead of 8192 (MN-major B spans two 64-column blocks)
+  kNoWait,       // accumulators read before wgmma.wait_group
+  kNoFence,      // wgmma without wgmma.fence
+  kWrongParity,  // waits for the phase of parity 1: returns before the copies land
+  kNoExpectTx,   // arrives without expecting the copies' bytes
 };
 
 constexpr int kTileBytes = 64 * 64 * 2;  // one 64 x 64 box of 16-bit elements
@@ -53,8 +53,8 @@ __global__ void wgmma_tile_kernel(const __grid_constant__ device::TensorMap map_
                                   const __grid_constant__ device::TensorMap map_b,
                                   Mutation mutation, float* frags) {
   MOE_KERNELS_DYNAMIC_SHARED(unsigned char, raw);
-  auto* base = reinterpret_cast<unsigned char*>(
-      (reinterpret_cast<uintptr_t>(raw) + 1023) & ~uintptr_t{1023});
+  auto* base = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(raw) + 1023) &
+                                                ~uintptr_t{1023});
   unsigned char* a = base;
   unsigned char* b = base + kTileBytes;
   auto* full = reinterpret_cast<uint64_t*>(base + 3 * kTileBytes);
@@ -130,7 +130,7 @@ void launch_wgmma_tile(const uint16_t* a, const uint16_t* b, Mutation mutation, 
   const device::TensorMap map_b = kTransB ? matrix_map(b, 64, 128) : matrix_map(b, 128, 64);
   const LaunchConfig config{dim3(1), dim3(128), kSharedBytes};
   check(device::launch<wgmma_tile_kernel<T, kTransA, kTransB>>(config, nullptr, map_a, map_b,
-                                                                mutation, frags));
+                                                               mutation, frags));
 }
 
 // a, b: the operands as stored in global memory (see launch_wgmma_tile), as 16-bit patterns.
@@ -203,8 +203,8 @@ std::vector<int> tensor_copy(std::vector<uint64_t> dims, std::vector<uint32_t> b
   const LaunchConfig config{dim3(1), dim3(32), 65536 + 8};
   check(device::allow_dynamic_shared<tensor_copy_kernel>(65536 + 8));
   check(device::launch<tensor_copy_kernel>(config, nullptr, map, rank, coords[0], coords[1],
-                                           rank == 3 ? coords[2] : 0,
-                                           static_cast<int>(elements), out.data()));
+                                           rank == 3 ? coords[2] : 0, static_cast<int>(elements),
+                                           out.data()));
   return std::vector<int>(out.begin(), out.end());
 }
 
@@ -299,7 +299,8 @@ std::vector<float> wgmma_gemm_mutant(const std::string& mutation, std::vector<in
   p.k = k;
   p.n = n;
   p.num_experts = static_cast<int64_t>(sizes.size());
-  if (static_cast<int64_t>(a.size()) != p.m * k || static_cast<int64_t>(b.size()) != p.num_experts * n * k) {
+  if (static_cast<int64_t>(a.size()) != p.m * k ||
+      static_cast<int64_t>(b.size()) != p.num_experts * n * k) {
     throw std::invalid_argument("wgmma_gemm_mutant: a is [sum(sizes), k], b [E, n, k]");
   }
   std::vector<uint16_t> c(static_cast<size_t>(p.m * n));

@@ -64,8 +64,8 @@ std::string encode_tensor_map(TensorMap* map, int rank, int element_bytes, const
         s << "dimension " << i << " (" << dims[i] << ") is outside [1, 2^32]";
       } else if (box[i] == 0 || box[i] > 256) {
         s << "box dimension " << i << " (" << box[i] << ") is outside [1, 256]";
-      } else if (i > 0 && (strides_bytes[i - 1] % 16 != 0 ||
-                           strides_bytes[i - 1] >= (uint64_t{1} << 40))) {
+      } else if (i > 0 &&
+                 (strides_bytes[i - 1] % 16 != 0 || strides_bytes[i - 1] >= (uint64_t{1} << 40))) {
         s << "stride " << i << " (" << strides_bytes[i - 1]
           << " bytes) must be a multiple of 16 below 2^40";
       }

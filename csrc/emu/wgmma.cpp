@@ -40,8 +40,8 @@ Descriptor decode(uint64_t desc) {
   // The layout-type field: 0 interleaved, 1 128B, 2 64B, 3 32B.
   constexpr TensorSwizzle kLayout[] = {TensorSwizzle::kNone, TensorSwizzle::k128B,
                                        TensorSwizzle::k64B, TensorSwizzle::k32B};
-  return {field(0, 14) << 4, field(16, 14) << 4, field(32, 14) << 4,
-          static_cast<int>(field(49, 3)), kLayout[field(62, 2)]};
+  return {field(0, 14) << 4, field(16, 14) << 4, field(32, 14) << 4, static_cast<int>(field(49, 3)),
+          kLayout[field(62, 2)]};
 }
 
 int swizzle_chunks(TensorSwizzle swizzle) {
@@ -67,7 +67,8 @@ uint32_t element_address(const Descriptor& d, bool mn_major, int mn, int k) {
     offset = umn % 8 * (swizzled ? w * 16 : 16) + umn / 8 * d.sbo + uk % 8 * 2 +
              uk / 8 * (swizzled ? 16 : d.lbo);
   } else if (swizzled) {
-    offset = umn % 8 * 2 + umn / 8 % w * 16 + umn / (8 * w) * d.lbo + uk % 8 * w * 16 + uk / 8 * d.sbo;
+    offset =
+        umn % 8 * 2 + umn / 8 % w * 16 + umn / (8 * w) * d.lbo + uk % 8 * w * 16 + uk / 8 * d.sbo;
   } else {
     offset = umn % 8 * 2 + umn / 8 * d.sbo + uk % 8 * 16 + uk / 8 * d.lbo;
   }
@@ -91,8 +92,9 @@ WarpWgmma& this_warp() { return block_async_state().warps[current_thread() / kWa
 void compute(const WgmmaOp& op, float* const* acc) {
   const Descriptor a = decode(op.desc_a), b = decode(op.desc_b);
   if (a.base_offset != 0 || b.base_offset != 0) {
-    fail("wgmma: a matrix base offset other than 0 is not emulated (align operands to the "
-         "swizzle pattern's repeat)");
+    fail(
+        "wgmma: a matrix base offset other than 0 is not emulated (align operands to the "
+        "swizzle pattern's repeat)");
   }
   float av[16][16];
   std::vector<float> bv(static_cast<size_t>(op.n) * 16);
@@ -102,7 +104,8 @@ void compute(const WgmmaOp& op, float* const* acc) {
     }
   }
   for (int n = 0; n < op.n; ++n) {
-    for (int k = 0; k < 16; ++k) bv[n * 16 + k] = element(op.type, element_address(b, op.trans_b, n, k));
+    for (int k = 0; k < 16; ++k)
+      bv[n * 16 + k] = element(op.type, element_address(b, op.trans_b, n, k));
   }
   for (int lane = 0; lane < kWarpSize; ++lane) {
     float* d = acc[lane];
@@ -127,8 +130,8 @@ struct WgmmaLane {
 void check_warpgroup(const char* what) {
   const int warpgroup = current_thread() / kWarpgroupThreads;
   if ((warpgroup + 1) * kWarpgroupThreads > block_threads()) {
-    fail(std::string(what) + ": the block's threads " + std::to_string(warpgroup * kWarpgroupThreads) +
-         ".. do not make a whole warpgroup of 128");
+    fail(std::string(what) + ": the block's threads " +
+         std::to_string(warpgroup * kWarpgroupThreads) + ".. do not make a whole warpgroup of 128");
   }
 }
 
@@ -144,8 +147,9 @@ void issue_warp(void* const* lanes) {
   }
   WarpWgmma& w = this_warp();
   if (!w.fenced) {
-    fail("wgmma.mma_async without a wgmma.fence since the warp last waited (the accumulators "
-         "may be written by earlier instructions)");
+    fail(
+        "wgmma.mma_async without a wgmma.fence since the warp last waited (the accumulators "
+        "may be written by earlier instructions)");
   }
   if (launch_schedule() == Schedule::kForward) {
     compute(op, op.d);
@@ -204,9 +208,10 @@ void wgmma(WgmmaType type, int n, float* d, uint64_t desc_a, uint64_t desc_b, bo
   if (n < 8 || n > 256 || n % 8 != 0) {
     fail("wgmma.mma_async: N must be a multiple of 8 in [8, 256], got " + std::to_string(n));
   }
-  WgmmaLane lane{WgmmaOp{type, n, {}, desc_a, desc_b, scale_d, trans_a, trans_b,
-                         current_thread() / kWarpSize % 4},
-                 d};
+  WgmmaLane lane{
+      WgmmaOp{
+          type, n, {}, desc_a, desc_b, scale_d, trans_a, trans_b, current_thread() / kWarpSize % 4},
+      d};
   aligned_warp_collective(WarpOp::kWgmma, &lane, issue_warp);
 }
 

@@ -58,8 +58,10 @@ cudaError_t resolve_path(const GroupedGemmProblem& p, GemmKernel kernel, GemmPat
   }
   int device = 0, major = 0, minor = 0;
   cudaError_t err = cudaGetDevice(&device);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
+  if (err == cudaSuccess)
+    err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  if (err == cudaSuccess)
+    err = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
   if (err != cudaSuccess) return err;
   const bool wgmma = auto_gemm_path(major, minor) == GemmPath::kWgmma && wgmma_supports(p);
   switch (kernel) {
@@ -70,9 +72,9 @@ cudaError_t resolve_path(const GroupedGemmProblem& p, GemmKernel kernel, GemmPat
       *path = GemmPath::kTensorCore;
       return major >= 8 ? cudaSuccess : cudaErrorNotSupported;
     default:
-      *path = wgmma ? GemmPath::kWgmma : auto_gemm_path(major, minor) == GemmPath::kSimt
-                                             ? GemmPath::kSimt
-                                             : GemmPath::kTensorCore;
+      *path = wgmma                                             ? GemmPath::kWgmma
+              : auto_gemm_path(major, minor) == GemmPath::kSimt ? GemmPath::kSimt
+                                                                : GemmPath::kTensorCore;
       return cudaSuccess;
   }
 }
@@ -131,7 +133,8 @@ cudaError_t launch_swiglu_backward(const T* grad_out, const T* pre, int64_t rows
 
 #define MOE_KERNELS_INSTANTIATE_GROUPED_GEMM(T)                                            \
   template GemmPath gemm_path<T>(const GroupedGemmProblem&);                               \
-  template cudaError_t launch_grouped_gemm<T>(const GroupedGemmProblem&, GemmKernel, cudaStream_t); \
+  template cudaError_t launch_grouped_gemm<T>(const GroupedGemmProblem&, GemmKernel,       \
+                                              cudaStream_t);                               \
   template cudaError_t launch_swiglu_backward<T>(const T*, const T*, int64_t, int64_t, T*, \
                                                  cudaStream_t);
 MOE_KERNELS_INSTANTIATE_GROUPED_GEMM(float)

@@ -28,8 +28,8 @@ template <typename T>
 cudaError_t encode_maps(const GroupedGemmProblem& p, WgmmaMaps* maps) {
   if (p.grouping == Grouping::kRows) {
     const auto n = static_cast<uint64_t>(p.n), k = static_cast<uint64_t>(p.k);
-    if (cudaError_t err = box_map<T>(&maps->lhs, p.lhs.data, k, static_cast<uint64_t>(p.m),
-                                     p.lhs.ld, 0, 0);
+    if (cudaError_t err =
+            box_map<T>(&maps->lhs, p.lhs.data, k, static_cast<uint64_t>(p.m), p.lhs.ld, 0, 0);
         err != cudaSuccess) {
       return err;
     }

@@ -44,8 +44,8 @@ inline int64_t max_tiles(const GroupedGemmProblem& p, int tile_m, int64_t n_tile
   return p.num_experts * ((p.m + tile_m - 1) / tile_m) * n_tiles;
 }
 
-// The schedule kernel, then the GEMM kernel `Kernel(p, schedule, extra...)` (tile_m x tile_n output tiles) on a
-// persistent grid.
+// The schedule kernel, then the GEMM kernel `Kernel(p, schedule, extra...)` (tile_m x tile_n output
+// tiles) on a persistent grid.
 template <auto Kernel, typename... Extra>
 cudaError_t launch_scheduled(const GroupedGemmProblem& p, int tile_m, int tile_n, int threads,
                              int shared_bytes, int blocks_per_sm, cudaStream_t stream,

@@ -48,7 +48,7 @@ struct WgmmaTile {
   static constexpr int kM = 128, kN = 128, kK = 64, kStages = 4;
   static constexpr int kConsumers = 2;  // warpgroups, 64 rows each
   static constexpr int kThreads = (1 + kConsumers) * device::kWarpgroupThreads;
-  static constexpr int kBoxBytes = 64 * 64 * 2;  // one 64 x 64 box of 16-bit elements
+  static constexpr int kBoxBytes = 64 * 64 * 2;        // one 64 x 64 box of 16-bit elements
   static constexpr int kOperandBytes = 2 * kBoxBytes;  // 128 lines (K-major) or 2 blocks
   static constexpr int kStageBytes = 2 * kOperandBytes;
   // The ring, its 2 * kStages mbarriers, and room to align the ring to the swizzle's 1024 bytes.
@@ -96,7 +96,8 @@ __device__ __forceinline__ void load_reduction_tail(unsigned char* dst, const T*
     const int block = i / 512, line = i / 8 % 64, chunk = i % 8;
     const int64_t col = block * 64 + chunk * 8;
     const bool valid = line < rows && col < cols;
-    unsigned char* to = dst + block * WgmmaTile::kBoxBytes + line * 128 + ((chunk ^ (line % 8)) * 16);
+    unsigned char* to =
+        dst + block * WgmmaTile::kBoxBytes + line * 128 + ((chunk ^ (line % 8)) * 16);
     device::cp_async<16>(to, valid ? src + line * ld + col : src, valid ? 16 : 0);
   }
   device::cp_async_commit();
@@ -239,8 +240,8 @@ __global__ void __launch_bounds__(WgmmaTile::kThreads, 1)
   __trap();  // built for a GPU without wgmma: the launcher never runs it there
 #else
   MOE_KERNELS_DYNAMIC_SHARED(unsigned char, raw);
-  auto* ring = reinterpret_cast<unsigned char*>(
-      (reinterpret_cast<uintptr_t>(raw) + 1023) & ~uintptr_t{1023});
+  auto* ring = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(raw) + 1023) &
+                                                ~uintptr_t{1023});
   auto* full = reinterpret_cast<uint64_t*>(ring + WgmmaTile::kStages * WgmmaTile::kStageBytes);
   uint64_t* empty = full + WgmmaTile::kStages;
   if (threadIdx.x == 0) {
@@ -254,7 +255,8 @@ __global__ void __launch_bounds__(WgmmaTile::kThreads, 1)
   const int warpgroup = static_cast<int>(threadIdx.x) / device::kWarpgroupThreads;
   if (warpgroup == 0) {
     device::setmaxnreg<40, false>();
-    if (device::warp_id() == 0) produce<T, kGrouping, kRhsKMajor, kSwiglu>(p, schedule, maps, ring, full, empty);
+    if (device::warp_id() == 0)
+      produce<T, kGrouping, kRhsKMajor, kSwiglu>(p, schedule, maps, ring, full, empty);
   } else {
     device::setmaxnreg<232, true>();
     consume<T, kGrouping, kRhsKMajor, kSwiglu, kMutation>(p, schedule, ring, full, empty,
