@@ -32,6 +32,19 @@ SEGMENTS = {
 # (K, N): tensor-core aligned, aligned but ragged against the 64-wide tiles, unaligned.
 SHAPES = {"k64_n128": (64, 128), "k72_n40": (72, 40), "k30_n50": (30, 50)}
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# "auto" runs the device's fastest kernel (the wgmma kernel on the emulated sm_90, as on an
+# H100); "mma" the mma.sync kernel by name (what sm_80/sm_89 run), where it takes the problem:
+# both tensor-core kernels are proven by every test that takes `kernel`.
+KERNELS = ["auto", "mma"]
+
+
+def skip_unless_mma_takes(kernel, device, dtype, *dims):
+    if kernel == "mma" and (
+        (device == "cpu" and not emulating())
+        or dtype not in (torch.bfloat16, torch.float16)
+        or any(d % 8 for d in dims)
+    ):
+        pytest.skip("mma.sync takes bf16/fp16 with K and N multiples of 8, on CUDA")
 
 
 def operands(sizes, k, n, dtype, trans_b, device="cpu", seed=0):
@@ -60,9 +73,11 @@ def assert_as_accurate_as_torch(got, exact, same_dtype_torch):
 @pytest.mark.parametrize("shape", sorted(SHAPES))
 @pytest.mark.parametrize("trans_b", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_forward(device, case, shape, trans_b, dtype):
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_forward(device, case, shape, trans_b, dtype, kernel):
+    skip_unless_mma_takes(kernel, device, dtype, *SHAPES[shape])
     a, b, counts = operands(SEGMENTS[case], *SHAPES[shape], dtype, trans_b, device)
-    got = mk.grouped_gemm(a, b, counts, trans_b=trans_b)
+    got = mk.grouped_gemm(a, b, counts, trans_b=trans_b, backend=kernel)
     exact = ref.grouped_gemm(a.cpu().double(), b.cpu().double(), counts.cpu(), trans_b)
     assert_as_accurate_as_torch(
         got, exact, ref.grouped_gemm(a.cpu(), b.cpu(), counts.cpu(), trans_b)
@@ -73,13 +88,15 @@ def test_forward(device, case, shape, trans_b, dtype):
 @pytest.mark.parametrize("case", sorted(SEGMENTS))
 @pytest.mark.parametrize("trans_b", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_weight_gradient(device, case, trans_b, dtype):
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_weight_gradient(device, case, trans_b, dtype, kernel):
+    skip_unless_mma_takes(kernel, device, dtype, 72, 40)
     sizes = SEGMENTS[case]
     g = torch.Generator().manual_seed(1)
     a = torch.randn(sum(sizes), 72, generator=g).to(device, dtype)
     grad_c = torch.randn(sum(sizes), 40, generator=g).to(device, dtype)
     counts = torch.tensor(sizes).to(device)
-    got = mk.grouped_gemm_wgrad(a, grad_c, counts, trans_b)
+    got = mk.grouped_gemm_wgrad(a, grad_c, counts, trans_b, backend=kernel)
 
     def wgrad(a, grad_c):
         parts = zip(a.split(sizes), grad_c.split(sizes), strict=True)
@@ -143,7 +160,9 @@ def test_hundreds_of_experts(device, dtype):
 @pytest.mark.parametrize("trans_b", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("swiglu", [False, True])
-def test_backward(device, case, trans_b, dtype, swiglu):
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_backward(device, case, trans_b, dtype, swiglu, kernel):
+    skip_unless_mma_takes(kernel, device, dtype, 24, 48)
     ours, reference = (
         (mk.grouped_gemm_swiglu, ref.grouped_gemm_swiglu)
         if swiglu
@@ -153,7 +172,9 @@ def test_backward(device, case, trans_b, dtype, swiglu):
     upstream = torch.randn(
         a.shape[0], 24 if swiglu else 48, generator=torch.Generator().manual_seed(9)
     )
-    got = gradients(lambda a, b: ours(a, b, counts, trans_b), a, b, upstream.to(dtype))
+    got = gradients(
+        lambda a, b: ours(a, b, counts, trans_b, backend=kernel), a, b, upstream.to(dtype)
+    )
     on_cpu = lambda a, b: reference(a, b, counts.cpu(), trans_b)  # noqa: E731
     exact = gradients(on_cpu, a.cpu().double(), b.cpu().double(), upstream.to(dtype))
     torch_same_dtype = gradients(on_cpu, a.cpu(), b.cpu(), upstream.to(dtype))
@@ -186,10 +207,12 @@ def test_gradcheck_fp64(device, trans_b):
 @pytest.mark.parametrize("shape", sorted(SHAPES))
 @pytest.mark.parametrize("trans_b", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_swiglu_forward(device, shape, trans_b, dtype):
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_swiglu_forward(device, shape, trans_b, dtype, kernel):
     k, n = SHAPES[shape]
+    skip_unless_mma_takes(kernel, device, dtype, k, n)
     a, b, counts = operands(SEGMENTS["skewed_with_empty"], k, 2 * n, dtype, trans_b, device)
-    got = mk.grouped_gemm_swiglu(a, b, counts, trans_b)
+    got = mk.grouped_gemm_swiglu(a, b, counts, trans_b, backend=kernel)
     exact = ref.grouped_gemm_swiglu(a.cpu().double(), b.cpu().double(), counts.cpu(), trans_b)
     assert_as_accurate_as_torch(
         got, exact, ref.grouped_gemm_swiglu(a.cpu(), b.cpu(), counts.cpu(), trans_b)
