@@ -10,8 +10,9 @@
 //   89-94 (83-89% of twice that), so whole experts per thread, one single-threaded GEMM each,
 //   win whenever the experts split evenly over the threads: every fp32 product at both shapes,
 //   by 5-30% (the SwiGLU product at the Mixtral shape 448 ms against 519-667, its dgrad 352
-//   against 383). They lose when one expert holds more than its thread's share, which the other
-//   threads would wait out; then one expert at a time with all threads.
+//   against 383). By the same figures they lose once the busiest thread's experts pass an even
+//   share by more than 1 / 0.87 (one large expert that the other threads would wait out); then
+//   one expert at a time with all threads.
 // - bf16 / fp16 where torch has no native GEMM for the type (no AVX-512 / AMX: oneDNN is not
 //   used, see torch.ops.mkldnn._is_mkldnn_bf16_supported): torch's fallback GEMM runs at 10
 //   GFLOP/s per thread with a transposed weight and about 0.5 without one (a dgrad: 16-58 s
@@ -49,11 +50,11 @@ std::vector<int64_t> segment_sizes(const at::Tensor& tokens_per_expert, int64_t 
 
 // Whole experts per thread lose to one expert at a time on all threads once the busiest thread's
 // rows (experts dealt largest first to the least loaded thread, as for_each_segment runs them)
-// exceed an even share by more than the threaded GEMM's loss: 1 / 0.85, the efficiency above.
+// exceed an even share by more than the threaded GEMM's loss: 1 / 0.87, the efficiency above.
 constexpr double kMaxImbalance = 1.15;
 
-// The segments in the order threads take them (largest first), and whether to run them that
-// way, whole experts per thread (else one after the other, each GEMM on every thread).
+// Whether to run whole experts per thread; `order` has the segments largest first, the order
+// in which the threads take them.
 bool experts_per_thread(const std::vector<int64_t>& sizes, const std::vector<int64_t>& order,
                         int64_t threads) {
   if (threads == 1) return false;
