@@ -145,6 +145,7 @@ def machine() -> dict[str, object]:
         "transformers": _version("transformers"),
         "threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(),
+        "cpu_model": _cpu_model(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "gpu": None,
     }
@@ -156,6 +157,17 @@ def machine() -> dict[str, object]:
             cuda=torch.version.cuda,
         )
     return env
+
+
+def _cpu_model() -> str | None:
+    """The CPU's model name as lscpu gives it (Linux /proc/cpuinfo), None elsewhere."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(
+                (line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None
+            )
+    except OSError:
+        return None
 
 
 def _version(package: str) -> str | None:
