@@ -19,14 +19,7 @@
 
 #include "device/runtime.h"
 #include "device/types.h"
-
-#if defined(MOE_KERNELS_EMULATOR)
-#include "emu/hopper.h"
-#endif
-
-#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-#define MOE_KERNELS_SM90A 1
-#endif
+#include "device/warpgroup.h"  // MOE_KERNELS_SM90A, and emu/hopper.h on the emulator
 
 namespace moe_kernels::device::inline MOE_KERNELS_TARGET {
 

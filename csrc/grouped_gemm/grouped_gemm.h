@@ -8,6 +8,7 @@
 #include <string_view>
 #include <tuple>
 #include <utility>
+#include <vector>
 
 #include "common/checks.h"
 
@@ -109,6 +110,9 @@ inline void check_swiglu_backward_args(const at::Tensor& grad_out, const at::Ten
 // the CUDA "cublas" backend. They read tokens_per_expert on the host (a synchronisation on CUDA)
 // and check it: non-negative, summing to M. `epilogue(c_e, first_row)`, when given, runs on each
 // expert's output rows right after its GEMM, on the thread that ran it, while they are in cache.
+// Segment sizes on the host (a synchronisation on CUDA), checked: non-negative, covering
+// exactly `num_rows` rows.
+std::vector<int64_t> segment_sizes(const at::Tensor& tokens_per_expert, int64_t num_rows);
 using SegmentEpilogue = std::function<void(const at::Tensor& c_e, int64_t first_row)>;
 at::Tensor grouped_gemm_blas(const at::Tensor& a, const at::Tensor& b,
                              const at::Tensor& tokens_per_expert, bool trans_b,

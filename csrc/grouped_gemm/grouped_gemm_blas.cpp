@@ -31,9 +31,7 @@
 #include "grouped_gemm/grouped_gemm.h"
 
 namespace moe_kernels::gemm {
-namespace {
 
-// Segment sizes on the host, checked: non-negative, and covering exactly `num_rows` rows.
 std::vector<int64_t> segment_sizes(const at::Tensor& tokens_per_expert, int64_t num_rows) {
   const at::Tensor counts = tokens_per_expert.to(at::kCPU, at::kLong).contiguous();
   const int64_t* c = counts.const_data_ptr<int64_t>();
@@ -67,6 +65,8 @@ bool experts_per_thread(const std::vector<int64_t>& sizes, const std::vector<int
   const int64_t busiest = *std::max_element(load.begin(), load.end());
   return static_cast<double>(busiest) * threads <= kMaxImbalance * static_cast<double>(total);
 }
+
+namespace {
 
 // Runs body(e, first_row) for every expert segment: on the CPU whole experts per thread when
 // they balance (see experts_per_thread), else (and on CUDA) one segment after the other.

@@ -64,17 +64,7 @@ at::Tensor packed(const at::Tensor& t) {
 at::Tensor segment_ends(const at::Tensor& tokens_per_expert, int64_t num_rows) {
   TORCH_CHECK(num_rows <= std::numeric_limits<int32_t>::max(), kTorchBackend,
               " takes at most 2^31 - 1 rows (int32 offsets), got ", num_rows);
-  if (tokens_per_expert.is_cpu()) {
-    const at::Tensor counts = tokens_per_expert.to(at::kLong).contiguous();
-    const int64_t* c = counts.const_data_ptr<int64_t>();
-    int64_t total = 0;
-    for (int64_t e = 0; e < counts.numel(); ++e) {
-      TORCH_CHECK(c[e] >= 0, "tokens_per_expert must be >= 0, got ", c[e], " for expert ", e);
-      total += c[e];
-    }
-    TORCH_CHECK(total == num_rows, "tokens_per_expert must sum to the number of rows of a (",
-                num_rows, "), got ", total);
-  }
+  if (tokens_per_expert.is_cpu()) segment_sizes(tokens_per_expert, num_rows);
   return at::cumsum(tokens_per_expert, 0, at::kInt);
 }
 
