@@ -173,3 +173,17 @@ def random_ids(
     used = num_experts if used is None else used
     g = torch.Generator().manual_seed(seed)
     return torch.rand(num_tokens, used, generator=g).argsort(dim=1)[:, :topk].contiguous()
+
+
+TENSOR_CORE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def exact_operand(rows: int, cols: int, dtype: str, seed: int) -> torch.Tensor:
+    """Quarters in [-4, 4): exact in bf16 and fp16, and so are their products and fp32 sums."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randint(-16, 16, (rows, cols), generator=g) / 4).to(TENSOR_CORE_DTYPES[dtype])
+
+
+def bits(t: torch.Tensor) -> list:
+    """A 16-bit tensor's elements as int16 bit patterns, row-major (what the self-tests take)."""
+    return t.contiguous().view(torch.int16).flatten().tolist()

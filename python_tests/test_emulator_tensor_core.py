@@ -9,23 +9,15 @@ import math
 import pytest
 import torch
 
+from conftest import TENSOR_CORE_DTYPES, bits
+from conftest import exact_operand as operand
 from moe_kernels import _C
 from moe_kernels.emulator import emulate
 
 selftest = _C.emulator_selftest
 
 SCHEDULES = ("forward", "reverse")
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def operand(rows, cols, dtype, seed):
-    """Quarters in [-4, 4): exact in bf16 and fp16, and so are their products and fp32 sums."""
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randint(-16, 16, (rows, cols), generator=g) / 4).to(DTYPES[dtype])
-
-
-def bits(t):
-    return t.contiguous().view(torch.int16).flatten().tolist()
+DTYPES = TENSOR_CORE_DTYPES
 
 
 def assert_product(got, expected):

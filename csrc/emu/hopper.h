@@ -42,6 +42,9 @@ struct TensorMap {
 };
 constexpr uint32_t kTensorMapMagic = 0x7e45a0d1u;
 
+// The bytes of one swizzle row (the pattern repeats every 8 of them): 128, 64, 32, or 0 for none.
+int swizzle_bytes(TensorSwizzle swizzle);
+
 // The address a 16-byte chunk at `address` is stored at under a swizzle mode: its chunk index
 // (bits 4-6) XORed with bits 7-9 (128B), 7-8 (64B) or 7 (32B), the pattern both the tensor copy
 // engine and wgmma's descriptors apply.

@@ -14,9 +14,6 @@
 #include "emu/scheduler.h"
 
 namespace moe_kernels::emu {
-namespace {
-
-// The bytes of one swizzle row (the pattern repeats every 8 of them), by mode.
 int swizzle_bytes(TensorSwizzle swizzle) {
   switch (swizzle) {
     case TensorSwizzle::k32B:
@@ -29,8 +26,6 @@ int swizzle_bytes(TensorSwizzle swizzle) {
       return 0;
   }
 }
-
-}  // namespace
 
 uint32_t swizzled_address(uint32_t address, TensorSwizzle swizzle) {
   const int bytes = swizzle_bytes(swizzle);

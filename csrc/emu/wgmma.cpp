@@ -44,23 +44,11 @@ Descriptor decode(uint64_t desc) {
           kLayout[field(62, 2)]};
 }
 
-int swizzle_chunks(TensorSwizzle swizzle) {
-  switch (swizzle) {
-    case TensorSwizzle::k32B:
-      return 2;
-    case TensorSwizzle::k64B:
-      return 4;
-    case TensorSwizzle::k128B:
-      return 8;
-    default:
-      return 1;
-  }
-}
-
 // The shared address of element (mn, k) of an operand, k in [0, 16).
 uint32_t element_address(const Descriptor& d, bool mn_major, int mn, int k) {
-  const uint32_t w = static_cast<uint32_t>(swizzle_chunks(d.swizzle));
   const bool swizzled = d.swizzle != TensorSwizzle::kNone;
+  // 16-byte chunks per swizzle row (1: interleaved).
+  const uint32_t w = swizzled ? static_cast<uint32_t>(swizzle_bytes(d.swizzle) / 16) : 1;
   const auto umn = static_cast<uint32_t>(mn), uk = static_cast<uint32_t>(k);
   uint32_t offset;
   if (!mn_major) {
