@@ -30,7 +30,7 @@ train: build
 	$(PY) -m moe_kernels.train --preset tiny --balancing loss_free --out runs/tiny
 
 test: build
-	$(PY) -m pytest python_tests
+	$(PY) -m pytest python_tests $(PYTEST_ARGS)
 
 # The CUDA kernels on the CPU emulator, built with AddressSanitizer and UBSan's shift and bounds
 # checks: an out-of-bounds access, or a shift past a type's width, in a kernel fails the test
@@ -69,26 +69,26 @@ gpu-study:
 endif
 
 # The GPU machine's environment (Python 3.12, torch 2.11.0, transformers 5.17; nothing installs
-# there), in a venv of its own: each variant built against it, then a subset of the suite that
-# fits CI's time. Ops on the CPU and on one emulator schedule (the other doubles the time),
-# build, compile, opcheck; on the CPU build also the layer, the transformers patch and Trainer,
-# a short training run and 2 Gloo ranks; on the CUDA build the NCCL paths of the rank tests.
+# there), in a venv of its own: the CUDA variant, the one that machine builds, compiled against
+# it (its sources are the CPU variant's and more), then a subset of the suite that fits CI's
+# time: ops on the CPU and on one emulator schedule (the other doubles the time), build,
+# compile, opcheck, the layer, the transformers patch and Trainer, a short training run, 2 Gloo
+# ranks and the NCCL paths of the rank tests.
 PYTHON312 ?= /root/.pyenv/versions/3.12.1/bin/python3
 GM_VENV ?= .venv-gpu-machine
 GM_PY := $(GM_VENV)/bin/python
 GM_DEPS := $(GM_VENV)/.deps-installed
-GM_PYTEST = $(GM_PY) -m pytest -q -k "not emu-forward"
-GM_OPS := $(addprefix python_tests/,test_routing.py test_permute.py test_grouped_gemm.py \
+GM_TESTS := $(addprefix python_tests/,test_routing.py test_permute.py test_grouped_gemm.py \
 	test_grouped_gemm_backends.py \
 	test_histogram_bias.py test_transpose_segments.py test_errors.py test_build.py \
-	test_compile.py test_opcheck.py test_emulator.py test_emulator_tensor_core.py)
-GM_RANKS := python_tests/test_dispatch.py::test_bad_calls_raise_on_every_rank \
-	python_tests/test_expert_parallel.py::test_the_direct_nccl_transport_is_an_opt_in
-GM_MORE := $(GM_RANKS) $(addprefix python_tests/,test_layer.py test_balance.py test_readme.py \
+	test_compile.py test_opcheck.py test_emulator.py test_emulator_tensor_core.py \
+	test_layer.py test_balance.py test_readme.py \
 	test_transformers_patch.py test_transformers_balancing.py \
 	test_train.py::test_loss_falls_and_the_outputs_are_written \
-	"test_expert_parallel.py::test_a_step_equals_one_process_on_the_global_batch[2-2]" \
-	"test_dispatch.py::test_dispatch_and_combine_match_all_to_all_single[2-8-cpu]")
+	test_dispatch.py::test_bad_calls_raise_on_every_rank \
+	"test_dispatch.py::test_dispatch_and_combine_match_all_to_all_single[2-8-cpu]" \
+	test_expert_parallel.py::test_the_direct_nccl_transport_is_an_opt_in \
+	"test_expert_parallel.py::test_a_step_equals_one_process_on_the_global_batch[2-2]")
 
 .PHONY: test-gpu-machine
 
@@ -98,12 +98,9 @@ $(GM_DEPS): requirements-gpu-machine.txt pyproject.toml
 	touch $@
 
 test-gpu-machine: $(GM_DEPS)
-	MOE_KERNELS_CUDA=0 $(GM_PY) -m pip install --quiet --no-build-isolation --no-deps -e .
-	@cat build/summary.txt
-	$(GM_PYTEST) $(GM_OPS) $(GM_MORE)
 	MOE_KERNELS_CUDA=1 $(GM_PY) -m pip install --quiet --no-build-isolation --no-deps -e .
 	@cat build/summary.txt
-	$(GM_PYTEST) $(GM_OPS) $(GM_RANKS)
+	$(GM_PY) -m pytest -q -k "not emu-forward" $(GM_TESTS)
 
 PY_SOURCES := moe_kernels python_tests benchmarks setup.py
 CXX_SOURCES = $(shell git ls-files 'csrc/*.h' 'csrc/*.cpp' 'csrc/*.cu' 'csrc/*.cuh')

@@ -85,6 +85,7 @@ def _check_dispatch(rank, world_size, num_experts, backend, transport="auto"):
     "world_size,num_experts,backend",
     [(2, 8, "cpu"), (4, 4, "cpu"), (4, 12, "cpu"), (2, 6, "emu-forward"), (4, 8, "emu-reverse")],
 )
+@pytest.mark.slow
 def test_dispatch_and_combine_match_all_to_all_single(tmp_path, world_size, num_experts, backend):
     """E/P = 1, 2, 3, 4 experts per rank; the transposes of the rows on the native CPU op and
     on the CUDA kernel run by the emulator."""
@@ -135,6 +136,7 @@ def _dispatch_once(rank, world_size):
     return True
 
 
+@pytest.mark.slow
 def test_ranks_exit_cleanly_after_a_dispatch(tmp_path):
     """A finished all-to-all's work holds Python objects (its tensors, the thread's Python
     state). Destroyed on Gloo's worker thread at interpreter exit, it aborted about one rank

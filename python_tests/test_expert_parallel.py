@@ -75,6 +75,7 @@ def _ep_steps(rank, world_size, config):
 BALANCING = ("loss_free", "none")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world_size,ep_size", [(2, 2), (4, 4), (4, 2)])
 def test_a_step_equals_one_process_on_the_global_batch(tmp_path, world_size, ep_size):
     """W ranks with experts sharded over groups of ep_size (W / ep_size groups holding the same
@@ -148,6 +149,7 @@ def test_the_direct_nccl_transport_is_an_opt_in(tmp_path):
         }
 
 
+@pytest.mark.slow
 def test_local_state_dict_is_the_inverse_of_consolidating(tmp_path):
     """Unsharded weights cut to each rank's experts load into the sharded model and gather
     back to themselves."""
@@ -204,6 +206,7 @@ def read_history(run_dir):
     return [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_torchrun_training_checkpoints_resumes_and_exports(tmp_path):
     """2 ranks, ep_size 2, through the CLI as torchrun runs it: the same history as one
     process with a twice larger micro-batch; per-rank checkpoints; a run stopped after its
@@ -257,6 +260,7 @@ def test_torchrun_training_checkpoints_resumes_and_exports(tmp_path):
 TIMEOUT = 8
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stall", [0, 3 * TIMEOUT], ids=["raises", "stalls"])
 def test_a_failing_rank_stops_the_others_with_an_error(tmp_path, stall):
     """Rank 1 fails at its third step: it raises (its process exits), or first stays alive and

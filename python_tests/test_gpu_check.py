@@ -40,6 +40,7 @@ def test_the_dry_run_walks_every_stage(tmp_path):
     assert "| benchmarks | train-small | passed |" in (tmp_path / "summary.md").read_text()
 
 
+@pytest.mark.slow
 def test_the_study_stage_runs_the_quick_preset_in_a_dry_run(tmp_path):
     done = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--dry-run", "--stages",

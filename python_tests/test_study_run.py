@@ -37,6 +37,7 @@ def numbers_in(value) -> list[float]:
     return [float(value)] if isinstance(value, int | float) and not isinstance(value, bool) else []
 
 
+@pytest.mark.slow
 def test_quick_study_reports_every_run_and_follows_its_rules(tmp_path):
     out = tmp_path / "study"
     assert main(["--quick", "--jobs", "2", "--out", str(out), "--no-progress"]) == 0

@@ -3,6 +3,7 @@ data-parallel ranks, and the ``Trainer`` callback."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hf_families import moe_blocks, tiny_model
 from ranks import run_on_ranks
@@ -119,6 +120,7 @@ def _update_on_rank(rank, world_size):
     return local, step_counts, biases
 
 
+@pytest.mark.slow
 def test_update_balance_sums_counts_over_data_parallel_ranks(tmp_path):
     results = run_on_ranks(_update_on_rank, 2, tmp_path)
     (local0, step0, bias0), (local1, step1, bias1) = results
