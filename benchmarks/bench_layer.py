@@ -47,7 +47,9 @@ expert FFN 2048, 256 experts, top-8 of 8 groups keeping 4, 1 shared expert, rout
 DeepSeek-V3 routes (bench_transformers.py runs each in its own family's block). The loss-free
 bias is random (scale 0.1), so the bias changes the routing. Weights are made on the device.
 
-Columns: medians in ms; "dense_over_ours" is dense_ms / moe_kernels_ms (the fraction of the
+The implementations of a pass are timed in turns (``timer.measure_in_turns``: one call of
+each per round), so the machine's slow stretches fall on all of them alike. Columns: medians
+in ms; "dense_over_ours" is dense_ms / moe_kernels_ms (the fraction of the
 dense-GEMM ceiling the layer reaches); "speedup_vs_X" is X's time over ours (above 1: we are
 faster). Writes <out>/bench_layer_<device>_<dtype>.json and .md (the JSON adds FLOPs,
 GFLOP/s, minimum times, repeats, and "interference": the CPU seconds other processes used and
@@ -73,7 +75,7 @@ from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
 
 from moe_kernels.layer import MoELayer
 from moe_kernels.memory import keep_freed_memory
-from timer import DTYPES, Timing, measure, parse, parser, randn, save, sized, unit
+from timer import DTYPES, Timing, measure_in_turns, parse, parser, randn, save, sized, unit
 
 
 @dataclass(frozen=True)
@@ -313,43 +315,46 @@ def check(name: str, got: Tensor, want: Tensor, dtype: torch.dtype) -> str:
     return report
 
 
-def time_pass(
-    name: str,
-    module: nn.Module,
-    fn: Callable[[Tensor], Tensor],
-    passes: str,
-    x: Tensor,
-    grad: Tensor,
-    dev: str,
-    repeats: int,
-) -> Timing:
-    """Times ``fn`` (the computation of ``module``) for one pass: "forward" under no_grad with
-    ``module`` in eval mode, "forward+backward" in train mode from None gradients."""
+def pass_runner(
+    module: nn.Module, fn: Callable[[Tensor], Tensor], passes: str, x: Tensor, grad: Tensor
+) -> Callable[[], None]:
+    """One call of ``fn`` (the computation of ``module``) for one pass: "forward" under no_grad
+    with ``module`` in eval mode, "forward+backward" in train mode from None gradients. The
+    mode is set at every call: implementations share modules, and are timed in turns."""
     if passes == "forward":
-        module.eval()
 
         def run() -> None:
+            module.eval()
             with torch.no_grad():
                 fn(x.detach())
     else:
-        module.train()
 
         def run() -> None:
+            module.train()
             forward_backward(module, fn, x, grad)
 
-    timing = measure(run, dev, repeats=repeats)
-    print(f"  {name}: {timing.median_ms:.1f} ms (min {timing.min_ms:.1f})", flush=True)
-    return timing
+    return run
 
 
-def time_dense(dense: DenseGemms, passes: str, dev: str, repeats: int) -> Timing:
-    if passes == "forward":
+def dense_runner(dense: DenseGemms, passes: str) -> Callable[[], object]:
+    if passes == "forward+backward":
+        return dense.forward_backward
+
+    def run() -> None:
         with torch.no_grad():
-            timing = measure(dense.forward, dev, repeats=repeats)
-    else:
-        timing = measure(dense.forward_backward, dev, repeats=repeats)
-    print(f"  dense: {timing.median_ms:.1f} ms (min {timing.min_ms:.1f})", flush=True)
-    return timing
+            dense.forward()
+
+    return run
+
+
+def time_in_turns(
+    runs: dict[str, Callable[[], object]], dev: str, repeats: dict[str, int]
+) -> dict[str, Timing]:
+    """The implementations of one pass, timed in turns (``measure_in_turns``), printed."""
+    timings = measure_in_turns(runs, dev, repeats=repeats)
+    for name, timing in timings.items():
+        print(f"  {name}: {timing.median_ms:.1f} ms (min {timing.min_ms:.1f})", flush=True)
+    return timings
 
 
 def block_bench_args(
@@ -415,17 +420,13 @@ def bench_shape(shape: Shape, dev: str, dtype: torch.dtype, repeats: int, eager_
         print(f"{shape.name} {name} {check('input grad', x_grad, ref_grad, dtype)}", flush=True)
     dense = DenseGemms(shape, dev, dtype)
 
-    def timed(name: str, passes: str) -> Timing:
-        slow = name == "transformers_eager"
-        return time_pass(
-            name, *impls[name], passes, x, grad, dev, eager_repeats if slow else repeats
-        )
-
     for passes in ("forward", "forward+backward"):
         print(f"{shape.name} {passes}", flush=True)
         load = OtherLoad()
-        t = {name: timed(name, passes) for name in impls}
-        t["dense"] = time_dense(dense, passes, dev, repeats)
+        runs = {name: pass_runner(*impls[name], passes, x, grad) for name in impls}
+        runs["dense"] = dense_runner(dense, passes)
+        slow = {"transformers_eager": eager_repeats}
+        t = time_in_turns(runs, dev, {name: slow.get(name, repeats) for name in runs})
         ms = {name: timing.median_ms for name, timing in t.items()}
         interference = load.seconds()
         print(f"  while timing: {interference}", flush=True)

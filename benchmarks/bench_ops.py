@@ -36,7 +36,18 @@ from bench_grouped_gemm import grouped_mm
 
 import moe_kernels as mk
 from moe_kernels import reference as ref
-from timer import DTYPES, measure, parse, parser, randn, save, sized, supported, unit
+from timer import (
+    DTYPES,
+    measure,
+    measure_in_turns,
+    parse,
+    parser,
+    randn,
+    save,
+    sized,
+    supported,
+    unit,
+)
 
 
 @dataclass(frozen=True)
@@ -233,18 +244,23 @@ def main() -> None:
 
 
 def time_case(case: Case, dev: str, repeats: int, copy_gbps: float) -> dict[str, object]:
-    t_ours = measure(case.ours, dev, repeats=repeats).median_ms
-    t_ref = measure(case.reference, dev, repeats=repeats).median_ms
-    row = {"op": case.name, "ours_ms": t_ours, "reference_ms": t_ref, "speedup": t_ref / t_ours}
+    fns = {"ours": case.ours, "reference": case.reference}
+    fns |= {"grouped_mm": case.grouped_mm} if case.grouped_mm is not None else {}
+    fns |= {"dense_equal_flops": case.dense} if case.dense is not None else {}
+    ms = {
+        name: timing.median_ms
+        for name, timing in measure_in_turns(fns, dev, repeats=dict.fromkeys(fns, repeats)).items()
+    }
+    t_ours = ms["ours"]
+    row = {"op": case.name, **{f"{name}_ms": value for name, value in ms.items()}}
+    row["speedup"] = ms["reference"] / t_ours
     if case.min_bytes is not None:
         row["GBps"] = case.min_bytes / t_ours / 1e6
         row["of_copy_peak"] = row["GBps"] / copy_gbps
     if case.grouped_mm is not None:
-        row["grouped_mm_ms"] = measure(case.grouped_mm, dev, repeats=repeats).median_ms
-        row["speedup_vs_grouped_mm"] = row["grouped_mm_ms"] / t_ours
+        row["speedup_vs_grouped_mm"] = ms["grouped_mm"] / t_ours
     if case.dense is not None:
-        row["dense_equal_flops_ms"] = measure(case.dense, dev, repeats=repeats).median_ms
-        row["dense_over_ours"] = row["dense_equal_flops_ms"] / t_ours
+        row["dense_over_ours"] = ms["dense_equal_flops"] / t_ours
     return row
 
 

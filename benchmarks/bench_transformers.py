@@ -51,16 +51,17 @@ from bench_layer import (
     Shape,
     block_bench_args,
     check,
+    dense_runner,
     forward_backward,
+    pass_runner,
     results_name,
-    time_dense,
-    time_pass,
+    time_in_turns,
     timing_note,
 )
 from torch import Tensor, nn
 
 from moe_kernels.integrations.transformers import patch
-from timer import DTYPES, Timing, randn, save, unit
+from timer import DTYPES, randn, save, unit
 
 SHAPES = {
     s.name: s
@@ -178,17 +179,13 @@ def bench_shape(shape: Shape, dev: str, dtype: torch.dtype, repeats: int, eager_
             print(f"{shape.name} {name} vs {reference} {report}", flush=True)
     dense = DenseGemms(shape, dev, dtype)
 
-    def timed(name: str, passes: str) -> Timing:
-        slow = name == "eager"
-        return time_pass(
-            name, *impls[name], passes, x, grad, dev, eager_repeats if slow else repeats
-        )
-
     for passes in ("forward", "forward+backward"):
         print(f"{shape.name} {passes}", flush=True)
         load = OtherLoad()
-        t = {name: timed(name, passes) for name in impls}
-        t["dense"] = time_dense(dense, passes, dev, repeats)
+        runs = {name: pass_runner(*impls[name], passes, x, grad) for name in impls}
+        runs["dense"] = dense_runner(dense, passes)
+        slow = {"eager": eager_repeats}
+        t = time_in_turns(runs, dev, {name: slow.get(name, repeats) for name in runs})
         ms = {name: timing.median_ms for name, timing in t.items()}
         ours, eager = ms["patched"], ms.get("eager")
         yield {

@@ -118,25 +118,49 @@ def measure(
 ) -> Timing:
     """Median time of ``fn``; by default 2 warm-up calls, 1 for at most 2 repeats (slow
     implementations, --smoke)."""
-    for _ in range(warmup if warmup is not None else 1 if repeats <= 2 else 2):
-        fn()
-    times = []
+    return measure_in_turns({"fn": fn}, device, warmup, {"fn": repeats})["fn"]
+
+
+def measure_in_turns(
+    fns: dict[str, Callable[[], object]],
+    device: str = "cpu",
+    warmup: int | None = None,
+    repeats: dict[str, int] | None = None,
+) -> dict[str, Timing]:
+    """Median time of each of ``fns`` (``repeats[name]`` calls, 7 by default), timed in turns:
+    each round calls every function that still has repeats to make, starting one further along
+    each round. A shared machine's slow stretches (here the hypervisor steals up to a tenth of
+    the 2 cores' time, in bursts of seconds) then fall on every implementation alike, not on
+    whichever happened to be timed then. Warm-up as ``measure``'s, per function."""
+    repeats = {name: (repeats or {}).get(name, 7) for name in fns}
+    for name, fn in fns.items():
+        for _ in range(warmup if warmup is not None else 1 if repeats[name] <= 2 else 2):
+            fn()
+    flush = None
     if device == "cuda":
         flush = torch.empty(256 * 1024 * 1024, dtype=torch.uint8, device="cuda")
-        for _ in range(repeats):
-            flush.zero_()
-            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            stop.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(stop))
-    else:
-        for _ in range(repeats):
-            begin = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - begin) * 1e3)
-    return Timing(statistics.median(times), min(times), repeats)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    names = list(fns)
+    for round_ in range(max(repeats.values(), default=0)):
+        for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
+            if len(times[name]) < repeats[name]:
+                times[name].append(_time_once(fns[name], flush))
+    return {name: Timing(statistics.median(t), min(t), repeats[name]) for name, t in times.items()}
+
+
+def _time_once(fn: Callable[[], object], cuda_flush: torch.Tensor | None) -> float:
+    """One call's time in ms: CUDA events after flushing the L2 cache, or wall time."""
+    if cuda_flush is None:
+        begin = time.perf_counter()
+        fn()
+        return (time.perf_counter() - begin) * 1e3
+    cuda_flush.zero_()
+    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    stop.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(stop)
 
 
 def machine() -> dict[str, object]:
