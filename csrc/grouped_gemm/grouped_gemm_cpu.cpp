@@ -30,6 +30,20 @@ void for_row_chunks(int64_t rows, int64_t row_elements, const Body& body) {
   });
 }
 
+// compute(target) writes into dst itself when dst has the accumulator type (fp32: no temporary,
+// no copy), else into a temporary of that type, rounded once into dst.
+template <typename Compute>
+void compute_into(const at::Tensor& dst, at::ScalarType acc, const Compute& compute) {
+  if (dst.scalar_type() == acc) {
+    at::Tensor target = dst;
+    compute(target);
+    return;
+  }
+  at::Tensor target = at::empty(dst.sizes(), dst.options().dtype(acc));
+  compute(target);
+  dst.copy_(target);
+}
+
 at::Tensor grouped_gemm_cpu(const at::Tensor& a, const at::Tensor& b,
                             const at::Tensor& tokens_per_expert, bool trans_b,
                             c10::string_view backend) {
@@ -68,9 +82,10 @@ std::tuple<at::Tensor, at::Tensor> grouped_gemm_swiglu_cpu(const at::Tensor& a, 
         const at::Tensor out_e = out.narrow(0, first_row, pre_e.size(0));
         for_row_chunks(pre_e.size(0), pre_e.size(1), [&](int64_t row, int64_t rows) {
           const at::Tensor chunk = pre_e.narrow(0, row, rows);
-          // Not in place: for fp32 `to` returns the rows of pre themselves.
-          at::Tensor h = at::silu(chunk.narrow(1, 0, half).to(acc));
-          out_e.narrow(0, row, rows).copy_(h.mul_(chunk.narrow(1, half, half).to(acc)));
+          compute_into(out_e.narrow(0, row, rows), acc, [&](at::Tensor& h) {
+            at::silu_out(h, chunk.narrow(1, 0, half).to(acc));
+            h.mul_(chunk.narrow(1, half, half).to(acc));
+          });
         });
       });
   return {out, pre};
@@ -88,9 +103,13 @@ at::Tensor swiglu_backward_cpu(const at::Tensor& grad_out, const at::Tensor& pre
     const at::Tensor gate = chunk.narrow(1, 0, half).to(acc);
     const at::Tensor up = chunk.narrow(1, half, half).to(acc);
     const at::Tensor grad = grad_out.narrow(0, row, rows).to(acc);
-    at::Tensor grad_rows = grad_pre.narrow(0, row, rows);
-    grad_rows.narrow(1, half, half).copy_(at::silu(gate).mul_(grad));
-    grad_rows.narrow(1, 0, half).copy_(at::silu_backward(grad * up, gate));
+    const at::Tensor grad_rows = grad_pre.narrow(0, row, rows);
+    compute_into(grad_rows.narrow(1, half, half), acc, [&](at::Tensor& grad_up) {
+      at::silu_out(grad_up, gate);
+      grad_up.mul_(grad);
+    });
+    compute_into(grad_rows.narrow(1, 0, half), acc,
+                 [&](at::Tensor& grad_gate) { at::silu_backward_out(grad_gate, grad * up, gate); });
   });
   return grad_pre;
 }
