@@ -297,21 +297,34 @@ def test_wrong_counts_never_read_outside_the_rows():
     )
 
 
+# Busy experts of unequal sizes, so with 2 threads each thread runs whole experts (the largest
+# first), with 1 thread they run in order. SwiGLU's rows pass 2048 (one cache-sized chunk at
+# this width), so its backward splits them over the threads. No expert passes 700 rows: MKL,
+# called in a worker, plans a longer reduction for all threads (its inner team then runs on one),
+# which changes the order of the sums.
+SPREAD_CASES = {
+    "grouped_gemm": (mk.grouped_gemm, [3, 0, 7, 1, 40, 0, 12, 5] * 8, 40),
+    "grouped_gemm_swiglu": (mk.grouped_gemm_swiglu, [300, 0, 500, 41, 700, 260, 600, 9] * 2, 32),
+}
+
+
+@pytest.mark.parametrize("op", sorted(SPREAD_CASES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cpu_experts_spread_over_threads_give_the_serial_results(dtype):
-    # 48 busy experts of unequal sizes: with 2 threads each thread runs whole experts (the
-    # largest first), with 1 thread they run in order. Same products, bit for bit, under
-    # autograd too (the workers take over the caller's dispatch state).
-    sizes = [3, 0, 7, 1, 40, 0, 12, 5] * 8
-    a, b, counts = operands(sizes, 72, 40, dtype, trans_b=True)
-    grad = torch.randn(sum(sizes), 40).to(dtype)
+def test_cpu_work_spread_over_threads_gives_the_serial_results(op, dtype):
+    # Same results with 1 and 2 threads, bit for bit, under autograd too: the workers take over
+    # the caller's dispatch state, or their ATen calls on views of saved outputs that require
+    # grad would go to autograd (and out= calls be refused).
+    fn, sizes, n = SPREAD_CASES[op]
+    width = 2 * n if fn is mk.grouped_gemm_swiglu else n
+    a, b, counts = operands(sizes, 72, width, dtype, trans_b=True)
+    grad = torch.randn(sum(sizes), n).to(dtype)
     results = []
     threads = torch.get_num_threads()
     try:
         for num_threads in (1, 2):
             torch.set_num_threads(num_threads)
             a_, b_ = a.clone().requires_grad_(), b.clone().requires_grad_()
-            out = mk.grouped_gemm(a_, b_, counts, trans_b=True)
+            out = fn(a_, b_, counts, trans_b=True)
             out.backward(grad)
             results.append((out, a_.grad, b_.grad))
     finally:

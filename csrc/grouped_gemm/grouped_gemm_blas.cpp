@@ -19,8 +19,6 @@
 //   against 0.16-0.6 s), so each segment is multiplied in fp32 (exact copies of its operands,
 //   fp32 accumulation as the library's bf16 GEMM does, one rounding to the output).
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
-#include <ATen/ThreadLocalState.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include <algorithm>
@@ -28,6 +26,7 @@
 #include <numeric>
 #include <vector>
 
+#include "common/parallel.h"
 #include "grouped_gemm/grouped_gemm.h"
 
 namespace moe_kernels::gemm {
@@ -85,11 +84,7 @@ void for_each_segment(const std::vector<int64_t>& sizes, bool on_cpu, const Body
     return;
   }
   std::atomic<int64_t> next{0};
-  // The caller's dispatch state (below autograd, inference mode) is thread-local: workers
-  // take it over, or at::mm would dispatch to autograd again.
-  const at::ThreadLocalState caller_state;
-  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    const at::ThreadLocalStateGuard guard(caller_state);
+  parallel_for_in_caller_state(0, threads, 1, [&](int64_t, int64_t) {
     for (int64_t i = next++; i < num_experts; i = next++) body(order[i], first_row[order[i]]);
   });
 }

@@ -4,7 +4,6 @@
 // backward one parallel pass over the rows, computed in the accumulator type (the arithmetic of
 // torch's silu and silu_backward, the formulas of swiglu.h).
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -12,6 +11,7 @@
 
 #include "common/dispatch.h"
 #include "common/nvtx.h"
+#include "common/parallel.h"
 #include "emu/cpu_or_emulated.h"
 #include "grouped_gemm/grouped_gemm.h"
 
@@ -25,7 +25,7 @@ constexpr int64_t kChunkElements = 1 << 17;
 template <typename Body>
 void for_row_chunks(int64_t rows, int64_t row_elements, const Body& body) {
   const int64_t chunk = std::max<int64_t>(1, kChunkElements / std::max<int64_t>(row_elements, 1));
-  at::parallel_for(0, (rows + chunk - 1) / chunk, 1, [&](int64_t c0, int64_t c1) {
+  parallel_for_in_caller_state(0, (rows + chunk - 1) / chunk, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) body(c * chunk, std::min(chunk, rows - c * chunk));
   });
 }
