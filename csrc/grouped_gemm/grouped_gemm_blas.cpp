@@ -4,7 +4,7 @@
 // Two choices on the CPU, per call, from measurements on 2 cores of an AMD EPYC (Zen 3, AVX2,
 // no AVX-512, MKL 2024.2, torch 2.14; fastest of 4 calls, every product of a forward+backward
 // at the DeepSeek-V3-like shape (64 experts, 2 to 1463 rows each, hidden 1024, FFN 512) and the
-// Mixtral-like one (8 experts, 34 to 1455 rows, FFN 3584); benchmarks/results/
+// Mixtral-like one (8 experts, 34 to 1455 rows, FFN 3584); benchmarks/results/cpu/amd-epyc-zen3/
 // grouped_gemm_cpu_strategy.md has the table):
 // - Scheduling. One MKL sgemm on 2 threads runs at 154-166 GFLOP/s where one thread runs at
 //   89-94 (83-89% of twice that), so whole experts per thread, one single-threaded GEMM each,
