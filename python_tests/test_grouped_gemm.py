@@ -234,6 +234,21 @@ def test_swiglu_backward_op(device, half, dtype):
     torch.testing.assert_close(got.cpu().double(), exact, **tol)
 
 
+@on_backends("grouped_gemm_wgrad", "swiglu_backward")
+@pytest.mark.parametrize("rows", [37, 9000])  # one chunk of SwiGLU's rows, and several threads'
+def test_backward_only_ops_take_inputs_that_require_grad(device, rows):
+    # Called directly (no autograd kernel of their own), with grad mode on: the same values as
+    # on plain tensors, and no out= op refused inside.
+    g = torch.Generator().manual_seed(5)
+    a, grad_c, pre = (torch.randn(rows, n, generator=g).to(device) for n in (24, 16, 32))
+    counts = torch.tensor([rows // 3, 0, rows - rows // 3]).to(device)
+    want = mk.grouped_gemm_wgrad(a, grad_c, counts), mk.swiglu_backward(grad_c, pre)
+    a, grad_c, pre = (t.clone().requires_grad_() for t in (a, grad_c, pre))
+    got = mk.grouped_gemm_wgrad(a, grad_c, counts), mk.swiglu_backward(grad_c, pre)
+    for got_t, want_t in zip(got, want, strict=True):
+        assert torch.equal(got_t.detach(), want_t)
+
+
 @on_backends("grouped_gemm_swiglu", "swiglu_backward", "grouped_gemm", "grouped_gemm_wgrad")
 def test_swiglu_gradcheck_fp64(device):
     a, b, counts = operands([3, 0, 4, 1], 5, 8, torch.float64, True, device)

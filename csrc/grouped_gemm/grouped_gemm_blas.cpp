@@ -114,6 +114,10 @@ void mm_into(at::Tensor& out, const at::Tensor& x, const at::Tensor& y, bool nat
 at::Tensor grouped_gemm_blas(const at::Tensor& a_in, const at::Tensor& b_in,
                              const at::Tensor& tokens_per_expert, bool trans_b,
                              const SegmentEpilogue& epilogue) {
+  // The out= GEMMs below are refused on views of tensors that require grad unless autograd is
+  // excluded, which no autograd kernel has done for the backward-only ops (grouped_gemm_wgrad,
+  // swiglu_backward) when they are called directly.
+  const at::AutoDispatchBelowAutograd below_autograd;
   const std::vector<int64_t> sizes = segment_sizes(tokens_per_expert, a_in.size(0));
   const at::Tensor a = a_in.contiguous();
   const at::Tensor b = b_in.contiguous();
@@ -134,6 +138,7 @@ at::Tensor grouped_gemm_blas(const at::Tensor& a_in, const at::Tensor& b_in,
 // with no rows get zeros.
 at::Tensor grouped_gemm_wgrad_blas(const at::Tensor& a_in, const at::Tensor& grad_c_in,
                                    const at::Tensor& tokens_per_expert, bool trans_b) {
+  const at::AutoDispatchBelowAutograd below_autograd;  // as in grouped_gemm_blas
   const std::vector<int64_t> sizes = segment_sizes(tokens_per_expert, a_in.size(0));
   const at::Tensor a = a_in.contiguous();
   const at::Tensor grad_c = grad_c_in.contiguous();

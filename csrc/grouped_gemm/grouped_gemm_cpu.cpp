@@ -95,6 +95,7 @@ std::tuple<at::Tensor, at::Tensor> grouped_gemm_swiglu_cpu(const at::Tensor& a, 
 at::Tensor swiglu_backward_cpu(const at::Tensor& grad_out, const at::Tensor& pre) {
   MOE_KERNELS_NVTX_RANGE("swiglu_backward");
   check_swiglu_backward_args(grad_out, pre);
+  const at::AutoDispatchBelowAutograd below_autograd;  // out= ops, as in grouped_gemm_blas
   const int64_t half = grad_out.size(1);
   auto grad_pre = at::empty(pre.sizes(), pre.options());
   const at::ScalarType acc = opmath_dtype(pre.scalar_type());
