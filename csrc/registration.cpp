@@ -57,7 +57,7 @@ TORCH_LIBRARY(moe_kernels, m) {
       "str backend=\"auto\") -> Tensor");
   m.def(
       "grouped_gemm_swiglu(Tensor a, Tensor b, Tensor tokens_per_expert, bool trans_b=False, "
-      "str backend=\"auto\") -> (Tensor out, Tensor pre)");
+      "str backend=\"auto\", bool keep_product=True) -> (Tensor out, Tensor pre)");
   m.def("swiglu_backward(Tensor grad_out, Tensor pre) -> Tensor");
 
   // Expert-parallel dispatch and combine (SPEC.md section 5; csrc/comm/dispatch.cpp): the row

@@ -106,7 +106,12 @@ torch.library.register_autograd(
 
 
 def _grouped_gemm_swiglu_setup(ctx, inputs, output):
-    a, b, tokens_per_expert, trans_b, backend = inputs
+    a, b, tokens_per_expert, trans_b, backend, keep_product = inputs
+    if not keep_product:
+        raise RuntimeError(
+            "grouped_gemm_swiglu: keep_product=False keeps no product for the backward, but an "
+            "input requires grad; pass keep_product=True (ops.grouped_gemm_swiglu decides it)"
+        )
     ctx.save_for_backward(a, b, tokens_per_expert, output[1])
     ctx.trans_b, ctx.backend = trans_b, backend
     ctx.set_materialize_grads(False)  # the product is rarely used: no zero gradient for it
@@ -119,8 +124,8 @@ def _grouped_gemm_swiglu_backward(ctx, grad_out, grad_pre):
         through_swiglu = _ops.swiglu_backward(grad_out, pre)
         grad_product = through_swiglu if grad_pre is None else through_swiglu + grad_pre
     if grad_product is None:
-        return None, None, None, None, None
-    return _grouped_gemm_grads(ctx, a, b, tokens_per_expert, grad_product)
+        return None, None, None, None, None, None
+    return *_grouped_gemm_grads(ctx, a, b, tokens_per_expert, grad_product), None
 
 
 torch.library.register_autograd(

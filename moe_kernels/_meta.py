@@ -127,12 +127,19 @@ def _(a: Tensor, b: Tensor, tokens_per_expert: Tensor, trans_b: bool = False, ba
 
 
 @torch.library.register_fake("moe_kernels::grouped_gemm_swiglu")
-def _(a: Tensor, b: Tensor, tokens_per_expert: Tensor, trans_b: bool = False, backend="auto"):
+def _(
+    a: Tensor,
+    b: Tensor,
+    tokens_per_expert: Tensor,
+    trans_b: bool = False,
+    backend="auto",
+    keep_product: bool = True,
+):
     _check_device(b, a, "b", "a")
     _check_device(tokens_per_expert, a, "tokens_per_expert", "a")
     _check_backend(backend)
     n = b.shape[1] if trans_b else b.shape[2]
-    return a.new_empty((a.shape[0], n // 2)), a.new_empty((a.shape[0], n))
+    return a.new_empty((a.shape[0], n // 2)), a.new_empty((a.shape[0] if keep_product else 0, n))
 
 
 @torch.library.register_fake("moe_kernels::grouped_gemm_wgrad")

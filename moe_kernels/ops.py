@@ -233,9 +233,12 @@ def grouped_gemm_swiglu(
         GEMM's epilogue, rounded once; elsewhere (the CPU, ``"cublas"``, ``"torch"``) the
         product ``[gate | up]`` is rounded to the dtype of ``a`` first, then activated in fp32
         and rounded once more. Differentiable w.r.t. ``a`` and
-        ``b``: the product ``[gate | up]`` ([M, 2F]) is kept for the backward.
+        ``b``: the product ``[gate | up]`` ([M, 2F]) is kept for the backward, and only when
+        autograd will run one (the CPU then never holds the whole product: it computes it in
+        blocks of rows, each activated while in cache).
     """
-    return _ops.grouped_gemm_swiglu(a, b, tokens_per_expert, trans_b, backend)[0]
+    keep_product = torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)
+    return _ops.grouped_gemm_swiglu(a, b, tokens_per_expert, trans_b, backend, keep_product)[0]
 
 
 def swiglu_backward(grad_out: Tensor, pre: Tensor) -> Tensor:

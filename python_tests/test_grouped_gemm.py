@@ -16,6 +16,7 @@ errors of torch's matmul; the order of the sums is the emulator's (no split-K, n
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import moe_kernels as mk
 from conftest import emulating, on_backends
@@ -217,6 +218,64 @@ def test_swiglu_forward(device, shape, trans_b, dtype, kernel):
     assert_as_accurate_as_torch(
         got, exact, ref.grouped_gemm_swiglu(a.cpu(), b.cpu(), counts.cpu(), trans_b)
     )
+
+
+@on_backends("grouped_gemm_swiglu")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kernel", [*KERNELS, "cublas", "torch"])
+def test_swiglu_product_not_kept(device, dtype, kernel):
+    """keep_product=False: the same activation, and an empty product. The CPU computes such a
+    product in blocks of 16 MB (512 rows of this width in fp32, 1024 in bf16), which these
+    experts span and end inside of; the CUDA kernels skip its stores."""
+    sizes, k, f = ([1100, 0, 2100, 1], 16, 4096) if not emulating() else ([37, 0, 130, 1], 64, 64)
+    skip_unless_mma_takes(kernel, device, dtype, k, 2 * f)
+    a, b, counts = operands(sizes, k, 2 * f, dtype, False, device)
+    out, pre = torch.ops.moe_kernels.grouped_gemm_swiglu(a, b, counts, False, kernel, False)
+    assert pre.shape == (0, 2 * f) and pre.dtype == dtype and pre.device == a.device
+    exact = ref.grouped_gemm_swiglu(a.cpu().double(), b.cpu().double(), counts.cpu())
+    assert_as_accurate_as_torch(out, exact, ref.grouped_gemm_swiglu(a.cpu(), b.cpu(), counts.cpu()))
+
+
+class KeepProductCalls(TorchDispatchMode):
+    """Records the keep_product argument of every grouped_gemm_swiglu call."""
+
+    def __init__(self):
+        super().__init__()
+        self.kept = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.moe_kernels.grouped_gemm_swiglu.default:
+            schema = {arg.name: arg.default_value for arg in func._schema.arguments}
+            given = dict(zip(schema, args, strict=False)) | (kwargs or {})
+            self.kept.append(given.get("keep_product", schema["keep_product"]))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(
+    "grad_of, mode, kept",
+    [
+        ((), torch.enable_grad, False),
+        (("a",), torch.no_grad, False),
+        (("a", "b"), torch.inference_mode, False),
+        (("b",), torch.enable_grad, True),
+        (("a", "b"), torch.enable_grad, True),
+    ],
+)
+def test_the_product_is_kept_only_for_a_backward(grad_of, mode, kept):
+    a, b, counts = operands([5, 0, 9], 8, 12, torch.float32, False)
+    a.requires_grad_("a" in grad_of), b.requires_grad_("b" in grad_of)
+    calls = KeepProductCalls()
+    with mode(), calls:
+        mk.grouped_gemm_swiglu(a, b, counts)
+    assert calls.kept == [kept]
+
+
+def test_a_product_not_kept_refuses_a_backward():
+    a, b, counts = operands([5, 0, 9], 8, 12, torch.float32, False)
+    with pytest.raises(RuntimeError, match="keep_product=False keeps no product"):
+        torch.ops.moe_kernels.grouped_gemm_swiglu(
+            a.requires_grad_(), b, counts, False, "auto", False
+        )
 
 
 @on_backends("swiglu_backward")

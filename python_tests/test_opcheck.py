@@ -91,6 +91,10 @@ def _sample_cases():
                 True,
             ),
         ),
+        "grouped_gemm_swiglu_product_not_kept": (
+            ops.grouped_gemm_swiglu,
+            (a.detach(), b.detach(), sizes, False, "auto", False),
+        ),
         "swiglu_backward": (ops.swiglu_backward, (grad_c[:, :3].contiguous(), grad_c)),
         "transpose_segments": (
             ops.transpose_segments,

@@ -65,20 +65,23 @@ at::Tensor grouped_gemm_wgrad_cpu(const at::Tensor& a, const at::Tensor& grad_c,
   return grouped_gemm_wgrad_blas(a, grad_c, tokens_per_expert, trans_b);
 }
 
-// out = silu(pre[:, :F]) * pre[:, F:], each expert's rows right after its GEMM.
+// out = silu(pre[:, :F]) * pre[:, F:], each expert's rows (or block of rows, when the product is
+// not kept) right after its GEMM.
 std::tuple<at::Tensor, at::Tensor> grouped_gemm_swiglu_cpu(const at::Tensor& a, const at::Tensor& b,
                                                            const at::Tensor& tokens_per_expert,
-                                                           bool trans_b, c10::string_view backend) {
+                                                           bool trans_b, c10::string_view backend,
+                                                           bool keep_product) {
   MOE_KERNELS_NVTX_RANGE("grouped_gemm_swiglu");
   if (cpu_runs_torch(check_grouped_gemm_swiglu_args(a, b, tokens_per_expert, trans_b, backend),
                      backend)) {
-    return grouped_gemm_swiglu_torch(a, b, tokens_per_expert, trans_b);
+    return grouped_gemm_swiglu_torch(a, b, tokens_per_expert, trans_b, keep_product);
   }
   const int64_t half = b.size(trans_b ? 1 : 2) / 2;
   auto out = at::empty({a.size(0), half}, a.options());
   const at::ScalarType acc = opmath_dtype(a.scalar_type());
   at::Tensor pre = grouped_gemm_blas(
-      a, b, tokens_per_expert, trans_b, [&](const at::Tensor& pre_e, int64_t first_row) {
+      a, b, tokens_per_expert, trans_b,
+      [&](const at::Tensor& pre_e, int64_t first_row) {
         const at::Tensor out_e = out.narrow(0, first_row, pre_e.size(0));
         for_row_chunks(pre_e.size(0), pre_e.size(1), [&](int64_t row, int64_t rows) {
           const at::Tensor chunk = pre_e.narrow(0, row, rows);
@@ -87,7 +90,8 @@ std::tuple<at::Tensor, at::Tensor> grouped_gemm_swiglu_cpu(const at::Tensor& a, 
             h.mul_(chunk.narrow(1, half, half).to(acc));
           });
         });
-      });
+      },
+      keep_product);
   return {out, pre};
 }
 

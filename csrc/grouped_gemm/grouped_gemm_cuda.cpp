@@ -102,28 +102,29 @@ at::Tensor grouped_gemm_cuda(const at::Tensor& a_in, const at::Tensor& b_in,
 std::tuple<at::Tensor, at::Tensor> grouped_gemm_swiglu_cuda(const at::Tensor& a_in,
                                                             const at::Tensor& b_in,
                                                             const at::Tensor& tokens_per_expert_in,
-                                                            bool trans_b,
-                                                            c10::string_view backend) {
+                                                            bool trans_b, c10::string_view backend,
+                                                            bool keep_product) {
   MOE_KERNELS_NVTX_RANGE("grouped_gemm_swiglu");
   const Backend choice =
       check_grouped_gemm_swiglu_args(a_in, b_in, tokens_per_expert_in, trans_b, backend);
   const device::DeviceGuard guard(a_in.device());
-  if (choice == Backend::kCublas) {
-    // The library product, then SwiGLU in ATen ops (in fp32, rounded once, as the kernel does).
-    at::Tensor pre = grouped_gemm_blas(a_in, b_in, tokens_per_expert_in, trans_b);
-    return {swiglu_of_product(pre), pre};
-  }
   if (choice == Backend::kTorch) {
-    return grouped_gemm_swiglu_torch(a_in, b_in, tokens_per_expert_in, trans_b);
+    return grouped_gemm_swiglu_torch(a_in, b_in, tokens_per_expert_in, trans_b, keep_product);
+  }
+  if (choice == Backend::kCublas) {
+    // The library product, then SwiGLU in ATen ops (in fp32, rounded once, as the kernel does);
+    // the caching allocator makes a discarded product cheap on a GPU, so it is not blocked.
+    at::Tensor pre = grouped_gemm_blas(a_in, b_in, tokens_per_expert_in, trans_b);
+    return {swiglu_of_product(pre), keep_product ? pre : pre.new_empty({0, pre.size(1)})};
   }
   const at::Tensor a = a_in.contiguous(), b = b_in.contiguous();
   GroupedGemmProblem p = product_problem(a, b, trans_b);
   p.swiglu = true;
   p.swiglu_half = p.n / 2;
   auto out = at::empty({p.m, p.swiglu_half}, a.options());
-  auto pre = at::empty({p.m, p.n}, a.options());
+  auto pre = at::empty({keep_product ? p.m : 0, p.n}, a.options());
   p.out = {out.mutable_data_ptr(), p.swiglu_half, 0};
-  p.pre = {pre.mutable_data_ptr(), p.n, 0};
+  p.pre = {keep_product ? pre.mutable_data_ptr() : nullptr, p.n, 0};  // null: the epilogue skips it
   run(p, tokens_per_expert_in, a, choice);
   return {out, pre};
 }

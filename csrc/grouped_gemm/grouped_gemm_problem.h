@@ -37,7 +37,8 @@ struct GroupedGemmProblem {
   Operand rhs;  // R: the weights (kRows) or row segments (kReduction)
   Output out;   // D (kRows: row segments; kReduction: per-expert matrices)
   // SwiGLU epilogue (kRows only): R's N = 2 * swiglu_half columns [gate | up]; `out` receives
-  // silu(gate) * up ([rows, swiglu_half]) and `pre` the product itself ([rows, 2 * half]).
+  // silu(gate) * up ([rows, swiglu_half]) and `pre` the product itself ([rows, 2 * half]),
+  // unless its data is null (the product is not kept).
   bool swiglu = false;
   int64_t swiglu_half = 0;
   Output pre;

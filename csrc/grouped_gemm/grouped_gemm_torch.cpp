@@ -104,9 +104,9 @@ at::Tensor grouped_gemm_wgrad_torch(const at::Tensor& a_in, const at::Tensor& gr
 std::tuple<at::Tensor, at::Tensor> grouped_gemm_swiglu_torch(const at::Tensor& a,
                                                              const at::Tensor& b,
                                                              const at::Tensor& tokens_per_expert,
-                                                             bool trans_b) {
+                                                             bool trans_b, bool keep_product) {
   at::Tensor pre = grouped_gemm_torch(a, b, tokens_per_expert, trans_b);
-  return {swiglu_of_product(pre), pre};
+  return {swiglu_of_product(pre), keep_product ? pre : pre.new_empty({0, pre.size(1)})};
 }
 
 at::Tensor swiglu_of_product(const at::Tensor& pre) {

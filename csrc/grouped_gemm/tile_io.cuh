@@ -77,7 +77,7 @@ struct TileOutput {
   int64_t ld;
   int64_t rows_left, cols_left;
   bool paired;
-  T* pre = nullptr;  // SwiGLU: the product [gate | up], `half` columns each
+  T* pre = nullptr;  // SwiGLU: the product [gate | up], `half` columns each; null: not kept
   int64_t pre_ld = 0;
   int64_t half = 0;
 
@@ -108,6 +108,7 @@ struct TileOutput {
                                                   acc up1) const {
     if (r >= rows_left || col >= cols_left) return;
     put(out + r * ld + col, cols_left - col, paired, swiglu(gate0, up0), swiglu(gate1, up1));
+    if (pre == nullptr) return;
     put(pre + r * pre_ld + col, cols_left - col, paired, gate0, gate1);
     put(pre + r * pre_ld + half + col, cols_left - col, paired, up0, up1);
   }
@@ -123,7 +124,7 @@ __device__ __forceinline__ TileOutput<T> tile_output(const GroupedGemmProblem& p
   TileOutput<T> o{out + row0 * p.out.ld + w.n0, p.out.ld, m_extent - w.m0, output_columns(p) - w.n0,
                   p.paired_output};
   if constexpr (kSwiglu) {
-    o.pre = static_cast<T*>(p.pre.data) + row0 * p.pre.ld + w.n0;
+    if (p.pre.data != nullptr) o.pre = static_cast<T*>(p.pre.data) + row0 * p.pre.ld + w.n0;
     o.pre_ld = p.pre.ld;
     o.half = p.swiglu_half;
   }
