@@ -48,7 +48,9 @@ DeepSeek-V3 routes (bench_transformers.py runs each in its own family's block). 
 bias is random (scale 0.1), so the bias changes the routing. Weights are made on the device.
 
 The implementations of a pass are timed in turns (``timer.measure_in_turns``: one call of
-each per round), so the machine's slow stretches fall on all of them alike. Columns: medians
+each per round), so the machine's slow stretches fall on all of them alike; each makes
+``--repeats`` calls, but for transformers' eager loop in forward+backward, whose backward takes
+seconds: ``--eager-repeats`` there (its rounds are then the first ones only). Columns: medians
 in ms; "dense_over_ours" is dense_ms / moe_kernels_ms (the fraction of the
 dense-GEMM ceiling the layer reaches); "speedup_vs_X" is X's time over ours (above 1: we are
 faster). Writes <out>/bench_layer_<device>_<dtype>.json and .md (the JSON adds FLOPs,
@@ -357,6 +359,17 @@ def time_in_turns(
     return timings
 
 
+def pass_repeats(
+    runs: dict[str, object], passes: str, repeats: int, eager_repeats: int
+) -> dict[str, int]:
+    """Calls per implementation of a pass: ``repeats``, but ``eager_repeats`` for transformers'
+    eager loop in forward+backward (its backward is what is slow). Its forward takes as many
+    as the others: timed in the same rounds, so that a slow stretch late in the run cannot
+    favour the implementation that stopped early."""
+    slow = passes == "forward+backward"
+    return {name: eager_repeats if slow and "eager" in name else repeats for name in runs}
+
+
 def block_bench_args(
     doc: str, shapes: dict[str, Shape], default: list[str]
 ) -> tuple[argparse.Namespace, list[Shape]]:
@@ -368,7 +381,7 @@ def block_bench_args(
         "--eager-repeats",
         type=int,
         default=2,
-        help="repeats of transformers' eager loop (slow); 0 skips it",
+        help="repeats of transformers' eager loop in forward+backward (slow); 0 skips it",
     )
     p.add_argument(
         "--keep-freed-memory",
@@ -392,7 +405,11 @@ def results_name(script: str, args: argparse.Namespace) -> str:
 
 def timing_note(args: argparse.Namespace) -> str:
     """How a block benchmark timed, for its title."""
-    eager = f"{args.eager_repeats} for eager" if args.eager_repeats else "eager not run"
+    eager = (
+        f"{args.eager_repeats} for eager's forward+backward"
+        if args.eager_repeats
+        else "eager not run"
+    )
     kept = ", freed memory kept by malloc" if args.keep_freed_memory else ""
     return f"medians of {args.repeats} repeats, {eager}{kept}"
 
@@ -425,8 +442,7 @@ def bench_shape(shape: Shape, dev: str, dtype: torch.dtype, repeats: int, eager_
         load = OtherLoad()
         runs = {name: pass_runner(*impls[name], passes, x, grad) for name in impls}
         runs["dense"] = dense_runner(dense, passes)
-        slow = {"transformers_eager": eager_repeats}
-        t = time_in_turns(runs, dev, {name: slow.get(name, repeats) for name in runs})
+        t = time_in_turns(runs, dev, pass_repeats(runs, passes, repeats, eager_repeats))
         ms = {name: timing.median_ms for name, timing in t.items()}
         interference = load.seconds()
         print(f"  while timing: {interference}", flush=True)

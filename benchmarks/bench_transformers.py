@@ -53,6 +53,7 @@ from bench_layer import (
     check,
     dense_runner,
     forward_backward,
+    pass_repeats,
     pass_runner,
     results_name,
     time_in_turns,
@@ -184,8 +185,7 @@ def bench_shape(shape: Shape, dev: str, dtype: torch.dtype, repeats: int, eager_
         load = OtherLoad()
         runs = {name: pass_runner(*impls[name], passes, x, grad) for name in impls}
         runs["dense"] = dense_runner(dense, passes)
-        slow = {"eager": eager_repeats}
-        t = time_in_turns(runs, dev, {name: slow.get(name, repeats) for name in runs})
+        t = time_in_turns(runs, dev, pass_repeats(runs, passes, repeats, eager_repeats))
         ms = {name: timing.median_ms for name, timing in t.items()}
         ours, eager = ms["patched"], ms.get("eager")
         yield {
