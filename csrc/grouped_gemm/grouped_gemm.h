@@ -139,8 +139,9 @@ std::tuple<at::Tensor, at::Tensor> grouped_gemm_swiglu_torch(const at::Tensor& a
 
 // SwiGLU of a library product pre = [gate | up] ([M, 2F]): silu(gate) * up in the accumulator
 // type, rounded once to pre's dtype (what the fused epilogue computes), for the backends whose
-// product is not fused with it ("cublas" on CUDA, "torch").
-at::Tensor swiglu_of_product(const at::Tensor& pre);
+// product is not fused with it ("cublas" on CUDA, "torch"); returned with pre, or with an empty
+// [0, 2F] when the product is not kept (grouped_gemm_swiglu's two outputs).
+std::tuple<at::Tensor, at::Tensor> swiglu_of_product(const at::Tensor& pre, bool keep_product);
 
 namespace cuda {
 // The kernel backend="auto" runs the products with on a CUDA device of compute capability

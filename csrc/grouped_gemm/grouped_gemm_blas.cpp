@@ -136,19 +136,18 @@ at::Tensor grouped_gemm_blas(const at::Tensor& a_in, const at::Tensor& b_in,
   for_each_segment(sizes, a.is_cpu(), [&](int64_t e, int64_t row) {
     if (sizes[e] == 0) return;
     const at::Tensor weight = trans_b ? b.select(0, e).t() : b.select(0, e);
-    if (keep_product) {
-      auto c_e = c.narrow(0, row, sizes[e]);
-      mm_into(c_e, a.narrow(0, row, sizes[e]), weight, native);
-      if (epilogue) epilogue(c_e, row);
-      return;
-    }
-    const int64_t block = std::clamp<int64_t>(
-        kDiscardedProductBlockBytes / std::max<int64_t>(1, n * a.element_size()), 1, sizes[e]);
-    auto scratch = at::empty({block, n}, a.options());
+    // A kept product is one block, in place; one that is not, blocks of a reused buffer.
+    const int64_t block = keep_product
+                              ? sizes[e]
+                              : std::clamp<int64_t>(kDiscardedProductBlockBytes /
+                                                        std::max<int64_t>(1, n * a.element_size()),
+                                                    1, sizes[e]);
+    const at::Tensor scratch = keep_product ? at::Tensor() : at::empty({block, n}, a.options());
     for (int64_t r = 0; r < sizes[e]; r += block) {
-      auto c_r = scratch.narrow(0, 0, std::min(block, sizes[e] - r));
-      mm_into(c_r, a.narrow(0, row + r, c_r.size(0)), weight, native);
-      epilogue(c_r, row + r);
+      const int64_t rows = std::min(block, sizes[e] - r);
+      auto c_r = keep_product ? c.narrow(0, row + r, rows) : scratch.narrow(0, 0, rows);
+      mm_into(c_r, a.narrow(0, row + r, rows), weight, native);
+      if (epilogue) epilogue(c_r, row + r);
     }
   });
   return c;

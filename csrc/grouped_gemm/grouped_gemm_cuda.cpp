@@ -114,8 +114,8 @@ std::tuple<at::Tensor, at::Tensor> grouped_gemm_swiglu_cuda(const at::Tensor& a_
   if (choice == Backend::kCublas) {
     // The library product, then SwiGLU in ATen ops (in fp32, rounded once, as the kernel does);
     // the caching allocator makes a discarded product cheap on a GPU, so it is not blocked.
-    at::Tensor pre = grouped_gemm_blas(a_in, b_in, tokens_per_expert_in, trans_b);
-    return {swiglu_of_product(pre), keep_product ? pre : pre.new_empty({0, pre.size(1)})};
+    return swiglu_of_product(grouped_gemm_blas(a_in, b_in, tokens_per_expert_in, trans_b),
+                             keep_product);
   }
   const at::Tensor a = a_in.contiguous(), b = b_in.contiguous();
   GroupedGemmProblem p = product_problem(a, b, trans_b);

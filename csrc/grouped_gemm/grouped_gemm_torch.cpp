@@ -105,13 +105,13 @@ std::tuple<at::Tensor, at::Tensor> grouped_gemm_swiglu_torch(const at::Tensor& a
                                                              const at::Tensor& b,
                                                              const at::Tensor& tokens_per_expert,
                                                              bool trans_b, bool keep_product) {
-  at::Tensor pre = grouped_gemm_torch(a, b, tokens_per_expert, trans_b);
-  return {swiglu_of_product(pre), keep_product ? pre : pre.new_empty({0, pre.size(1)})};
+  return swiglu_of_product(grouped_gemm_torch(a, b, tokens_per_expert, trans_b), keep_product);
 }
 
-at::Tensor swiglu_of_product(const at::Tensor& pre) {
+std::tuple<at::Tensor, at::Tensor> swiglu_of_product(const at::Tensor& pre, bool keep_product) {
   const auto gate_up = pre.to(opmath_dtype(pre.scalar_type())).chunk(2, 1);
-  return (at::silu(gate_up[0]) * gate_up[1]).to(pre.scalar_type());
+  return {(at::silu(gate_up[0]) * gate_up[1]).to(pre.scalar_type()),
+          keep_product ? pre : pre.new_empty({0, pre.size(1)})};
 }
 
 }  // namespace moe_kernels::gemm
