@@ -6,7 +6,8 @@
 # the emulator under AddressSanitizer and UBSan. `make bench` runs the CPU benchmarks (about 25 minutes);
 # `make lint` checks formatting (ruff, clang-format) and `make format` applies it.
 # `make gpu-check` builds, tests, sanitizes and benchmarks the CUDA side on a machine with a GPU
-# and torch installed (QUICK=1: under 4 minutes); DRY_RUN=1 walks its stages on the CPU.
+# and torch installed (QUICK=1: under 4 minutes; STAGES="..." a subset); DRY_RUN=1 walks its
+# stages on the CPU. `make gpu-prebuild` builds its module here for the GPU machine, to carry.
 # `make gpu-study` builds there and runs the balance study's GPU preset (under 8 minutes).
 # `make test-gpu-machine` builds and tests against that machine's software (Python 3.12, torch
 # 2.11, transformers 5.17) in .venv-gpu-machine, as CI does on every submission.
@@ -64,7 +65,7 @@ gpu-study: build
 	$(PY) benchmarks/gpu_check.py --dry-run --stages build study
 else
 gpu-check:
-	$(PYTHON) benchmarks/gpu_check.py $(if $(QUICK),--quick)
+	$(PYTHON) benchmarks/gpu_check.py $(if $(QUICK),--quick) $(if $(STAGES),--stages $(STAGES))
 gpu-study:
 	$(PYTHON) benchmarks/gpu_check.py --stages build study
 endif
@@ -91,7 +92,13 @@ GM_TESTS := $(addprefix python_tests/,test_routing.py test_permute.py test_group
 	test_expert_parallel.py::test_the_direct_nccl_transport_is_an_opt_in \
 	"test_expert_parallel.py::test_a_step_equals_one_process_on_the_global_batch[2-2]")
 
-.PHONY: test-gpu-machine
+.PHONY: test-gpu-machine gpu-prebuild
+
+# The CUDA variant for Hopper (9.0a) built here, in place, against the GPU machine's torch:
+# moe_kernels/_C.cpython-312-x86_64-linux-gnu.so, to carry there and spare the lease the build
+# (`make gpu-check STAGES="tests benchmarks sanitizer"`; build there if it does not import).
+gpu-prebuild: $(GM_DEPS)
+	MOE_KERNELS_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0a $(GM_PY) setup.py build_ext --inplace
 
 $(GM_DEPS): requirements-gpu-machine.txt pyproject.toml
 	test -x $(GM_PY) || $(PYTHON312) -m venv $(GM_VENV)
