@@ -1,25 +1,25 @@
 // The grouped GEMM family on the CPU (SPEC.md section 4): the products are one BLAS call per
 // expert segment (grouped_gemm_blas.cpp; backend "torch" runs torch._grouped_mm instead,
 // grouped_gemm_torch.cpp, and the CUDA kernels by name are refused), SwiGLU and its
-// backward one parallel pass over the rows, computed in the accumulator type (the arithmetic of
-// torch's silu and silu_backward, the formulas of swiglu.h).
+// backward one parallel pass over the rows (swiglu_cpu.h: fused, vectorised, in the accumulator
+// type, with the arithmetic of torch's silu and silu_backward).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <tuple>
 
-#include "common/dispatch.h"
 #include "common/nvtx.h"
 #include "common/parallel.h"
 #include "emu/cpu_or_emulated.h"
 #include "grouped_gemm/grouped_gemm.h"
+#include "grouped_gemm/swiglu_cpu.h"
 
 namespace moe_kernels::gemm {
 namespace {
 
-// SwiGLU runs on chunks of rows small enough for the cache, each converted to the accumulator
-// type once and computed with torch's vectorised silu kernels (one rounding to the output).
+// SwiGLU runs on chunks of rows, the threads taking whole chunks: small enough to split a
+// block of rows evenly, large enough that a thread's start costs nothing beside its chunk.
 constexpr int64_t kChunkElements = 1 << 17;
 
 template <typename Body>
@@ -28,20 +28,6 @@ void for_row_chunks(int64_t rows, int64_t row_elements, const Body& body) {
   parallel_for_in_caller_state(0, (rows + chunk - 1) / chunk, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) body(c * chunk, std::min(chunk, rows - c * chunk));
   });
-}
-
-// compute(target) writes into dst itself when dst has the accumulator type (fp32: no temporary,
-// no copy), else into a temporary of that type, rounded once into dst.
-template <typename Compute>
-void compute_into(const at::Tensor& dst, at::ScalarType acc, const Compute& compute) {
-  if (dst.scalar_type() == acc) {
-    at::Tensor target = dst;
-    compute(target);
-    return;
-  }
-  at::Tensor target = at::empty(dst.sizes(), dst.options().dtype(acc));
-  compute(target);
-  dst.copy_(target);
 }
 
 at::Tensor grouped_gemm_cpu(const at::Tensor& a, const at::Tensor& b,
@@ -78,43 +64,27 @@ std::tuple<at::Tensor, at::Tensor> grouped_gemm_swiglu_cpu(const at::Tensor& a, 
   }
   const int64_t half = b.size(trans_b ? 1 : 2) / 2;
   auto out = at::empty({a.size(0), half}, a.options());
-  const at::ScalarType acc = opmath_dtype(a.scalar_type());
   at::Tensor pre = grouped_gemm_blas(
       a, b, tokens_per_expert, trans_b,
       [&](const at::Tensor& pre_e, int64_t first_row) {
         const at::Tensor out_e = out.narrow(0, first_row, pre_e.size(0));
         for_row_chunks(pre_e.size(0), pre_e.size(1), [&](int64_t row, int64_t rows) {
-          const at::Tensor chunk = pre_e.narrow(0, row, rows);
-          compute_into(out_e.narrow(0, row, rows), acc, [&](at::Tensor& h) {
-            at::silu_out(h, chunk.narrow(1, 0, half).to(acc));
-            h.mul_(chunk.narrow(1, half, half).to(acc));
-          });
+          swiglu_rows(pre_e.narrow(0, row, rows), out_e.narrow(0, row, rows));
         });
       },
       keep_product);
   return {out, pre};
 }
 
-// Chunks are views: any strides do, including the broadcast gradient of a sum.
-at::Tensor swiglu_backward_cpu(const at::Tensor& grad_out, const at::Tensor& pre) {
+// Chunks are views: any strides of grad_out do, including the broadcast gradient of a sum.
+at::Tensor swiglu_backward_cpu(const at::Tensor& grad_out, const at::Tensor& pre_in) {
   MOE_KERNELS_NVTX_RANGE("swiglu_backward");
-  check_swiglu_backward_args(grad_out, pre);
-  const at::AutoDispatchBelowAutograd below_autograd;  // out= ops, as in grouped_gemm_blas
-  const int64_t half = grad_out.size(1);
+  check_swiglu_backward_args(grad_out, pre_in);
+  const at::Tensor pre = pre_in.stride(1) == 1 ? pre_in : pre_in.contiguous();
   auto grad_pre = at::empty(pre.sizes(), pre.options());
-  const at::ScalarType acc = opmath_dtype(pre.scalar_type());
   for_row_chunks(pre.size(0), pre.size(1), [&](int64_t row, int64_t rows) {
-    const at::Tensor chunk = pre.narrow(0, row, rows);
-    const at::Tensor gate = chunk.narrow(1, 0, half).to(acc);
-    const at::Tensor up = chunk.narrow(1, half, half).to(acc);
-    const at::Tensor grad = grad_out.narrow(0, row, rows).to(acc);
-    const at::Tensor grad_rows = grad_pre.narrow(0, row, rows);
-    compute_into(grad_rows.narrow(1, half, half), acc, [&](at::Tensor& grad_up) {
-      at::silu_out(grad_up, gate);
-      grad_up.mul_(grad);
-    });
-    compute_into(grad_rows.narrow(1, 0, half), acc,
-                 [&](at::Tensor& grad_gate) { at::silu_backward_out(grad_gate, grad * up, gate); });
+    swiglu_backward_rows(grad_out.narrow(0, row, rows), pre.narrow(0, row, rows),
+                         grad_pre.narrow(0, row, rows));
   });
   return grad_pre;
 }

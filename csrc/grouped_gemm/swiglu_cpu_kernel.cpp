@@ -1,0 +1,146 @@
+// The SwiGLU row loops for one instruction set. CMakeLists.txt compiles this file once per
+// CPU_CAPABILITY (DEFAULT everywhere; AVX2 and AVX512 on x86-64, with their compiler flags), each
+// copy in a namespace of that name, as torch compiles its own CPU kernels; swiglu_cpu.cpp picks
+// the copy torch would run. Only ATen's vector headers are included: an inline function of a
+// wider header, emitted out of line here with AVX-512 instructions, could be the copy the linker
+// keeps for the whole module.
+#include "grouped_gemm/swiglu_cpu_kernel.h"
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <array>
+
+namespace moe_kernels::gemm::CPU_CAPABILITY {
+namespace {
+
+using at::vec::Vectorized;
+
+// Loads of up to kStep elements of T widened to accumulator vectors, and the rounding stores
+// back: fp32 and fp64 are their own accumulator (one vector a step), bf16 and fp16 widen to
+// two fp32 vectors.
+template <typename T>
+struct Wide {
+  using Acc = Vectorized<T>;
+  static constexpr int kParts = 1;
+  static constexpr int64_t kStep = Vectorized<T>::size();
+  static std::array<Acc, 1> load(const T* p, int64_t n) {
+    return {n == kStep ? Acc::loadu(p) : Acc::loadu(p, n)};
+  }
+  static void store(T* p, const std::array<Acc, 1>& v, int64_t n) { v[0].store(p, n); }
+};
+
+template <typename T>
+  requires(at::vec::is_reduced_floating_point_v<T>)
+struct Wide<T> {
+  using Acc = Vectorized<float>;
+  static constexpr int kParts = 2;
+  static constexpr int64_t kStep = Vectorized<T>::size();
+  static std::array<Acc, 2> load(const T* p, int64_t n) {
+    const auto [lo, hi] = at::vec::convert_to_float<T>(n == kStep ? Vectorized<T>::loadu(p)
+                                                                  : Vectorized<T>::loadu(p, n));
+    return {lo, hi};
+  }
+  static void store(T* p, const std::array<Acc, 2>& v, int64_t n) {
+    at::vec::convert_from_float<T>(v[0], v[1]).store(p, n);
+  }
+};
+
+// silu(x) = x / (1 + exp(-x)) and silu'(x) = s (1 + x (1 - s)) with s = 1 / (1 + exp(-x)),
+// written as torch's silu and silu_backward kernels write them (swiglu.h has the same math).
+template <typename V>
+V swiglu(V gate, V up) {
+  const V one(1);
+  return gate / (one + gate.neg().exp()) * up;
+}
+
+template <typename V>
+void swiglu_grad(V gate, V up, V grad, V* grad_gate, V* grad_up) {
+  const V one(1);
+  const V denominator = one + gate.neg().exp();
+  const V sigmoid = one / denominator;
+  *grad_gate = grad * up * sigmoid * (one + gate * (one - sigmoid));
+  *grad_up = gate / denominator * grad;
+}
+
+template <typename T>
+const T* row(Rows m, int64_t r) {
+  return static_cast<const T*>(m.data) + r * m.stride;
+}
+
+template <typename T>
+T* row(MutableRows m, int64_t r) {
+  return static_cast<T*>(m.data) + r * m.stride;
+}
+
+template <typename T>
+void forward_rows(Rows pre, MutableRows out, int64_t rows, int64_t half) {
+  using W = Wide<T>;
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* gate = row<T>(pre, r);
+    const T* up = gate + half;
+    T* o = row<T>(out, r);
+    for (int64_t j = 0; j < half; j += W::kStep) {
+      const int64_t n = std::min(W::kStep, half - j);
+      auto g = W::load(gate + j, n);
+      const auto u = W::load(up + j, n);
+      for (int i = 0; i < W::kParts; ++i) g[i] = swiglu(g[i], u[i]);
+      W::store(o + j, g, n);
+    }
+  }
+}
+
+template <typename T>
+void backward_rows(Rows grad_out, Rows pre, MutableRows grad_pre, int64_t rows, int64_t half) {
+  using W = Wide<T>;
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* gate = row<T>(pre, r);
+    const T* up = gate + half;
+    const T* grad = row<T>(grad_out, r);
+    T* grad_gate = row<T>(grad_pre, r);
+    T* grad_up = grad_gate + half;
+    for (int64_t j = 0; j < half; j += W::kStep) {
+      const int64_t n = std::min(W::kStep, half - j);
+      const auto g = W::load(gate + j, n), u = W::load(up + j, n), d = W::load(grad + j, n);
+      std::array<typename W::Acc, W::kParts> dg, du;
+      for (int i = 0; i < W::kParts; ++i) swiglu_grad(g[i], u[i], d[i], &dg[i], &du[i]);
+      W::store(grad_gate + j, dg, n);
+      W::store(grad_up + j, du, n);
+    }
+  }
+}
+
+// The one switch over dtypes (the types of MOE_KERNELS_DISPATCH_FLOATING).
+template <typename Body>
+void for_dtype(c10::ScalarType dtype, const Body& body) {
+  switch (dtype) {
+    case c10::ScalarType::Float:
+      return body(float{});
+    case c10::ScalarType::Double:
+      return body(double{});
+    case c10::ScalarType::BFloat16:
+      return body(c10::BFloat16{});
+    case c10::ScalarType::Half:
+      return body(c10::Half{});
+    default:
+      // The ops check dtypes before they get here.
+      __builtin_unreachable();
+  }
+}
+
+void forward(c10::ScalarType dtype, Rows pre, MutableRows out, int64_t rows, int64_t half) {
+  for_dtype(dtype, [&](auto t) { forward_rows<decltype(t)>(pre, out, rows, half); });
+}
+
+void backward(c10::ScalarType dtype, Rows grad_out, Rows pre, MutableRows grad_pre, int64_t rows,
+              int64_t half) {
+  for_dtype(dtype,
+            [&](auto t) { backward_rows<decltype(t)>(grad_out, pre, grad_pre, rows, half); });
+}
+
+}  // namespace
+
+extern const SwigluRowKernels kSwigluRowKernels{&forward, &backward};
+
+}  // namespace moe_kernels::gemm::CPU_CAPABILITY
