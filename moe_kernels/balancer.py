@@ -9,7 +9,10 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import ops
+from ._arguments import check_choice, check_int, check_number
 from ._precision import KeepsFp32
+
+RULES = ("sign", "proportional")
 
 RateSchedule = Callable[[int], float]
 
@@ -59,12 +62,12 @@ class Balancer(KeepsFp32):
         process_group: dist.ProcessGroup | None = None,
     ) -> None:
         super().__init__()
-        if rule not in ("sign", "proportional"):
-            raise ValueError(f"rule must be 'sign' or 'proportional', got {rule!r}")
-        if not callable(rate) and rate < 0:
-            raise ValueError(f"rate must be >= 0, got {rate}")
-        if freeze_after is not None and freeze_after < 0:
-            raise ValueError(f"freeze_after must be >= 0 or None, got {freeze_after}")
+        check_int("num_experts", num_experts, 1)
+        check_choice("rule", rule, RULES)
+        if not callable(rate):
+            check_number("rate", rate)
+        if freeze_after is not None:
+            check_int("freeze_after", freeze_after, 0)
         self.num_experts = num_experts
         self.rate = rate
         self.rule = rule
@@ -102,7 +105,11 @@ class Balancer(KeepsFp32):
         step = int(self.updates)
         if self.freeze_after is not None and step >= self.freeze_after:
             return 0.0
-        return self.rate(step) if callable(self.rate) else self.rate
+        if not callable(self.rate):
+            return self.rate
+        rate = self.rate(step)
+        check_number(f"rate (the schedule's value for update {step})", rate)
+        return rate
 
     @torch.no_grad()
     def update(self) -> Tensor:

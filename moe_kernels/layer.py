@@ -11,6 +11,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from . import balance, ops
+from ._arguments import check_choice, check_int, check_number
 from ._nvtx import nvtx_range
 from .balancer import Balancer, RateSchedule
 from .dispatch import ExpertParallelDispatcher
@@ -19,6 +20,7 @@ from .router import Router
 
 BALANCING = ("loss_free", "aux_loss", "seq_aux_loss", "global_aux_loss", "expert_choice", "none")
 AUX_LOSSES = ("aux_loss", "seq_aux_loss", "global_aux_loss")
+GLOBAL_COUNTS = ("running", "previous")
 
 
 class MoELayer(nn.Module):
@@ -104,18 +106,14 @@ class MoELayer(nn.Module):
         ep_transport: str = "auto",
     ) -> None:
         super().__init__()
-        if balancing not in BALANCING:
-            raise ValueError(f"balancing must be one of {BALANCING}, got {balancing!r}")
-        if global_counts not in ("running", "previous"):
-            raise ValueError(
-                f"global_counts must be 'running' or 'previous', got {global_counts!r}"
-            )
-        if aux_group_size < 1:
-            raise ValueError(f"aux_group_size must be >= 1, got {aux_group_size}")
-        if capacity_factor <= 0:
-            raise ValueError(f"capacity_factor must be > 0, got {capacity_factor}")
-        if num_shared_experts < 0:
-            raise ValueError(f"num_shared_experts must be >= 0, got {num_shared_experts}")
+        check_choice("balancing", balancing, BALANCING)
+        check_int("hidden_size", hidden_size, 1)
+        check_int("ffn_hidden_size", ffn_hidden_size, 1)
+        check_int("num_shared_experts", num_shared_experts, 0)
+        check_number("aux_coeff", aux_coeff)
+        check_int("aux_group_size", aux_group_size, 1)
+        check_choice("global_counts", global_counts, GLOBAL_COUNTS)
+        check_number("capacity_factor", capacity_factor, strict=True)
         if ep_group is not None and balancing == "expert_choice":
             raise ValueError("balancing='expert_choice' does not support expert parallelism")
         self.hidden_size = hidden_size

@@ -9,7 +9,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ops
+from ._arguments import check_choice, check_int, check_number
 from ._precision import KeepsFp32
+
+SCORE_FNS = ("sigmoid", "softmax")
 
 
 class Router(KeepsFp32):
@@ -42,10 +45,26 @@ class Router(KeepsFp32):
         route_scale: float = 1.0,
     ) -> None:
         super().__init__()
-        if not 1 <= topk <= num_experts:
+        check_int("hidden_size", hidden_size, 1)
+        check_int("num_experts", num_experts, 1)
+        check_int("topk", topk, 1)
+        if topk > num_experts:
             raise ValueError(f"topk must be in [1, num_experts={num_experts}], got {topk}")
-        if score_fn not in ("sigmoid", "softmax"):
-            raise ValueError(f"score_fn must be 'sigmoid' or 'softmax', got {score_fn!r}")
+        check_choice("score_fn", score_fn, SCORE_FNS)
+        check_int("n_groups", n_groups, 1)
+        check_int("topk_groups", topk_groups, 1)
+        check_number("route_scale", route_scale, strict=True)
+        # The group rules (n_groups divides E, topk_groups in [1, n_groups] leaving k experts to
+        # choose from, group_score) are the op's own: it checks them on zero tokens, on the CPU
+        # (a model built on the meta device would reach only the fake kernel, which checks none).
+        no_tokens = torch.empty(0, num_experts, device="cpu")
+        try:
+            ops.biased_topk(
+                no_tokens, None, topk, score_fn, n_groups, topk_groups, normalize, route_scale,
+                group_score,
+            )  # fmt: skip
+        except RuntimeError as error:
+            raise ValueError(str(error).splitlines()[0]) from None
         self.num_experts = num_experts
         self.topk = topk
         self.score_fn = score_fn

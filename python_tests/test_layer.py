@@ -436,13 +436,49 @@ def test_model_helpers_collect_aux_losses_and_update_every_layer():
         (dict(topk=9), "topk must be in"),
         (dict(rule="linear"), "rule"),
         (dict(rate=-1.0), "rate"),
+        (dict(rate=float("nan")), "rate must be a finite number >= 0, got nan"),
+        (dict(rate=float("inf")), "rate must be a finite number"),
+        (dict(freeze_after=-1), "freeze_after"),
+        (dict(aux_coeff=float("nan")), "aux_coeff"),
+        (dict(aux_coeff=-1e-3), "aux_coeff"),
+        (dict(capacity_factor=float("nan")), "capacity_factor"),
         (dict(num_shared_experts=-1), "num_shared_experts"),
         (dict(score_fn="relu"), "score_fn"),
+        (dict(route_scale=float("nan")), "route_scale"),
+        (dict(route_scale=0.0), "route_scale"),
+        (dict(n_groups=3), "n_groups must be >= 1 and divide num_experts=8"),
+        (dict(n_groups=0), "n_groups"),
+        (dict(n_groups=2, topk_groups=3), "topk_groups must be in"),
+        (dict(n_groups=4, topk_groups=1, topk=3), "too few experts"),
+        (dict(group_score="top3"), "group_score"),
+        (dict(topk=0), "topk"),
+        (dict(topk=2.5), "topk must be an integer"),
+        (dict(num_experts=0), "num_experts"),
+        (dict(hidden_size=0), "hidden_size"),
+        (dict(ffn_hidden_size=0), "ffn_hidden_size"),
     ],
 )
 def test_bad_arguments_name_the_argument(kwargs, message):
     with pytest.raises(ValueError, match=message):
         make_layer(**kwargs)
+
+
+def test_bad_arguments_are_refused_on_the_meta_device_too():
+    # What moe-train checks its options with: the routing rules are the op's, not its fake's.
+    with torch.device("meta"), pytest.raises(ValueError, match="n_groups"):
+        make_layer(n_groups=3)
+
+
+def test_a_rate_schedule_that_gives_nan_stops_before_the_bias_moves():
+    layer = make_layer(rate=lambda update: 0.01 if update == 0 else float("nan"))
+    layer(torch.randn(16, H))
+    layer.balancer.update()
+    moved = layer.balancer.bias.clone()
+    assert moved.abs().sum() > 0
+    layer(torch.randn(16, H))
+    with pytest.raises(ValueError, match=r"rate \(the schedule's value for update 1\)"):
+        layer.balancer.update()
+    assert torch.equal(layer.balancer.bias, moved)
 
 
 def test_bad_inputs_name_the_argument():

@@ -4,6 +4,7 @@ import dataclasses
 import json
 import math
 
+import numpy
 import pytest
 import torch
 
@@ -198,3 +199,61 @@ def test_cli_trains_two_strategies_and_plots_them(tmp_path, capsys, monkeypatch)
         assert (tmp_path / "runs" / name).exists(), name
     summary = json.loads((tmp_path / "runs" / "none" / "summary.json").read_text())
     assert summary["config"]["model"]["num_experts"] == 4 and summary["steps"] == 4
+
+
+CLI_MICRO = [
+    "--no-progress", "--tokenizer", "bytes", "--steps", "2", "--eval-every", "2",
+    "--eval-tokens", "256", "--hidden-size", "32", "--num-layers", "1", "--num-heads", "2",
+    "--num-experts", "4", "--topk", "2", "--expert-ffn-hidden-size", "16", "--seq-len", "16",
+    "--micro-batch-size", "4",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "option,value,message",
+    [
+        ("--rate", "nan", "rate must be a finite number >= 0, got nan"),
+        ("--rate", "inf", "rate must be a finite number >= 0, got inf"),
+        ("--bias-warmup-rate", "-1", "bias_warmup_rate must be"),
+        ("--lr", "0", "lr must be a finite number > 0"),
+        ("--capacity-factor", "nan", "capacity_factor must be"),
+        ("--aux-coeff", "inf", "aux_coeff must be"),
+        ("--steps", "0", "steps must be an integer >= 1"),
+        ("--seq-len", "0", "seq_len must be"),
+        ("--grad-accumulation", "0", "grad_accumulation must be"),
+        ("--n-groups", "3", "n_groups must be >= 1 and divide num_experts=4"),
+        ("--topk-groups", "2", "topk_groups must be in"),
+        ("--topk", "5", "topk must be in"),
+        ("--num-heads", "3", "hidden_size=32 must be divisible by num_heads=3"),
+        ("--timeout", "-1", "timeout must be"),
+        ("--data", "/missing/corpus", "'/missing/corpus' is not 'stdlib', 'kjv', or an existing"),
+        ("--data", "/missing/tokens.npy", "token file '/missing/tokens.npy' does not exist"),
+        ("--data", "short.npy", "tokens are too few for a window of seq_len=16"),
+        ("--data", "one.txt", "gives 1 document(s); a validation split needs at least 2"),
+    ],
+)
+def test_cli_refuses_bad_input_in_one_line_and_writes_nothing(
+    tmp_path, capsys, option, value, message
+):
+    numpy.save(tmp_path / "short.npy", numpy.arange(100))  # a validation tail of 5 tokens
+    (tmp_path / "one.txt").write_text("One paragraph, one document.\n")
+    if value in ("short.npy", "one.txt"):
+        value = str(tmp_path / value)
+    out = tmp_path / "runs"
+    args = [*CLI_MICRO, "--out", str(out), "--cache-dir", str(tmp_path / "cache"), option, value]
+    assert cli.main(args) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("moe-train: error: ") and message in lines[0]
+    assert not out.exists()
+
+
+def test_cli_says_when_resume_finds_no_checkpoint(tmp_path, capsys):
+    out = tmp_path / "runs"
+    args = [*CLI_MICRO, "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--resume"]
+    assert cli.main(args) == 0
+    assert f"--resume: no checkpoint in {out / 'loss_free'}: training from step 0" in (
+        capsys.readouterr().err
+    )
+    # The checkpoint it wrote is found by the next --resume, which says nothing of the kind.
+    assert cli.main(args) == 0
+    assert "no checkpoint" not in capsys.readouterr().err

@@ -388,7 +388,9 @@ def test_get_tokenizer_trains_on_train_text_once_then_loads(stdlib_corpus, tmp_p
 def test_get_tokenizer_kinds(stdlib_corpus, tmp_path):
     corpus = _small_corpus(stdlib_corpus)
     assert isinstance(get_tokenizer("bytes", corpus, 0, tmp_path), ByteTokenizer)
-    with pytest.raises(ValueError, match="unknown tokenizer 'words'"):
+    with pytest.raises(
+        ValueError, match=r"tokenizer must be one of \('bpe', 'bytes'\), got 'words'"
+    ):
         get_tokenizer("words", corpus, 1000, tmp_path)
     with pytest.raises(ValueError, match="at least 257"):
         get_tokenizer("bpe", corpus, 100, tmp_path)

@@ -14,10 +14,15 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from .._arguments import check_number
 from ..layer import BALANCING
 from ..memory import keep_freed_memory
+from ..router import SCORE_FNS
+from .config import CHOICES as RUN_CHOICES
 from .config import PRESETS, TrainConfig
+from .errors import BadArgument, UsageError
 from .loop import resolve_device, train
+from .model import MoETransformer
 from .plots import plot_runs
 
 # Options that override a preset's run settings, and those of its model.
@@ -59,14 +64,7 @@ MODEL_OPTIONS = {
     "n_groups": int,
     "topk_groups": int,
 }
-CHOICES = {
-    "tokenizer": ("bpe", "bytes"),
-    "dtype": ("fp32", "bf16"),
-    "rule": ("sign", "proportional"),
-    "global_counts": ("running", "previous"),
-    "score_fn": ("sigmoid", "softmax"),
-    "ep_transport": ("auto", "process_group", "nccl"),
-}
+CHOICES = {**RUN_CHOICES, "score_fn": SCORE_FNS}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,6 +124,28 @@ def config_from_args(args: argparse.Namespace, balancing: str) -> TrainConfig:
     )
 
 
+def checked_config(args: argparse.Namespace, balancing: str) -> TrainConfig:
+    """The run's configuration with every setting checked before anything runs or is written:
+    the run's own, then the model's by building it on the meta device (the layers' own checks,
+    no memory)."""
+    config = config_from_args(args, balancing)
+    try:
+        check_number("timeout", args.timeout, strict=True)
+        config.check()
+        with torch.device("meta"):
+            MoETransformer(config)
+    except ValueError as error:
+        raise BadArgument(str(error)) from None
+    return config
+
+
+def report(error: UsageError) -> int:
+    """One line for an argument or data source that cannot be used, and exit status 2 (as
+    argparse gives a malformed command line)."""
+    print(f"moe-train: error: {error}", file=sys.stderr, flush=True)
+    return 2
+
+
 def init_distributed(device: str, timeout: float) -> torch.device | None:
     """Joins the torchrun job this process belongs to (none when not launched by torchrun):
     NCCL between GPUs, one per local rank, Gloo between CPU processes. Returns the device."""
@@ -145,11 +165,17 @@ def init_distributed(device: str, timeout: float) -> torch.device | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        configs = {balancing: checked_config(args, balancing) for balancing in args.balancing}
+    except UsageError as error:
+        return report(error)
     out = args.out or Path("runs") / args.preset
     device = init_distributed(args.device, args.timeout)
     rank = dist.get_rank() if device is not None else 0
     try:
-        return run(args, out, args.device if device is None else str(device), rank)
+        return run(args, configs, out, args.device if device is None else str(device), rank)
+    except UsageError as error:  # a data source (every rank finds the same)
+        return report(error)
     except BaseException as error:
         if device is not None:
             # The other ranks stop too: their collectives fail when this process's connections
@@ -161,14 +187,13 @@ def main(argv: list[str] | None = None) -> int:
             dist.destroy_process_group()
 
 
-def run(args: argparse.Namespace, out: Path, device: str, rank: int) -> int:
+def run(
+    args: argparse.Namespace, configs: dict[str, TrainConfig], out: Path, device: str, rank: int
+) -> int:
     if args.keep_freed_memory and resolve_device(device).type == "cpu":
         keep_freed_memory()
     summaries, histories = {}, {}
-    for balancing in args.balancing:
-        config = config_from_args(args, balancing)
-        if config.steps < 1:
-            raise SystemExit("moe-train: --steps must be >= 1")
+    for balancing, config in configs.items():
         run_dir = out / balancing
         summary = train(
             config,

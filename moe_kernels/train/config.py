@@ -5,6 +5,12 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from .._arguments import check_choice, check_int, check_number
+from ..balancer import RULES
+from ..dispatch import TRANSPORTS
+from ..layer import GLOBAL_COUNTS
+from .tokenizer import TOKENIZERS
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -26,6 +32,16 @@ class ModelConfig:
     topk_groups: int = 1
     route_scale: float = 1.0
     max_seq_len: int = 128
+
+
+# The run's settings that take one of a few values (the model's score_fn is the router's).
+CHOICES = {
+    "tokenizer": TOKENIZERS,
+    "dtype": ("fp32", "bf16"),
+    "rule": RULES,
+    "global_counts": GLOBAL_COUNTS,
+    "ep_transport": TRANSPORTS,
+}
 
 
 @dataclass(frozen=True)
@@ -67,6 +83,21 @@ class TrainConfig:
     eval_every: int = 100
     eval_tokens: int = 65536
     checkpoint_every: int = 100
+
+    def check(self) -> None:
+        """Raises ValueError naming the first of the run's settings out of its range or choices
+        (the model's are checked by the layers it builds)."""
+        for name in ("seq_len", "micro_batch_size", "grad_accumulation", "steps", "eval_every",
+                     "eval_tokens", "checkpoint_every", "ep_size"):  # fmt: skip
+            check_int(name, getattr(self, name), 1)
+        for name in ("warmup_steps", "bias_warmup_steps", "seed"):
+            check_int(name, getattr(self, name), 0)
+        for name in ("lr", "grad_clip"):
+            check_number(name, getattr(self, name), strict=True)
+        for name in ("min_lr_ratio", "weight_decay", "rate", "bias_warmup_rate"):
+            check_number(name, getattr(self, name))
+        for name, choices in CHOICES.items():
+            check_choice(name, getattr(self, name), choices)
 
     @property
     def tokens_per_step(self) -> int:

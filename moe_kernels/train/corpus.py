@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .documents import Document, default_cache_dir, short_sha256, top_folder
+from .errors import BadData, MissingData
 from .stdlib_text import stdlib_documents
 
 DEFAULT_VAL_FRACTION = 0.05
@@ -72,7 +73,7 @@ def load_corpus(
 
 def _split(name: str, documents: list[Document], val_fraction: float) -> Corpus:
     if len(documents) < 2:
-        raise ValueError(
+        raise BadData(
             f"{name!r} gives {len(documents)} document(s); a validation split needs at least 2"
         )
     positions = [_hash_position(document.name) for document in documents]
@@ -125,7 +126,7 @@ def _kjv_documents() -> list[Document]:
     """
     program = shutil.which("bible")
     if program is None or not _KJV_DATA.is_file():
-        raise FileNotFoundError(
+        raise MissingData(
             "the 'kjv' corpus needs Debian's King James Bible: `apt-get install bible-kjv` "
             f"(it installs the text, bible-kjv-text, at {_KJV_DATA}, and the `bible` program "
             "that decompresses it)"
@@ -157,19 +158,19 @@ def _path_documents(path: Path) -> list[Document]:
     if path.is_dir():
         documents = _folder_documents(path)
         if not documents:
-            raise ValueError(f"{path} holds no UTF-8 text files")
+            raise BadData(f"{path} holds no UTF-8 text files")
         return documents
     if path.is_file():
         text = _read_text(path)
         if text is None:
-            raise ValueError(f"{path} is not a UTF-8 text file")
+            raise BadData(f"{path} is not a UTF-8 text file")
         chunks = _paragraph_chunks(text)
         return [
             Document(f"{path.name}#{index}", chunk, path.stem) for index, chunk in enumerate(chunks)
         ]
     if path.exists():
-        raise ValueError(f"{path} is neither a file nor a folder")
-    raise FileNotFoundError(
+        raise BadData(f"{path} is neither a file nor a folder")
+    raise MissingData(
         f"corpus source {str(path)!r} is not 'stdlib', 'kjv', or an existing file or folder"
     )
 

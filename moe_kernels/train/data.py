@@ -14,6 +14,7 @@ import torch
 from .atomic import atomic_write
 from .corpus import DEFAULT_VAL_FRACTION, Corpus
 from .documents import default_cache_dir
+from .errors import BadData, MissingData
 
 if TYPE_CHECKING:
     from .tokenizer import Tokenizer
@@ -33,17 +34,17 @@ def load_token_file(
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"token file {str(path)!r} does not exist")
+        raise MissingData(f"token file {str(path)!r} does not exist")
     if path.suffix == ".npy":
         tokens = np.load(path, mmap_mode="r")
     elif path.suffix == ".bin":
         tokens = np.memmap(path, dtype="<u2", mode="r")
     else:
-        raise ValueError(f"{path}: a token file is .npy or .bin (raw uint16), not {path.suffix!r}")
+        raise BadData(f"{path}: a token file is .npy or .bin (raw uint16), not {path.suffix!r}")
     if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
-        raise ValueError(f"{path}: expected a 1-D integer array, got {tokens.dtype} {tokens.shape}")
+        raise BadData(f"{path}: expected a 1-D integer array, got {tokens.dtype} {tokens.shape}")
     if len(tokens) < 2:
-        raise ValueError(f"{path}: {len(tokens)} token(s) cannot make a train and a val split")
+        raise BadData(f"{path}: {len(tokens)} token(s) cannot make a train and a val split")
     num_val = min(max(1, round(len(tokens) * val_fraction)), len(tokens) - 1)
     return tokens[:-num_val], tokens[-num_val:]
 
@@ -159,7 +160,7 @@ def _check_window_fits(tokens: TokenIds, seq_len: int) -> None:
     if seq_len < 1:
         raise ValueError(f"seq_len must be positive, got {seq_len}")
     if len(tokens) < seq_len + 1:
-        raise ValueError(
+        raise BadData(
             f"{len(tokens)} tokens are too few for a window of seq_len={seq_len} "
             f"(inputs and targets need seq_len + 1 = {seq_len + 1})"
         )

@@ -8,6 +8,7 @@ import datetime
 import json
 import math
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -41,6 +42,7 @@ from .checkpoint import (
 from .config import TrainConfig
 from .corpus import load_corpus
 from .documents import default_cache_dir
+from .errors import BadArgument
 from .model import MoETransformer, language_model_loss
 from .plots import plot_runs
 from .tokenizer import get_tokenizer
@@ -287,24 +289,9 @@ def train(
     ``timeout`` for another rank stops this one with an error."""
     layout = init_expert_parallel(config.ep_size, timeout)
     is_main = layout.rank == 0
-    out_dir.mkdir(parents=True, exist_ok=True)
-    torch_device = resolve_device(device)
-    if (
-        torch_device.type == "cuda"
-        and layout.ep_size > 1
-        and config.ep_transport != "process_group"
-    ):
-        init_nccl(layout.ep_group, torch_device, timeout)
-        layout = dataclasses.replace(layout, ep_transport="nccl")
+    # The data first: a source that cannot be read, or too short for a window, stops the run
+    # before it writes anything.
     data = prepare_data(config, cache_dir or default_cache_dir())
-    config = dataclasses.replace(
-        config, model=dataclasses.replace(config.model, vocab_size=data.vocab_size)
-    )
-    random.seed(config.seed)
-    torch.manual_seed(config.seed)
-    model = MoETransformer(config, layout).to(torch_device)
-    optimizer = make_optimizer(model, config)
-    schedule = make_schedule(optimizer, config)
     # One sampler of global batches, the same on every rank: each takes its share, so W ranks
     # train on exactly the batches of one process with a W times larger micro-batch.
     sampler = text_data.BatchSampler(
@@ -317,12 +304,29 @@ def train(
         config.eval_tokens,
         multiple_of=layout.world_size,
     )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch_device = resolve_device(device)
+    if (
+        torch_device.type == "cuda"
+        and layout.ep_size > 1
+        and config.ep_transport != "process_group"
+    ):
+        init_nccl(layout.ep_group, torch_device, timeout)
+        layout = dataclasses.replace(layout, ep_transport="nccl")
+    config = dataclasses.replace(
+        config, model=dataclasses.replace(config.model, vocab_size=data.vocab_size)
+    )
+    random.seed(config.seed)
+    torch.manual_seed(config.seed)
+    model = MoETransformer(config, layout).to(torch_device)
+    optimizer = make_optimizer(model, config)
+    schedule = make_schedule(optimizer, config)
     history: list[dict[str, object]] = []
     checkpoint_path = out_dir / checkpoint_name(layout)
     if resume and checkpoint_path.exists():
         state = load_checkpoint(checkpoint_path)
         if state["config"] != config.to_dict():
-            raise ValueError(
+            raise BadArgument(
                 f"--resume: the checkpoint in {out_dir} was written by another configuration; "
                 "use the same options or another --out"
             )
@@ -332,10 +336,13 @@ def train(
         sampler.load_state_dict(state["sampler"])
         history = state["history"]
     elif resume and any(out_dir.glob("checkpoint*.pt")):
-        raise ValueError(
+        raise BadArgument(
             f"--resume: {out_dir} holds no {checkpoint_path.name}: its checkpoints were "
             f"written by another number of ranks than {layout.world_size}"
         )
+    elif resume and is_main:
+        # A job that always passes --resume starts this way: said, not refused.
+        print(f"--resume: no checkpoint in {out_dir}: training from step 0", file=sys.stderr)
     step = history[-1]["step"] if history else 0
 
     def checkpoint() -> None:

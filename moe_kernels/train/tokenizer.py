@@ -18,6 +18,7 @@ from typing import Protocol
 
 from .atomic import atomic_write
 from .corpus import Corpus
+from .errors import BadArgument
 
 END_OF_TEXT = "<|endoftext|>"  # how ``decode`` shows the end-of-text id
 
@@ -156,6 +157,9 @@ class BPETokenizer:
         return tokenizer
 
 
+TOKENIZERS = ("bpe", "bytes")
+
+
 def get_tokenizer(
     kind: str, corpus: Corpus, vocab_size: int, cache_dir: Path
 ) -> ByteTokenizer | BPETokenizer:
@@ -167,7 +171,7 @@ def get_tokenizer(
     if kind == "bytes":
         return ByteTokenizer()
     if kind != "bpe":
-        raise ValueError(f"unknown tokenizer {kind!r}: expected 'bytes' or 'bpe'")
+        raise BadArgument(f"tokenizer must be one of {TOKENIZERS}, got {kind!r}")
     _check_bpe_vocab_size(vocab_size)
     path = Path(cache_dir) / f"bpe-{corpus.fingerprint}-{vocab_size}.json"
     if path.is_file():
@@ -179,7 +183,7 @@ def get_tokenizer(
 
 def _check_bpe_vocab_size(vocab_size: int) -> None:
     if vocab_size < _NUM_BYTES + 1:
-        raise ValueError(
+        raise BadArgument(
             f"a BPE vocab_size must be at least 257 (bytes + end-of-text), got {vocab_size}"
         )
 
