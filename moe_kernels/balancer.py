@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -112,10 +112,16 @@ class Balancer(KeepsFp32):
         return rate
 
     @torch.no_grad()
-    def update(self) -> Tensor:
+    def update(self, summed_counts: Tensor | None = None) -> Tensor:
         """Ends the step (call after the optimizer step): sums its counts over the group, moves
-        the bias, and returns those [E] int64 counts (for MaxVio_batch)."""
-        counts = self._sum_over_group(self.tokens_per_expert.clone())
+        the bias, and returns those [E] int64 counts (for MaxVio_batch). ``summed_counts``:
+        the step's counts already summed over the group (``sum_step_counts``, one collective
+        for many balancers)."""
+        counts = (
+            self._sum_over_group(self.tokens_per_expert.clone())
+            if summed_counts is None
+            else summed_counts
+        )
         if self.bias is not None:
             rate = self.current_rate()
             if rate > 0:
@@ -137,3 +143,23 @@ class Balancer(KeepsFp32):
             f"num_experts={self.num_experts}, loss_free={self.bias is not None}, rate={rate}, "
             f"rule={self.rule}, freeze_after={self.freeze_after}"
         )
+
+
+@torch.no_grad()
+def sum_step_counts(balancers: Sequence[Balancer]) -> list[Tensor]:
+    """The step's counts of each balancer summed over its process group, with one all-reduce
+    of the concatenated counts per group and device (a model's layers share one) instead of
+    one per layer: a model of L layers ends its step with one collective, not L."""
+    summed = [balancer.tokens_per_expert.clone() for balancer in balancers]
+    shared: dict[tuple[dist.ProcessGroup, torch.device], list[int]] = {}
+    for index, balancer in enumerate(balancers):
+        if balancer.process_group is not None:
+            key = (balancer.process_group, summed[index].device)
+            shared.setdefault(key, []).append(index)
+    for (group, _), indices in shared.items():
+        flat = torch.cat([summed[index] for index in indices])
+        dist.all_reduce(flat, group=group)
+        parts = flat.split([summed[index].numel() for index in indices])
+        for index, part in zip(indices, parts, strict=True):
+            summed[index] = part
+    return summed

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from . import balance, ops
 from ._arguments import check_choice, check_int, check_number
 from ._nvtx import nvtx_range
-from .balancer import Balancer, RateSchedule
+from .balancer import Balancer, RateSchedule, sum_step_counts
 from .dispatch import ExpertParallelDispatcher
 from .experts import SwiGLUExperts, SwiGLUMLP
 from .router import Router
@@ -291,11 +291,12 @@ class MoELayer(nn.Module):
             rows = rows * weights.reshape(-1, 1).to(rows.dtype)
             return x.new_zeros(x.shape).index_add(0, token_ids.flatten(), rows), counts
 
-    def update_balance(self) -> Tensor:
+    def update_balance(self, summed_counts: Tensor | None = None) -> Tensor:
         """Ends a training step (call after the optimizer step): moves the loss-free bias and
-        returns the step's [E] counts, summed over the process group (see ``Balancer``)."""
+        returns the step's [E] counts, summed over the process group (see ``Balancer``;
+        ``summed_counts`` when they were summed already)."""
         with nvtx_range("balancer_update"):
-            return self.balancer.update()
+            return self.balancer.update(summed_counts)
 
     def extra_repr(self) -> str:
         group = f", aux_group_size={self.aux_group_size}" if self.aux_group_size > 1 else ""
@@ -315,6 +316,9 @@ def total_aux_loss(model: nn.Module) -> Tensor | None:
 
 
 def update_balance(model: nn.Module) -> list[Tensor]:
-    """``update_balance()`` of every MoELayer of ``model`` (call after the optimizer step);
-    returns each layer's counts of the step, for MaxVio_batch."""
-    return [layer.update_balance() for layer in moe_layers(model)]
+    """``update_balance()`` of every MoELayer of ``model`` (call after the optimizer step), the
+    counts of all layers summed over their process group in one all-reduce
+    (``sum_step_counts``); returns each layer's counts of the step, for MaxVio_batch."""
+    layers = list(moe_layers(model))
+    summed = sum_step_counts([layer.balancer for layer in layers])
+    return [layer.update_balance(counts) for layer, counts in zip(layers, summed, strict=True)]

@@ -518,3 +518,39 @@ def test_counts_are_summed_over_the_process_group(tmp_path):
         x = torch.randn(20 + 10 * rank, H, generator=torch.Generator().manual_seed(rank))
         want = hand_global_loss(layer, x, total, 50)
         torch.testing.assert_close(result["aux_loss"], want.detach())
+
+
+def _three_layer_step(rank, world_size):
+    group = torch.distributed.group.WORLD
+    model = torch.nn.Sequential(
+        *(make_layer("loss_free", seed=s, rate=0.01, process_group=group) for s in range(3))
+    )
+    x = torch.randn(20 + 10 * rank, H, generator=torch.Generator().manual_seed(rank))
+    for layer in model:
+        layer(x)
+    local = [layer.tokens_per_expert.clone() for layer in model]
+    all_reduce, calls = torch.distributed.all_reduce, []
+
+    def counted(tensor, *args, **kwargs):
+        calls.append(tensor.numel())
+        return all_reduce(tensor, *args, **kwargs)
+
+    torch.distributed.all_reduce = counted
+    try:
+        counts = update_balance(model)
+    finally:
+        torch.distributed.all_reduce = all_reduce
+    return {"local": local, "calls": calls, "counts": counts,
+            "bias": [layer.balancer.bias for layer in model]}  # fmt: skip
+
+
+def test_update_balance_sums_every_layer_in_one_collective(tmp_path):
+    ranks = run_on_ranks(_three_layer_step, 2, tmp_path)
+    for result in ranks:
+        assert result["calls"] == [3 * E]  # one all-reduce of the three layers' counts
+        for layer in range(3):
+            total = ranks[0]["local"][layer] + ranks[1]["local"][layer]
+            bias = torch.zeros(E)
+            mk.update_bias(bias, total, 0.01)
+            assert torch.equal(result["counts"][layer], total)
+            assert torch.equal(result["bias"][layer], bias)
