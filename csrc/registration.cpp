@@ -35,8 +35,8 @@ TORCH_LIBRARY(moe_kernels, m) {
 
   // Loss-free balancing (SPEC.md section 2).
   m.def(
-      "update_bias(Tensor(a!) bias, Tensor tokens_per_expert, float rate, str rule=\"sign\") -> "
-      "()");
+      "update_bias(Tensor(a!) bias, Tensor tokens_per_expert, float rate, str rule=\"sign\", "
+      "bool centered=False) -> ()");
 
   // Permutation (SPEC.md section 3).
   m.def(

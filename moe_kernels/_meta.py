@@ -64,7 +64,7 @@ def _(topk_ids, num_experts):
 
 
 @torch.library.register_fake("moe_kernels::update_bias")
-def _(bias, tokens_per_expert, rate, rule="sign"):
+def _(bias, tokens_per_expert, rate, rule="sign", centered=False):
     _check_device(tokens_per_expert, bias, "tokens_per_expert", "bias")
     return None
 

@@ -45,6 +45,7 @@ class Balancer(KeepsFp32):
         loss_free: hold and update a bias.
         rate: the update rate u, or a schedule ``rate(update_index) -> float``.
         rule: "sign" (Algorithm 1 of arXiv 2408.15664) or "proportional".
+        centered: subtract each update's mean, so the biases keep theirs (``ops.update_bias``).
         freeze_after: stop moving the bias after this many updates (counting goes on).
         process_group: the group whose counts are summed; None for one process.
     """
@@ -58,6 +59,7 @@ class Balancer(KeepsFp32):
         loss_free: bool,
         rate: float | RateSchedule = 1e-3,
         rule: str = "sign",
+        centered: bool = False,
         freeze_after: int | None = None,
         process_group: dist.ProcessGroup | None = None,
     ) -> None:
@@ -71,6 +73,7 @@ class Balancer(KeepsFp32):
         self.num_experts = num_experts
         self.rate = rate
         self.rule = rule
+        self.centered = centered
         self.freeze_after = freeze_after
         self.process_group = process_group
         counts = torch.zeros(num_experts, dtype=torch.int64)
@@ -125,7 +128,7 @@ class Balancer(KeepsFp32):
         if self.bias is not None:
             rate = self.current_rate()
             if rate > 0:
-                ops.update_bias(self.bias, counts, rate, self.rule)
+                ops.update_bias(self.bias, counts, rate, self.rule, self.centered)
         self.step_tokens_per_expert.copy_(counts)
         self.tokens_per_expert.zero_()
         self.global_tokens_per_expert.zero_()
@@ -141,7 +144,7 @@ class Balancer(KeepsFp32):
         rate = "schedule" if callable(self.rate) else self.rate
         return (
             f"num_experts={self.num_experts}, loss_free={self.bias is not None}, rate={rate}, "
-            f"rule={self.rule}, freeze_after={self.freeze_after}"
+            f"rule={self.rule}, centered={self.centered}, freeze_after={self.freeze_after}"
         )
 
 

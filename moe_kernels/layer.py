@@ -64,6 +64,8 @@ class MoELayer(nn.Module):
             ``Router``).
         num_shared_experts: shared experts, each of intermediate size F (0: none).
         rate, rule, freeze_after: the loss-free bias update (see ``Balancer``).
+        center_bias: subtract each bias update's mean, so the biases stay centred (torchtitan's
+            choice; the top-k choice is the same either way). ``Balancer``'s ``centered``.
         aux_coeff: alpha of the aux losses.
         aux_group_size: sequences per balance group of ``"seq_aux_loss"``; B must be a
             multiple of it.
@@ -95,6 +97,7 @@ class MoELayer(nn.Module):
         num_shared_experts: int = 0,
         rate: float | RateSchedule = 1e-3,
         rule: str = "sign",
+        center_bias: bool = False,
         freeze_after: int | None = None,
         aux_coeff: float = 1e-3,
         aux_group_size: int = 1,
@@ -140,6 +143,7 @@ class MoELayer(nn.Module):
             loss_free=balancing == "loss_free",
             rate=rate,
             rule=rule,
+            centered=center_bias,
             freeze_after=freeze_after,
             process_group=process_group,
         )

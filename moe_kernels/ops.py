@@ -84,7 +84,11 @@ def expert_histogram(topk_ids: Tensor, num_experts: int) -> Tensor:
 
 
 def update_bias(
-    bias: Tensor, tokens_per_expert: Tensor, rate: float = 1e-3, rule: str = "sign"
+    bias: Tensor,
+    tokens_per_expert: Tensor,
+    rate: float = 1e-3,
+    rule: str = "sign",
+    centered: bool = False,
 ) -> None:
     """Loss-free balancing step, in place: nudge overloaded experts down, underloaded up.
 
@@ -98,8 +102,13 @@ def update_bias(
             over data/expert-parallel ranks before the call); must be >= 0.
         rate: the update rate u >= 0 (default 1e-3).
         rule: "sign" or "proportional".
+        centered: subtract the update's mean over the experts (``rate * sum(signs) / E``, from
+            integers), so the biases keep their mean (torchtitan's choice). A common offset
+            changes no top-k choice, but one that drifts over a long run costs the bias fp32
+            precision against the scores it is added to. The proportional rule's update sums
+            to zero already: there it changes nothing.
     """
-    _ops.update_bias(bias, tokens_per_expert, rate, rule)
+    _ops.update_bias(bias, tokens_per_expert, rate, rule, centered)
 
 
 def permute(

@@ -59,12 +59,17 @@ def expert_histogram(topk_ids: Tensor, num_experts: int) -> Tensor:
 
 
 def update_bias(
-    bias: Tensor, tokens_per_expert: Tensor, rate: float = 1e-3, rule: str = "sign"
+    bias: Tensor,
+    tokens_per_expert: Tensor,
+    rate: float = 1e-3,
+    rule: str = "sign",
+    centered: bool = False,
 ) -> None:
     load = tokens_per_expert.double()
     mean = load.mean()
     if rule == "sign":
-        bias += rate * torch.sign(mean - load).float()
+        sign = torch.sign(mean - load)
+        bias += (rate * (sign - sign.mean() if centered else sign)).float()
     elif mean > 0:
         bias += (rate * (mean - load) / mean).float()
 

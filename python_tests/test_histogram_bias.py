@@ -46,19 +46,54 @@ COUNT_CASES = {
 @pytest.mark.parametrize("rule", ["sign", "proportional"])
 @pytest.mark.parametrize("case", sorted(COUNT_CASES))
 @pytest.mark.parametrize("count_dtype", [torch.int64, torch.int32])
-def test_update_bias_matches_reference(device, rule, case, count_dtype):
+@pytest.mark.parametrize("centered", [False, True])
+def test_update_bias_matches_reference(device, rule, case, count_dtype, centered):
     counts = torch.tensor(COUNT_CASES[case], dtype=count_dtype)
     bias = torch.linspace(-0.5, 0.5, 8)
     want = bias.clone()
-    ref.update_bias(want, counts, 1e-2, rule)
+    ref.update_bias(want, counts, 1e-2, rule, centered)
     got = bias.to(device)
     storage = got.data_ptr()
-    mk.update_bias(got, counts.to(device), 1e-2, rule)
+    mk.update_bias(got, counts.to(device), 1e-2, rule, centered)
     assert got.data_ptr() == storage  # in place
-    # Every backend computes the CPU kernel's bits (bias_update_rule.h: an exact sign times the
-    # rate, or one fp64 product and quotient, then one fp32 add: nothing for a GPU's FMA
-    # contraction to fuse); rtol 1e-6 is for the reference's other formula (an fp64 mean).
+    # Every backend computes the CPU kernel's bits (bias_update_rule.h: an exact sign less an
+    # exact integer mean, times the rate, or one fp64 product and quotient, then one fp32 add:
+    # nothing for a GPU's FMA contraction to fuse); rtol 1e-6 is for the reference's other
+    # formula (an fp64 mean).
     torch.testing.assert_close(got.cpu(), want, rtol=1e-6, atol=0)
+
+
+@on_backends("update_bias")
+def test_a_centred_update_keeps_the_mean_over_many_experts(device):
+    # 300 experts: more than the CUDA kernel's 256 threads, so its second sum spans strides.
+    counts = torch.randint(0, 100, (300,), generator=torch.Generator().manual_seed(1))
+    bias = torch.zeros(300, device=device)
+    for _ in range(50):
+        mk.update_bias(bias, counts.to(device), 1e-2, "sign", centered=True)
+    plain = torch.zeros(300)
+    for _ in range(50):
+        mk.update_bias(plain, counts, 1e-2, "sign")
+    assert abs(float(plain.mean())) > 1e-3  # without centring the mean drifts
+    assert abs(float(bias.mean())) < 1e-6
+    offset = plain - bias.cpu()
+    assert float(offset.max() - offset.min()) < 1e-5  # the same biases up to one constant
+
+
+def test_centring_changes_no_routing_choice():
+    # The loss-free loop of the test below, twice, with and without centring: the biases differ
+    # by a constant (the drift of the mean) and route every token alike. The rate and E are
+    # powers of two, so the centred updates are exact.
+    g = torch.Generator().manual_seed(2)
+    skew = torch.linspace(2.0, -2.0, 16)
+    plain, centred = torch.zeros(16), torch.zeros(16)
+    for _ in range(300):
+        logits = torch.randn(512, 16, generator=g) + skew
+        _, ids, counts = mk.biased_topk(logits, plain, 2)
+        _, centred_ids, centred_counts = mk.biased_topk(logits, centred, 2)
+        assert torch.equal(ids, centred_ids)
+        mk.update_bias(plain, counts, 2**-7)
+        mk.update_bias(centred, centred_counts, 2**-7, centered=True)
+    assert abs(float(plain.mean())) > 2**-7 and float(centred.mean()) == 0.0
 
 
 def test_sign_rule_moves_overloaded_down_and_underloaded_up():

@@ -554,3 +554,15 @@ def test_update_balance_sums_every_layer_in_one_collective(tmp_path):
             mk.update_bias(bias, total, 0.01)
             assert torch.equal(result["counts"][layer], total)
             assert torch.equal(result["bias"][layer], bias)
+
+
+def test_a_centred_layer_bias_is_the_plain_one_less_its_mean():
+    plain, centred = make_layer(rate=0.01), make_layer(rate=0.01, center_bias=True)
+    g = torch.Generator().manual_seed(3)
+    for _ in range(5):
+        x = torch.randn(40, H, generator=g)
+        assert torch.equal(plain(x), centred(x))  # the same choices, the same output
+        plain.update_balance(), centred.update_balance()
+    bias, centred_bias = plain.balancer.bias, centred.balancer.bias
+    assert abs(float(bias.mean())) > 1e-3 and abs(float(centred_bias.mean())) < 1e-7
+    torch.testing.assert_close(centred_bias, bias - bias.mean(), rtol=0, atol=1e-7)

@@ -51,6 +51,7 @@ def _sample_cases():
         ),
         "expert_histogram": (ops.expert_histogram, (ids, 16)),
         "update_bias": (ops.update_bias, (torch.zeros(16), counts, 1e-3, "sign")),
+        "update_bias_centered": (ops.update_bias, (torch.zeros(16), counts, 1e-3, "sign", True)),
         "update_bias_proportional": (
             ops.update_bias,
             (torch.zeros(16), counts.int(), 1e-3, "proportional"),

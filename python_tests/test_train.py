@@ -13,6 +13,7 @@ from moe_kernels.layer import moe_layers
 from moe_kernels.train import cli, loop
 from moe_kernels.train.checkpoint import load_checkpoint
 from moe_kernels.train.config import ModelConfig, TrainConfig
+from moe_kernels.train.model import MoETransformer
 
 # A model small enough that a step takes milliseconds: bytes of the stdlib's prose.
 MICRO = TrainConfig(
@@ -257,3 +258,13 @@ def test_cli_says_when_resume_finds_no_checkpoint(tmp_path, capsys):
     # The checkpoint it wrote is found by the next --resume, which says nothing of the kind.
     assert cli.main(args) == 0
     assert "no checkpoint" not in capsys.readouterr().err
+
+
+def test_cli_center_bias_reaches_the_layers():
+    args = cli.build_parser().parse_args(["--center-bias"])
+    config = cli.checked_config(args, "loss_free")
+    assert config.center_bias
+    assert not cli.checked_config(cli.build_parser().parse_args([]), "none").center_bias
+    with torch.device("meta"):
+        model = MoETransformer(config)
+    assert all(layer.balancer.centered for layer in moe_layers(model))

@@ -50,6 +50,19 @@ def test_update_balance_moves_the_bias_by_the_sign_rule_over_the_whole_step():
         assert not router.tokens_per_expert.any()
 
 
+def test_a_centred_bias_moves_by_the_sign_less_its_mean():
+    model = tiny_model("mixtral")
+    patch(model, balancing="loss_free", rate=0.01, center_bias=True)
+    counts = routed_counts(model, torch.randint(3, 96, (2, 10)))
+    step_counts = update_balance(model)
+    for name, router in moe_routers(model):
+        assert torch.equal(step_counts[name], counts[name])
+        sign = torch.sign(counts[name].double().mean() - counts[name].double())
+        want = (0.01 * (sign - sign.mean())).float()
+        torch.testing.assert_close(getattr(router, BIAS), want, rtol=0, atol=1e-9)
+        assert abs(float(getattr(router, BIAS).mean())) < 1e-8
+
+
 def test_without_balancing_update_balance_counts_but_keeps_the_models_bias():
     model = tiny_model("deepseek_v3")
     patch(model)

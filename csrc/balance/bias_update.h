@@ -26,7 +26,7 @@ inline BiasRule check_update_bias_args(const at::Tensor& bias, const at::Tensor&
 namespace emulated {
 // The CUDA op run on the CPU emulator (bias_update_cuda.cpp compiled for it).
 void update_bias_cuda(const at::Tensor& bias, const at::Tensor& tokens_per_expert, double rate,
-                      c10::string_view rule);
+                      c10::string_view rule, bool centered);
 }  // namespace emulated
 
 }  // namespace moe_kernels::balance

@@ -11,7 +11,7 @@ namespace moe_kernels::balance {
 namespace {
 
 void update_bias_cpu(const at::Tensor& bias, const at::Tensor& tokens_per_expert_in, double rate,
-                     c10::string_view rule_name) {
+                     c10::string_view rule_name, bool centered) {
   MOE_KERNELS_NVTX_RANGE("update_bias");
   const BiasRule rule = check_update_bias_args(bias, tokens_per_expert_in, rate, rule_name);
   const at::Tensor counts = tokens_per_expert_in.to(at::kLong).contiguous();
@@ -22,9 +22,13 @@ void update_bias_cpu(const at::Tensor& bias, const at::Tensor& tokens_per_expert
     TORCH_CHECK(c[e] >= 0, "tokens_per_expert must be >= 0, got ", c[e], " for expert ", e);
     total += c[e];
   }
+  int64_t sign_sum = 0;
+  for (int64_t e = 0; centered && e < num_experts; ++e) {
+    sign_sum += mean_minus_count_sign(total, num_experts, c[e]);
+  }
   float* b = bias.mutable_data_ptr<float>();
   for (int64_t e = 0; e < num_experts; ++e)
-    b[e] += bias_delta(total, num_experts, c[e], rate, rule);
+    b[e] += bias_delta(total, num_experts, c[e], rate, rule, sign_sum);
 }
 
 }  // namespace

@@ -12,7 +12,7 @@
 namespace moe_kernels::balance::MOE_KERNELS_TARGET {
 
 void update_bias_cuda(const at::Tensor& bias, const at::Tensor& tokens_per_expert_in, double rate,
-                      c10::string_view rule_name) {
+                      c10::string_view rule_name, bool centered) {
   MOE_KERNELS_NVTX_RANGE("update_bias");
   const BiasRule rule = check_update_bias_args(bias, tokens_per_expert_in, rate, rule_name);
   const device::DeviceGuard guard(bias.device());
@@ -20,7 +20,8 @@ void update_bias_cuda(const at::Tensor& bias, const at::Tensor& tokens_per_exper
   MOE_KERNELS_DISPATCH_INDEX(counts.scalar_type(), "update_bias_cuda", [&] {
     device::check_launch(launch_update_bias<index_t>(bias.mutable_data_ptr<float>(),
                                                      counts.const_data_ptr<index_t>(), bias.size(0),
-                                                     rate, rule, device::current_stream()));
+                                                     rate, rule, centered,
+                                                     device::current_stream()));
   });
 }
 

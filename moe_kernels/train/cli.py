@@ -107,12 +107,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for name, kind in {**RUN_OPTIONS, **MODEL_OPTIONS}.items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=kind, choices=CHOICES.get(name))
+    parser.add_argument(
+        "--center-bias",
+        action="store_const",
+        const=True,
+        help="loss-free: subtract each bias update's mean, so the biases stay centred",
+    )
     return parser
 
 
 def config_from_args(args: argparse.Namespace, balancing: str) -> TrainConfig:
     preset = PRESETS[args.preset]
-    run = {name: getattr(args, name) for name in RUN_OPTIONS if getattr(args, name) is not None}
+    run = {
+        name: getattr(args, name)
+        for name in (*RUN_OPTIONS, "center_bias")
+        if getattr(args, name) is not None
+    }
     model = {name: getattr(args, name) for name in MODEL_OPTIONS if getattr(args, name) is not None}
     if "seq_len" in run:
         model.setdefault("max_seq_len", max(run["seq_len"], preset.model.max_seq_len))

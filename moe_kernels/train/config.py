@@ -70,6 +70,8 @@ class TrainConfig:
     bias_warmup_rate: float = 0.0
     bias_warmup_steps: int = 0
     rule: str = "sign"
+    # Loss-free: subtract each update's mean, so the biases stay centred.
+    center_bias: bool = False
     aux_coeff: float = 1e-3
     # seq_aux_loss: sequences per balance group (1: DeepSeek-V3's sequence-wise loss; the
     # micro-batch's sequences: the micro-batch loss, aux_loss).

@@ -89,6 +89,7 @@ def moe_ffn(config: TrainConfig, layout: ParallelLayout) -> MoELayer:
         num_shared_experts=model.num_shared_experts,
         rate=bias_rate(config),
         rule=config.rule,
+        center_bias=config.center_bias,
         aux_coeff=config.aux_coeff,
         aux_group_size=config.aux_group_size,
         global_counts=config.global_counts,

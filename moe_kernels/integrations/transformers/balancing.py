@@ -52,7 +52,10 @@ def update_balance(
     for (name, router), layer_counts in zip(routers, counts.split(sizes), strict=True):
         if router.moe_balancing == "loss_free" and router.moe_rate > 0:
             bias = getattr(router, BIAS)
-            ops.update_bias(bias, layer_counts.to(bias.device), router.moe_rate)
+            ops.update_bias(
+                bias, layer_counts.to(bias.device), router.moe_rate,
+                centered=router.moe_center_bias,
+            )  # fmt: skip
         router.tokens_per_expert.zero_()
         step_counts[name] = layer_counts
     return step_counts

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ... import ops
+from ..._arguments import check_number
 from .experts import FusedExperts, unsupported_experts
 from .routing import BIAS, FusedRouter, Routing, supported_routers
 
@@ -29,6 +30,7 @@ def patch(
     balancing: str | None = None,
     rate: float = 1e-3,
     *,
+    center_bias: bool = False,
     backend: str = "auto",
 ) -> int:
     """Runs every supported sparse-MoE block of ``model`` on this package's ops, in place.
@@ -45,6 +47,8 @@ def patch(
             without one gets a zero fp32 ``e_score_correction_bias`` buffer (saved in the
             ``state_dict``), and an existing one is kept fp32.
         rate: the loss-free update rate u (``bias += u * sign(mean - counts)``), >= 0.
+        center_bias: subtract each update's mean, so the biases keep theirs (``ops.update_bias``'s
+            ``centered``).
         backend: the grouped GEMM backend, one of ``ops.GROUPED_GEMM_BACKENDS`` (see
             ``ops.grouped_gemm``; "auto": the fastest path of the device).
 
@@ -53,8 +57,7 @@ def patch(
     """
     if balancing not in BALANCING:
         raise ValueError(f"balancing must be one of {BALANCING}, got {balancing!r}")
-    if rate < 0:
-        raise ValueError(f"rate must be >= 0, got {rate}")
+    check_number("rate", rate)
     if backend not in ops.GROUPED_GEMM_BACKENDS:
         raise ValueError(f"backend must be one of {ops.GROUPED_GEMM_BACKENDS}, got {backend!r}")
     if any(isinstance(module, (FusedRouter, FusedExperts)) for module in model.modules()):
@@ -79,7 +82,7 @@ def patch(
                 stacklevel=2,
             )
             continue
-        _fuse_router(router, routers[type(router)], balancing, rate)
+        _fuse_router(router, routers[type(router)], balancing, rate, center_bias)
         _switch_class(experts, FusedExperts)
         experts.moe_backend = backend
         patched += 1
@@ -95,7 +98,7 @@ def unpatch(model: nn.Module) -> int:
             del module._buffers["tokens_per_expert"]
             if module.__dict__.pop("moe_added_bias", False):
                 del module._buffers[BIAS]
-            for attribute in ("moe_balancing", "moe_rate"):
+            for attribute in ("moe_balancing", "moe_rate", "moe_center_bias"):
                 module.__dict__.pop(attribute, None)
             module.__class__ = module.__class__.__bases__[1]
             restored += 1
@@ -105,7 +108,9 @@ def unpatch(model: nn.Module) -> int:
     return restored
 
 
-def _fuse_router(router: nn.Module, routing: Routing, balancing: str | None, rate: float) -> None:
+def _fuse_router(
+    router: nn.Module, routing: Routing, balancing: str | None, rate: float, center_bias: bool
+) -> None:
     _switch_class(router, FusedRouter, moe_routing=routing)
     weight = router.weight
     router.register_buffer(
@@ -115,6 +120,7 @@ def _fuse_router(router: nn.Module, routing: Routing, balancing: str | None, rat
     )
     router.moe_balancing = balancing
     router.moe_rate = rate
+    router.moe_center_bias = center_bias
     if balancing != "loss_free":
         return
     bias = getattr(router, BIAS, None)

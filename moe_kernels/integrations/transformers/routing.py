@@ -91,6 +91,7 @@ class FusedRouter(KeepsFp32):
     moe_routing: Routing
     moe_balancing: str | None = None
     moe_rate: float = 0.0
+    moe_center_bias: bool = False
 
     @property
     def fp32_tensors(self) -> tuple[str, ...]:
