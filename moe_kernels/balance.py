@@ -104,6 +104,27 @@ def seq_aux_loss(scores: Tensor, tokens_per_expert: Tensor, topk: int, coeff: fl
     return coeff * num_experts / topk * per_sequence.sum() / batch
 
 
+def router_z_loss(logits: Tensor, coeff: float, keep: Tensor | None = None) -> Tensor:
+    """The router z-loss of ST-MoE (arXiv 2202.08906, eq. 5), ``coeff * mean_t
+    logsumexp(logits[t])^2``: it keeps the logits small, where the router's softmax or sigmoid
+    is not saturated and rounding in bf16 costs little. It depends on the logits alone, so it
+    adds to any balancing strategy.
+
+    Args:
+        logits: [T, E] router logits; computed in fp32 (fp64 stays fp64).
+        coeff: its weight (ST-MoE: 1e-3).
+        keep: [T] bool, True at the tokens that count (padding excluded from the mean), or None.
+
+    Returns:
+        A scalar, differentiable w.r.t. ``logits``; 0 when no token counts.
+    """
+    logits = logits if logits.dtype == torch.float64 else logits.float()
+    squares = logits.logsumexp(dim=-1).square()
+    if keep is None:
+        return coeff * squares.mean()
+    return coeff * (squares * keep).sum() / keep.sum().clamp_min(1)
+
+
 def counts_per_sequence(topk_ids: Tensor, num_experts: int, keep: Tensor | None = None) -> Tensor:
     """Exact per-sequence histograms: ``[B, S, k]`` ids -> ``[B, E]`` int64 counts, counting only
     the tokens where ``keep`` ([B, S] bool) is true (padding is routed but never counted). One

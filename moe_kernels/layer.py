@@ -67,6 +67,8 @@ class MoELayer(nn.Module):
         center_bias: subtract each bias update's mean, so the biases stay centred (torchtitan's
             choice; the top-k choice is the same either way). ``Balancer``'s ``centered``.
         aux_coeff: alpha of the aux losses.
+        z_loss_coeff: the weight of the router z-loss (``balance.router_z_loss``; 0: none), in
+            ``self.z_loss`` after each forward, with any strategy.
         aux_group_size: sequences per balance group of ``"seq_aux_loss"``; B must be a
             multiple of it.
         global_counts: "running" or "previous", for ``global_aux_loss``.
@@ -100,6 +102,7 @@ class MoELayer(nn.Module):
         center_bias: bool = False,
         freeze_after: int | None = None,
         aux_coeff: float = 1e-3,
+        z_loss_coeff: float = 0.0,
         aux_group_size: int = 1,
         global_counts: str = "running",
         capacity_factor: float = 1.0,
@@ -114,6 +117,7 @@ class MoELayer(nn.Module):
         check_int("ffn_hidden_size", ffn_hidden_size, 1)
         check_int("num_shared_experts", num_shared_experts, 0)
         check_number("aux_coeff", aux_coeff)
+        check_number("z_loss_coeff", z_loss_coeff)
         check_int("aux_group_size", aux_group_size, 1)
         check_choice("global_counts", global_counts, GLOBAL_COUNTS)
         check_number("capacity_factor", capacity_factor, strict=True)
@@ -124,6 +128,7 @@ class MoELayer(nn.Module):
         self.topk = topk
         self.balancing = balancing
         self.aux_coeff = aux_coeff
+        self.z_loss_coeff = z_loss_coeff
         self.aux_group_size = aux_group_size
         self.global_counts = global_counts
         self.capacity_factor = capacity_factor
@@ -168,6 +173,7 @@ class MoELayer(nn.Module):
             else None
         )
         self.aux_loss: Tensor | None = None
+        self.z_loss: Tensor | None = None
         self.tokens_per_expert: Tensor | None = None
 
     def forward(self, hidden_states: Tensor, padding_mask: Tensor | None = None) -> Tensor:
@@ -187,6 +193,11 @@ class MoELayer(nn.Module):
         keep = None if padding_mask is None else ~padding_mask.reshape(-1).bool()
         with nvtx_range("router"):
             logits = self.router.logits(x)
+            self.z_loss = (
+                balance.router_z_loss(logits, self.z_loss_coeff, keep)
+                if self.z_loss_coeff > 0
+                else None
+            )
         if self.balancing == "expert_choice":
             out, counts = self._expert_choice(x, logits, keep)
         else:
@@ -304,7 +315,8 @@ class MoELayer(nn.Module):
 
     def extra_repr(self) -> str:
         group = f", aux_group_size={self.aux_group_size}" if self.aux_group_size > 1 else ""
-        return f"balancing={self.balancing}, aux_coeff={self.aux_coeff}{group}"
+        z_loss = f", z_loss_coeff={self.z_loss_coeff}" if self.z_loss_coeff else ""
+        return f"balancing={self.balancing}, aux_coeff={self.aux_coeff}{group}{z_loss}"
 
 
 def moe_layers(model: nn.Module) -> Iterator[MoELayer]:
@@ -313,9 +325,14 @@ def moe_layers(model: nn.Module) -> Iterator[MoELayer]:
 
 
 def total_aux_loss(model: nn.Module) -> Tensor | None:
-    """The sum of the aux losses of the last forward of every MoELayer of ``model`` (None when
-    no layer has one): add it to the model's loss."""
-    losses = [layer.aux_loss for layer in moe_layers(model) if layer.aux_loss is not None]
+    """The sum of the aux losses and router z-losses of the last forward of every MoELayer of
+    ``model`` (None when no layer has either): add it to the model's loss."""
+    losses = [
+        loss
+        for layer in moe_layers(model)
+        for loss in (layer.aux_loss, layer.z_loss)
+        if loss is not None
+    ]
     return torch.stack(losses).sum() if losses else None
 
 

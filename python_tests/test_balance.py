@@ -1,5 +1,7 @@
 """The balance losses and MaxVio (SPEC.md sections 6 and 7) against hand-written loops."""
 
+import math
+
 import pytest
 import torch
 
@@ -125,3 +127,35 @@ def test_loss_argument_errors_name_the_argument():
         balance.aux_loss(scores, torch.zeros(7, dtype=torch.int64), 4, 2, 1.0)
     with pytest.raises(ValueError, match="scores"):
         balance.seq_aux_loss(scores, torch.zeros(4, 8, dtype=torch.int64), 2, 1.0)
+
+
+def hand_z_loss(logits, keep=None):
+    """ST-MoE eq. 5 term by term in fp64: (1/B) sum_i (log sum_j exp x_ij)^2 over kept tokens."""
+    total, tokens = 0.0, 0
+    for i, row in enumerate(logits.double().tolist()):
+        if keep is not None and not keep[i]:
+            continue
+        total += math.log(sum(math.exp(x) for x in row)) ** 2
+        tokens += 1
+    return total / max(tokens, 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_router_z_loss_is_st_moe_eq5(dtype):
+    g = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(37, 8, generator=g)).to(dtype).requires_grad_()
+    keep = torch.rand(37, generator=g) > 0.3
+    for mask in (None, keep):
+        got = balance.router_z_loss(logits, 1e-3, mask)
+        want = 1e-3 * hand_z_loss(logits.detach(), mask)
+        assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+        assert math.isclose(float(got.detach()), want, rel_tol=1e-6)
+    # d/dx_ij of mean_i lse_i^2 = 2 lse_i softmax(x_i)_j / B, zero at padding.
+    logits.grad = None
+    balance.router_z_loss(logits, 1.0, keep).backward()
+    x = logits.detach().double()
+    want = 2 * x.logsumexp(-1, keepdim=True) * x.softmax(-1) * keep.unsqueeze(1) / keep.sum()
+    # The gradient comes back in the logits' dtype: bf16 rounds it (2^-9 relative).
+    tol = dict(rtol=1e-2, atol=1e-5) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(logits.grad.double(), want, **tol)
+    assert float(balance.router_z_loss(logits, 1.0, torch.zeros(37, dtype=torch.bool))) == 0.0

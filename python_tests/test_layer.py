@@ -566,3 +566,27 @@ def test_a_centred_layer_bias_is_the_plain_one_less_its_mean():
     bias, centred_bias = plain.balancer.bias, centred.balancer.bias
     assert abs(float(bias.mean())) > 1e-3 and abs(float(centred_bias.mean())) < 1e-7
     torch.testing.assert_close(centred_bias, bias - bias.mean(), rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("balancing", BALANCING)
+def test_the_router_z_loss_composes_with_every_strategy(balancing):
+    layer, plain = make_layer(balancing, z_loss_coeff=1e-2), make_layer(balancing)
+    x = torch.randn(2, 12, H, generator=torch.Generator().manual_seed(4))
+    padding = torch.zeros(2, 12, dtype=torch.bool)
+    padding[1, 9:] = True
+    out = layer(x, padding_mask=padding)
+    torch.testing.assert_close(out, plain(x, padding_mask=padding))  # the routing is the same
+    logits = layer.router.logits(x.reshape(-1, H))
+    keep = ~padding.reshape(-1)
+    lse = logits.logsumexp(-1)
+    want = 1e-2 * (lse.square() * keep).sum() / keep.sum()
+    torch.testing.assert_close(layer.z_loss, want)
+    if plain.aux_loss is None:
+        assert layer.aux_loss is None and torch.equal(total_aux_loss(layer), layer.z_loss)
+    else:
+        torch.testing.assert_close(layer.aux_loss, plain.aux_loss)
+        torch.testing.assert_close(total_aux_loss(layer), plain.aux_loss + layer.z_loss)
+    assert plain.z_loss is None
+    layer.router.weight.grad = None
+    layer.z_loss.backward()  # the z-loss reaches the router's weight
+    assert layer.router.weight.grad.abs().sum() > 0

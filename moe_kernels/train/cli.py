@@ -42,6 +42,7 @@ RUN_OPTIONS = {
     "bias_warmup_steps": int,
     "rule": str,
     "aux_coeff": float,
+    "z_loss_coeff": float,
     "aux_group_size": int,
     "global_counts": str,
     "capacity_factor": float,

@@ -73,6 +73,8 @@ class TrainConfig:
     # Loss-free: subtract each update's mean, so the biases stay centred.
     center_bias: bool = False
     aux_coeff: float = 1e-3
+    # The router z-loss's weight (ST-MoE: 1e-3), with any balancing; 0: none.
+    z_loss_coeff: float = 0.0
     # seq_aux_loss: sequences per balance group (1: DeepSeek-V3's sequence-wise loss; the
     # micro-batch's sequences: the micro-batch loss, aux_loss).
     aux_group_size: int = 1

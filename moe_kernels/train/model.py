@@ -91,6 +91,7 @@ def moe_ffn(config: TrainConfig, layout: ParallelLayout) -> MoELayer:
         rule=config.rule,
         center_bias=config.center_bias,
         aux_coeff=config.aux_coeff,
+        z_loss_coeff=config.z_loss_coeff,
         aux_group_size=config.aux_group_size,
         global_counts=config.global_counts,
         capacity_factor=config.capacity_factor,
