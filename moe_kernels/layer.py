@@ -23,6 +23,22 @@ AUX_LOSSES = ("aux_loss", "seq_aux_loss", "global_aux_loss")
 GLOBAL_COUNTS = ("running", "previous")
 
 
+def balancing_parts(balancing: str) -> tuple[bool, str | None]:
+    """Whether a balancing moves a loss-free bias, and its aux loss (None without): one of
+    ``BALANCING``, or the bias with one of ``AUX_LOSSES`` joined by "+" (DeepSeek-V3 trains
+    with ``"loss_free+seq_aux_loss"`` at a small ``aux_coeff``)."""
+    bias, _, loss = str(balancing).partition("+")
+    composed = bias == "loss_free" and loss in AUX_LOSSES
+    if balancing not in BALANCING and not composed:
+        raise ValueError(
+            f"balancing must be one of {BALANCING}, or 'loss_free+' and one of {AUX_LOSSES}, "
+            f"got {balancing!r}"
+        )
+    if composed:
+        return True, loss
+    return balancing == "loss_free", balancing if balancing in AUX_LOSSES else None
+
+
 class MoELayer(nn.Module):
     """A Mixture-of-Experts FFN layer: each token goes to ``topk`` of ``num_experts`` SwiGLU
     experts, plus optional shared experts that see every token (DeepSeekMoE).
@@ -48,6 +64,9 @@ class MoELayer(nn.Module):
             (Zhou et al. 2022): perfectly balanced, but a token's output depends on the other
             tokens of the batch, later ones included, so a causal model sees the future.
         ``"none"``: plain top-k.
+        ``"loss_free+<aux loss>"``: the loss-free bias and one of the aux losses together, e.g.
+            ``"loss_free+seq_aux_loss"`` (DeepSeek-V3, with ``aux_coeff`` 1e-4): the bias
+            chooses, the loss sees the counts of that choice and the unbiased scores.
 
     Counts are exact int64. Only training forwards count toward the step: eval forwards and
     activation-checkpoint recomputes do not. Tokens marked in ``padding_mask`` are routed but
@@ -59,7 +78,7 @@ class MoELayer(nn.Module):
         ffn_hidden_size: F, each routed expert's intermediate size.
         num_experts: E.
         topk: k.
-        balancing: one of ``BALANCING``.
+        balancing: one of ``BALANCING``, or "loss_free+" and one of ``AUX_LOSSES``.
         score_fn, n_groups, topk_groups, group_score, normalize, route_scale: routing (see
             ``Router``).
         num_shared_experts: shared experts, each of intermediate size F (0: none).
@@ -112,7 +131,7 @@ class MoELayer(nn.Module):
         ep_transport: str = "auto",
     ) -> None:
         super().__init__()
-        check_choice("balancing", balancing, BALANCING)
+        self.loss_free, self.aux_loss_kind = balancing_parts(balancing)
         check_int("hidden_size", hidden_size, 1)
         check_int("ffn_hidden_size", ffn_hidden_size, 1)
         check_int("num_shared_experts", num_shared_experts, 0)
@@ -145,7 +164,7 @@ class MoELayer(nn.Module):
         )
         self.balancer = Balancer(
             num_experts,
-            loss_free=balancing == "loss_free",
+            loss_free=self.loss_free,
             rate=rate,
             rule=rule,
             centered=center_bias,
@@ -237,12 +256,12 @@ class MoELayer(nn.Module):
         keep: Tensor | None,
         shape: torch.Size,
     ) -> Tensor | None:
-        if self.balancing not in AUX_LOSSES:
+        if self.aux_loss_kind is None:
             return None
         scores = balance.routing_probabilities(logits, self.router.score_fn)
         if keep is not None:
             scores = scores * keep.unsqueeze(1)
-        if self.balancing == "seq_aux_loss":
+        if self.aux_loss_kind == "seq_aux_loss":
             sequences = math.prod(shape[:-2]) if len(shape) > 2 else 1
             if sequences % self.aux_group_size:
                 raise ValueError(
@@ -259,7 +278,7 @@ class MoELayer(nn.Module):
                 scores.view(groups, -1, self.num_experts), per_group, self.topk, self.aux_coeff
             )
         num_tokens = logits.shape[0] if keep is None else keep.sum()
-        if self.balancing == "aux_loss":
+        if self.aux_loss_kind == "aux_loss":
             return balance.aux_loss(scores, counts, num_tokens, self.topk, self.aux_coeff)
         if self.global_counts == "running":
             global_counts = self.balancer.running_global_counts(counts)

@@ -590,3 +590,34 @@ def test_the_router_z_loss_composes_with_every_strategy(balancing):
     layer.router.weight.grad = None
     layer.z_loss.backward()  # the z-loss reaches the router's weight
     assert layer.router.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("aux", ["aux_loss", "seq_aux_loss", "global_aux_loss"])
+def test_the_loss_free_bias_composes_with_an_aux_loss(aux):
+    composed = make_layer(f"loss_free+{aux}", rate=0.05, aux_coeff=1e-4)
+    bias_only = make_layer("loss_free", rate=0.05)
+    g = torch.Generator().manual_seed(5)
+    for _ in range(3):  # steps, so that the bias has moved when the loss is compared
+        x = torch.randn(2, 10, H, generator=g)
+        out = composed(x)
+        # The bias chooses: the output of the loss-free layer holding the same bias.
+        bias_only.balancer.bias.copy_(composed.balancer.bias)
+        torch.testing.assert_close(out, bias_only(x))
+        # The loss is its strategy's, of the unbiased scores and the counts of that choice.
+        logits = composed.router.logits(x.reshape(-1, H))
+        _, ids, counts = composed.router(logits, composed.balancer.bias)
+        scores = balance.routing_probabilities(logits, "sigmoid")
+        if aux == "seq_aux_loss":
+            per_sequence = balance.counts_per_sequence(ids.view(2, 10, K), E)
+            want = balance.seq_aux_loss(scores.view(2, 10, E), per_sequence, K, 1e-4)
+        else:  # one micro-batch a step: the global (running) counts are this batch's
+            want = balance.aux_loss(scores, counts, 20, K, 1e-4)
+        torch.testing.assert_close(composed.aux_loss, want)
+        composed.update_balance(), bias_only.update_balance()
+    assert composed.balancer.bias.abs().sum() > 0 and composed.aux_loss.requires_grad
+
+
+def test_a_balancing_of_two_biases_or_two_losses_is_refused():
+    for balancing in ("loss_free+loss_free", "aux_loss+seq_aux_loss", "loss_free+none"):
+        with pytest.raises(ValueError, match="balancing must be one of"):
+            make_layer(balancing)

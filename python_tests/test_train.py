@@ -11,7 +11,7 @@ import torch
 from moe_kernels import memory
 from moe_kernels.layer import moe_layers
 from moe_kernels.train import cli, loop
-from moe_kernels.train.checkpoint import load_checkpoint
+from moe_kernels.train.checkpoint import load_checkpoint, load_export
 from moe_kernels.train.config import ModelConfig, TrainConfig
 from moe_kernels.train.model import MoETransformer
 
@@ -118,14 +118,19 @@ def test_resume_refuses_another_configuration(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "balancing", ["aux_loss", "seq_aux_loss", "global_aux_loss", "expert_choice", "none"]
-)
+    "balancing",
+    ["aux_loss", "seq_aux_loss", "global_aux_loss", "expert_choice", "none",
+     "loss_free+seq_aux_loss"],
+)  # fmt: skip
 def test_every_strategy_trains(tmp_path, balancing):
     config = dataclasses.replace(MICRO, steps=6, eval_every=3, balancing=balancing)
     summary = run(tmp_path, balancing, config)
     assert summary["val_loss"] < math.log(257)
     aux = [row["aux_loss"] for row in history(tmp_path / balancing)]
-    assert all(a > 0 for a in aux) == (balancing in ("aux_loss", "seq_aux_loss", "global_aux_loss"))
+    assert all(a > 0 for a in aux) == balancing.endswith("aux_loss")
+    _, weights = load_export(tmp_path / balancing / "model.pt")
+    biases = [name for name in weights if name.endswith("balancer.bias")]
+    assert len(biases) == (MICRO.model.num_layers if balancing.startswith("loss_free") else 0)
 
 
 def test_the_bias_warm_up_rate_holds_for_its_steps_then_the_rate(tmp_path):

@@ -84,8 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--balancing",
         nargs="+",
         default=["loss_free"],
-        choices=BALANCING,
-        help="one or more strategies, each trained from the same start (default loss_free)",
+        metavar="STRATEGY",
+        help="one or more strategies, each trained from the same start (default loss_free): "
+        f"{', '.join(BALANCING)}, or the loss-free bias with an aux loss, e.g. "
+        "loss_free+seq_aux_loss",
     )
     parser.add_argument("--out", type=Path, default=None, help="default runs/<preset>")
     parser.add_argument("--device", default="auto", help="auto (a GPU when present), cpu, cuda")
