@@ -11,27 +11,40 @@ sums over tokens accumulate in fp32 (fp64 for fp64 scores).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
+def scores_of(logits: Tensor, score_fn: str) -> Tensor:
+    """The router's scores of [..., E] logits (what ``ops.biased_topk`` computes in its kernels):
+    "sigmoid", "softmax" over the experts, or "sqrtsoftplus" (``sqrt(softplus(logits))``)."""
+    if score_fn == "sigmoid":
+        return logits.sigmoid()
+    if score_fn == "softmax":
+        return logits.softmax(dim=-1)
+    if score_fn == "sqrtsoftplus":
+        return F.softplus(logits).sqrt()
+    raise ValueError(
+        f"score_fn must be one of ('sigmoid', 'softmax', 'sqrtsoftplus'), got {score_fn!r}"
+    )
+
+
 def routing_probabilities(logits: Tensor, score_fn: str) -> Tensor:
-    """The per-token routing distribution an aux loss balances: softmax over the experts, or
-    sigmoid scores divided by their per-token sum (DeepSeek-V3's normalisation).
+    """The per-token routing distribution an aux loss balances: softmax over the experts, or the
+    sigmoid (sqrtsoftplus) scores divided by their per-token sum (DeepSeek-V3's normalisation).
 
     Args:
         logits: [..., E] router logits; computed in fp32 (fp64 stays fp64).
-        score_fn: "softmax" or "sigmoid".
+        score_fn: "softmax", "sigmoid" or "sqrtsoftplus".
 
     Returns:
         [..., E] probabilities summing to 1 per token, differentiable w.r.t. ``logits``.
     """
     logits = logits if logits.dtype == torch.float64 else logits.float()
+    scores = scores_of(logits, score_fn)
     if score_fn == "softmax":
-        return logits.softmax(dim=-1)
-    if score_fn == "sigmoid":
-        scores = logits.sigmoid()
-        return scores / scores.sum(dim=-1, keepdim=True)
-    raise ValueError(f"score_fn must be 'softmax' or 'sigmoid', got {score_fn!r}")
+        return scores
+    return scores / scores.sum(dim=-1, keepdim=True)
 
 
 def aux_loss(

@@ -303,7 +303,7 @@ class MoELayer(nn.Module):
             math.ceil(num_tokens * self.topk * self.capacity_factor / self.num_experts),
         )
         with nvtx_range("router"):
-            scores = logits.softmax(-1) if self.router.score_fn == "softmax" else logits.sigmoid()
+            scores = balance.scores_of(logits, self.router.score_fn)
             choice = scores if keep is None else scores.masked_fill(~keep.unsqueeze(1), -math.inf)
             token_ids = choice.t().topk(capacity, dim=1).indices  # [E, C]
             weights = scores.t().gather(1, token_ids)

@@ -45,7 +45,9 @@ def biased_topk(
         logits: [T, E] router logits, fp32, bf16, fp16 (or fp64).
         bias: [E] fp32 loss-free balancing bias on the device of ``logits``, or None.
         k: experts per token, 1 <= k <= E.
-        score_fn: "sigmoid" (DeepSeek-V3) or "softmax" (over the E axis). Both take a bias.
+        score_fn: "sigmoid" (DeepSeek-V3), "softmax" (over the E axis) or "sqrtsoftplus"
+            (``sqrt(softplus(logits))``, DeepSeek-V4; softplus as torch's, x itself above 20).
+            All take a bias.
         n_groups: G, expert groups for group-limited routing; must divide E.
         topk_groups: groups kept per token, with topk_groups * E / G >= k.
         normalize: divide the k weights of a token by their sum (a zero sum stays zero).

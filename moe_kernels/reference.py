@@ -6,6 +6,7 @@ benchmarks. Written for clarity, with the same signatures and semantics as ``moe
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -16,6 +17,15 @@ def _opmath(dtype: torch.dtype) -> torch.dtype:
 def _descending_order(values: Tensor) -> Tensor:
     """Indices sorting the last axis by descending value, ties to the lower index."""
     return torch.sort(values, dim=-1, descending=True, stable=True).indices
+
+
+def score(logits: Tensor, score_fn: str) -> Tensor:
+    """The routing scores of [T, E] logits, by their definitions."""
+    if score_fn == "sigmoid":
+        return torch.sigmoid(logits)
+    if score_fn == "softmax":
+        return torch.softmax(logits, dim=-1)
+    return F.softplus(logits).sqrt()  # "sqrtsoftplus" (DeepSeek-V4)
 
 
 def biased_topk(
@@ -30,7 +40,7 @@ def biased_topk(
     group_score: str = "top2",
 ) -> tuple[Tensor, Tensor, Tensor]:
     x = logits.to(_opmath(logits.dtype))
-    scores = torch.sigmoid(x) if score_fn == "sigmoid" else torch.softmax(x, dim=-1)
+    scores = score(x, score_fn)
     choice = scores if bias is None else scores + bias.to(scores.dtype)
     choice = choice.masked_fill(choice.isnan(), float("-inf"))
     num_tokens, num_experts = choice.shape

@@ -12,7 +12,7 @@ from . import ops
 from ._arguments import check_choice, check_int, check_number
 from ._precision import KeepsFp32
 
-SCORE_FNS = ("sigmoid", "softmax")
+SCORE_FNS = ("sigmoid", "softmax", "sqrtsoftplus")
 
 
 class Router(KeepsFp32):
@@ -23,7 +23,7 @@ class Router(KeepsFp32):
         hidden_size: H.
         num_experts: E.
         topk: k, experts per token.
-        score_fn: "sigmoid" (DeepSeek-V3) or "softmax".
+        score_fn: "sigmoid" (DeepSeek-V3), "softmax" or "sqrtsoftplus" (DeepSeek-V4).
         n_groups, topk_groups, group_score: group-limited routing (see ``ops.biased_topk``).
         normalize: make each token's k weights sum to 1 (before ``route_scale``).
         route_scale: multiply the weights by this (DeepSeek's routed scaling factor).

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import moe_kernels
+from moe_kernels import reference as ref
 from moe_kernels.emulator import emulate, emulated_ops
 
 HAS_GPU = torch.cuda.is_available()
@@ -89,7 +90,7 @@ def tie_free_logits(
 
     Each row is a random permutation of an evenly spaced grid on [-3, 3]: the grid step
     (6 / (E - 1) >= 0.023 for E <= 256) is wider than a bf16 ulp there, so values stay
-    distinct in every dtype, and so do their sigmoid and softmax scores.
+    distinct in every dtype, and so do their scores (every score function is monotonic).
     """
     g = torch.Generator().manual_seed(seed)
     grid = torch.linspace(-3.0, 3.0, num_experts, dtype=torch.float64)
@@ -128,7 +129,7 @@ def near_ties(
     """
     eps = torch.finfo(torch.float32).eps
     x = logits.detach().cpu().double()
-    scores = x.sigmoid() if score_fn == "sigmoid" else x.softmax(dim=-1)
+    scores = ref.score(x, score_fn)
     b = torch.zeros(x.shape[1], dtype=x.dtype) if bias is None else bias.detach().cpu().double()
     choice = scores + b
     choice = choice.masked_fill(choice.isnan(), float("-inf"))  # as every backend does

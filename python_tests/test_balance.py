@@ -94,11 +94,15 @@ def test_counts_per_sequence_against_bincount():
 
 def test_routing_probabilities_sum_to_one():
     logits = torch.randn(5, 6)
-    for score_fn in ("softmax", "sigmoid"):
+    for score_fn in ("softmax", "sigmoid", "sqrtsoftplus"):
         p = balance.routing_probabilities(logits, score_fn)
         torch.testing.assert_close(p.sum(-1), torch.ones(5))
     expected = logits.sigmoid() / logits.sigmoid().sum(-1, keepdim=True)
     torch.testing.assert_close(balance.routing_probabilities(logits, "sigmoid"), expected)
+    # sqrt(softplus(x)) = sqrt(log(1 + e^x)), DeepSeek-V4's score, normalised the same way.
+    scores = torch.log1p(logits.double().exp()).sqrt()
+    expected = (scores / scores.sum(-1, keepdim=True)).float()
+    torch.testing.assert_close(balance.routing_probabilities(logits, "sqrtsoftplus"), expected)
     with pytest.raises(ValueError, match="score_fn"):
         balance.routing_probabilities(logits, "relu")
 

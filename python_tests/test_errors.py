@@ -96,7 +96,7 @@ CASES = {
         mk.biased_topk,
         (logits(), None, 2),
         dict(score_fn="relu"),
-        r"score_fn must be one of 'sigmoid', 'softmax', got 'relu'",
+        r"score_fn must be one of 'sigmoid', 'softmax', 'sqrtsoftplus', got 'relu'",
     ),
     "group_score": (
         mk.biased_topk,

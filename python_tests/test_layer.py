@@ -91,8 +91,9 @@ def parameters_and_input_grads(out, layer, x, grad):
         dict(score_fn="sigmoid", route_scale=2.5, num_shared_experts=1),
         dict(score_fn="softmax", normalize=False),
         dict(score_fn="sigmoid", n_groups=4, topk_groups=2, num_shared_experts=2),
+        dict(score_fn="sqrtsoftplus", n_groups=2, topk_groups=1),
     ],
-    ids=["sigmoid-shared", "softmax", "groups"],
+    ids=["sigmoid-shared", "softmax", "groups", "sqrtsoftplus-groups"],
 )
 def test_forward_and_backward_match_the_reference(balancing, routing):
     layer = make_layer(balancing, **routing)

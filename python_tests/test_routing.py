@@ -16,6 +16,7 @@ import moe_kernels as mk
 from conftest import emulating, integer_bias, near_ties, on_backends, tie_free_logits
 from moe_kernels import reference as ref
 
+SCORE_FNS = ["sigmoid", "softmax", "sqrtsoftplus"]
 # (num_experts, topk): k in {1, 2, 8, E}, wherever k <= E.
 EXPERTS_TOPK = [(e, k) for e in (1, 8, 64, 256) for k in sorted({1, 2, 8, e}) if k <= e]
 
@@ -24,8 +25,7 @@ def weights_of(logits, ids, score_fn="sigmoid", normalize=True, scale=1.0, **_):
     """The weights SPEC.md section 1 gives the experts ``ids`` of each token: their unbiased
     scores, normalized and scaled (the reference's arithmetic, for any choice of experts)."""
     x = logits.double() if logits.dtype == torch.float64 else logits.float()
-    scores = torch.sigmoid(x) if score_fn == "sigmoid" else torch.softmax(x, dim=-1)
-    weights = scores.gather(1, ids)
+    weights = ref.score(x, score_fn).gather(1, ids)
     if normalize:
         total = weights.sum(dim=-1, keepdim=True)
         weights = weights / torch.where(total == 0, torch.ones_like(total), total)
@@ -73,7 +73,7 @@ def assert_routes_like_reference(device, logits, bias, k, **kwargs):
 @pytest.mark.parametrize("num_experts,topk", EXPERTS_TOPK)
 @pytest.mark.parametrize("num_tokens", [0, 1, 17, 2000])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("score_fn", ["sigmoid", "softmax"])
+@pytest.mark.parametrize("score_fn", SCORE_FNS)
 def test_biased_topk_matches_reference(device, num_experts, topk, num_tokens, dtype, score_fn):
     if emulating() and topk >= 64:
         num_tokens = min(num_tokens, 100)  # k rounds of warp argmax per token: slow to emulate
@@ -103,7 +103,7 @@ def test_weights_options(device, normalize, scale, with_bias):
         (2, 2, 4, "top2"),
     ],
 )
-@pytest.mark.parametrize("score_fn", ["sigmoid", "softmax"])
+@pytest.mark.parametrize("score_fn", SCORE_FNS)
 @on_backends("biased_topk")
 def test_group_limited_routing(device, n_groups, topk_groups, topk, group_score, score_fn):
     logits = tie_free_logits(257, 64, seed=3)
@@ -119,7 +119,7 @@ def test_group_limited_routing(device, n_groups, topk_groups, topk, group_score,
 
 @on_backends("biased_topk")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("score_fn", ["sigmoid", "softmax"])
+@pytest.mark.parametrize("score_fn", SCORE_FNS)
 def test_largest_shapes_of_the_cuda_kernel(device, dtype, score_fn):
     # E = 512 (16 experts per lane), k = 16, G = 32 groups keeping 4; and G = 64. In bf16 the
     # grid is finer than an ulp near +-3, so some logits of a token are equal: equal scores on
@@ -134,7 +134,7 @@ def test_largest_shapes_of_the_cuda_kernel(device, dtype, score_fn):
 @on_backends("biased_topk")
 @pytest.mark.parametrize("num_experts", [448, 320])  # 7 and 5 experts per group
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("score_fn", ["sigmoid", "softmax"])
+@pytest.mark.parametrize("score_fn", SCORE_FNS)
 def test_64_groups_with_padding_slots(device, num_experts, dtype, score_fn):
     # The CUDA kernel rounds E up to 16 experts per lane (512): the padding slots past the last
     # expert fall in groups 64 and above, past the 64-bit mask of kept groups, which they must
@@ -176,7 +176,7 @@ def test_ties_go_to_lower_expert_index(device):
     # Exact ties on every device: equal logits give bit-equal scores (and group scores, summed
     # in the same order), whatever the device's expf.
     logits = torch.zeros(3, 40, device=device)
-    for score_fn in ("sigmoid", "softmax"):
+    for score_fn in SCORE_FNS:
         _, ids, _ = mk.biased_topk(logits, None, 3, score_fn=score_fn)
         assert ids.tolist() == [[0, 1, 2]] * 3
         _, ids, _ = mk.biased_topk(logits, None, 3, score_fn=score_fn, n_groups=4, topk_groups=2)
@@ -191,7 +191,7 @@ def test_non_finite_logits_give_valid_distinct_ids(device):
     logits[2, :5] = float("inf")
     logits[3, :] = float("-inf")
     logits = logits.to(device)
-    for score_fn in ("sigmoid", "softmax"):
+    for score_fn in SCORE_FNS:
         _, ids, counts = mk.biased_topk(logits, integer_bias(16).to(device), 4, score_fn=score_fn)
         assert ids.min() >= 0 and ids.max() < 16
         assert all(len(set(row)) == 4 for row in ids.tolist())
@@ -200,12 +200,16 @@ def test_non_finite_logits_give_valid_distinct_ids(device):
     assert 3 not in ids[1].tolist()  # a NaN score never wins a slot
 
 
-@on_backends("biased_topk")
-def test_zero_weight_sum_stays_zero(device):
-    # sigmoid underflows to exactly 0 on any IEEE device: exp(200) overflows to inf.
-    logits = torch.full((2, 4), -200.0, device=device)
-    weights, _, _ = mk.biased_topk(logits, None, 2)
-    assert torch.equal(weights.cpu(), torch.zeros(2, 2))
+@on_backends("biased_topk", "biased_topk_backward")
+@pytest.mark.parametrize("score_fn", ["sigmoid", "sqrtsoftplus"])
+def test_zero_weight_sum_stays_zero(device, score_fn):
+    # Both underflow to exactly 0 on any IEEE device: exp(200) overflows to inf, exp(-200) to 0
+    # (sqrt(log1p(0)) = 0, where sqrtsoftplus' derivative is taken as its limit, 0).
+    logits = torch.full((2, 4), -200.0, device=device, requires_grad=True)
+    weights, _, _ = mk.biased_topk(logits, None, 2, score_fn=score_fn)
+    assert torch.equal(weights.detach().cpu(), torch.zeros(2, 2))
+    weights.sum().backward()
+    assert torch.equal(logits.grad.cpu(), torch.zeros(2, 4))
 
 
 @on_backends("biased_topk")
@@ -216,7 +220,7 @@ def test_fp64_logits_compute_in_fp64(device):
 
 
 @on_backends("biased_topk", "biased_topk_backward")
-@pytest.mark.parametrize("score_fn", ["sigmoid", "softmax"])
+@pytest.mark.parametrize("score_fn", SCORE_FNS)
 @pytest.mark.parametrize("normalize,scale", [(True, 1.0), (False, 2.0), (True, 2.5)])
 @pytest.mark.parametrize("n_groups,topk_groups", [(1, 1), (4, 2)])
 def test_gradient_matches_reference(device, score_fn, normalize, scale, n_groups, topk_groups):
@@ -256,7 +260,7 @@ def test_gradient_in_half_types(device, dtype):
 
 
 @on_backends("biased_topk", "biased_topk_backward")
-@pytest.mark.parametrize("score_fn", ["sigmoid", "softmax"])
+@pytest.mark.parametrize("score_fn", SCORE_FNS)
 @pytest.mark.parametrize("normalize", [True, False])
 def test_gradcheck_fp64(device, score_fn, normalize):
     logits = tie_free_logits(6, 12, torch.float64).to(device).requires_grad_()

@@ -17,6 +17,7 @@
 #include "emu/cpu_or_emulated.h"
 #include "routing/histogram_cpu.h"
 #include "routing/routing_params.h"
+#include "routing/score_fn.h"
 
 namespace moe_kernels::routing {
 namespace {
@@ -26,9 +27,9 @@ int64_t token_grain(int64_t num_experts) { return std::max<int64_t>(1, 16384 / n
 
 template <typename scalar_t, typename acc_t>
 void compute_scores(const scalar_t* logits, int64_t num_experts, ScoreFn score_fn, acc_t* scores) {
-  if (score_fn == ScoreFn::kSigmoid) {
+  if (score_fn != ScoreFn::kSoftmax) {
     for (int64_t e = 0; e < num_experts; ++e) {
-      scores[e] = acc_t(1) / (acc_t(1) + std::exp(-static_cast<acc_t>(logits[e])));
+      scores[e] = elementwise_score(score_fn, static_cast<acc_t>(logits[e]));
     }
     return;
   }
@@ -185,10 +186,13 @@ void biased_topk_backward_kernel(const at::Tensor& grad_weights, const at::Tenso
               static_cast<acc_t>(scale) / u * (static_cast<acc_t>(g[j]) - correction);
         }
       }
+      const scalar_t* row = logits_ptr + t * E;
       scalar_t* out = out_ptr + t * E;
-      if (score_fn == ScoreFn::kSigmoid) {
-        for (int64_t e = 0; e < E; ++e)
-          out[e] = grad_scores[e] * scores[e] * (acc_t(1) - scores[e]);
+      if (score_fn != ScoreFn::kSoftmax) {
+        for (int64_t e = 0; e < E; ++e) {
+          out[e] = grad_scores[e] *
+                   elementwise_score_grad(score_fn, static_cast<acc_t>(row[e]), scores[e]);
+        }
       } else {
         acc_t inner = 0;
         for (int64_t e = 0; e < E; ++e) inner += grad_scores[e] * scores[e];

@@ -15,6 +15,7 @@
 #include "device/types.h"
 #include "device/warp.h"
 #include "routing/routing_types.h"
+#include "routing/score_fn.h"
 
 namespace moe_kernels::routing::MOE_KERNELS_TARGET {
 
@@ -24,9 +25,6 @@ using device::kWarpSize;
 constexpr int kRoutingWarps = 4;  // warps per block
 constexpr int kMaxSlots = 16;     // experts per lane: E <= 512
 constexpr int kMaxGroups = 64;    // a lane scores two groups
-
-__device__ __forceinline__ float exp_of(float x) { return expf(x); }
-__device__ __forceinline__ double exp_of(double x) { return exp(x); }
 
 template <typename acc_t>
 __device__ __forceinline__ acc_t negative_infinity() {
@@ -78,9 +76,9 @@ __device__ __forceinline__ void token_scores(const scalar_t* __restrict__ row, i
     const int e = i * kWarpSize + lane;
     score[i] = e < num_experts ? static_cast<acc_t>(row[e]) : negative_infinity<acc_t>();
   }
-  if (score_fn == ScoreFn::kSigmoid) {
+  if (score_fn != ScoreFn::kSoftmax) {
 #pragma unroll
-    for (int i = 0; i < kSlots; ++i) score[i] = acc_t(1) / (acc_t(1) + exp_of(-score[i]));
+    for (int i = 0; i < kSlots; ++i) score[i] = elementwise_score(score_fn, score[i]);
     return;
   }
   acc_t max_logit = negative_infinity<acc_t>();
@@ -303,12 +301,14 @@ __global__ void __launch_bounds__(kRoutingWarps* kWarpSize)
       for (int e = lane; e < num_experts; e += kWarpSize) inner += grad_scores[e] * scores[e];
       inner = device::warp_sum(inner);
     }
+    const scalar_t* row = logits + t * num_experts;
     scalar_t* out = grad_logits + t * num_experts;
     for (int e = lane; e < num_experts; e += kWarpSize) {
       const acc_t s = scores[e];
-      out[e] =
-          static_cast<scalar_t>(score_fn == ScoreFn::kSigmoid ? grad_scores[e] * s * (acc_t(1) - s)
-                                                              : s * (grad_scores[e] - inner));
+      out[e] = static_cast<scalar_t>(
+          score_fn == ScoreFn::kSoftmax
+              ? s * (grad_scores[e] - inner)
+              : grad_scores[e] * elementwise_score_grad(score_fn, static_cast<acc_t>(row[e]), s));
     }
     __syncwarp();  // scores and grad_scores are rewritten by the next token
   }

@@ -15,8 +15,9 @@
 namespace moe_kernels::routing {
 
 inline ScoreFn parse_score_fn(std::string_view score_fn) {
-  check_choice(score_fn, {"sigmoid", "softmax"}, "score_fn");
-  return score_fn == "sigmoid" ? ScoreFn::kSigmoid : ScoreFn::kSoftmax;
+  check_choice(score_fn, {"sigmoid", "softmax", "sqrtsoftplus"}, "score_fn");
+  if (score_fn == "sigmoid") return ScoreFn::kSigmoid;
+  return score_fn == "softmax" ? ScoreFn::kSoftmax : ScoreFn::kSqrtSoftplus;
 }
 
 inline RoutingParams check_biased_topk_args(const at::Tensor& logits,

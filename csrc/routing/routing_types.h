@@ -6,7 +6,7 @@
 
 namespace moe_kernels::routing {
 
-enum class ScoreFn { kSigmoid, kSoftmax };
+enum class ScoreFn { kSigmoid, kSoftmax, kSqrtSoftplus };
 
 struct RoutingParams {
   int64_t num_tokens;
