@@ -49,6 +49,14 @@ def _sample_cases():
             ops.biased_topk_backward,
             (weights, logits.detach(), ids, "sigmoid", True, 1.0),
         ),
+        "biased_topk_sqrtsoftplus": (
+            ops.biased_topk,
+            (logits, integer_bias(16), 3, "sqrtsoftplus", 4, 2, True, 1.0, "top2"),
+        ),
+        "biased_topk_backward_sqrtsoftplus": (
+            ops.biased_topk_backward,
+            (weights, logits.detach(), ids, "sqrtsoftplus", False, 2.0),
+        ),
         "expert_histogram": (ops.expert_histogram, (ids, 16)),
         "update_bias": (ops.update_bias, (torch.zeros(16), counts, 1e-3, "sign")),
         "update_bias_centered": (ops.update_bias, (torch.zeros(16), counts, 1e-3, "sign", True)),
