@@ -168,6 +168,62 @@ def max_violation(tokens_per_expert: Tensor) -> Tensor:
     return (load.amax(dim=-1) - mean) / mean
 
 
+def load_stats(tokens_per_expert: Tensor, bias: Tensor | None = None) -> dict[str, float]:
+    """The balance of one layer over a window (a step, or counts summed over several), from its
+    [E] counts: what the MoE frameworks' users ask to log.
+
+    Returns:
+        ``maxvio`` (``max_violation``); ``cv``, the coefficient of variation (population std
+        over mean); ``dead_experts``, the fraction of experts with no token in the window;
+        ``min_load`` and ``max_load``, the least and most loaded expert's count over the mean
+        (1 at a perfect balance); with a bias, ``bias_min`` and ``bias_max``. Ratios are NaN
+        when nothing was counted.
+    """
+    load = tokens_per_expert.detach().double().cpu()
+    mean = load.mean()
+    stats = {
+        "maxvio": float((load.max() - mean) / mean),
+        "cv": float(load.std(correction=0) / mean),
+        "dead_experts": float((load == 0).double().mean()),
+        "min_load": float(load.min() / mean),
+        "max_load": float(load.max() / mean),
+    }
+    if bias is not None:
+        stats |= {"bias_min": float(bias.min()), "bias_max": float(bias.max())}
+    return stats
+
+
+def balance_telemetry(
+    tokens_per_expert: dict[str, Tensor], biases: dict[str, Tensor | None] | None = None
+) -> dict[str, float]:
+    """``load_stats`` of every layer (``"<stat>/<layer>"``) and over the model (``"<stat>"``):
+    the mean over layers of maxvio, cv, min_load and max_load, the fraction of all experts
+    that are dead, and the range of all biases. For any training loop: pass each layer's
+    counts of the window (and its loss-free bias, if any), log what it returns.
+
+    Args:
+        tokens_per_expert: {layer name: [E] counts of the window}.
+        biases: {layer name: [E] bias or None}.
+    """
+    biases = biases or {}
+    per_layer = {
+        name: load_stats(counts, biases.get(name)) for name, counts in tokens_per_expert.items()
+    }
+    if not per_layer:
+        return {}
+    telemetry = {f"{stat}/{name}": v for name, s in per_layer.items() for stat, v in s.items()}
+    for stat in ("maxvio", "cv", "min_load", "max_load"):
+        telemetry[stat] = sum(s[stat] for s in per_layer.values()) / len(per_layer)
+    experts = sum(counts.numel() for counts in tokens_per_expert.values())
+    dead = sum(s["dead_experts"] * tokens_per_expert[n].numel() for n, s in per_layer.items())
+    telemetry["dead_experts"] = dead / experts
+    with_bias = [s for s in per_layer.values() if "bias_min" in s]
+    if with_bias:
+        telemetry["bias_min"] = min(s["bias_min"] for s in with_bias)
+        telemetry["bias_max"] = max(s["bias_max"] for s in with_bias)
+    return telemetry
+
+
 def _check_scores_and_counts(scores: Tensor, counts: Tensor, name: str) -> int:
     if scores.dim() != 2:
         raise ValueError(f"scores must be [T, E], got shape {tuple(scores.shape)}")

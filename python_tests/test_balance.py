@@ -163,3 +163,33 @@ def test_router_z_loss_is_st_moe_eq5(dtype):
     tol = dict(rtol=1e-2, atol=1e-5) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(logits.grad.double(), want, **tol)
     assert float(balance.router_z_loss(logits, 1.0, torch.zeros(37, dtype=torch.bool))) == 0.0
+
+
+def test_load_stats_of_one_layer():
+    stats = balance.load_stats(torch.tensor([8, 0, 4, 4]), torch.tensor([0.5, -0.25, 0.0, 0.0]))
+    # mean 4: std = sqrt((16 + 16 + 0 + 0) / 4) = sqrt(8)
+    assert stats == pytest.approx(
+        {
+            "maxvio": 1.0,
+            "cv": math.sqrt(8) / 4,
+            "dead_experts": 0.25,
+            "min_load": 0.0,
+            "max_load": 2.0,
+            "bias_min": -0.25,
+            "bias_max": 0.5,
+        }  # fmt: skip
+    )
+    assert balance.load_stats(torch.tensor([3, 3, 3]))["cv"] == 0.0
+    assert math.isnan(balance.load_stats(torch.zeros(4, dtype=torch.int64))["maxvio"])
+
+
+def test_balance_telemetry_per_layer_and_over_the_model():
+    counts = {"a": torch.tensor([8, 0, 4, 4]), "b": torch.tensor([2, 2, 2, 2, 1, 3, 0, 4])}
+    telemetry = balance.balance_telemetry(counts, {"a": torch.tensor([0.1, -0.3, 0, 0]), "b": None})
+    a, b = balance.load_stats(counts["a"]), balance.load_stats(counts["b"])
+    assert telemetry["maxvio/a"] == a["maxvio"] and telemetry["cv/b"] == b["cv"]
+    assert telemetry["maxvio"] == pytest.approx((a["maxvio"] + b["maxvio"]) / 2)
+    assert telemetry["max_load"] == pytest.approx((2.0 + 2.0) / 2)
+    assert telemetry["dead_experts"] == pytest.approx(2 / 12)  # one of 4, one of 8
+    assert telemetry["bias_min"] == pytest.approx(-0.3) and "bias_max/b" not in telemetry
+    assert balance.balance_telemetry({}) == {}

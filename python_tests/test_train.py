@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import math
+import sys
 
 import numpy
 import pytest
@@ -273,3 +274,33 @@ def test_cli_center_bias_reaches_the_layers():
     with torch.device("meta"):
         model = MoETransformer(config)
     assert all(layer.balancer.centered for layer in moe_layers(model))
+
+
+def test_cli_writes_the_history_as_tensorboard_scalars(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out, logs = tmp_path / "runs", tmp_path / "tb"
+    args = [*CLI_MICRO, "--out", str(out), "--cache-dir", str(tmp_path / "cache"),
+            "--steps", "3", "--z-loss-coeff", "1e-3", "--tensorboard", str(logs)]  # fmt: skip
+    assert cli.main(args) == 0
+    rows = history(out / "loss_free")
+    layer = "blocks.0.ffn"
+    for row in rows:  # the telemetry of every step, per layer and over the model
+        assert row["balance/maxvio"] == pytest.approx(row["maxvio_batch"])
+        assert row[f"balance/maxvio/{layer}"] == pytest.approx(row["maxvio_batch"])
+        assert 0 <= row["balance/dead_experts"] <= 1 and row["balance/cv"] >= 0
+        assert row["balance/bias_min"] <= row["balance/bias_max"] and row["z_loss"] > 0
+    events = EventAccumulator(str(logs / "loss_free"))
+    events.Reload()
+    for key in ("train_loss", "z_loss", "balance/cv", f"balance/max_load/{layer}", "val_loss"):
+        scalars = events.Scalars(key)
+        assert [e.step for e in scalars] == [row["step"] for row in rows if key in row], key
+        assert [e.value for e in scalars] == pytest.approx([row[key] for row in rows if key in row])
+
+
+def test_cli_asks_for_tensorboard_when_it_is_missing(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    args = [*CLI_MICRO, "--out", str(tmp_path / "runs"), "--tensorboard", str(tmp_path / "tb")]
+    assert cli.main(args) == 2
+    assert "--tensorboard needs the tensorboard package" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()

@@ -3,12 +3,15 @@ data-parallel ranks, and the ``Trainer`` callback."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from hf_families import moe_blocks, tiny_model
 from ranks import run_on_ranks
 from transformers import Trainer, TrainingArguments
 
+from moe_kernels.balance import balance_telemetry
 from moe_kernels.integrations.transformers import (
     LossFreeBalancingCallback,
     moe_routers,
@@ -121,6 +124,27 @@ def test_trainer_with_loss_free_balancing_lowers_maxvio_of_a_skewed_router(tmp_p
     assert balanced[0]["maxvio_batch"] > 1.2 and unbalanced[0]["maxvio_batch"] > 1.2
     assert balanced[-1]["maxvio_batch"] < 0.5 * balanced[0]["maxvio_batch"]
     assert unbalanced[-1]["maxvio_batch"] > 0.8 * unbalanced[0]["maxvio_batch"]
+
+
+def test_the_callback_logs_the_balance_telemetry_of_its_window():
+    model = tiny_model("mixtral")
+    patch(model, balancing="loss_free", rate=0.01)
+    callback = LossFreeBalancingCallback()
+    state = SimpleNamespace(log_history=[], global_step=2)
+    window = {}
+    for seed in range(2):  # two steps between logs
+        ids = torch.randint(3, 96, (2, 10), generator=torch.Generator().manual_seed(seed))
+        for name, counts in routed_counts(model, ids).items():
+            window[name] = window.get(name, 0) + counts
+        callback.on_step_end(None, state, None, model=model)
+    logs = {}
+    callback.on_log(None, state, None, logs=logs)
+    biases = {name: getattr(router, BIAS) for name, router in moe_routers(model)}
+    want = balance_telemetry(window, biases)
+    assert {k: v for k, v in logs.items() if k.startswith("balance/")} == {
+        f"balance/{k}": v for k, v in want.items()
+    }
+    assert "balance/dead_experts" in logs and "balance/bias_max" in logs
 
 
 def _update_on_rank(rank, world_size):

@@ -24,6 +24,7 @@ from .errors import BadArgument, UsageError
 from .loop import resolve_device, train
 from .model import MoETransformer
 from .plots import plot_runs
+from .tensorboard import summary_writer_class
 
 # Options that override a preset's run settings, and those of its model.
 RUN_OPTIONS = {
@@ -95,6 +96,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--cache-dir", type=Path, default=None)
     parser.add_argument(
+        "--tensorboard",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="also write each step's numbers (losses, MaxVio, balance telemetry) as TensorBoard "
+        "scalars into DIR/<strategy>",
+    )
+    parser.add_argument(
         "--timeout",
         type=float,
         default=600.0,
@@ -142,6 +151,8 @@ def checked_config(args: argparse.Namespace, balancing: str) -> TrainConfig:
     the run's own, then the model's by building it on the meta device (the layers' own checks,
     no memory)."""
     config = config_from_args(args, balancing)
+    if args.tensorboard is not None:
+        summary_writer_class()  # the package is there before any run starts
     try:
         check_number("timeout", args.timeout, strict=True)
         config.check()
@@ -216,6 +227,7 @@ def run(
             progress=not args.no_progress,
             cache_dir=args.cache_dir,
             timeout=datetime.timedelta(seconds=args.timeout),
+            tensorboard=None if args.tensorboard is None else args.tensorboard / balancing,
         )
         if rank != 0:
             continue

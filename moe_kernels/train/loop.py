@@ -10,6 +10,7 @@ import math
 import random
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -20,7 +21,7 @@ from tqdm import tqdm
 from .. import balance
 from .._nvtx import nvtx_range
 from ..dispatch import init_nccl
-from ..layer import moe_layers, total_aux_loss, update_balance
+from ..layer import MoELayer, moe_layers, total_aux_loss, update_balance
 from ..parallel import (
     ParallelLayout,
     average_gradients,
@@ -45,6 +46,7 @@ from .documents import default_cache_dir
 from .errors import BadArgument
 from .model import MoETransformer, language_model_loss
 from .plots import plot_runs
+from .tensorboard import ScalarLog
 from .tokenizer import get_tokenizer
 
 
@@ -119,6 +121,27 @@ def layer_counts(model: torch.nn.Module) -> list[Tensor]:
     return [layer.tokens_per_expert for layer in moe_layers(model)]
 
 
+def layer_losses(model: torch.nn.Module) -> tuple[float, float]:
+    """The balance aux losses and the router z-losses of the last forward, each summed over
+    the MoE layers (0 where none)."""
+    layers = list(moe_layers(model))
+    aux = sum(float(layer.aux_loss.detach()) for layer in layers if layer.aux_loss is not None)
+    z = sum(float(layer.z_loss.detach()) for layer in layers if layer.z_loss is not None)
+    return aux, z
+
+
+def step_telemetry(model: torch.nn.Module, step_counts: list[Tensor]) -> dict[str, float]:
+    """``balance.balance_telemetry`` of the step, its keys under "balance/", each layer named
+    by its module."""
+    names = [name for name, module in model.named_modules() if isinstance(module, MoELayer)]
+    layers = list(moe_layers(model))
+    telemetry = balance.balance_telemetry(
+        dict(zip(names, step_counts, strict=True)),
+        {name: layer.balancer.bias for name, layer in zip(names, layers, strict=True)},
+    )
+    return {f"balance/{key}": value for key, value in telemetry.items()}
+
+
 def autocast(config: TrainConfig, device: torch.device) -> torch.autocast:
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.dtype == "bf16")
 
@@ -189,7 +212,7 @@ def train_step(
     """One optimizer step over ``grad_accumulation`` micro-batches on every rank (gradients of
     the mean loss over all of them); then the balancer update (the bias moves with the counts
     of the whole step, summed over the ranks)."""
-    losses, aux_losses, micro_counts = [], [], []
+    losses, aux_losses, z_losses, micro_counts = [], [], [], []
     for _ in range(config.grad_accumulation):
         inputs, targets = (local_share(t, layout).to(device) for t in sampler.next_batch())
         with nvtx_range("forward"), autocast(config, device):
@@ -199,7 +222,9 @@ def train_step(
         with nvtx_range("backward"):
             (total / config.grad_accumulation).backward()
         losses.append(float(loss.detach()))
-        aux_losses.append(0.0 if aux is None else float(aux.detach()))
+        aux_loss, z_loss = layer_losses(model)
+        aux_losses.append(aux_loss)
+        z_losses.append(z_loss)
         micro_counts.append(layer_counts(model))
     with nvtx_range("optimizer"):
         average_gradients(model, layout)
@@ -207,15 +232,18 @@ def train_step(
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
-    step_maxvio = [float(balance.max_violation(c)) for c in update_balance(model)]
+    step_counts = update_balance(model)
+    step_maxvio = [float(balance.max_violation(c)) for c in step_counts]
     return {
         "train_loss": mean_over_ranks(mean(losses), device),
         "aux_loss": mean_over_ranks(mean(aux_losses), device),
+        "z_loss": mean_over_ranks(mean(z_losses), device),
         "grad_norm": float(grad_norm),
         "lr": schedule.get_last_lr()[0],
         "maxvio_batch": mean(step_maxvio),
         "maxvio_batch_per_layer": step_maxvio,
         "maxvio_computation_batch": computation_batch_maxvio(micro_counts, layout, device),
+        **step_telemetry(model, step_counts),
     }
 
 
@@ -274,6 +302,7 @@ def train(
     label: str | None = None,
     cache_dir: Path | None = None,
     timeout: datetime.timedelta = datetime.timedelta(minutes=10),
+    tensorboard: Path | None = None,
 ) -> dict[str, object]:
     """Trains one model, writing its checkpoint, ``history.jsonl``, ``summary.json``, the plots
     and ``model.pt`` (the consolidated weights) into ``out_dir``; with ``resume``, continues
@@ -286,7 +315,8 @@ def train(
     experts, optimizer state and RNG); rank 0 writes the rest. On GPUs the dispatcher's
     transport "auto" is the direct NCCL one: safe here, since this loop runs no other collective
     while rows move (gradients are reduced after backward). A collective that waits longer than
-    ``timeout`` for another rank stops this one with an error."""
+    ``timeout`` for another rank stops this one with an error. ``tensorboard``: a folder where
+    rank 0 also writes each history row as TensorBoard scalars."""
     layout = init_expert_parallel(config.ep_size, timeout)
     is_main = layout.rank == 0
     # The data first: a source that cannot be read, or too short for a window, stops the run
@@ -371,23 +401,29 @@ def train(
     )
     model.train()
     tokens_per_step = config.tokens_per_step * layout.world_size
-    while step < config.steps:
-        begin = time.perf_counter()
-        row: dict[str, object] = {"step": step + 1}
-        row.update(train_step(model, optimizer, schedule, sampler, config, torch_device, layout))
-        row["tokens_per_s"] = tokens_per_step / (time.perf_counter() - begin)
-        step += 1
-        if step % config.eval_every == 0 or step == config.steps:
-            row.update(evaluate(model, eval_set, config, torch_device, layout))
-        history.append(row)
-        bar.update(1)
-        bar.set_postfix(
-            loss=f"{row['train_loss']:.3f}",
-            tok_s=f"{row['tokens_per_s']:.0f}",
-            maxvio=f"{row['maxvio_batch']:.2f}",
-        )
-        if step % config.checkpoint_every == 0 or step == config.steps:
-            checkpoint()
+    scalars = ScalarLog(tensorboard) if tensorboard is not None and is_main else None
+    with scalars or nullcontext():
+        while step < config.steps:
+            begin = time.perf_counter()
+            row: dict[str, object] = {"step": step + 1}
+            row.update(
+                train_step(model, optimizer, schedule, sampler, config, torch_device, layout)
+            )
+            row["tokens_per_s"] = tokens_per_step / (time.perf_counter() - begin)
+            step += 1
+            if step % config.eval_every == 0 or step == config.steps:
+                row.update(evaluate(model, eval_set, config, torch_device, layout))
+            history.append(row)
+            if scalars is not None:
+                scalars.write(row)
+            bar.update(1)
+            bar.set_postfix(
+                loss=f"{row['train_loss']:.3f}",
+                tok_s=f"{row['tokens_per_s']:.0f}",
+                maxvio=f"{row['maxvio_batch']:.2f}",
+            )
+            if step % config.checkpoint_every == 0 or step == config.steps:
+                checkpoint()
     bar.close()
     summary = summarize(config, history, data, model, torch_device, layout)
     if is_main:

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from transformers import TrainerCallback
 
 from ... import ops
-from ...balance import max_violation
+from ...balance import balance_telemetry, max_violation
 from .routing import BIAS, FusedRouter
 
 
@@ -63,9 +63,12 @@ def update_balance(
 
 class LossFreeBalancingCallback(TrainerCallback):
     """Runs ``update_balance`` after each optimizer step of a ``transformers.Trainer`` and adds
-    MaxVio_batch (arXiv 2408.15664: the worst expert's load over the mean, minus 1, of a
-    step's counts) to the Trainer's logs: ``maxvio_batch/<block>`` per layer and
-    ``maxvio_batch`` over layers, each averaged over the steps since the last log.
+    to the Trainer's logs MaxVio_batch (arXiv 2408.15664: the worst expert's load over the
+    mean, minus 1, of a step's counts), ``maxvio_batch/<block>`` per layer and ``maxvio_batch``
+    over layers, each averaged over the steps since the last log; and the balance telemetry of
+    those steps' summed counts (``balance.balance_telemetry``, under ``balance/``: MaxVio, the
+    coefficient of variation, dead experts, min and max load, the bias range; per block and
+    over the model).
 
     ``Trainer(..., callbacks=[LossFreeBalancingCallback()])``: the values reach the Trainer's
     ``log_history`` and the callbacks after this one (the progress bar, the printer); a
@@ -76,17 +79,28 @@ class LossFreeBalancingCallback(TrainerCallback):
     def __init__(self, process_group: dist.ProcessGroup | None = None) -> None:
         self.process_group = process_group
         self.maxvio: dict[str, list[float]] = defaultdict(list)
+        self.window_counts: dict[str, Tensor] = {}
+        self.biases: dict[str, Tensor | None] = {}
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         for name, counts in update_balance(model, self.process_group).items():
             self.maxvio[name].append(float(max_violation(counts)))
+            window = self.window_counts.get(name)
+            self.window_counts[name] = counts if window is None else window + counts
+        self.biases = {
+            name: getattr(router, BIAS) if router.moe_balancing == "loss_free" else None
+            for name, router in moe_routers(model)
+        }
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is None or not self.maxvio:
             return
         per_layer = {f"maxvio_batch/{name}": sum(v) / len(v) for name, v in self.maxvio.items()}
         metrics = {"maxvio_batch": sum(per_layer.values()) / len(per_layer), **per_layer}
+        telemetry = balance_telemetry(self.window_counts, self.biases)
+        metrics |= {f"balance/{key}": value for key, value in telemetry.items()}
         logs.update(metrics)
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(metrics)
         self.maxvio.clear()
+        self.window_counts.clear()
