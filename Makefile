@@ -54,6 +54,7 @@ bench: build
 	$(PY) benchmarks/bench_layer.py --dtype fp32 --keep-freed-memory
 	$(PY) benchmarks/bench_layer.py --dtype bf16 --keep-freed-memory
 	$(PY) benchmarks/bench_dispatch.py
+	$(PY) benchmarks/bench_compile.py --dtype fp32
 	$(PY) benchmarks/bench_transformers.py --dtype fp32
 	$(PY) benchmarks/bench_transformers.py --dtype bf16
 

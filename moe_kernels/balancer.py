@@ -19,7 +19,12 @@ RateSchedule = Callable[[int], float]
 
 def in_backward_pass() -> bool:
     """Whether autograd is running a backward pass now: a forward that runs then is an
-    activation-checkpoint recompute (reentrant or not), which must not count its tokens again."""
+    activation-checkpoint recompute (reentrant or not), which must not count its tokens again.
+    Under torch.compile no recompute runs this Python (AOTAutograd recomputes inside the
+    compiled backward), so a traced forward always counts; a compiled layer that eager
+    ``torch.utils.checkpoint`` recomputes would count twice."""
+    if torch.compiler.is_compiling():
+        return False
     return torch._C._current_graph_task_id() != -1
 
 

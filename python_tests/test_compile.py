@@ -1,11 +1,19 @@
 """The ops compose under torch.compile(fullgraph=True): route -> permute -> grouped GEMM with
 the SwiGLU epilogue -> grouped GEMM -> unpermute, forward and backward, with the same results
-as eager."""
+as eager; so does a whole MoELayer, with every balancing strategy, and a training step of the
+built-in model."""
 
+import copy
+import dataclasses
+
+import pytest
 import torch
 
 import moe_kernels as mk
 from conftest import tie_free_logits
+from moe_kernels.layer import BALANCING, MoELayer, total_aux_loss, update_balance
+from moe_kernels.train.config import ModelConfig, TrainConfig
+from moe_kernels.train.model import MoETransformer, language_model_loss
 
 NUM_EXPERTS, TOPK, HIDDEN, FFN = 16, 4, 32, 24
 
@@ -44,3 +52,75 @@ def test_compiled_moe_ffn_matches_eager():
     torch.testing.assert_close(x_compiled.grad, x_eager.grad, rtol=1e-4, atol=1e-6)
     for got, want in zip(compiled_params, eager_params, strict=True):
         torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-6)
+
+
+def layer_step(layer, x):
+    """A training forward of ``layer``: its output and the loss with the layer's aux losses."""
+    out = layer(x)
+    loss = out.square().mean()
+    aux = total_aux_loss(layer)
+    return out, loss if aux is None else loss + aux
+
+
+def assert_layers_match(compiled_layer, eager_layer, x_compiled, x_eager):
+    torch.testing.assert_close(x_compiled.grad, x_eager.grad, rtol=1e-4, atol=1e-6)
+    for (name, got), want in zip(
+        compiled_layer.named_parameters(), eager_layer.parameters(), strict=True
+    ):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-6, msg=name)
+    # Buffer mutations (the step's counts, the running global counts) are applied alike.
+    for (name, got), want in zip(
+        compiled_layer.named_buffers(), eager_layer.buffers(), strict=True
+    ):
+        assert torch.equal(got, want), name
+
+
+@pytest.mark.parametrize("balancing", [*BALANCING, "loss_free+seq_aux_loss"])
+def test_a_whole_layer_compiles_in_one_graph_and_matches_eager(balancing):
+    # fullgraph=True fails on any graph break: none for any strategy (one process). AOTAutograd
+    # traces forward and backward with the ops' fake kernels and autograd formulas; "aot_eager"
+    # runs those graphs without Inductor's code generation (the test below runs Inductor).
+    torch.manual_seed(0)
+    eager = MoELayer(HIDDEN, FFN, NUM_EXPERTS, TOPK, balancing=balancing, num_shared_experts=1,
+                     n_groups=4, topk_groups=2, z_loss_coeff=1e-3, rate=0.01)  # fmt: skip
+    layer = copy.deepcopy(eager)
+    step = torch.compile(layer_step, fullgraph=True, backend="aot_eager")
+    for seed in range(2):  # two optimizer steps: the second routes with a moved bias
+        x = torch.randn(2, 24, HIDDEN, generator=torch.Generator().manual_seed(seed))
+        x_eager, x_compiled = x.clone().requires_grad_(), x.clone().requires_grad_()
+        out_eager, loss_eager = layer_step(eager, x_eager)
+        out_compiled, loss_compiled = step(layer, x_compiled)
+        torch.testing.assert_close(out_compiled, out_eager, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(loss_compiled, loss_eager, rtol=1e-5, atol=1e-7)
+        loss_eager.backward(), loss_compiled.backward()
+        assert_layers_match(layer, eager, x_compiled, x_eager)
+        eager.update_balance(), layer.update_balance()
+        eager.zero_grad(), layer.zero_grad()
+
+
+def test_a_training_step_of_the_model_compiles_with_inductor_and_matches_eager():
+    config = dataclasses.replace(
+        TrainConfig(),
+        model=ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=2,
+                          num_experts=8, topk=2, expert_ffn_hidden_size=16, max_seq_len=16),
+        z_loss_coeff=1e-3,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    eager = MoETransformer(config)
+    model = copy.deepcopy(eager)
+
+    def loss_of(model, tokens):
+        logits = model(tokens[:, :-1])
+        loss = language_model_loss(logits, tokens[:, 1:])
+        return loss + total_aux_loss(model)
+
+    compiled = torch.compile(loss_of, fullgraph=True)
+    tokens = torch.randint(0, 64, (4, 17), generator=torch.Generator().manual_seed(1))
+    loss_eager, loss_compiled = loss_of(eager, tokens), compiled(model, tokens)
+    torch.testing.assert_close(loss_compiled, loss_eager, rtol=1e-5, atol=1e-6)
+    loss_eager.backward(), loss_compiled.backward()
+    for (name, got), want in zip(model.named_parameters(), eager.parameters(), strict=True):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert [c.tolist() for c in update_balance(model)] == [
+        c.tolist() for c in update_balance(eager)
+    ]
