@@ -18,10 +18,9 @@ void update_bias_cuda(const at::Tensor& bias, const at::Tensor& tokens_per_exper
   const device::DeviceGuard guard(bias.device());
   const at::Tensor counts = tokens_per_expert_in.contiguous();
   MOE_KERNELS_DISPATCH_INDEX(counts.scalar_type(), "update_bias_cuda", [&] {
-    device::check_launch(launch_update_bias<index_t>(bias.mutable_data_ptr<float>(),
-                                                     counts.const_data_ptr<index_t>(), bias.size(0),
-                                                     rate, rule, centered,
-                                                     device::current_stream()));
+    device::check_launch(launch_update_bias<index_t>(
+        bias.mutable_data_ptr<float>(), counts.const_data_ptr<index_t>(), bias.size(0), rate, rule,
+        centered, device::current_stream()));
   });
 }
 

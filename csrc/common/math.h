@@ -1,5 +1,6 @@
-// The libm functions (and the sigmoid) the kernels' arithmetic needs, for float and double alike, on every backend:
-// CUDA's device functions in kernels, the host's libm on the CPU and the emulator.
+// The libm functions (and the sigmoid) the kernels' arithmetic needs, for float and double alike,
+// on every backend: CUDA's device functions in kernels, the host's libm on the CPU and the
+// emulator.
 #pragma once
 
 #include <math.h>
