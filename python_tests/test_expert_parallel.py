@@ -5,6 +5,7 @@ the others with an error in bounded time."""
 
 import dataclasses
 import json
+import sys
 import time
 
 import pytest
@@ -199,7 +200,9 @@ def _cli(rank, world_size, args, fail_at_step=None, failing_ranks=(0, 1), stall=
 
         failing_step.calls = 0
         loop.train_step = failing_step
-    cli.main(args)
+    status = cli.main(args)
+    if status:  # a bad option or data source: reported in one line, exit status 2
+        sys.exit(status)
 
 
 def read_history(run_dir):
@@ -207,7 +210,7 @@ def read_history(run_dir):
 
 
 @pytest.mark.slow
-def test_torchrun_training_checkpoints_resumes_and_exports(tmp_path):
+def test_torchrun_training_checkpoints_resumes_and_exports(capsys, tmp_path):
     """2 ranks, ep_size 2, through the CLI as torchrun runs it: the same history as one
     process with a twice larger micro-batch; per-rank checkpoints; a run stopped after its
     step-3 checkpoint and resumed ends exactly like the uninterrupted one; the consolidated
@@ -220,7 +223,7 @@ def test_torchrun_training_checkpoints_resumes_and_exports(tmp_path):
     assert {"checkpoint-rank0-of-2.pt", "checkpoint-rank1-of-2.pt", "model.pt"} <= names
     assert "checkpoint.pt" not in names
 
-    cli.main(cli_args(tmp_path, tmp_path / "one", "--micro-batch-size", "4"))
+    assert cli.main(cli_args(tmp_path, tmp_path / "one", "--micro-batch-size", "4")) == 0
     ep, one = read_history(run_dir), read_history(tmp_path / "one" / "loss_free")
     for got, want in zip(ep, one, strict=True):
         for key in ("train_loss", "grad_norm", "val_loss", "maxvio_global"):
@@ -241,8 +244,9 @@ def test_torchrun_training_checkpoints_resumes_and_exports(tmp_path):
         {k: v for k, v in r.items() if k != "tokens_per_s"} for r in ep
     ]
 
-    with pytest.raises(ValueError, match="written by another number of ranks than 1"):
-        cli.main(cli_args(tmp_path, tmp_path / "resumed", "--resume"))
+    # One process resuming the two ranks' run: refused in one line, exit status 2.
+    assert cli.main(cli_args(tmp_path, tmp_path / "resumed", "--resume")) == 2
+    assert "written by another number of ranks than 1" in capsys.readouterr().err
 
     config, weights = load_export(run_dir / "model.pt")
     model = MoETransformer(config)
