@@ -151,16 +151,24 @@ def checked_config(args: argparse.Namespace, balancing: str) -> TrainConfig:
     the run's own, then the model's by building it on the meta device (the layers' own checks,
     no memory)."""
     config = config_from_args(args, balancing)
-    if args.tensorboard is not None:
-        summary_writer_class()  # the package is there before any run starts
     try:
-        check_number("timeout", args.timeout, strict=True)
         config.check()
         with torch.device("meta"):
             MoETransformer(config)
     except ValueError as error:
         raise BadArgument(str(error)) from None
     return config
+
+
+def check_options(args: argparse.Namespace) -> None:
+    """The options that are not settings of a run, checked once: the timeout, and the package
+    --tensorboard needs, there before any run starts."""
+    try:
+        check_number("timeout", args.timeout, strict=True)
+    except ValueError as error:
+        raise BadArgument(str(error)) from None
+    if args.tensorboard is not None:
+        summary_writer_class()
 
 
 def report(error: UsageError) -> int:
@@ -190,6 +198,7 @@ def init_distributed(device: str, timeout: float) -> torch.device | None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        check_options(args)
         configs = {balancing: checked_config(args, balancing) for balancing in args.balancing}
     except UsageError as error:
         return report(error)

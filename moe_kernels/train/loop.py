@@ -133,11 +133,12 @@ def layer_losses(model: torch.nn.Module) -> tuple[float, float]:
 def step_telemetry(model: torch.nn.Module, step_counts: list[Tensor]) -> dict[str, float]:
     """``balance.balance_telemetry`` of the step, its keys under "balance/", each layer named
     by its module."""
-    names = [name for name, module in model.named_modules() if isinstance(module, MoELayer)]
-    layers = list(moe_layers(model))
+    layers = [
+        (name, module) for name, module in model.named_modules() if isinstance(module, MoELayer)
+    ]
     telemetry = balance.balance_telemetry(
-        dict(zip(names, step_counts, strict=True)),
-        {name: layer.balancer.bias for name, layer in zip(names, layers, strict=True)},
+        {name: counts for (name, _), counts in zip(layers, step_counts, strict=True)},
+        {name: layer.balancer.bias for name, layer in layers},
     )
     return {f"balance/{key}": value for key, value in telemetry.items()}
 
