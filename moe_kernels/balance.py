@@ -182,7 +182,7 @@ def load_stats(tokens_per_expert: Tensor, bias: Tensor | None = None) -> dict[st
     load = tokens_per_expert.detach().double().cpu()
     mean = load.mean()
     stats = {
-        "maxvio": float((load.max() - mean) / mean),
+        "maxvio": float(max_violation(load)),
         "cv": float(load.std(correction=0) / mean),
         "dead_experts": float((load == 0).double().mean()),
         "min_load": float(load.min() / mean),
