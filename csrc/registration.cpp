@@ -47,6 +47,9 @@ TORCH_LIBRARY(moe_kernels, m) {
       "Tensor");
   m.def("unpermute(Tensor rows, Tensor row_map, Tensor? topk_weights) -> Tensor");
   m.def("unpermute_weights_grad(Tensor grad_output, Tensor rows, Tensor row_map) -> Tensor");
+  m.def(
+      "drop_over_capacity(Tensor topk_ids, Tensor? topk_weights, int num_experts, int capacity, "
+      "str policy=\"probs\") -> (Tensor kept_ids, Tensor slots, Tensor dropped_per_expert)");
 
   // Grouped GEMM (SPEC.md section 4).
   m.def(

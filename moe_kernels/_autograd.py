@@ -3,6 +3,8 @@
 - biased_topk: d/d(logits) through the unbiased weights (``biased_topk_backward``); ids and
   counts are integers, and the bias only chooses, so it gets no gradient.
 - permute: the gradient of the rows is summed back per token (``unpermute`` without weights).
+- permute_with_map: its adjoint, ``unpermute`` with the same weights; weights get
+  ``<hidden[t], grad_rows[row_map[t, j]]>`` (``unpermute_weights_grad``).
 - unpermute: rows get ``w * grad`` scattered to their slots (``permute_with_map``); weights get
   ``<grad_out[t], rows[row_map[t, j]]>`` (``unpermute_weights_grad``).
 - grouped_gemm: dA is a grouped GEMM with b transposed, dB a per-expert ``a_e^T @ dC_e``
@@ -55,6 +57,29 @@ def _permute_backward(ctx, grad_rows, _grad_row_map, _grad_counts):
 
 torch.library.register_autograd(
     "moe_kernels::permute", _permute_backward, setup_context=_permute_setup
+)
+
+
+def _permute_with_map_setup(ctx, inputs, output):
+    hidden, row_map, weights, _num_rows = inputs
+    weights_need_grad = weights is not None and weights.requires_grad
+    ctx.save_for_backward(hidden if weights_need_grad else None, row_map, weights)
+
+
+def _permute_with_map_backward(ctx, grad_rows):
+    hidden, row_map, weights = ctx.saved_tensors
+    grad_hidden = grad_weights = None
+    if ctx.needs_input_grad[0]:
+        grad_hidden = _ops.unpermute(grad_rows, row_map, weights)
+    if weights is not None and ctx.needs_input_grad[2]:
+        grad_weights = _ops.unpermute_weights_grad(hidden, grad_rows, row_map).to(weights.dtype)
+    return grad_hidden, None, grad_weights, None
+
+
+torch.library.register_autograd(
+    "moe_kernels::permute_with_map",
+    _permute_with_map_backward,
+    setup_context=_permute_with_map_setup,
 )
 
 

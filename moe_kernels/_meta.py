@@ -98,6 +98,13 @@ def _(rows, row_map, topk_weights):
     return rows.new_empty((row_map.shape[0], rows.shape[1]))
 
 
+@torch.library.register_fake("moe_kernels::drop_over_capacity")
+def _(topk_ids, topk_weights, num_experts, capacity, policy="probs"):
+    _check_device(topk_weights, topk_ids, "topk_weights", "topk_ids")
+    kept_ids = topk_ids.new_empty(topk_ids.shape, dtype=torch.int64)
+    return kept_ids, torch.empty_like(kept_ids), kept_ids.new_empty((num_experts,))
+
+
 @torch.library.register_fake("moe_kernels::unpermute_weights_grad")
 def _(grad_output, rows, row_map):
     _check_device(grad_output, rows, "grad_output", "rows")

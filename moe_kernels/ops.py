@@ -13,6 +13,8 @@ inputs (fp64 for fp64 inputs). Integer outputs (ids, counts, row maps) are int64
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -128,30 +130,58 @@ def permute(
     does not check the ids' range: a pair whose id is out of range gets row -1 and no row (R
     stays T * k when align is 1: the last rows are then zero).
 
+    Id -1 marks a pair dropped over capacity (``drop_over_capacity``) on every device: it gets
+    row -1 and no row, and ``tokens_per_expert`` counts the kept pairs. With align 1, R stays
+    T * k, the kept rows first and zero rows after them, so the shape is known without the
+    counts (nothing waits for the GPU); the grouped GEMMs take such rows as they are.
+
     Args:
         hidden: [T, H] fp32, bf16, fp16 (or fp64).
-        topk_ids: [T, k] int64 or int32 expert ids in [0, num_experts).
+        topk_ids: [T, k] int64 or int32 expert ids in [0, num_experts), or -1 for a dropped pair.
         num_experts: E.
         align: segment alignment in rows, >= 1.
 
     Returns:
-        rows: [R, H] in the dtype of ``hidden``, R = sum(round_up(counts, align)) (= T * k
-            when align is 1). Differentiable w.r.t. ``hidden``.
-        row_map: [T, k] int64, the row of pair (t, j) in ``rows``.
+        rows: [R, H] in the dtype of ``hidden``, R = sum(round_up(counts, align)), or T * k
+            when align is 1. Differentiable w.r.t. ``hidden``.
+        row_map: [T, k] int64, the row of pair (t, j) in ``rows`` (-1 for a dropped pair).
         tokens_per_expert: [E] int64 real (unpadded) rows per expert.
     """
     return _ops.permute(hidden, topk_ids, num_experts, align)
 
 
+def permute_with_map(
+    hidden: Tensor, row_map: Tensor, topk_weights: Tensor | None, num_rows: int
+) -> Tensor:
+    """Scatter every (token, slot) row of ``hidden`` to a row the caller chose:
+    ``rows[row_map[t, j]] = w[t, j] * hidden[t]`` (a plain copy without weights), zero rows
+    where no pair lands. With ``drop_over_capacity``'s slots it builds the static, padded
+    layout of capacity routing: ``row_map = kept_ids * capacity + slots`` (-1 where dropped),
+    ``num_rows = E * capacity``.
+
+    Args:
+        hidden: [T, H] fp32, bf16, fp16 (or fp64).
+        row_map: [T, k] int64 or int32 rows in [0, num_rows), no row twice; -1 for none. On CUDA
+            neither is checked (that would synchronise with the GPU): a row out of range is
+            skipped, and of two pairs on one row one lands.
+        topk_weights: [T, k] floating weights, or None.
+        num_rows: R >= 0.
+
+    Returns:
+        [R, H] in the dtype of ``hidden``. Differentiable w.r.t. ``hidden`` and ``topk_weights``.
+    """
+    return _ops.permute_with_map(hidden, row_map, topk_weights, num_rows)
+
+
 def unpermute(rows: Tensor, row_map: Tensor, topk_weights: Tensor | None = None) -> Tensor:
     """Combine expert outputs back per token: ``out[t] = sum_j w[t, j] * rows[row_map[t, j]]``.
 
-    On CUDA the row map's range is not checked (that would synchronise with the GPU): a row
-    outside [0, R) adds nothing.
+    Row -1 (a pair dropped over capacity) adds nothing, nor, on CUDA, any row outside [0, R):
+    checking the range there would synchronise with the GPU.
 
     Args:
         rows: [R, H] expert outputs (padding rows are never read).
-        row_map: [T, k] int64 or int32, from ``permute``.
+        row_map: [T, k] int64 or int32, from ``permute`` (or ``permute_with_map``'s).
         topk_weights: [T, k] floating weights, or None for a plain sum.
 
     Returns:
@@ -173,8 +203,10 @@ def grouped_gemm(
     Args:
         a: [M, K] fp32, bf16, fp16 (or fp64); segment e is the next ``tokens_per_expert[e]`` rows.
         b: [E, K, N], or [E, N, K] with ``trans_b`` (then ``c_e = a_e @ b[e].T``); dtype of a.
-        tokens_per_expert: [E] int64 or int32, >= 0, summing to M (empty experts are legal), on
-            the device of a.
+        tokens_per_expert: [E] int64 or int32, >= 0, summing to at most M (empty experts are
+            legal), on the device of a. Rows past the segments are no expert's (capacity
+            routing's: ``permute`` of dropped pairs); their output rows are not written, as
+            ``torch._grouped_mm`` leaves them, and no op of the layer reads them.
         trans_b: whether b holds each expert's weight transposed, [N, K].
         backend: what runs the products (one of ``GROUPED_GEMM_BACKENDS``):
 
@@ -295,3 +327,51 @@ def transpose_segments(rows: Tensor, counts: Tensor) -> Tensor:
 def padded_tokens_per_expert(tokens_per_expert: Tensor, align: int) -> Tensor:
     """Segment sizes of ``permute(..., align=align)``'s rows: counts rounded up to ``align``."""
     return (tokens_per_expert + align - 1) // align * align
+
+
+def expert_capacity(num_tokens: int, topk: int, num_experts: int, capacity_factor: float) -> int:
+    """Token-choice capacity of each expert: ``ceil(capacity_factor * T * k / E)`` assignments
+    (GShard, Switch; Megatron-Core's ``moe_expert_capacity_factor``)."""
+    return math.ceil(capacity_factor * num_tokens * topk / num_experts)
+
+
+def drop_over_capacity(
+    topk_ids: Tensor,
+    topk_weights: Tensor | None,
+    num_experts: int,
+    capacity: int,
+    policy: str = "probs",
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Keep at most ``capacity`` (token, slot) pairs per expert; drop the rest.
+
+    Token-choice routing with a capacity (GShard, Switch): an expert chosen by more pairs than
+    its capacity keeps ``capacity`` of them. ``policy="probs"`` keeps those of highest weight
+    (Megatron-Core's default; NaN weighs as -inf, equal weights keep the earlier pair),
+    ``"position"`` the first in pair order (token, then slot). A dropped pair adds nothing to
+    its token's output: the token keeps its residual path. Ids already -1 (dropped, or padding
+    the caller excludes) take no capacity.
+
+    The loss-free bias balances the routing choices, so its counts are ``biased_topk``'s, taken
+    before dropping: what is dropped is the imbalance the bias is there to remove.
+
+    On CUDA one block per expert walks its pairs (a radix select over the weights' bits for
+    ``"probs"``), E <= 1536; no host synchronisation, and ids are not range-checked (an id
+    outside [0, E) is in no expert and comes back -1).
+
+    Args:
+        topk_ids: [T, k] int64 or int32 ids in [0, num_experts), or -1.
+        topk_weights: [T, k] floating weights of the pairs (``biased_topk``'s), needed by
+            ``"probs"``; None for ``"position"``.
+        num_experts: E.
+        capacity: C >= 0, kept pairs per expert (``expert_capacity``).
+        policy: ``"probs"`` or ``"position"``.
+
+    Returns:
+        kept_ids: [T, k] int64, the id of a kept pair, -1 for a dropped one (``permute`` and
+            ``unpermute`` take it as is).
+        slots: [T, k] int64, a kept pair's place among its expert's kept pairs in pair order,
+            in [0, C); -1 when dropped. ``kept_ids * C + slots`` is its row in the padded layout
+            (see ``permute_with_map``).
+        dropped_per_expert: [E] int64, pairs dropped by each expert (``max(count - C, 0)``).
+    """
+    return _ops.drop_over_capacity(topk_ids, topk_weights, num_experts, capacity, policy)

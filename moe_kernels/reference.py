@@ -89,26 +89,81 @@ def permute(
 ) -> tuple[Tensor, Tensor, Tensor]:
     num_tokens, topk = topk_ids.shape
     experts = topk_ids.flatten().long()
-    counts = torch.bincount(experts, minlength=num_experts)
+    kept = experts >= 0  # id -1: dropped over capacity, no row
+    counts = torch.bincount(experts[kept], minlength=num_experts)
     padded = (counts + align - 1) // align * align
     segment_start = torch.cumsum(padded, 0) - padded
     first_pair = torch.cumsum(counts, 0) - counts  # of each expert, in the sorted order
     order = torch.sort(experts, stable=True).indices  # pairs in expert order, then pair order
+    order = order[kept[order]]
     sorted_experts = experts[order]
-    rank = torch.arange(experts.numel(), device=experts.device) - first_pair[sorted_experts]
-    row_map = torch.empty_like(experts)
+    rank = torch.arange(order.numel(), device=experts.device) - first_pair[sorted_experts]
+    row_map = torch.full_like(experts, -1)
     row_map[order] = segment_start[sorted_experts] + rank
-    rows = hidden.new_zeros(int(padded.sum()), hidden.shape[1])
-    rows = rows.index_copy(0, row_map, hidden.repeat_interleave(topk, dim=0))
+    num_rows = experts.numel() if align == 1 else int(padded.sum())  # dropped: zero rows at the end
+    rows = hidden.new_zeros(num_rows, hidden.shape[1])
+    rows = rows.index_copy(0, row_map[kept], hidden.repeat_interleave(topk, dim=0)[kept])
     return rows, row_map.view(num_tokens, topk), counts
+
+
+def drop_over_capacity(
+    topk_ids: Tensor,
+    topk_weights: Tensor | None,
+    num_experts: int,
+    capacity: int,
+    policy: str = "probs",
+) -> tuple[Tensor, Tensor, Tensor]:
+    experts = topk_ids.flatten().long()
+    pairs = torch.arange(experts.numel(), device=experts.device)
+    # Pairs by expert, then by the policy's preference (a stable sort keeps pair order in ties).
+    order = pairs
+    if policy == "probs":
+        weights = topk_weights.flatten().to(_opmath(topk_weights.dtype))
+        weights = weights.nan_to_num(nan=-torch.inf, posinf=torch.inf, neginf=-torch.inf)
+        order = torch.sort(weights, descending=True, stable=True).indices
+    order = order[torch.sort(experts[order], stable=True).indices]
+    order = order[experts[order] >= 0]
+    counts = torch.bincount(experts[order], minlength=num_experts)
+    first = torch.cumsum(counts, 0) - counts
+    preference = torch.arange(order.numel(), device=experts.device) - first[experts[order]]
+    keep = torch.zeros_like(experts, dtype=torch.bool)
+    keep[order[preference < capacity]] = True
+    kept_ids = torch.where(keep, experts, -1)
+    # Slots: places among the expert's kept pairs in pair order.
+    kept_order = torch.sort(kept_ids, stable=True).indices
+    kept_order = kept_order[kept_ids[kept_order] >= 0]
+    kept_counts = torch.bincount(kept_ids[kept_order], minlength=num_experts)
+    kept_first = torch.cumsum(kept_counts, 0) - kept_counts
+    slots = torch.full_like(experts, -1)
+    slots[kept_order] = (
+        torch.arange(kept_order.numel(), device=experts.device) - kept_first[kept_ids[kept_order]]
+    )
+    dropped = counts - kept_counts
+    return kept_ids.view(topk_ids.shape), slots.view(topk_ids.shape), dropped
+
+
+def permute_with_map(
+    hidden: Tensor, row_map: Tensor, topk_weights: Tensor | None, num_rows: int
+) -> Tensor:
+    num_tokens, topk = row_map.shape
+    rows_of_pairs = hidden.repeat_interleave(topk, dim=0).to(_opmath(hidden.dtype))
+    if topk_weights is not None:
+        rows_of_pairs = rows_of_pairs * topk_weights.flatten().to(rows_of_pairs.dtype).unsqueeze(1)
+    landed = row_map.flatten() >= 0
+    rows = rows_of_pairs.new_zeros(num_rows, hidden.shape[1])
+    rows = rows.index_copy(0, row_map.flatten()[landed].long(), rows_of_pairs[landed])
+    return rows.to(hidden.dtype)
 
 
 def unpermute(rows: Tensor, row_map: Tensor, topk_weights: Tensor | None = None) -> Tensor:
     num_tokens, topk = row_map.shape
-    gathered = rows[row_map.flatten().long()].view(num_tokens, topk, rows.shape[1])
+    padded = torch.cat([rows, rows.new_zeros(1, rows.shape[1])])  # row -1 reads the zero row
+    gathered = padded[row_map.flatten().long()].view(num_tokens, topk, rows.shape[1])
     gathered = gathered.to(_opmath(rows.dtype))
     if topk_weights is not None:
         gathered = gathered * topk_weights.to(gathered.dtype).unsqueeze(-1)
+    # A dropped pair adds nothing, whatever its weight.
+    gathered = torch.where((row_map >= 0).unsqueeze(-1), gathered, 0)
     return gathered.sum(dim=1).to(rows.dtype)
 
 

@@ -20,6 +20,7 @@ OPS = [
     "permute_with_map",
     "unpermute",
     "unpermute_weights_grad",
+    "drop_over_capacity",
     "grouped_gemm",
     "grouped_gemm_wgrad",
     "grouped_gemm_swiglu",

@@ -66,7 +66,21 @@ def _sample_cases():
         ),
         "permute": (ops.permute, (hidden.clone().requires_grad_(), ids, 16, 1)),
         "permute_aligned": (ops.permute, (hidden.clone().requires_grad_(), ids, 16, 4)),
-        "permute_with_map": (ops.permute_with_map, (hidden, row_map, weights, int(rows.shape[0]))),
+        "permute_dropped": (
+            ops.permute,
+            (hidden.clone().requires_grad_(), torch.where(ids % 3 == 0, -1, ids), 16, 1),
+        ),
+        "permute_with_map": (
+            ops.permute_with_map,
+            (
+                hidden.clone().requires_grad_(),
+                row_map,
+                weights.detach().clone().requires_grad_(),
+                int(rows.shape[0]),
+            ),
+        ),
+        "drop_over_capacity": (ops.drop_over_capacity, (ids, weights.detach(), 16, 3, "probs")),
+        "drop_over_capacity_position": (ops.drop_over_capacity, (ids, None, 16, 3, "position")),
         "unpermute": (
             ops.unpermute,
             (rows.clone().requires_grad_(), row_map, weights.clone().requires_grad_()),

@@ -78,15 +78,16 @@ inline void check_choice(std::string_view value, std::initializer_list<std::stri
   TORCH_CHECK(false, name, " must be one of ", allowed, ", got '", value, "'");
 }
 
-// Validates integer indices in [0, upper) with one pass over a CPU tensor. (CUDA ops do not call
-// it: reading the result back would synchronise the host with the device.)
+// Validates integer indices in [lowest, upper) with one pass over a CPU tensor. (CUDA ops do not
+// call it: reading the result back would synchronise the host with the device.) lowest = -1
+// admits the permute family's mark of a pair dropped over capacity.
 inline void check_index_range(const at::Tensor& index, int64_t upper, const char* name,
-                              const char* upper_name) {
+                              const char* upper_name, int64_t lowest = 0) {
   if (index.numel() == 0) return;
   const auto [lo, hi] = at::aminmax(index);
   const int64_t lo_v = lo.item<int64_t>(), hi_v = hi.item<int64_t>();
-  TORCH_CHECK(lo_v >= 0 && hi_v < upper, name, " must hold values in [0, ", upper_name, "=", upper,
-              "), got values in [", lo_v, ", ", hi_v, "]");
+  TORCH_CHECK(lo_v >= lowest && hi_v < upper, name, " must hold values in [", lowest, ", ",
+              upper_name, "=", upper, "), got values in [", lo_v, ", ", hi_v, "]");
 }
 
 }  // namespace moe_kernels

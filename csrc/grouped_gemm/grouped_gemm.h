@@ -108,14 +108,15 @@ inline void check_swiglu_backward_args(const at::Tensor& grad_out, const at::Ten
 
 // One library GEMM per expert segment (grouped_gemm_blas.cpp), on any device: the CPU ops, and
 // the CUDA "cublas" backend. They read tokens_per_expert on the host (a synchronisation on CUDA)
-// and check it: non-negative, summing to M. `epilogue(c_e, first_row)`, when given, runs on each
-// expert's output rows right after its GEMM, on the thread that ran it, while they are in cache.
-// Without `keep_product` the epilogue is the product's only reader: it gets the rows in blocks
-// of a reused buffer, and the result is empty ([0, N]). A whole-product buffer would be fresh
-// memory on every call (larger than what the allocator keeps), each page zeroed on first touch:
-// 2-7% of the fp32 forward of bench_transformers' blocks on the CPU, 12-18% in bf16.
-// Segment sizes on the host (a synchronisation on CUDA), checked: non-negative, covering
-// exactly `num_rows` rows.
+// and check it: non-negative, summing to at most M (rows past the segments are no expert's: the
+// kept rows of capacity routing, then permute's zero rows; their output rows are not written).
+// `epilogue(c_e, first_row)`, when given, runs on each expert's output rows right after its GEMM,
+// on the thread that ran it, while they are in cache. Without `keep_product` the epilogue is the
+// product's only reader: it gets the rows in blocks of a reused buffer, and the result is empty
+// ([0, N]). A whole-product buffer would be fresh memory on every call (larger than what the
+// allocator keeps), each page zeroed on first touch: 2-7% of the fp32 forward of
+// bench_transformers' blocks on the CPU, 12-18% in bf16. Segment sizes on the host (a
+// synchronisation on CUDA), checked: non-negative, covering at most `num_rows` rows.
 std::vector<int64_t> segment_sizes(const at::Tensor& tokens_per_expert, int64_t num_rows);
 using SegmentEpilogue = std::function<void(const at::Tensor& c_e, int64_t first_row)>;
 at::Tensor grouped_gemm_blas(const at::Tensor& a, const at::Tensor& b,

@@ -40,7 +40,7 @@ std::vector<int64_t> segment_sizes(const at::Tensor& tokens_per_expert, int64_t 
     TORCH_CHECK(sizes[e] >= 0, "tokens_per_expert must be >= 0, got ", sizes[e], " for expert ", e);
     total += sizes[e];
   }
-  TORCH_CHECK(total == num_rows, "tokens_per_expert must sum to the number of rows of a (",
+  TORCH_CHECK(total <= num_rows, "tokens_per_expert must sum to at most the number of rows of a (",
               num_rows, "), got ", total);
   return sizes;
 }

@@ -59,8 +59,8 @@ at::Tensor packed(const at::Tensor& t) {
 }
 
 // The end row of each expert's segment, int32, on the device of the counts. Counts on the CPU
-// are checked (non-negative, summing to num_rows), as the library loop checks them; on CUDA that
-// would synchronise, so they are trusted there.
+// are checked (non-negative, summing to at most num_rows), as the library loop checks them; on CUDA
+// that would synchronise, so they are trusted there.
 at::Tensor segment_ends(const at::Tensor& tokens_per_expert, int64_t num_rows) {
   TORCH_CHECK(num_rows <= std::numeric_limits<int32_t>::max(), kTorchBackend,
               " takes at most 2^31 - 1 rows (int32 offsets), got ", num_rows);

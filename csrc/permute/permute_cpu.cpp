@@ -1,6 +1,7 @@
 // permute / unpermute on the CPU (SPEC.md section 3): stable expert-major order of the
 // (token, slot) rows, optional padding of each expert's segment to `align` rows, and the
-// weighted combine with accumulation in opmath (fp32 for half types). 64-bit row offsets.
+// weighted combine with accumulation in opmath (fp32 for half types). 64-bit row offsets. Id -1
+// (and row -1) marks a pair dropped over capacity: it has no row and adds nothing.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -22,10 +23,11 @@ namespace {
 constexpr int64_t kPairsPerChunk = 1 << 14;
 
 // Row of every (token, slot) pair, in expert order and, within an expert, in pair order (token
-// then slot). Chunks of pairs are counted in parallel; each chunk then starts, inside every
-// expert's segment, after the pairs of the chunks before it, so the order is stable whatever
-// the threads do. Returns the number of rows R, padding included, and fills row_map [T*k],
-// tokens_per_expert [E] and source_pair [R] (the pair of each row, -1 for padding).
+// then slot); a dropped pair (id -1) gets row -1 and no row. Chunks of pairs are counted in
+// parallel; each chunk then starts, inside every expert's segment, after the pairs of the chunks
+// before it, so the order is stable whatever the threads do. Returns the number of rows R, padding
+// included (T * k without padding), and fills row_map [T*k], tokens_per_expert [E] and source_pair
+// [R] (the pair of each row, -1 for padding).
 int64_t compute_row_map(const int64_t* ids, int64_t num_pairs, int64_t num_experts, int64_t align,
                         int64_t* row_map, int64_t* tokens_per_expert,
                         std::vector<int64_t>& source_pair) {
@@ -36,7 +38,9 @@ int64_t compute_row_map(const int64_t* ids, int64_t num_pairs, int64_t num_exper
     for (int64_t c = begin; c < end; ++c) {
       int64_t* counts = chunk_rows.data() + c * num_experts;
       const int64_t stop = std::min(num_pairs, (c + 1) * kPairsPerChunk);
-      for (int64_t i = c * kPairsPerChunk; i < stop; ++i) ++counts[ids[i]];
+      for (int64_t i = c * kPairsPerChunk; i < stop; ++i) {
+        if (ids[i] >= 0) ++counts[ids[i]];
+      }
     }
   });
   // Turn per-chunk counts into per-chunk starting rows.
@@ -51,19 +55,25 @@ int64_t compute_row_map(const int64_t* ids, int64_t num_pairs, int64_t num_exper
     tokens_per_expert[e] = row - next_row;
     next_row += (tokens_per_expert[e] + align - 1) / align * align;
   }
-  source_pair.assign(next_row, -1);
+  // Without padding R is T * k, as on CUDA, where it is known before the counts: the rows of
+  // dropped pairs, if any, are zero rows after the kept ones.
+  source_pair.assign(align == 1 ? num_pairs : next_row, -1);
   at::parallel_for(0, num_chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
       int64_t* start = chunk_rows.data() + c * num_experts;
       const int64_t stop = std::min(num_pairs, (c + 1) * kPairsPerChunk);
       for (int64_t i = c * kPairsPerChunk; i < stop; ++i) {
+        if (ids[i] < 0) {
+          row_map[i] = -1;
+          continue;
+        }
         const int64_t row = start[ids[i]]++;
         row_map[i] = row;
         source_pair[row] = i;
       }
     }
   });
-  return next_row;
+  return static_cast<int64_t>(source_pair.size());
 }
 
 // rows[r] = weights[p] * hidden[p / topk] for p = source_pair[r] (a plain copy without
@@ -102,7 +112,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> permute_cpu(const at::Tensor& hid
                                                            int64_t num_experts, int64_t align) {
   MOE_KERNELS_NVTX_RANGE("permute");
   check_permute_args(hidden_in, topk_ids_in, num_experts, align);
-  check_index_range(topk_ids_in, num_experts, "topk_ids", "num_experts");
+  check_index_range(topk_ids_in, num_experts, "topk_ids", "num_experts", -1);
   const at::Tensor hidden = hidden_in.contiguous();
   const at::Tensor ids = topk_ids_in.to(at::kLong).contiguous();
   auto row_map = at::empty(ids.sizes(), ids.options());
@@ -123,12 +133,13 @@ at::Tensor permute_with_map_cpu(const at::Tensor& hidden_in, const at::Tensor& r
                                 const std::optional<at::Tensor>& weights, int64_t num_rows) {
   MOE_KERNELS_NVTX_RANGE("permute_with_map");
   check_permute_with_map_args(hidden_in, row_map_in, weights, num_rows);
-  check_index_range(row_map_in, num_rows, "row_map", "num_rows");
+  check_index_range(row_map_in, num_rows, "row_map", "num_rows", -1);
   const at::Tensor row_map = row_map_in.to(at::kLong).contiguous();
   // The inverse map; two pairs writing one row would make the result depend on their order.
   std::vector<int64_t> source_pair(num_rows, -1);
   const int64_t* map = row_map.const_data_ptr<int64_t>();
   for (int64_t i = 0; i < row_map.numel(); ++i) {
+    if (map[i] < 0) continue;
     TORCH_CHECK(source_pair[map[i]] < 0, "row_map must not repeat a row, but row ", map[i],
                 " appears twice");
     source_pair[map[i]] = i;
@@ -142,12 +153,12 @@ at::Tensor permute_with_map_cpu(const at::Tensor& hidden_in, const at::Tensor& r
   return rows;
 }
 
-// out[t] = sum_j weights[t, j] * rows[row_map[t, j]], accumulated in opmath.
+// out[t] = sum_j weights[t, j] * rows[row_map[t, j]], accumulated in opmath; row -1 adds nothing.
 at::Tensor unpermute_cpu(const at::Tensor& rows_in, const at::Tensor& row_map_in,
                          const std::optional<at::Tensor>& weights) {
   MOE_KERNELS_NVTX_RANGE("unpermute");
   check_unpermute_args(rows_in, row_map_in, weights);
-  check_index_range(row_map_in, rows_in.size(0), "row_map", "rows.size(0)");
+  check_index_range(row_map_in, rows_in.size(0), "row_map", "rows.size(0)", -1);
   const at::Tensor rows = rows_in.contiguous();
   const at::Tensor row_map = row_map_in.to(at::kLong).contiguous();
   const at::Tensor w = weights_in_opmath(weights, rows.scalar_type());
@@ -165,6 +176,7 @@ at::Tensor unpermute_cpu(const at::Tensor& rows_in, const at::Tensor& row_map_in
                        for (int64_t t = begin; t < end; ++t) {
                          std::fill(acc.begin(), acc.end(), acc_t(0));
                          for (int64_t j = 0; j < K; ++j) {
+                           if (map[t * K + j] < 0) continue;
                            const scalar_t* y = src + map[t * K + j] * H;
                            const acc_t wj = wp ? wp[t * K + j] : acc_t(1);
                            for (int64_t h = 0; h < H; ++h) acc[h] += wj * static_cast<acc_t>(y[h]);
@@ -177,12 +189,12 @@ at::Tensor unpermute_cpu(const at::Tensor& rows_in, const at::Tensor& row_map_in
   return out;
 }
 
-// d(loss)/d(topk_weights)[t, j] = <grad_output[t], rows[row_map[t, j]]>, in opmath.
+// d(loss)/d(topk_weights)[t, j] = <grad_output[t], rows[row_map[t, j]]>, in opmath; 0 for row -1.
 at::Tensor unpermute_weights_grad_cpu(const at::Tensor& grad_in, const at::Tensor& rows_in,
                                       const at::Tensor& row_map_in) {
   MOE_KERNELS_NVTX_RANGE("unpermute_weights_grad");
   check_unpermute_weights_grad_args(grad_in, rows_in, row_map_in);
-  check_index_range(row_map_in, rows_in.size(0), "row_map", "rows.size(0)");
+  check_index_range(row_map_in, rows_in.size(0), "row_map", "rows.size(0)", -1);
   const at::Tensor rows = rows_in.contiguous();
   const at::Tensor grad = grad_in.contiguous();
   const at::Tensor row_map = row_map_in.to(at::kLong).contiguous();
@@ -198,10 +210,12 @@ at::Tensor unpermute_weights_grad_cpu(const at::Tensor& grad_in, const at::Tenso
                      [&](int64_t begin, int64_t end) {
                        for (int64_t t = begin; t < end; ++t) {
                          for (int64_t j = 0; j < K; ++j) {
-                           const scalar_t* row = y + map[t * K + j] * H;
                            acc_t dot = 0;
-                           for (int64_t h = 0; h < H; ++h)
-                             dot += static_cast<acc_t>(g[t * H + h]) * static_cast<acc_t>(row[h]);
+                           if (map[t * K + j] >= 0) {
+                             const scalar_t* row = y + map[t * K + j] * H;
+                             for (int64_t h = 0; h < H; ++h)
+                               dot += static_cast<acc_t>(g[t * H + h]) * static_cast<acc_t>(row[h]);
+                           }
                            out[t * K + j] = dot;
                          }
                        }
