@@ -10,6 +10,8 @@ sums over tokens accumulate in fp32 (fp64 for fp64 scores).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -168,7 +170,11 @@ def max_violation(tokens_per_expert: Tensor) -> Tensor:
     return (load.amax(dim=-1) - mean) / mean
 
 
-def load_stats(tokens_per_expert: Tensor, bias: Tensor | None = None) -> dict[str, float]:
+def load_stats(
+    tokens_per_expert: Tensor,
+    bias: Tensor | None = None,
+    dropped_per_expert: Tensor | None = None,
+) -> dict[str, float]:
     """The balance of one layer over a window (a step, or counts summed over several), from its
     [E] counts: what the MoE frameworks' users ask to log.
 
@@ -176,8 +182,9 @@ def load_stats(tokens_per_expert: Tensor, bias: Tensor | None = None) -> dict[st
         ``maxvio`` (``max_violation``); ``cv``, the coefficient of variation (population std
         over mean); ``dead_experts``, the fraction of experts with no token in the window;
         ``min_load`` and ``max_load``, the least and most loaded expert's count over the mean
-        (1 at a perfect balance); with a bias, ``bias_min`` and ``bias_max``. Ratios are NaN
-        when nothing was counted.
+        (1 at a perfect balance); with a bias, ``bias_min`` and ``bias_max``; with the pairs
+        dropped over capacity ([E], of the same window), ``drop_rate``, the fraction of the
+        routed pairs dropped. Ratios are NaN when nothing was counted.
     """
     load = tokens_per_expert.detach().double().cpu()
     mean = load.mean()
@@ -190,24 +197,33 @@ def load_stats(tokens_per_expert: Tensor, bias: Tensor | None = None) -> dict[st
     }
     if bias is not None:
         stats |= {"bias_min": float(bias.min()), "bias_max": float(bias.max())}
+    if dropped_per_expert is not None:
+        stats["drop_rate"] = float(dropped_per_expert.detach().double().sum().cpu() / load.sum())
     return stats
 
 
 def balance_telemetry(
-    tokens_per_expert: dict[str, Tensor], biases: dict[str, Tensor | None] | None = None
+    tokens_per_expert: dict[str, Tensor],
+    biases: dict[str, Tensor | None] | None = None,
+    dropped_per_expert: dict[str, Tensor] | None = None,
 ) -> dict[str, float]:
     """``load_stats`` of every layer (``"<stat>/<layer>"``) and over the model (``"<stat>"``):
     the mean over layers of maxvio, cv, min_load and max_load, the fraction of all experts
-    that are dead, and the range of all biases. For any training loop: pass each layer's
-    counts of the window (and its loss-free bias, if any), log what it returns.
+    that are dead, the range of all biases, and the fraction of the pairs of the layers with
+    a capacity that were dropped. For any training loop: pass each layer's counts of the
+    window (and its loss-free bias, its dropped pairs, if any), log what it returns.
 
     Args:
         tokens_per_expert: {layer name: [E] counts of the window}.
         biases: {layer name: [E] bias or None}.
+        dropped_per_expert: {layer name: [E] pairs dropped over capacity in the window}, for
+            the layers with a capacity.
     """
     biases = biases or {}
+    dropped = dropped_per_expert or {}
     per_layer = {
-        name: load_stats(counts, biases.get(name)) for name, counts in tokens_per_expert.items()
+        name: load_stats(counts, biases.get(name), dropped.get(name))
+        for name, counts in tokens_per_expert.items()
     }
     if not per_layer:
         return {}
@@ -221,6 +237,10 @@ def balance_telemetry(
     if with_bias:
         telemetry["bias_min"] = min(s["bias_min"] for s in with_bias)
         telemetry["bias_max"] = max(s["bias_max"] for s in with_bias)
+    if dropped:
+        routed = sum(float(tokens_per_expert[name].double().sum()) for name in dropped)
+        lost = sum(float(counts.double().sum()) for counts in dropped.values())
+        telemetry["drop_rate"] = lost / routed if routed else math.nan
     return telemetry
 
 

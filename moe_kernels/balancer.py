@@ -87,16 +87,26 @@ class Balancer(KeepsFp32):
         self.register_buffer("step_tokens_per_expert", counts.clone())
         self.register_buffer("global_tokens_per_expert", counts.clone())
         self.register_buffer("updates", torch.zeros((), dtype=torch.int64))
+        # Pairs dropped over capacity: telemetry, not state, so not in checkpoints.
+        self.register_buffer("dropped_per_expert", counts.clone(), persistent=False)
+        self.register_buffer("step_dropped_per_expert", counts.clone(), persistent=False)
 
     @property
     def counting(self) -> bool:
         """Whether a forward now is one whose tokens count toward the step."""
         return self.training and not in_backward_pass()
 
-    def record(self, tokens_per_expert: Tensor) -> None:
-        """Adds one forward's [E] integer counts to the step, unless it must not count."""
+    def record(self, tokens_per_expert: Tensor, dropped_per_expert: Tensor | None = None) -> None:
+        """Adds one forward's [E] integer counts (and its pairs dropped over capacity, if any)
+        to the step, unless it must not count."""
         if self.counting:
             self.tokens_per_expert += tokens_per_expert
+            if dropped_per_expert is not None:
+                self.dropped_per_expert += dropped_per_expert
+
+    def step_tallies(self) -> Tensor:
+        """The step's [2E] counts then dropped pairs, as they are summed over the group."""
+        return torch.cat([self.tokens_per_expert, self.dropped_per_expert])
 
     def running_global_counts(self, tokens_per_expert: Tensor) -> Tensor:
         """The balance batch of the global aux loss under gradient accumulation: this
@@ -120,22 +130,24 @@ class Balancer(KeepsFp32):
         return rate
 
     @torch.no_grad()
-    def update(self, summed_counts: Tensor | None = None) -> Tensor:
+    def update(self, summed_tallies: Tensor | None = None) -> Tensor:
         """Ends the step (call after the optimizer step): sums its counts over the group, moves
-        the bias, and returns those [E] int64 counts (for MaxVio_batch). ``summed_counts``:
-        the step's counts already summed over the group (``sum_step_counts``, one collective
-        for many balancers)."""
-        counts = (
-            self._sum_over_group(self.tokens_per_expert.clone())
-            if summed_counts is None
-            else summed_counts
+        the bias, and returns those [E] int64 counts (for MaxVio_batch); the dropped pairs go
+        to ``step_dropped_per_expert``. ``summed_tallies``: the step's ``step_tallies()``
+        already summed over the group (``sum_step_counts``, one collective for many
+        balancers)."""
+        tallies = (
+            self._sum_over_group(self.step_tallies()) if summed_tallies is None else summed_tallies
         )
+        counts, dropped = tallies.split(self.num_experts)
         if self.bias is not None:
             rate = self.current_rate()
             if rate > 0:
                 ops.update_bias(self.bias, counts, rate, self.rule, self.centered)
         self.step_tokens_per_expert.copy_(counts)
+        self.step_dropped_per_expert.copy_(dropped)
         self.tokens_per_expert.zero_()
+        self.dropped_per_expert.zero_()
         self.global_tokens_per_expert.zero_()
         self.updates += 1
         return counts
@@ -155,10 +167,11 @@ class Balancer(KeepsFp32):
 
 @torch.no_grad()
 def sum_step_counts(balancers: Sequence[Balancer]) -> list[Tensor]:
-    """The step's counts of each balancer summed over its process group, with one all-reduce
-    of the concatenated counts per group and device (a model's layers share one) instead of
-    one per layer: a model of L layers ends its step with one collective, not L."""
-    summed = [balancer.tokens_per_expert.clone() for balancer in balancers]
+    """The step's tallies (``step_tallies``: counts, then dropped pairs) of each balancer
+    summed over its process group, with one all-reduce of the concatenated tallies per group
+    and device (a model's layers share one) instead of one per layer: a model of L layers
+    ends its step with one collective, not L."""
+    summed = [balancer.step_tallies() for balancer in balancers]
     shared: dict[tuple[dist.ProcessGroup, torch.device], list[int]] = {}
     for index, balancer in enumerate(balancers):
         if balancer.process_group is not None:

@@ -21,6 +21,7 @@ from .router import Router
 BALANCING = ("loss_free", "aux_loss", "seq_aux_loss", "global_aux_loss", "expert_choice", "none")
 AUX_LOSSES = ("aux_loss", "seq_aux_loss", "global_aux_loss")
 GLOBAL_COUNTS = ("running", "previous")
+DROP_POLICIES = ("probs", "position")
 
 
 def balancing_parts(balancing: str) -> tuple[bool, str | None]:
@@ -68,6 +69,19 @@ class MoELayer(nn.Module):
             ``"loss_free+seq_aux_loss"`` (DeepSeek-V3, with ``aux_coeff`` 1e-4): the bias
             chooses, the loss sees the counts of that choice and the unbiased scores.
 
+    Token-choice capacity (``drop_policy``, with any strategy but ``"expert_choice"``): each
+    expert keeps at most ``ceil(capacity_factor * T * k / E)`` of a forward's T tokens' pairs
+    and drops the rest (GShard, Switch; Megatron-Core's ``moe_expert_capacity_factor``), by
+    lowest weight (``"probs"``) or by position (``"position"``, the last tokens); a dropped
+    pair adds nothing, the token keeps its residual path (``ops.drop_over_capacity``). Padding
+    tokens take no capacity. ``pad_to_capacity`` gives every expert exactly its capacity of
+    rows (zero rows after the kept ones): static shapes, for ``torch.compile`` or CUDA graphs,
+    at the price of computing the padding. The counts that move the bias, and those of the aux
+    losses, are the routing choices before dropping: the imbalance the bias is there to remove.
+    After each forward, ``dropped_per_expert`` holds its [E] dropped pairs; the balancer sums
+    them over the step as it does the counts (for the drop rate of ``balance.load_stats``).
+    Under expert parallelism each rank drops among its own tokens, before the dispatch.
+
     Counts are exact int64. Only training forwards count toward the step: eval forwards and
     activation-checkpoint recomputes do not. Tokens marked in ``padding_mask`` are routed but
     never counted, here or in any aux loss. After each forward, ``tokens_per_expert`` holds
@@ -91,7 +105,11 @@ class MoELayer(nn.Module):
         aux_group_size: sequences per balance group of ``"seq_aux_loss"``; B must be a
             multiple of it.
         global_counts: "running" or "previous", for ``global_aux_loss``.
-        capacity_factor: for ``expert_choice``.
+        capacity_factor: for ``expert_choice``, and for token-choice capacity with
+            ``drop_policy``.
+        drop_policy: None (the default: no capacity, no token dropped), or the pairs an expert
+            over its capacity drops: "probs" (lowest weight) or "position" (last).
+        pad_to_capacity: with ``drop_policy``, pad every expert's rows to its capacity.
         process_group: the data x expert-parallel group counts are summed over.
         backend: the grouped GEMM backend.
         ep_group: the expert-parallel group: its P ranks hold E/P experts each (rank r experts
@@ -125,6 +143,8 @@ class MoELayer(nn.Module):
         aux_group_size: int = 1,
         global_counts: str = "running",
         capacity_factor: float = 1.0,
+        drop_policy: str | None = None,
+        pad_to_capacity: bool = False,
         process_group: dist.ProcessGroup | None = None,
         backend: str = "auto",
         ep_group: dist.ProcessGroup | None = None,
@@ -140,6 +160,15 @@ class MoELayer(nn.Module):
         check_int("aux_group_size", aux_group_size, 1)
         check_choice("global_counts", global_counts, GLOBAL_COUNTS)
         check_number("capacity_factor", capacity_factor, strict=True)
+        if drop_policy is not None:
+            check_choice("drop_policy", drop_policy, DROP_POLICIES)
+            if balancing == "expert_choice":
+                raise ValueError(
+                    "drop_policy is token-choice capacity; balancing='expert_choice' keeps "
+                    "capacity_factor * T * k / E tokens per expert by its own rule"
+                )
+        if pad_to_capacity and drop_policy is None:
+            raise ValueError("pad_to_capacity pads to the capacity of a drop_policy, got None")
         if ep_group is not None and balancing == "expert_choice":
             raise ValueError("balancing='expert_choice' does not support expert parallelism")
         self.hidden_size = hidden_size
@@ -151,6 +180,8 @@ class MoELayer(nn.Module):
         self.aux_group_size = aux_group_size
         self.global_counts = global_counts
         self.capacity_factor = capacity_factor
+        self.drop_policy = drop_policy
+        self.pad_to_capacity = pad_to_capacity
         self.router = Router(
             hidden_size,
             num_experts,
@@ -194,6 +225,7 @@ class MoELayer(nn.Module):
         self.aux_loss: Tensor | None = None
         self.z_loss: Tensor | None = None
         self.tokens_per_expert: Tensor | None = None
+        self.dropped_per_expert: Tensor | None = None
 
     def forward(self, hidden_states: Tensor, padding_mask: Tensor | None = None) -> Tensor:
         """[..., H] -> [..., H]; ``padding_mask`` ([...], bool, True at padding tokens)."""
@@ -222,7 +254,7 @@ class MoELayer(nn.Module):
         else:
             out, counts = self._token_choice(x, logits, keep, shape)
         self.tokens_per_expert = counts.detach()
-        self.balancer.record(self.tokens_per_expert)
+        self.balancer.record(self.tokens_per_expert, self.dropped_per_expert)
         if self.shared_experts is not None:
             with nvtx_range("shared_experts"):
                 out = out + self.shared_experts(x)
@@ -237,8 +269,17 @@ class MoELayer(nn.Module):
                 counts = balance.counts_per_sequence(ids.unsqueeze(0), self.num_experts, keep)[0]
             self.aux_loss = self._balance_loss(logits, ids, counts, keep, shape)
         with nvtx_range("dispatch"):
-            rows, row_map, rows_per_expert = ops.permute(x, ids, self.num_experts)
+            if self.drop_policy is None:
+                rows, row_map, rows_per_expert = ops.permute(x, ids, self.num_experts)
+            else:
+                rows, row_map, rows_per_expert = self._permute_within_capacity(
+                    x, weights, ids, keep
+                )
             if self.dispatcher is not None:
+                if self.drop_policy is not None and not self.pad_to_capacity:
+                    # The rows of dropped pairs trail the kept ones; the dispatch reads the
+                    # counts on the host for its splits anyway.
+                    rows = rows[: int(rows_per_expert.sum())]
                 rows, plan = self.dispatcher.dispatch(rows, rows_per_expert)
                 rows_per_expert = plan.tokens_per_expert
         with nvtx_range("experts"):
@@ -247,6 +288,27 @@ class MoELayer(nn.Module):
             if self.dispatcher is not None:
                 rows = self.dispatcher.combine(rows, plan)
             return ops.unpermute(rows, row_map, weights), counts
+
+    def _permute_within_capacity(
+        self, x: Tensor, weights: Tensor, ids: Tensor, keep: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """``permute`` of the pairs each expert keeps within its capacity (the others get row
+        -1), padded to the capacity with ``pad_to_capacity``; the dropped pairs per expert in
+        ``self.dropped_per_expert``."""
+        capacity = ops.expert_capacity(
+            x.shape[0], self.topk, self.num_experts, self.capacity_factor
+        )
+        if keep is not None:
+            ids = ids.masked_fill(~keep.unsqueeze(1), -1)  # padding takes no capacity
+        ids, slots, dropped = ops.drop_over_capacity(
+            ids, weights, self.num_experts, capacity, self.drop_policy
+        )
+        self.dropped_per_expert = dropped
+        if not self.pad_to_capacity:
+            return ops.permute(x, ids, self.num_experts)
+        row_map = torch.where(slots >= 0, ids * capacity + slots, -1)
+        rows = ops.permute_with_map(x, row_map, None, self.num_experts * capacity)
+        return rows, row_map, torch.full_like(dropped, capacity)
 
     def _balance_loss(
         self,
@@ -325,17 +387,23 @@ class MoELayer(nn.Module):
             rows = rows * weights.reshape(-1, 1).to(rows.dtype)
             return x.new_zeros(x.shape).index_add(0, token_ids.flatten(), rows), counts
 
-    def update_balance(self, summed_counts: Tensor | None = None) -> Tensor:
+    def update_balance(self, summed_tallies: Tensor | None = None) -> Tensor:
         """Ends a training step (call after the optimizer step): moves the loss-free bias and
         returns the step's [E] counts, summed over the process group (see ``Balancer``;
-        ``summed_counts`` when they were summed already)."""
+        ``summed_tallies`` when they were summed already)."""
         with nvtx_range("balancer_update"):
-            return self.balancer.update(summed_counts)
+            return self.balancer.update(summed_tallies)
 
     def extra_repr(self) -> str:
         group = f", aux_group_size={self.aux_group_size}" if self.aux_group_size > 1 else ""
         z_loss = f", z_loss_coeff={self.z_loss_coeff}" if self.z_loss_coeff else ""
-        return f"balancing={self.balancing}, aux_coeff={self.aux_coeff}{group}{z_loss}"
+        capacity = ""
+        if self.drop_policy is not None:
+            capacity = (
+                f", capacity_factor={self.capacity_factor}, drop_policy={self.drop_policy}"
+                f"{', pad_to_capacity=True' if self.pad_to_capacity else ''}"
+            )
+        return f"balancing={self.balancing}, aux_coeff={self.aux_coeff}{group}{z_loss}{capacity}"
 
 
 def moe_layers(model: nn.Module) -> Iterator[MoELayer]:

@@ -1,7 +1,7 @@
 """The ops compose under torch.compile(fullgraph=True): route -> permute -> grouped GEMM with
 the SwiGLU epilogue -> grouped GEMM -> unpermute, forward and backward, with the same results
-as eager; so does a whole MoELayer, with every balancing strategy, and a training step of the
-built-in model."""
+as eager; so does a whole MoELayer, with every balancing strategy and with token-choice
+capacity, and a training step of the built-in model."""
 
 import copy
 import dataclasses
@@ -16,6 +16,13 @@ from moe_kernels.train.config import ModelConfig, TrainConfig
 from moe_kernels.train.model import MoETransformer, language_model_loss
 
 NUM_EXPERTS, TOPK, HIDDEN, FFN = 16, 4, 32, 24
+
+
+@pytest.fixture(autouse=True)
+def fresh_compiler():
+    """Each case compiles its own graphs: without a reset, the cases' layers count as
+    recompilations of one function and reach dynamo's limit of 8."""
+    torch._dynamo.reset()
 
 
 def moe_ffn(x, router_weight, bias, w_in, w_out):
@@ -75,14 +82,25 @@ def assert_layers_match(compiled_layer, eager_layer, x_compiled, x_eager):
         assert torch.equal(got, want), name
 
 
-@pytest.mark.parametrize("balancing", [*BALANCING, "loss_free+seq_aux_loss"])
-def test_a_whole_layer_compiles_in_one_graph_and_matches_eager(balancing):
+# Every strategy; and token-choice capacity, with and without padding to it.
+CAPACITY = {"probs": dict(drop_policy="probs", capacity_factor=0.75),
+            "position-padded": dict(drop_policy="position", pad_to_capacity=True)}  # fmt: skip
+LAYER_CASES = [
+    *((balancing, None) for balancing in [*BALANCING, "loss_free+seq_aux_loss"]),
+    ("loss_free", "probs"),
+    ("loss_free+seq_aux_loss", "position-padded"),
+]
+
+
+@pytest.mark.parametrize("balancing,capacity", LAYER_CASES)
+def test_a_whole_layer_compiles_in_one_graph_and_matches_eager(balancing, capacity):
     # fullgraph=True fails on any graph break: none for any strategy (one process). AOTAutograd
     # traces forward and backward with the ops' fake kernels and autograd formulas; "aot_eager"
     # runs those graphs without Inductor's code generation (the test below runs Inductor).
     torch.manual_seed(0)
     eager = MoELayer(HIDDEN, FFN, NUM_EXPERTS, TOPK, balancing=balancing, num_shared_experts=1,
-                     n_groups=4, topk_groups=2, z_loss_coeff=1e-3, rate=0.01)  # fmt: skip
+                     n_groups=4, topk_groups=2, z_loss_coeff=1e-3, rate=0.01,
+                     **CAPACITY.get(capacity, {}))  # fmt: skip
     layer = copy.deepcopy(eager)
     step = torch.compile(layer_step, fullgraph=True, backend="aot_eager")
     for seed in range(2):  # two optimizer steps: the second routes with a moved bias

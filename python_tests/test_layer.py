@@ -548,7 +548,8 @@ def _three_layer_step(rank, world_size):
 def test_update_balance_sums_every_layer_in_one_collective(tmp_path):
     ranks = run_on_ranks(_three_layer_step, 2, tmp_path)
     for result in ranks:
-        assert result["calls"] == [3 * E]  # one all-reduce of the three layers' counts
+        # One all-reduce of the three layers' counts and dropped pairs.
+        assert result["calls"] == [3 * 2 * E]
         for layer in range(3):
             total = ranks[0]["local"][layer] + ranks[1]["local"][layer]
             bias = torch.zeros(E)

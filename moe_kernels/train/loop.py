@@ -139,6 +139,11 @@ def step_telemetry(model: torch.nn.Module, step_counts: list[Tensor]) -> dict[st
     telemetry = balance.balance_telemetry(
         {name: counts for (name, _), counts in zip(layers, step_counts, strict=True)},
         {name: layer.balancer.bias for name, layer in layers},
+        {
+            name: layer.balancer.step_dropped_per_expert
+            for name, layer in layers
+            if layer.drop_policy is not None
+        },
     )
     return {f"balance/{key}": value for key, value in telemetry.items()}
 
