@@ -276,6 +276,35 @@ def test_cli_center_bias_reaches_the_layers():
     assert all(layer.balancer.centered for layer in moe_layers(model))
 
 
+def test_cli_trains_with_token_capacity_and_logs_the_drop_rate(tmp_path):
+    out = tmp_path / "runs"
+    args = [*CLI_MICRO, "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--steps", "3",
+            "--drop-policy", "position", "--capacity-factor", "0.5", "--pad-to-capacity"]  # fmt: skip
+    assert cli.main(args) == 0
+    config = cli.checked_config(cli.build_parser().parse_args(args), "loss_free")
+    assert (config.drop_policy, config.capacity_factor, config.pad_to_capacity) == (
+        "position",
+        0.5,
+        True,
+    )
+    for row in history(out / "loss_free"):
+        # Half the fair share per expert: at least half of the pairs are dropped.
+        assert 0.5 <= row["balance/drop_rate"] < 1
+        assert 0.5 <= row["balance/drop_rate/blocks.0.ffn"] < 1
+
+
+def test_cli_refuses_padding_without_a_drop_policy(tmp_path, capsys):
+    out = tmp_path / "runs"
+    args = [*CLI_MICRO, "--out", str(out), "--cache-dir", str(tmp_path / "cache"),
+            "--pad-to-capacity"]  # fmt: skip
+    assert cli.main(args) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == [
+        "moe-train: error: pad_to_capacity pads to the capacity of a drop_policy, got None"
+    ]
+    assert not out.exists()
+
+
 def test_cli_writes_the_history_as_tensorboard_scalars(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from .._arguments import check_number
-from ..layer import BALANCING
+from ..layer import BALANCING, DROP_POLICIES
 from ..memory import keep_freed_memory
 from ..router import SCORE_FNS
 from .config import CHOICES as RUN_CHOICES
@@ -47,6 +47,7 @@ RUN_OPTIONS = {
     "aux_group_size": int,
     "global_counts": str,
     "capacity_factor": float,
+    "drop_policy": str,
     "ep_size": int,
     "ep_transport": str,
     "eval_every": int,
@@ -66,7 +67,7 @@ MODEL_OPTIONS = {
     "n_groups": int,
     "topk_groups": int,
 }
-CHOICES = {**RUN_CHOICES, "score_fn": SCORE_FNS}
+CHOICES = {**RUN_CHOICES, "score_fn": SCORE_FNS, "drop_policy": DROP_POLICIES}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,6 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
         const=True,
         help="loss-free: subtract each bias update's mean, so the biases stay centred",
     )
+    parser.add_argument(
+        "--pad-to-capacity",
+        action="store_const",
+        const=True,
+        help="with --drop-policy: pad every expert's rows to its capacity (static shapes)",
+    )
     return parser
 
 
@@ -132,7 +139,7 @@ def config_from_args(args: argparse.Namespace, balancing: str) -> TrainConfig:
     preset = PRESETS[args.preset]
     run = {
         name: getattr(args, name)
-        for name in (*RUN_OPTIONS, "center_bias")
+        for name in (*RUN_OPTIONS, "center_bias", "pad_to_capacity")
         if getattr(args, name) is not None
     }
     model = {name: getattr(args, name) for name in MODEL_OPTIONS if getattr(args, name) is not None}

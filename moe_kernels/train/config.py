@@ -79,7 +79,11 @@ class TrainConfig:
     # micro-batch's sequences: the micro-batch loss, aux_loss).
     aux_group_size: int = 1
     global_counts: str = "running"
+    # expert_choice's capacity, and token-choice capacity's when drop_policy is set.
     capacity_factor: float = 1.0
+    # Token-choice capacity: None (no token dropped), "probs" or "position" (see MoELayer).
+    drop_policy: str | None = None
+    pad_to_capacity: bool = False
     # Expert parallelism (under torchrun): experts sharded over groups of ep_size ranks; every
     # rank draws its own micro-batch (the global batch is micro_batch_size x ranks).
     ep_size: int = 1

@@ -95,6 +95,8 @@ def moe_ffn(config: TrainConfig, layout: ParallelLayout) -> MoELayer:
         aux_group_size=config.aux_group_size,
         global_counts=config.global_counts,
         capacity_factor=config.capacity_factor,
+        drop_policy=config.drop_policy,
+        pad_to_capacity=config.pad_to_capacity,
         # The bias moves with the counts of every rank: data x expert parallel.
         process_group=dist.group.WORLD if layout.distributed else None,
         ep_group=layout.ep_group if layout.ep_size > 1 else None,
