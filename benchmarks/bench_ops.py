@@ -9,7 +9,9 @@ groups keeping 4, hidden 1024, expert FFN 512, 4096 tokens); the MoE layers of r
 a GPU: "qwen3-moe" (Qwen3-30B-A3B: 128 experts, top-8, hidden 2048, FFN 768, 16384 tokens) and
 "deepseek-v3" (256 experts, top-8 of 8 groups keeping 4, hidden 7168, FFN 2048, 8192 tokens;
 its experts take 22 GB in bf16, and in fp32, with the reference's gradients of them (per
-expert, then stacked), an estimated 135 GB: bf16 only). Routing scores are sigmoids; 8
+expert, then stacked), an estimated 135 GB: bf16 only). Routing scores are sigmoids (and
+sqrtsoftplus in one row); token-choice capacity, where a row drops, is the fair share
+(capacity factor 1, pairs of lowest weight dropped, or the last by position); 8
 expert-parallel ranks for transpose_segments; the router logits are fp32 whatever the model
 dtype. Prints a table and writes <out>/bench_ops_<device>_<dtype>[_<shape>].json and .md
 (``--out``, default benchmarks/results).
@@ -106,11 +108,14 @@ def leaf(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach().requires_grad_()
 
 
-def expert_ffn(impl, x, logits, bias, w_gate_up, w_down, shape: Shape):
-    """Route -> permute -> SwiGLU experts -> unpermute, with ``impl`` = moe_kernels or reference."""
+def expert_ffn(impl, x, logits, bias, w_gate_up, w_down, shape: Shape, capacity=None):
+    """Route -> permute -> SwiGLU experts -> unpermute, with ``impl`` = moe_kernels or reference;
+    with a ``capacity``, each expert keeps its pairs of highest weight up to it."""
     weights, ids, _ = impl.biased_topk(
         logits, bias, shape.topk, "sigmoid", shape.n_groups, shape.topk_groups
     )
+    if capacity is not None:
+        ids, _, _ = impl.drop_over_capacity(ids, weights, shape.num_experts, capacity, "probs")
     rows, row_map, counts = impl.permute(x, ids, shape.num_experts)
     y = impl.grouped_gemm(impl.grouped_gemm_swiglu(rows, w_gate_up, counts), w_down, counts)
     return impl.unpermute(y, row_map, weights)
@@ -143,9 +148,12 @@ def main() -> None:
     h = randn(rows.shape[0], Fh, generator=g, dtype=dtype)
     pre = randn(rows.shape[0], 2 * Fh, generator=g, dtype=dtype)  # [gate | up]
 
-    def fwd_bwd(impl):
+    def fwd_bwd(impl, capacity=None):
         xx, ll, wg, wd = (leaf(t) for t in (x, logits, w_gate_up, w_down))
-        expert_ffn(impl, xx, ll, bias, wg, wd, shape).sum().backward()
+        expert_ffn(impl, xx, ll, bias, wg, wd, shape, capacity).sum().backward()
+
+    # Token-choice capacity at the fair share (factor 1): a skewed batch drops pairs.
+    capacity = mk.expert_capacity(T, k, E, 1.0)
 
     dense_weights = (w_gate_up[0], w_down[0])
 
@@ -153,6 +161,7 @@ def main() -> None:
         dense_ffn(*(leaf(t) for t in (rows, *dense_weights))).sum().backward()
 
     topk_args = (k, "sigmoid", shape.n_groups, shape.topk_groups)
+    sqrtsoftplus_args = (k, "sqrtsoftplus", shape.n_groups, shape.topk_groups)
     out = torch.empty_like(x)
     # Each implementation updates its own copy of the bias in place, repeat after repeat.
     our_bias, ref_bias = bias.clone(), bias.clone()
@@ -177,10 +186,23 @@ def main() -> None:
              min_bytes=nbytes(logits, weights, ids, counts)),
         Case("biased_topk backward", our_bwd["biased_topk"], ref_bwd["biased_topk"],
              min_bytes=nbytes(grad_weights, logits, ids, logits)),
+        Case("biased_topk sqrtsoftplus", lambda: mk.biased_topk(logits, bias, *sqrtsoftplus_args),
+             lambda: ref.biased_topk(logits, bias, *sqrtsoftplus_args),
+             min_bytes=nbytes(logits, weights, ids, counts)),
+        Case("drop_over_capacity probs", lambda: mk.drop_over_capacity(ids, weights, E, capacity),
+             lambda: ref.drop_over_capacity(ids, weights, E, capacity),
+             min_bytes=nbytes(ids, weights, ids, ids, counts)),
+        Case("drop_over_capacity position",
+             lambda: mk.drop_over_capacity(ids, None, E, capacity, "position"),
+             lambda: ref.drop_over_capacity(ids, None, E, capacity, "position"),
+             min_bytes=nbytes(ids, ids, ids, counts)),
         Case("expert_histogram", lambda: mk.expert_histogram(ids, E),
              lambda: ref.expert_histogram(ids, E), min_bytes=nbytes(ids, counts)),
         Case("update_bias", lambda: mk.update_bias(our_bias, counts, 1e-3),
              lambda: ref.update_bias(ref_bias, counts, 1e-3),
+             min_bytes=nbytes(counts, bias, bias)),
+        Case("update_bias centered", lambda: mk.update_bias(our_bias, counts, 1e-3, centered=True),
+             lambda: ref.update_bias(ref_bias, counts, 1e-3, centered=True),
              min_bytes=nbytes(counts, bias, bias)),
         Case("permute", lambda: mk.permute(x, ids, E), lambda: ref.permute(x, ids, E),
              min_bytes=nbytes(x, ids, rows, row_map)),
@@ -209,6 +231,8 @@ def main() -> None:
              dense=lambda: dense_ffn(rows, *dense_weights)),
         Case("MoE FFN forward+backward", lambda: fwd_bwd(mk), lambda: fwd_bwd(ref),
              dense=dense_fwd_bwd),
+        Case("MoE FFN forward+backward, capacity 1.0",
+             lambda: fwd_bwd(mk, capacity), lambda: fwd_bwd(ref, capacity)),
     ]  # fmt: skip
     copy_bytes = (16 if args.smoke else 512) * 1024 * 1024
     copy_gbps = copy_bandwidth_gbps(dev, args.repeats, copy_bytes)

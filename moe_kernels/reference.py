@@ -175,9 +175,12 @@ def grouped_gemm(
     backend: str = "auto",
 ) -> Tensor:
     weights = b.transpose(1, 2) if trans_b else b
-    segments = a.split(tokens_per_expert.tolist())
+    sizes = tokens_per_expert.tolist()
+    segments = a[: sum(sizes)].split(sizes)
     outputs = [a_e @ w_e for a_e, w_e in zip(segments, weights.unbind(0), strict=True)]
-    return torch.cat(outputs) if outputs else a.new_empty(0, weights.shape[2])
+    # Rows past the segments are no expert's: the op leaves them unwritten, zeros here.
+    tail = a.new_zeros(a.shape[0] - sum(sizes), weights.shape[2])
+    return torch.cat([*outputs, tail])
 
 
 def swiglu(pre: Tensor) -> Tensor:

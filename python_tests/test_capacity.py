@@ -230,7 +230,7 @@ def test_grouped_gemms_leave_the_rows_past_the_segments(device, dtype):
         torch.randn(num_experts, hidden, 2 * ffn, generator=torch.Generator().manual_seed(12)) / 8
     ).to(dtype)
     kept = int(counts.sum())
-    want = ref.grouped_gemm(a[:kept], b, counts)
+    want = ref.grouped_gemm(a, b, counts)[:kept]
     got = mk.grouped_gemm(a.to(device), b.to(device), counts.to(device))
     tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     assert got.shape == (24, 2 * ffn)
