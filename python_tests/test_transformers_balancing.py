@@ -3,6 +3,7 @@ data-parallel ranks, and the ``Trainer`` callback."""
 
 from __future__ import annotations
 
+import importlib
 from types import SimpleNamespace
 
 import pytest
@@ -75,6 +76,43 @@ def test_without_balancing_update_balance_counts_but_keeps_the_models_bias():
     assert update_balance(model).keys() == counts.keys()
     for name, bias in biases.items():
         assert torch.equal(model.get_buffer(name), bias)
+
+
+@pytest.mark.parametrize(
+    "family,module",
+    [("mixtral", "mixtral"), ("qwen3_moe", "qwen3_moe"), ("olmoe", "olmoe")],
+)
+def test_the_loss_free_bias_composes_with_the_familys_own_aux_loss(family, module):
+    """The bias chooses the experts while the model's own load-balancing loss
+    (``output_router_logits``, ``router_aux_loss_coef``) is computed as the family defines it,
+    from the unbiased router logits, and trains the router: the DeepSeek-V3 composition."""
+    load_balancing_loss_func = importlib.import_module(
+        f"transformers.models.{module}.modeling_{module}"
+    ).load_balancing_loss_func
+    model = tiny_model(family, router_aux_loss_coef=0.02)
+    patch(model, balancing="loss_free")
+    g = torch.Generator().manual_seed(5)
+    for _, router in moe_routers(model):
+        getattr(router, BIAS).copy_(torch.randn(8, generator=g))  # large: it moves choices
+    ids = torch.randint(3, 96, (2, 12), generator=g)
+    model.train()
+    plain = model(ids, labels=ids)
+    for _, router in moe_routers(model):
+        router.tokens_per_expert.zero_()
+    out = model(ids, labels=ids, output_router_logits=True)
+    topk = model.config.num_experts_per_tok
+    want = load_balancing_loss_func(out.router_logits, 8, topk)
+    torch.testing.assert_close(out.aux_loss, want)
+    torch.testing.assert_close(out.loss, plain.loss + 0.02 * want)
+    # The choice is the bias's: a layer's counts are not the unbiased top-k of its logits.
+    unbiased = [
+        torch.bincount(logits.topk(topk, dim=-1).indices.flatten(), minlength=8)
+        for logits in out.router_logits
+    ]
+    routed = [router.tokens_per_expert for _, router in moe_routers(model)]
+    assert any(not torch.equal(r, u) for r, u in zip(routed, unbiased, strict=True))
+    (gate_grad,) = torch.autograd.grad(0.02 * out.aux_loss, [moe_blocks(model)[0][1].gate.weight])
+    assert gate_grad.abs().sum() > 0
 
 
 def skewed_model(balancing):
