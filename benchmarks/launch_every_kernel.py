@@ -6,7 +6,7 @@ the program that compute-sanitizer's tools (memcheck, racecheck, synccheck, init
                                              [--check-coverage]
 
 The shapes are the ones where kernels go wrong: experts with no rows and with one row, K and N
-that are not multiples of any tile, permute with align > 1, group-limited routing (whose
+that are not multiples of any tile, permute with align > 1, capacity with dropped pairs, group-limited routing (whose
 padding slots pass group 63 at 448 experts in 64 groups), fp32 (CUDA cores) and bf16 (tensor
 cores), every op's backward. Each result is checked against the pure-PyTorch reference, so a
 kernel that a sanitizer passes but computes wrongly still fails the run.
@@ -118,6 +118,37 @@ def permute_rows(device: str) -> None:
             assert dev_x.grad is not None and dev_weights.grad is not None
 
 
+def capacity(device: str) -> None:
+    """Token-choice capacity: an expert over capacity by hundreds of pairs (the select's many
+    tiles), one with none, ids already dropped (-1), capacity 0; then the permute family on
+    the dropped pairs, compact and padded to capacity."""
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 5, (300, 2), generator=g)
+    ids[:, 1] = (ids[:, 0] + 1 + torch.randint(0, 3, (300,), generator=g)) % 5
+    ids[ids == 3] = 0  # expert 3 gets nothing, expert 0 far more than its share
+    ids[::17] = -1
+    weights = torch.rand(300, 2, generator=g)
+    weights[::5] = 0.5  # ties, broken by position
+    for policy, capacity in [("probs", 70), ("position", 70), ("probs", 0)]:
+        for dtype in (torch.float32, torch.float64):  # the kernel's two key widths
+            given = weights.to(dtype)
+            got = mk.drop_over_capacity(ids.to(device), given.to(device), 5, capacity, policy)
+            want = ref.drop_over_capacity(ids, given, 5, capacity, policy)
+            for name, a, b in zip(("kept_ids", "slots", "dropped"), got, want, strict=True):
+                assert torch.equal(a.cpu(), b), f"drop_over_capacity {policy} {dtype} {name}"
+    kept_ids, slots, _ = ref.drop_over_capacity(ids, weights, 5, 70, "probs")
+    x = torch.randn(300, 16, generator=g)
+    rows, row_map, counts = mk.permute(x.to(device), kept_ids.to(device), 5)
+    want_rows, want_map, want_counts = ref.permute(x, kept_ids, 5)
+    assert torch.equal(rows.cpu(), want_rows) and torch.equal(row_map.cpu(), want_map)
+    assert torch.equal(counts.cpu(), want_counts), "permute of dropped pairs"
+    close(mk.unpermute(rows, row_map, weights.to(device)), ref.unpermute(want_rows, want_map,
+          weights), "unpermute of dropped pairs")  # fmt: skip
+    padded_map = torch.where(kept_ids >= 0, kept_ids * 70 + slots, -1)
+    padded = mk.permute_with_map(x.to(device), padded_map.to(device), None, 5 * 70)
+    assert torch.equal(padded.cpu(), ref.permute_with_map(x, padded_map, None, 5 * 70))
+
+
 def gemms(device: str) -> None:
     g = torch.Generator().manual_seed(2)
     counts = torch.tensor([0, 1, 37, 0, 70, 5])  # empty and single-row experts
@@ -152,7 +183,7 @@ def segments(device: str) -> None:
 
 
 def launch_every_kernel(device: str) -> None:
-    for part in (route, balance, permute_rows, gemms, segments):
+    for part in (route, balance, permute_rows, capacity, gemms, segments):
         part(device)
     if device == "cuda":
         torch.cuda.synchronize()
