@@ -209,3 +209,17 @@ def test_update_balance_sums_the_dropped_pairs_with_the_counts():
     assert [int(c.sum()) for c in counts] == [40 * K, 40 * K]
     assert torch.equal(model[0].balancer.step_dropped_per_expert, dropped)
     assert not model[1].balancer.step_dropped_per_expert.any()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("pad_to_capacity", [False, True])
+def test_capacity_layer_on_a_gpu_never_synchronises(pad_to_capacity):
+    layer = make_layer(pad_to_capacity=pad_to_capacity).cuda()
+    x = torch.randn(64, H, device="cuda", requires_grad=True)
+    layer(x).sum().backward()  # warm-up: first launches, allocator
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        layer(x).sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert layer.dropped_per_expert.sum() > 0
