@@ -19,17 +19,19 @@ namespace moe_kernels::capacity::MOE_KERNELS_TARGET {
 constexpr int kDropThreads = 256;
 constexpr int kRadixBins = 256;
 
-// What the select hands from thread 0 to the block.
-struct SelectState {
-  uint64_t prefix;
+// A key, and a rank among the keys equal to it (1-based): what the select hands from thread 0
+// to the block, and what an expert over capacity keeps (the keys below `key`, and the first
+// `rank` equal to it).
+struct KeyRank {
+  uint64_t key;
   int64_t rank;
 };
 
 // The rank-th smallest (1-based, 1 <= rank <= n) of keys [n], and how many of the keys equal to
 // it are kept: rank minus the keys below it. Returned to every thread of the block.
 template <int kKeyBits>
-__device__ SelectState select_key(const uint64_t* __restrict__ keys, int64_t n, int64_t rank,
-                                  unsigned int* histogram, SelectState* shared) {
+__device__ KeyRank select_key(const uint64_t* __restrict__ keys, int64_t n, int64_t rank,
+                              unsigned int* histogram, KeyRank* shared) {
   uint64_t prefix = 0, mask = 0;
   for (int shift = kKeyBits - 8; shift >= 0; shift -= 8) {
     for (int b = threadIdx.x; b < kRadixBins; b += kDropThreads) histogram[b] = 0;
@@ -46,7 +48,7 @@ __device__ SelectState select_key(const uint64_t* __restrict__ keys, int64_t n, 
       *shared = {prefix | (static_cast<uint64_t>(digit) << shift), rank - below};
     }
     __syncthreads();
-    prefix = shared->prefix;
+    prefix = shared->key;
     rank = shared->rank;
     mask |= uint64_t{0xFF} << shift;
   }
@@ -66,32 +68,32 @@ __global__ void __launch_bounds__(kDropThreads)
                               uint64_t* __restrict__ keys, int64_t* __restrict__ kept_ids,
                               int64_t* __restrict__ slots, int64_t* __restrict__ dropped) {
   MOE_KERNELS_SHARED(unsigned int, histogram, [kRadixBins]);
-  MOE_KERNELS_SHARED(SelectState, select_state, [1]);
+  MOE_KERNELS_SHARED(KeyRank, select_shared, [1]);
   MOE_KERNELS_SHARED(int, warp_totals, [2][kDropThreads / device::kWarpSize]);
   const int expert = blockIdx.x;
   const int64_t n = tokens_per_expert[expert];
   const int64_t* pairs = source_pair + segment_start[expert];
   if (threadIdx.x == 0) dropped[expert] = n > capacity ? n - capacity : 0;
-  // Kept: keys below `threshold`, and the first `quota` equal to it. Unselected, every key is 0.
+  // Unselected (within capacity, or by position), every key is 0 and the first min(n, C) stay.
   const bool by_weight = weights != nullptr && n > capacity;
-  SelectState kept = {0, n < capacity ? n : capacity};
+  KeyRank kept = {0, n < capacity ? n : capacity};
   if (by_weight) {
     keys += segment_start[expert];
     for (int64_t s = threadIdx.x; s < n; s += kDropThreads) keys[s] = drop_key(weights[pairs[s]]);
     __syncthreads();
     kept = select_key<8 * sizeof(typename KeyBits<weight_t>::type)>(keys, n, capacity, histogram,
-                                                                    select_state);
+                                                                    select_shared);
   }
   int64_t ties_before = 0, kept_before = 0;
   for (int64_t base = 0; base < n; base += kDropThreads) {
     const int64_t s = base + threadIdx.x;
     const bool in_segment = s < n;
     const uint64_t key = by_weight && in_segment ? keys[s] : 0;
-    const bool tie = in_segment && key == kept.prefix;
+    const bool tie = in_segment && key == kept.key;
     int tile_ties = 0, tile_kept = 0;
     const int64_t tie_rank = ties_before + device::block_exclusive_sum<kDropThreads>(
                                                int{tie}, warp_totals[0], &tile_ties);
-    const bool keep = in_segment && (key < kept.prefix || (tie && tie_rank < kept.rank));
+    const bool keep = in_segment && (key < kept.key || (tie && tie_rank < kept.rank));
     const int64_t slot = kept_before + device::block_exclusive_sum<kDropThreads>(
                                            int{keep}, warp_totals[1], &tile_kept);
     if (in_segment) {
