@@ -4,6 +4,7 @@ import dataclasses
 import json
 import math
 import sys
+from pathlib import Path
 
 import numpy
 import pytest
@@ -109,6 +110,32 @@ def test_resume_after_a_crash_continues_exactly(tmp_path, monkeypatch):
     ]
     for key in final[0]:
         assert torch.equal(final[0][key], final[1][key]), key
+
+
+class Payload:
+    """What a checkpoint from elsewhere may hold: unpickling it runs a call it names (here,
+    creating a file)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_unread(tmp_path, capsys):
+    out, marker = tmp_path / "runs", tmp_path / "ran"
+    (out / "loss_free").mkdir(parents=True)
+    torch.save({"model": {}, "rng": Payload(marker)}, out / "loss_free" / "checkpoint.pt")
+    with pytest.raises(ValueError, match="refused unread"):
+        load_checkpoint(out / "loss_free" / "checkpoint.pt")
+    args = [*CLI_MICRO, "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--resume"]
+    assert cli.main(args) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("moe-train: error: ") and "objects other than tensors" in line
+    assert not marker.exists()  # the payload never ran
+    torch.load(out / "loss_free" / "checkpoint.pt", weights_only=False)  # what it would do
+    assert marker.exists()
 
 
 def test_resume_refuses_another_configuration(tmp_path):

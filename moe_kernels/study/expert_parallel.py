@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     dist.init_process_group("gloo")
     try:
         layout = init_expert_parallel(dist.get_world_size())
-        windows = torch.load(args.windows)
+        windows = torch.load(args.windows, weights_only=True)
         results = {}
         for run in args.runs:
             config, state = load_export(run / EXPORT_NAME)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import random
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import torch
 from ..parallel import ParallelLayout
 from .atomic import atomic_write
 from .config import TrainConfig
+from .errors import BadData
 
 CHECKPOINT_NAME = "checkpoint.pt"
 # The consolidated weights: every expert of every layer in one state_dict, whatever the number
@@ -61,7 +63,17 @@ def load_export(path: Path) -> tuple[TrainConfig, dict[str, torch.Tensor]]:
 
 def load_checkpoint(path: Path) -> dict[str, object]:
     """Loads a checkpoint written by ``save_checkpoint`` onto the CPU (``load_state_dict``
-    moves tensors to the model's device) and restores its RNG states."""
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    moves tensors to the model's device) and restores its RNG states.
+
+    Weights only: a checkpoint holds tensors and plain data (numbers, strings, lists, dicts),
+    which is all ``save_checkpoint`` writes. A file that holds anything else, which unpickling
+    would construct by running code it names, is refused without running any of it."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise BadData(
+            f"{path} holds objects other than tensors and plain data: refused unread, as "
+            "loading them could run code (a moe-train checkpoint holds none)"
+        ) from None
     restore_rng_state(state["rng"])
     return state
