@@ -8,6 +8,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from . import ops
 
@@ -87,7 +88,7 @@ class SwiGLUExperts(nn.Module):
     def forward(self, rows: Tensor, tokens_per_expert: Tensor) -> Tensor:
         """[R, H] rows in expert order, [E] rows per expert -> [R, H] (see ``swiglu_experts``)."""
         return swiglu_experts(
-            rows, self.gate_up_proj, self.down_proj, tokens_per_expert, self.backend
+            rows, held(self.gate_up_proj), held(self.down_proj), tokens_per_expert, self.backend
         )
 
     def extra_repr(self) -> str:
@@ -97,6 +98,13 @@ class SwiGLUExperts(nn.Module):
             f"num_experts={self.num_experts}{shard if self.sharded else ''}, "
             f"hidden_size={hidden}, ffn_hidden_size={two_ffn // 2}, backend={self.backend}"
         )
+
+
+def held(weight: Tensor) -> Tensor:
+    """The experts this rank holds of a weight: under FSDP2 with expert parallelism the weight
+    is a DTensor of all E experts, sharded over the expert-parallel ranks, whose local part is
+    this rank's (``moe_kernels.fsdp``)."""
+    return weight.to_local() if isinstance(weight, DTensor) else weight
 
 
 def swiglu_experts(

@@ -16,9 +16,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.distributed.fsdp import FSDPModule
 from tqdm import tqdm
 
-from .. import balance
+from .. import balance, fsdp
 from .._nvtx import nvtx_range
 from ..dispatch import init_nccl
 from ..layer import MoELayer, moe_layers, total_aux_loss, update_balance
@@ -233,8 +234,12 @@ def train_step(
         z_losses.append(z_loss)
         micro_counts.append(layer_counts(model))
     with nvtx_range("optimizer"):
-        average_gradients(model, layout)
-        grad_norm = clip_grad_norm_(model, config.grad_clip, layout)
+        if isinstance(model, FSDPModule):
+            fsdp.finish_gradients(model, layout)
+            grad_norm = fsdp.clip_grad_norm_(model, config.grad_clip)
+        else:
+            average_gradients(model, layout)
+            grad_norm = clip_grad_norm_(model, config.grad_clip, layout)
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)

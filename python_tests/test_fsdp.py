@@ -1,0 +1,133 @@
+"""FSDP2 over the data x expert-parallel layout (``moe_kernels.fsdp``) on 1, 2 and 4 Gloo
+ranks: one training step gives the loss, gradient norm, updated weights and bias of one
+process on the same global batch, as the expert-parallel tests hold the package's own
+gradient averaging to."""
+
+import dataclasses
+
+import pytest
+import torch
+from ranks import run_on_ranks
+from test_expert_parallel import SMALL, GlobalBatches, one_step
+
+from moe_kernels import fsdp, parallel
+from moe_kernels.train import loop
+from moe_kernels.train.model import MoETransformer
+
+BALANCING = ("loss_free", "none")
+torch.manual_seed(SMALL.seed)
+SMALL_INIT = MoETransformer(SMALL).state_dict()  # the weights every step starts from
+
+
+def fsdp_step(config, layout, param_dtype=None):
+    """``one_step`` with the model sharded by FSDP2 on the layout's mesh."""
+    torch.manual_seed(config.seed)
+    model = MoETransformer(config, layout)
+    mesh = fsdp.fsdp_mesh(layout, "cpu")
+    fsdp.shard_model(model, mesh, model.blocks, param_dtype)
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr)
+    schedule = loop.make_schedule(optimizer, config)
+    batches = GlobalBatches(config.micro_batch_size * layout.world_size, config)
+    row = loop.train_step(model, optimizer, schedule, batches, config, torch.device("cpu"), layout)
+    return row, fsdp.full_state_dict(model)
+
+
+def _fsdp_steps(rank, world_size, config):
+    layout = parallel.init_expert_parallel(config.ep_size)
+    return {b: fsdp_step(dataclasses.replace(config, balancing=b), layout) for b in BALANCING}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world_size,ep_size", [(2, 2), (4, 2), (4, 4)])
+def test_an_fsdp_step_equals_one_process_on_the_global_batch(tmp_path, world_size, ep_size):
+    ranks = run_on_ranks(
+        _fsdp_steps, world_size, tmp_path, dataclasses.replace(SMALL, ep_size=ep_size)
+    )
+    for balancing in BALANCING:
+        config = dataclasses.replace(SMALL, balancing=balancing)
+        want_row, want_state = one_step(
+            dataclasses.replace(config, micro_batch_size=config.micro_batch_size * world_size),
+            parallel.ParallelLayout(),
+        )
+        for rank in ranks:
+            row, state = rank[balancing]
+            assert row["train_loss"] == pytest.approx(want_row["train_loss"], rel=1e-6)
+            assert row["grad_norm"] == pytest.approx(want_row["grad_norm"], rel=1e-5)
+            assert row["maxvio_batch"] == want_row["maxvio_batch"]  # exact integer counts
+            assert state.keys() == want_state.keys()
+            for name, want in want_state.items():
+                torch.testing.assert_close(state[name], want, rtol=1e-5, atol=1e-6, msg=name)
+            if balancing == "loss_free":
+                assert state["blocks.0.ffn.balancer.bias"].abs().sum() > 0  # it moved
+
+
+def _sharding(rank, world_size, config):
+    layout = parallel.init_expert_parallel(config.ep_size)
+    model = MoETransformer(config, layout)
+    fsdp.shard_model(model, fsdp.fsdp_mesh(layout, "cpu"), model.blocks, torch.bfloat16)
+    experts, router = model.blocks[0].ffn.experts, model.blocks[0].ffn.router
+    seen = {}
+
+    def dtype_of(name, weight):
+        def hook(module, args):
+            seen.setdefault(name, getattr(module, weight).dtype)
+
+        return hook
+
+    router.register_forward_pre_hook(dtype_of("router", "weight"))
+    experts.register_forward_pre_hook(dtype_of("experts", "gate_up_proj"))
+    model(torch.randint(config.model.vocab_size, (2, config.seq_len)))
+    weight = experts.gate_up_proj
+    return {
+        "experts": (tuple(weight.shape), tuple(weight.to_local().shape), str(weight.placements)),
+        "attention": tuple(model.blocks[0].attention.qkv.weight.to_local().shape),
+        "dtypes": seen,
+    }
+
+
+@pytest.mark.slow
+def test_experts_are_sharded_over_both_dimensions_and_routers_stay_fp32(tmp_path):
+    config = dataclasses.replace(SMALL, ep_size=2)
+    ranks = run_on_ranks(_sharding, 4, tmp_path, config)
+    model = config.model
+    for rank in ranks:
+        whole, local, placements = rank["experts"]
+        # [E, 2F, H] whole; E / 2 experts per expert-parallel rank, halved again over the
+        # two ranks holding the same experts.
+        assert whole == (model.num_experts, 2 * model.expert_ffn_hidden_size, model.hidden_size)
+        assert local == (model.num_experts // 4, *whole[1:])
+        assert "Shard(dim=0)" in placements
+        assert rank["attention"] == (3 * model.hidden_size // 4, model.hidden_size)
+        assert rank["dtypes"] == {"router": torch.float32, "experts": torch.bfloat16}
+
+
+def _bf16_step(rank, world_size, config):
+    layout = parallel.init_expert_parallel(config.ep_size)
+    return fsdp_step(config, layout, torch.bfloat16)
+
+
+@pytest.mark.slow
+def test_bf16_parameters_train_within_bf16_error_of_fp32(tmp_path):
+    config = dataclasses.replace(SMALL, ep_size=2)
+    ranks = run_on_ranks(_bf16_step, 2, tmp_path, config)
+    want_row, want_state = one_step(
+        dataclasses.replace(SMALL, micro_batch_size=SMALL.micro_batch_size * 2),
+        parallel.ParallelLayout(),
+    )
+    for row, state in ranks:
+        assert row["train_loss"] == pytest.approx(want_row["train_loss"], rel=1e-2)
+        assert row["grad_norm"] == pytest.approx(want_row["grad_norm"], rel=5e-2)
+        # fp32 master weights (FSDP2 keeps the sharded parameters in their dtype), moved by
+        # gradients reduced in fp32.
+        assert all(t.dtype == want_state[name].dtype for name, t in state.items())
+        update = (
+            state["blocks.1.ffn.experts.down_proj"] - SMALL_INIT["blocks.1.ffn.experts.down_proj"]
+        )
+        want_update = (
+            want_state["blocks.1.ffn.experts.down_proj"]
+            - SMALL_INIT["blocks.1.ffn.experts.down_proj"]
+        )
+        assert (
+            torch.nn.functional.cosine_similarity(update.flatten(), want_update.flatten(), dim=0)
+            > 0.99
+        )
