@@ -1,17 +1,19 @@
 """FSDP2 over the data x expert-parallel layout (``moe_kernels.fsdp``) on 1, 2 and 4 Gloo
 ranks: one training step gives the loss, gradient norm, updated weights and bias of one
 process on the same global batch, as the expert-parallel tests hold the package's own
-gradient averaging to."""
+gradient averaging to; ``moe-train --fsdp`` checkpoints resume on another layout."""
 
 import dataclasses
+import shutil
 
 import pytest
 import torch
-from ranks import run_on_ranks
-from test_expert_parallel import SMALL, GlobalBatches, one_step
+from ranks import launch, run_on_ranks
+from test_expert_parallel import SMALL, GlobalBatches, _cli, cli_args, one_step, read_history
 
 from moe_kernels import fsdp, parallel
-from moe_kernels.train import loop
+from moe_kernels.train import cli, loop
+from moe_kernels.train.checkpoint import load_export
 from moe_kernels.train.model import MoETransformer
 
 BALANCING = ("loss_free", "none")
@@ -131,3 +133,45 @@ def test_bf16_parameters_train_within_bf16_error_of_fp32(tmp_path):
             torch.nn.functional.cosine_similarity(update.flatten(), want_update.flatten(), dim=0)
             > 0.99
         )
+
+
+def losses(run_dir):
+    return [row["train_loss"] for row in read_history(run_dir / "loss_free")]
+
+
+@pytest.mark.slow
+def test_sharded_checkpoints_resume_on_another_layout(tmp_path):
+    """moe-train --fsdp on 4 ranks (ep 2) stopped after its step-3 checkpoint, resumed on 2
+    ranks (ep 2) and on one process with the same global batch: each continues as the
+    uninterrupted run does, to the rounding of another reduction order; the checkpoint is one
+    folder of DCP shards, and the export loads into the unsharded model."""
+    sharded = ("--fsdp", "--ep-size", "2")
+    whole = cli_args(tmp_path, tmp_path / "whole", *sharded, "--micro-batch-size", "1")
+    outcomes = launch(_cli, 4, tmp_path, whole)
+    assert [o.exitcode for o in outcomes] == [0] * 4, [o.error for o in outcomes]
+    run_dir = tmp_path / "whole" / "loss_free"
+    assert (run_dir / "checkpoint" / "state.json").exists()
+    assert not list(run_dir.glob("checkpoint*.pt"))
+
+    stopped = cli_args(tmp_path, tmp_path / "stopped", *sharded, "--micro-batch-size", "1")
+    outcomes = launch(_cli, 4, tmp_path, stopped, 4, (0, 1, 2, 3))  # fails starting step 4
+    assert all("injected failure" in o.error for o in outcomes)
+    checkpoint = tmp_path / "stopped" / "loss_free"
+    for name, ranks, micro in (("two", 2, "2"), ("one", 1, "4")):
+        shutil.copytree(checkpoint, tmp_path / name / "loss_free")
+        args = [*cli_args(tmp_path, tmp_path / name, "--fsdp", "--micro-batch-size", micro,
+                          "--ep-size", str(min(ranks, 2))), "--resume"]  # fmt: skip
+        if ranks == 1:  # FSDP2 on a process group of one rank, which moe-train makes
+            assert cli.main(args) == 0
+            assert not torch.distributed.is_initialized()  # and ends with the run
+        else:
+            outcomes = launch(_cli, ranks, tmp_path, args)
+            assert [o.exitcode for o in outcomes] == [0] * ranks, [o.error for o in outcomes]
+        resumed, want = losses(tmp_path / name), losses(tmp_path / "whole")
+        assert resumed[:3] == want[:3]  # the history it resumed from
+        assert resumed[3:] == pytest.approx(want[3:], rel=1e-5), name
+
+    config, weights = load_export(run_dir / "model.pt")
+    model = MoETransformer(config)
+    model.load_state_dict(weights)
+    assert model.blocks[0].ffn.experts.gate_up_proj.shape[0] == 8  # every expert

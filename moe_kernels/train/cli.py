@@ -127,6 +127,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="loss-free: subtract each bias update's mean, so the biases stay centred",
     )
     parser.add_argument(
+        "--fsdp",
+        action="store_const",
+        const=True,
+        help="shard the model with FSDP2 over the ranks (experts over --ep-size groups, then "
+        "over their replicas); checkpoints are sharded and resume on another number of ranks",
+    )
+    parser.add_argument(
         "--pad-to-capacity",
         action="store_const",
         const=True,
@@ -139,7 +146,7 @@ def config_from_args(args: argparse.Namespace, balancing: str) -> TrainConfig:
     preset = PRESETS[args.preset]
     run = {
         name: getattr(args, name)
-        for name in (*RUN_OPTIONS, "center_bias", "pad_to_capacity")
+        for name in (*RUN_OPTIONS, "center_bias", "pad_to_capacity", "fsdp")
         if getattr(args, name) is not None
     }
     model = {name: getattr(args, name) for name in MODEL_OPTIONS if getattr(args, name) is not None}
@@ -185,11 +192,18 @@ def report(error: UsageError) -> int:
     return 2
 
 
-def init_distributed(device: str, timeout: float) -> torch.device | None:
-    """Joins the torchrun job this process belongs to (none when not launched by torchrun):
-    NCCL between GPUs, one per local rank, Gloo between CPU processes. Returns the device."""
+def init_distributed(device: str, timeout: float, fsdp: bool) -> torch.device | None:
+    """Joins the torchrun job this process belongs to: NCCL between GPUs, one per local rank,
+    Gloo between CPU processes. Returns the device; None when not launched by torchrun,
+    except with ``fsdp``: FSDP2 shards over a process group, so one process gets a group of
+    its own (one rank)."""
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        return None
+        if not fsdp:
+            return None
+        torch_device = resolve_device(device)
+        backend = "cpu:gloo,cuda:nccl" if torch_device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        return torch_device
     torch_device = resolve_device(device)
     if torch_device.type == "cuda":
         torch_device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -210,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as error:
         return report(error)
     out = args.out or Path("runs") / args.preset
-    device = init_distributed(args.device, args.timeout)
+    device = init_distributed(args.device, args.timeout, bool(args.fsdp))
     rank = dist.get_rank() if device is not None else 0
     try:
         return run(args, configs, out, args.device if device is None else str(device), rank)

@@ -88,6 +88,9 @@ class TrainConfig:
     # rank draws its own micro-batch (the global batch is micro_batch_size x ranks).
     ep_size: int = 1
     ep_transport: str = "auto"
+    # FSDP2 over the ranks (moe_kernels.fsdp; with dtype "bf16", bf16 parameters), with
+    # sharded checkpoints that resume on another layout.
+    fsdp: bool = False
     eval_every: int = 100
     eval_tokens: int = 65536
     checkpoint_every: int = 100

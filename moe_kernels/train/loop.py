@@ -47,6 +47,11 @@ from .documents import default_cache_dir
 from .errors import BadArgument
 from .model import MoETransformer, language_model_loss
 from .plots import plot_runs
+from .sharded_checkpoint import (
+    SHARDED_CHECKPOINT_NAME,
+    load_sharded_checkpoint,
+    save_sharded_checkpoint,
+)
 from .tensorboard import ScalarLog
 from .tokenizer import get_tokenizer
 
@@ -303,6 +308,17 @@ def parameter_count(model: torch.nn.Module, layout: ParallelLayout) -> int:
     )
 
 
+def resumable(config: dict[str, object], ranks: int) -> dict[str, object]:
+    """What a resumed run must share with the run that wrote its checkpoint: every setting,
+    except how the ranks split the work (the expert-parallel size and transport, the
+    micro-batch of a rank), as long as the global batches are the same. Only sharded
+    checkpoints (``--fsdp``) resume on another layout; a per-rank one is found by its ranks'
+    number."""
+    kept = {k: v for k, v in config.items() if k not in ("ep_size", "ep_transport")}
+    kept["micro_batch_size"] = config["micro_batch_size"] * ranks  # of the global batch
+    return json.loads(json.dumps(kept))
+
+
 def train(
     config: TrainConfig,
     out_dir: Path,
@@ -327,7 +343,10 @@ def train(
     transport "auto" is the direct NCCL one: safe here, since this loop runs no other collective
     while rows move (gradients are reduced after backward). A collective that waits longer than
     ``timeout`` for another rank stops this one with an error. ``tensorboard``: a folder where
-    rank 0 also writes each history row as TensorBoard scalars."""
+    rank 0 also writes each history row as TensorBoard scalars. With ``config.fsdp`` the model
+    is sharded by FSDP2 (``moe_kernels.fsdp``) over the default group, which must exist (one
+    rank of its own for one process: ``moe-train --fsdp`` makes it), and the checkpoint is a
+    folder of DCP shards that resumes on another number of ranks or expert-parallel size."""
     layout = init_expert_parallel(config.ep_size, timeout)
     is_main = layout.rank == 0
     # The data first: a source that cannot be read, or too short for a window, stops the run
@@ -360,19 +379,37 @@ def train(
     random.seed(config.seed)
     torch.manual_seed(config.seed)
     model = MoETransformer(config, layout).to(torch_device)
+    if config.fsdp:
+        param_dtype = torch.bfloat16 if config.dtype == "bf16" else None
+        fsdp.shard_model(
+            model, fsdp.fsdp_mesh(layout, torch_device.type), model.blocks, param_dtype
+        )
     optimizer = make_optimizer(model, config)
     schedule = make_schedule(optimizer, config)
     history: list[dict[str, object]] = []
-    checkpoint_path = out_dir / checkpoint_name(layout)
+    checkpoint_path = out_dir / (
+        SHARDED_CHECKPOINT_NAME if config.fsdp else checkpoint_name(layout)
+    )
     if resume and checkpoint_path.exists():
-        state = load_checkpoint(checkpoint_path)
-        if state["config"] != config.to_dict():
+        if config.fsdp:
+            state = load_sharded_checkpoint(
+                checkpoint_path, model, optimizer, {"sampler": sampler.state_dict()}
+            )
+        else:
+            state = load_checkpoint(checkpoint_path)
+        # Settings added since the checkpoint was written take their defaults.
+        written = TrainConfig.from_dict(state["config"]).to_dict()
+        if config.fsdp:
+            written = resumable(written, state["ranks"])
+        wanted = resumable(config.to_dict(), layout.world_size) if config.fsdp else config.to_dict()
+        if written != wanted:
             raise BadArgument(
                 f"--resume: the checkpoint in {out_dir} was written by another configuration; "
                 "use the same options or another --out"
             )
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        if not config.fsdp:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         sampler.load_state_dict(state["sampler"])
         history = state["history"]
@@ -387,16 +424,25 @@ def train(
     step = history[-1]["step"] if history else 0
 
     def checkpoint() -> None:
-        save_checkpoint(
-            checkpoint_path,
-            model=model.state_dict(),
-            optimizer=optimizer.state_dict(),
+        run_state = dict(
             schedule=schedule.state_dict(),
             sampler=sampler.state_dict(),
             config=config.to_dict(),
             history=history,
         )
-        export = consolidated_state_dict(model, layout)
+        if config.fsdp:
+            save_sharded_checkpoint(
+                checkpoint_path, model, optimizer, ranks=layout.world_size, **run_state
+            )
+            export = fsdp.full_state_dict(model)
+        else:
+            save_checkpoint(
+                checkpoint_path,
+                model=model.state_dict(),
+                optimizer=optimizer.state_dict(),
+                **run_state,
+            )
+            export = consolidated_state_dict(model, layout)
         if is_main:
             save_export(out_dir / EXPORT_NAME, export, config)
             write_history(history, out_dir)
