@@ -39,12 +39,8 @@ def _fsdp_steps(rank, world_size, config):
     return {b: fsdp_step(dataclasses.replace(config, balancing=b), layout) for b in BALANCING}
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("world_size,ep_size", [(2, 2), (4, 2), (4, 4)])
-def test_an_fsdp_step_equals_one_process_on_the_global_batch(tmp_path, world_size, ep_size):
-    ranks = run_on_ranks(
-        _fsdp_steps, world_size, tmp_path, dataclasses.replace(SMALL, ep_size=ep_size)
-    )
+def assert_equal_to_one_process(ranks, world_size):
+    """Each rank's step against one process's on the global batch, without FSDP."""
     for balancing in BALANCING:
         config = dataclasses.replace(SMALL, balancing=balancing)
         want_row, want_state = one_step(
@@ -61,6 +57,20 @@ def test_an_fsdp_step_equals_one_process_on_the_global_batch(tmp_path, world_siz
                 torch.testing.assert_close(state[name], want, rtol=1e-5, atol=1e-6, msg=name)
             if balancing == "loss_free":
                 assert state["blocks.0.ffn.balancer.bias"].abs().sum() > 0  # it moved
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world_size,ep_size", [(2, 2), (4, 2), (4, 4)])
+def test_an_fsdp_step_equals_one_process_on_the_global_batch(tmp_path, world_size, ep_size):
+    config = dataclasses.replace(SMALL, ep_size=ep_size)
+    assert_equal_to_one_process(run_on_ranks(_fsdp_steps, world_size, tmp_path, config), world_size)
+
+
+@pytest.mark.slow
+def test_activation_checkpointing_keeps_the_step_and_exact_counts(tmp_path):
+    # Each block recomputed in the backward: its dispatch and routing run again, uncounted.
+    config = dataclasses.replace(SMALL, ep_size=2, activation_checkpointing=True)
+    assert_equal_to_one_process(run_on_ranks(_fsdp_steps, 2, tmp_path, config), 2)
 
 
 def _sharding(rank, world_size, config):
@@ -175,3 +185,17 @@ def test_sharded_checkpoints_resume_on_another_layout(tmp_path):
     model = MoETransformer(config)
     model.load_state_dict(weights)
     assert model.blocks[0].ffn.experts.gate_up_proj.shape[0] == 8  # every expert
+
+
+def test_activation_checkpointing_recomputes_each_block_once():
+    config = dataclasses.replace(SMALL, activation_checkpointing=True)
+    torch.manual_seed(0)
+    model = MoETransformer(config)
+    calls = []
+    model.blocks[1].attention.register_forward_hook(lambda *args: calls.append(1))
+    tokens = torch.randint(config.model.vocab_size, (2, config.seq_len))
+    model(tokens).sum().backward()
+    assert len(calls) == 2  # the forward, and its recompute in the backward
+    with torch.no_grad():
+        model(tokens)
+    assert len(calls) == 3  # nothing to recompute without gradients

@@ -134,6 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
         "over their replicas); checkpoints are sharded and resume on another number of ranks",
     )
     parser.add_argument(
+        "--activation-checkpointing",
+        action="store_const",
+        const=True,
+        help="recompute each block's activations in the backward (less memory; the balancer's "
+        "counts stay exact)",
+    )
+    parser.add_argument(
         "--pad-to-capacity",
         action="store_const",
         const=True,
@@ -146,7 +153,13 @@ def config_from_args(args: argparse.Namespace, balancing: str) -> TrainConfig:
     preset = PRESETS[args.preset]
     run = {
         name: getattr(args, name)
-        for name in (*RUN_OPTIONS, "center_bias", "pad_to_capacity", "fsdp")
+        for name in (
+            *RUN_OPTIONS,
+            "center_bias",
+            "pad_to_capacity",
+            "fsdp",
+            "activation_checkpointing",
+        )  # fmt: skip
         if getattr(args, name) is not None
     }
     model = {name: getattr(args, name) for name in MODEL_OPTIONS if getattr(args, name) is not None}

@@ -91,6 +91,8 @@ class TrainConfig:
     # FSDP2 over the ranks (moe_kernels.fsdp; with dtype "bf16", bf16 parameters), with
     # sharded checkpoints that resume on another layout.
     fsdp: bool = False
+    # Recompute each block's activations in the backward (less memory, a forward more).
+    activation_checkpointing: bool = False
     eval_every: int = 100
     eval_tokens: int = 65536
     checkpoint_every: int = 100

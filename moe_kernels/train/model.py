@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from ..balancer import RateSchedule
 from ..experts import SwiGLUExperts, SwiGLUMLP
@@ -128,6 +129,8 @@ class MoETransformer(nn.Module):
         cos, sin = rotary_tables(model.hidden_size // model.num_heads, model.max_seq_len)
         self.register_buffer("rotary_cos", cos, persistent=False)
         self.register_buffer("rotary_sin", sin, persistent=False)
+        # Recompute each block's activations in the backward instead of keeping them.
+        self.activation_checkpointing = config.activation_checkpointing
         self.reset_parameters()
 
     @torch.no_grad()
@@ -160,7 +163,12 @@ class MoETransformer(nn.Module):
         cos, sin = self.rotary_cos[:seq_len], self.rotary_sin[:seq_len]
         x = self.embedding(tokens)
         for block in self.blocks:
-            x = block(x, cos, sin)
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                # The recompute routes again but does not count again (MoELayer's balancer
+                # skips forwards inside the backward), so the step's counts stay exact.
+                x = checkpoint(block, x, cos, sin, use_reentrant=False)
+            else:
+                x = block(x, cos, sin)
         return F.linear(self.norm(x), self.embedding.weight)
 
 
