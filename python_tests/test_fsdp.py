@@ -4,12 +4,14 @@ process on the same global batch, as the expert-parallel tests hold the package'
 gradient averaging to; ``moe-train --fsdp`` checkpoints resume on another layout."""
 
 import dataclasses
+import pickle
 import shutil
 
 import pytest
 import torch
 from ranks import launch, run_on_ranks
 from test_expert_parallel import SMALL, GlobalBatches, _cli, cli_args, one_step, read_history
+from test_train import Payload
 
 from moe_kernels import fsdp, parallel
 from moe_kernels.train import cli, loop
@@ -199,3 +201,16 @@ def test_activation_checkpointing_recomputes_each_block_once():
     with torch.no_grad():
         model(tokens)
     assert len(calls) == 3  # nothing to recompute without gradients
+
+
+def test_a_sharded_checkpoint_whose_metadata_would_run_code_is_refused(tmp_path, capsys):
+    args = [*cli_args(tmp_path, tmp_path / "run", "--fsdp", "--steps", "2"), "--resume"]
+    assert cli.main(args) == 0
+    checkpoint = tmp_path / "run" / "loss_free" / "checkpoint"
+    assert cli.main(args) == 0  # a genuine checkpoint resumes (nothing left to train)
+    marker = tmp_path / "ran"
+    (checkpoint / ".metadata").write_bytes(pickle.dumps(Payload(marker)))
+    assert cli.main(args) == 2
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert line.startswith("moe-train: error: ") and "names pathlib.Path.touch" in line
+    assert "refused unread" in line and not marker.exists()  # the payload never ran

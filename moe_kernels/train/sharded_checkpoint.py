@@ -6,13 +6,17 @@ one process.
 The folder holds DCP's files (model and optimizer state, by fully qualified name, each weight
 with its whole shape: the experts' is [E, ...] whatever the layout) and ``state.json`` (the
 schedule, the data position, the configuration, the history and the RNG states: plain data,
-written by rank 0). Nothing in it is unpickled on load. A save is atomic: the ranks write into
+written by rank 0). DCP reads its metadata file with pickle, which would construct whatever
+the file names by running code: the file is read first with an unpickler that knows only
+DCP's metadata types, and a checkpoint naming anything else is refused. (DCP reads tensors as
+raw bytes, and other values weights-only.) A save is atomic: the ranks write into
 ``<folder>.tmp``, and once all have finished rank 0 puts it in place of the previous one.
 """
 
 from __future__ import annotations
 
 import json
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -23,8 +27,46 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from .errors import BadData
+
 SHARDED_CHECKPOINT_NAME = "checkpoint"
 STATE_NAME = "state.json"
+METADATA_NAME = ".metadata"  # DCP's
+# What DCP's metadata may name besides its own dataclasses: each builds a value, runs nothing.
+METADATA_GLOBALS = {
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "PurePosixPath"),
+}
+
+
+class MetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP's metadata, refusing any global but its types, torch dtypes and those of
+    ``METADATA_GLOBALS``."""
+
+    def find_class(self, module: str, name: str) -> object:
+        known = (
+            module == "torch.distributed.checkpoint.metadata"
+            or (module, name) in METADATA_GLOBALS
+            or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))
+        )
+        if not known:
+            raise pickle.UnpicklingError(f"{module}.{name}")
+        return super().find_class(module, name)
+
+
+def check_metadata(path: Path) -> None:
+    """Raises BadData if DCP's metadata in ``path`` names anything unpickling it would run."""
+    try:
+        with open(path / METADATA_NAME, "rb") as file:
+            MetadataUnpickler(file).load()
+    except pickle.UnpicklingError as error:
+        raise BadData(
+            f"{path} is not a moe-train checkpoint: its {METADATA_NAME} names {error}, not a "
+            "checkpoint metadata type; refused unread, as loading it could run code"
+        ) from None
 
 
 def _is_main() -> bool:
@@ -84,6 +126,7 @@ def load_sharded_checkpoint(
     """Loads the shards this rank's model and optimizer hold now, whatever the layout that
     wrote them, restores the RNG states, and returns the rest of the state; ``like``: a
     ``state`` as saved, whose tensors give the shapes to read (a sampler's state now)."""
+    check_metadata(path)
     model_state, optimizer_state = get_state_dict(model, optimizer)
     tensors, _ = _tensors_apart({**like, "rng": {"torch": torch.get_rng_state()}})
     loaded = {"model": model_state, "optimizer": optimizer_state, "state": tensors}
