@@ -4,6 +4,7 @@ process on the same global batch, as the expert-parallel tests hold the package'
 gradient averaging to; ``moe-train --fsdp`` checkpoints resume on another layout."""
 
 import dataclasses
+import math
 import pickle
 import shutil
 
@@ -214,3 +215,14 @@ def test_a_sharded_checkpoint_whose_metadata_would_run_code_is_refused(tmp_path,
     (line,) = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
     assert line.startswith("moe-train: error: ") and "names pathlib.Path.touch" in line
     assert "refused unread" in line and not marker.exists()  # the payload never ran
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_an_fsdp_training_step_on_a_gpu_in_one_process(tmp_path):
+    # FSDP2 on a one-rank NCCL group, bf16 parameters, experts and routing on the CUDA kernels.
+    args = cli_args(tmp_path, tmp_path / "run", "--fsdp", "--device", "cuda", "--dtype", "bf16",
+                    "--steps", "2", "--eval-every", "2", "--checkpoint-every", "2")  # fmt: skip
+    assert cli.main(args) == 0
+    rows = read_history(tmp_path / "run" / "loss_free")
+    assert len(rows) == 2 and all(math.isfinite(row["train_loss"]) for row in rows)
+    assert (tmp_path / "run" / "loss_free" / "checkpoint" / "state.json").exists()
