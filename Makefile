@@ -75,8 +75,9 @@ endif
 # there), in a venv of its own: the CUDA variant, the one that machine builds, compiled against
 # it (its sources are the CPU variant's and more), then a subset of the suite that fits CI's
 # time: ops on the CPU and on one emulator schedule (the other doubles the time), build,
-# compile, opcheck, the layer, the transformers patch and Trainer, a short training run, 2 Gloo
-# ranks and the NCCL paths of the rank tests.
+# compile, opcheck, the layer and token capacity, the transformers patch, Trainer and export,
+# a short training run, 2 Gloo ranks, FSDP2 and its sharded checkpoints, and the NCCL paths
+# of the rank tests.
 PYTHON312 ?= /root/.pyenv/versions/3.12.1/bin/python3
 GM_VENV ?= .venv-gpu-machine
 GM_PY := $(GM_VENV)/bin/python
@@ -85,8 +86,9 @@ GM_TESTS := $(addprefix python_tests/,test_routing.py test_permute.py test_group
 	test_grouped_gemm_backends.py \
 	test_histogram_bias.py test_transpose_segments.py test_errors.py test_build.py \
 	test_compile.py test_opcheck.py test_emulator.py test_emulator_tensor_core.py \
-	test_layer.py test_balance.py test_readme.py \
-	test_transformers_patch.py test_transformers_balancing.py \
+	test_layer.py test_balance.py test_readme.py test_capacity.py test_layer_capacity.py \
+	test_transformers_patch.py test_transformers_balancing.py test_export_transformers.py \
+	test_fsdp.py \
 	test_train.py::test_loss_falls_and_the_outputs_are_written \
 	test_dispatch.py::test_bad_calls_raise_on_every_rank \
 	"test_dispatch.py::test_dispatch_and_combine_match_all_to_all_single[2-8-cpu]" \
