@@ -19,6 +19,7 @@ import json
 import pickle
 import random
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -32,6 +33,7 @@ from .errors import BadData
 SHARDED_CHECKPOINT_NAME = "checkpoint"
 STATE_NAME = "state.json"
 METADATA_NAME = ".metadata"  # DCP's
+METADATA_MODULE = "torch.distributed.checkpoint.metadata"
 # What DCP's metadata may name besides its own dataclasses: each builds a value, runs nothing.
 METADATA_GLOBALS = {
     ("torch", "Size"),
@@ -47,10 +49,12 @@ class MetadataUnpickler(pickle.Unpickler):
     ``METADATA_GLOBALS``."""
 
     def find_class(self, module: str, name: str) -> object:
+        found = getattr(sys.modules.get(module), name, None)
         known = (
-            module == "torch.distributed.checkpoint.metadata"
+            # A type defined there, not a name it imports.
+            (module == METADATA_MODULE and getattr(found, "__module__", None) == module)
             or (module, name) in METADATA_GLOBALS
-            or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))
+            or (module == "torch" and isinstance(found, torch.dtype))
         )
         if not known:
             raise pickle.UnpicklingError(f"{module}.{name}")
