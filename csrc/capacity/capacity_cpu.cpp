@@ -13,25 +13,10 @@
 #include "common/dispatch.h"
 #include "common/nvtx.h"
 #include "emu/cpu_or_emulated.h"
+#include "permute/row_map_cpu.h"
 
 namespace moe_kernels::capacity {
 namespace {
-
-// The pairs of each expert in pair order: pairs[first[e] .. first[e + 1]). Dropped pairs (-1)
-// are in none.
-void group_by_expert(const int64_t* ids, int64_t num_pairs, int64_t num_experts,
-                     std::vector<int64_t>& first, std::vector<int64_t>& pairs) {
-  first.assign(num_experts + 1, 0);
-  for (int64_t i = 0; i < num_pairs; ++i) {
-    if (ids[i] >= 0) ++first[ids[i] + 1];
-  }
-  for (int64_t e = 0; e < num_experts; ++e) first[e + 1] += first[e];
-  pairs.resize(first[num_experts]);
-  std::vector<int64_t> next(first.begin(), first.end() - 1);
-  for (int64_t i = 0; i < num_pairs; ++i) {
-    if (ids[i] >= 0) pairs[next[ids[i]]++] = i;
-  }
-}
 
 template <typename weight_t>
 void drop_expert_pairs(const int64_t* pairs, int64_t n, int64_t expert, int64_t capacity,
@@ -66,8 +51,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> drop_over_capacity_cpu(
   auto kept_ids = at::full(ids.sizes(), -1, int64);
   auto slots = at::full(ids.sizes(), -1, int64);
   auto dropped = at::empty({num_experts}, int64);
-  std::vector<int64_t> first, pairs;
-  group_by_expert(ids.const_data_ptr<int64_t>(), ids.numel(), num_experts, first, pairs);
+  // Each expert's pairs in pair order: permute's row map, without padding. Expert e's are
+  // pairs[first[e] ..] (first: the counts of the experts before it); dropped ids are in none.
+  std::vector<int64_t> pair_rows(ids.numel()), counts(num_experts), pairs, first(num_experts, 0);
+  permute::compute_row_map(ids.const_data_ptr<int64_t>(), ids.numel(), num_experts, 1,
+                           pair_rows.data(), counts.data(), pairs);
+  for (int64_t e = 1; e < num_experts; ++e) first[e] = first[e - 1] + counts[e - 1];
   const bool by_weight = drop == DropPolicy::kProbs;
   // Half weights widen exactly, so they rank as they are.
   const at::Tensor weights =
@@ -81,9 +70,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> drop_over_capacity_cpu(
     int64_t* over = dropped.mutable_data_ptr<int64_t>();
     at::parallel_for(0, num_experts, 1, [&](int64_t begin, int64_t end) {
       for (int64_t e = begin; e < end; ++e) {
-        const int64_t n = first[e + 1] - first[e];
-        over[e] = std::max<int64_t>(n - capacity, 0);
-        drop_expert_pairs(pairs.data() + first[e], n, e, capacity, w, kept, slot, keep);
+        over[e] = std::max<int64_t>(counts[e] - capacity, 0);
+        drop_expert_pairs(pairs.data() + first[e], counts[e], e, capacity, w, kept, slot, keep);
       }
     });
   });

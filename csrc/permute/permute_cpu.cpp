@@ -16,18 +16,18 @@
 #include "common/nvtx.h"
 #include "emu/cpu_or_emulated.h"
 #include "permute/permute.h"
+#include "permute/row_map_cpu.h"
 
 namespace moe_kernels::permute {
 namespace {
 
 constexpr int64_t kPairsPerChunk = 1 << 14;
 
-// Row of every (token, slot) pair, in expert order and, within an expert, in pair order (token
-// then slot); a dropped pair (id -1) gets row -1 and no row. Chunks of pairs are counted in
-// parallel; each chunk then starts, inside every expert's segment, after the pairs of the chunks
-// before it, so the order is stable whatever the threads do. Returns the number of rows R, padding
-// included (T * k without padding), and fills row_map [T*k], tokens_per_expert [E] and source_pair
-// [R] (the pair of each row, -1 for padding).
+}  // namespace
+
+// Chunks of pairs are counted in parallel; each chunk then starts, inside every expert's
+// segment, after the pairs of the chunks before it, so the order is stable whatever the threads
+// do.
 int64_t compute_row_map(const int64_t* ids, int64_t num_pairs, int64_t num_experts, int64_t align,
                         int64_t* row_map, int64_t* tokens_per_expert,
                         std::vector<int64_t>& source_pair) {
@@ -75,6 +75,8 @@ int64_t compute_row_map(const int64_t* ids, int64_t num_pairs, int64_t num_exper
   });
   return static_cast<int64_t>(source_pair.size());
 }
+
+namespace {
 
 // rows[r] = weights[p] * hidden[p / topk] for p = source_pair[r] (a plain copy without
 // weights), and zero where p is -1. Written row after row: the writes stream through memory,
