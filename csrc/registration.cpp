@@ -3,12 +3,14 @@
 // moe_kernels/_autograd.py. pybind11 carries only what is not an op.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
+#include <torch/csrc/utils/pybind.h>
 #include <torch/library.h>
 
 #include <map>
 #include <string>
 #include <tuple>
 
+#include "comm/dispatch.h"
 #include "emu/mode.h"
 
 #if defined(MOE_KERNELS_WITH_NCCL)
@@ -68,14 +70,15 @@ TORCH_LIBRARY(moe_kernels, m) {
   m.def("transpose_segments(Tensor rows, Tensor counts) -> Tensor");
   m.def(
       "ep_plan(Tensor rows, Tensor tokens_per_expert, str group_name, "
-      "str transport=\"process_group\") -> (Tensor send_splits, Tensor recv_counts, "
+      "str transport=\"process_group\") -> (Tensor send_grid, Tensor recv_counts, "
       "Tensor recv_counts_device, Tensor group_tokens_per_expert)");
   m.def(
-      "ep_dispatch_rows(Tensor rows, Tensor recv_counts, int[] send_splits, int[] recv_splits, "
-      "str group_name, str transport=\"process_group\") -> Tensor");
+      "ep_dispatch_rows(Tensor rows, Tensor recv_counts, int[] send_grid, int[] recv_grid, "
+      "str group_name, str transport=\"process_group\", str layout=\"transpose\") -> Tensor");
   m.def(
-      "ep_combine_rows(Tensor expert_rows, Tensor recv_counts, int[] send_splits, "
-      "int[] recv_splits, str group_name, str transport=\"process_group\") -> Tensor");
+      "ep_combine_rows(Tensor expert_rows, Tensor recv_counts, int[] send_grid, "
+      "int[] recv_grid, str group_name, str transport=\"process_group\", "
+      "str layout=\"transpose\") -> Tensor");
 }
 
 namespace {
@@ -137,6 +140,22 @@ PYBIND11_MODULE(_C, m) {
         "The ops whose CUDA kernel runs on the CPU emulator under moe_kernels.emulate().");
   m.def("emulated_launches", &moe_kernels::emu::emulated_launches, pybind11::arg("reset") = false,
         "{kernel name: launches} on the CPU emulator since the last reset.");
+  pybind11::class_<moe_kernels::comm::PendingRows>(
+      m, "PendingRows", "Rows of an expert-parallel dispatch or combine in flight.")
+      .def("arrive", &moe_kernels::comm::PendingRows::arrive,
+           pybind11::call_guard<pybind11::gil_scoped_release>(),
+           "Waits for the transfer (on GPUs, orders the current stream after it).")
+      .def("take", &moe_kernels::comm::PendingRows::take,
+           "The rows, grouped as the op would return them. Once.");
+  m.def("ep_start_dispatch_rows", &moe_kernels::comm::start_dispatch_rows, pybind11::arg("rows"),
+        pybind11::arg("recv_counts"), pybind11::arg("send_grid"), pybind11::arg("recv_grid"),
+        pybind11::arg("group_name"), pybind11::arg("transport"), pybind11::arg("layout"),
+        "ep_dispatch_rows, started: the rows travel until PendingRows.take().");
+  m.def("ep_start_combine_rows", &moe_kernels::comm::start_combine_rows,
+        pybind11::arg("expert_rows"), pybind11::arg("recv_counts"), pybind11::arg("send_grid"),
+        pybind11::arg("recv_grid"), pybind11::arg("group_name"), pybind11::arg("transport"),
+        pybind11::arg("layout"),
+        "ep_combine_rows, started: the rows travel until PendingRows.take().");
 #if defined(MOE_KERNELS_WITH_NCCL)
   m.def(
       "nccl_unique_id", [] { return pybind11::bytes(moe_kernels::comm::nccl_unique_id()); },

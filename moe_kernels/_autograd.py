@@ -180,19 +180,19 @@ torch.library.register_autograd(
 # Expert-parallel dispatch and combine move rows by a fixed plan, each the other's inverse: the
 # gradient of one is the other applied to the gradient, with the same plan.
 def _ep_rows_setup(ctx, inputs, output):
-    _rows, recv_counts, send_splits, recv_splits, group_name, transport = inputs
+    _rows, recv_counts, *route = inputs
     ctx.save_for_backward(recv_counts)
-    ctx.plan = (send_splits, recv_splits, group_name, transport)
+    ctx.route = route
 
 
 def _ep_dispatch_rows_backward(ctx, grad):
     (recv_counts,) = ctx.saved_tensors
-    return _ops.ep_combine_rows(grad, recv_counts, *ctx.plan), None, None, None, None, None
+    return _ops.ep_combine_rows(grad, recv_counts, *ctx.route), *[None] * (1 + len(ctx.route))
 
 
 def _ep_combine_rows_backward(ctx, grad):
     (recv_counts,) = ctx.saved_tensors
-    return _ops.ep_dispatch_rows(grad, recv_counts, *ctx.plan), None, None, None, None, None
+    return _ops.ep_dispatch_rows(grad, recv_counts, *ctx.route), *[None] * (1 + len(ctx.route))
 
 
 torch.library.register_autograd(

@@ -171,12 +171,14 @@ def _(rows: Tensor, counts: Tensor):
 
 
 @torch.library.register_fake("moe_kernels::ep_dispatch_rows")
-def _(rows, recv_counts, send_splits, recv_splits, group_name, transport="process_group"):
+def _(rows, recv_counts, send_grid, recv_grid, group_name, transport="process_group",
+      layout="transpose"):  # fmt: skip
     _check_device(recv_counts, rows, "recv_counts", "rows")
-    return rows.new_empty((sum(recv_splits), rows.shape[1]))
+    return rows.new_empty((sum(recv_grid), rows.shape[1]))
 
 
 @torch.library.register_fake("moe_kernels::ep_combine_rows")
-def _(expert_rows, recv_counts, send_splits, recv_splits, group_name, transport="process_group"):
+def _(expert_rows, recv_counts, send_grid, recv_grid, group_name, transport="process_group",
+      layout="transpose"):  # fmt: skip
     _check_device(recv_counts, expert_rows, "recv_counts", "expert_rows")
-    return expert_rows.new_empty((sum(send_splits), expert_rows.shape[1]))
+    return expert_rows.new_empty((sum(send_grid), expert_rows.shape[1]))

@@ -46,9 +46,11 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import _C
+from ._nvtx import nvtx_range
 
 _ops = torch.ops.moe_kernels
 TRANSPORTS = ("auto", "process_group", "nccl")
+LAYOUTS = ("auto", "transpose", "grouped")
 _nccl_groups: set[str] = set()
 
 
@@ -57,18 +59,17 @@ class DispatchPlan:
     """What a dispatch moved, kept for its combine and both backwards.
 
     Attributes:
-        send_splits: rows this rank sent to each rank.
-        recv_splits: rows it received from each rank.
-        recv_counts: [P, E/P] int64 on the rows' device: rows from each rank for each local
-            expert.
+        send_grid: [P * E/P] rows this rank sent to each (rank, local expert of it), row-major.
+        recv_grid: [P * E/P] rows it received from each (rank, local expert of its own).
+        recv_counts: ``recv_grid`` as a [P, E/P] int64 tensor on the rows' device.
         tokens_per_expert: [E/P] int64, rows per local expert (the grouped GEMM's segments).
         group_tokens_per_expert: [E] int64, the counts of the whole group in this dispatch: the
             load of the computation batch (micro-batch x ep_data_parallel).
         transport: the transport that moved them.
     """
 
-    send_splits: list[int]
-    recv_splits: list[int]
+    send_grid: list[int]
+    recv_grid: list[int]
     recv_counts: Tensor
     tokens_per_expert: Tensor
     group_tokens_per_expert: Tensor
@@ -130,6 +131,11 @@ class ExpertParallelDispatcher:
         transport: "process_group", "nccl" (after ``init_nccl(group)``; an opt-in, safe only
             when no other NCCL collective on these GPUs runs concurrently: see the module's
             docstring), or "auto": "process_group", safe beside any collective.
+        layout: how the rows travel, with the same result: "transpose" (one segment per
+            peer, an all-to-all-v, then a pass over the rows on the device to order them by
+            local expert, and one before the combine's), "grouped" (one point-to-point segment
+            per (peer, local expert), straight into place, without those passes), or "auto":
+            "transpose", measured faster on Gloo (``benchmarks/bench_dispatch.py``).
     """
 
     def __init__(
@@ -137,11 +143,14 @@ class ExpertParallelDispatcher:
         num_experts: int,
         group: dist.ProcessGroup | None = None,
         transport: str = "auto",
+        layout: str = "auto",
     ) -> None:
         if not dist.is_initialized():
             raise RuntimeError("expert parallelism needs torch.distributed.init_process_group()")
         if transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         self.group = group or dist.group.WORLD
         self.group_name = self.group.group_name
         self.rank = dist.get_rank(self.group)
@@ -156,6 +165,7 @@ class ExpertParallelDispatcher:
         self.first_expert = self.rank * self.num_local_experts
         # "auto" is the transport that is safe beside any other collective.
         self.transport = "process_group" if transport == "auto" else transport
+        self.layout = "transpose" if layout == "auto" else layout
         self._agreed = False
 
     def _check_num_experts(self, tokens_per_expert: Tensor) -> None:
@@ -178,41 +188,126 @@ class ExpertParallelDispatcher:
             )
         self._agreed = True
 
-    def dispatch(self, rows: Tensor, tokens_per_expert: Tensor) -> tuple[Tensor, DispatchPlan]:
-        """[R, H] rows grouped by global expert (``permute``'s) and their [E] counts -> the
-        rows of this rank's experts, [N, H] grouped by local expert then source rank, and the
-        plan (``plan.tokens_per_expert`` holds the [E/P] segment sizes). Collective."""
+    def plan(self, rows: Tensor, tokens_per_expert: Tensor) -> DispatchPlan:
+        """Exchanges the counts of a dispatch of ``rows`` (the dispatcher's one host
+        synchronisation): the plan of ``start_dispatch`` and of its combine. Collective."""
         self._check_num_experts(tokens_per_expert)
-        send_splits, recv_counts_host, recv_counts, group_counts = _ops.ep_plan(
+        send_grid, recv_grid, recv_counts, group_counts = _ops.ep_plan(
             rows, tokens_per_expert, self.group_name, self.transport
         )
-        plan = DispatchPlan(
-            send_splits=send_splits.tolist(),
-            recv_splits=recv_counts_host.sum(1).tolist(),
+        return DispatchPlan(
+            send_grid=send_grid.flatten().tolist(),
+            recv_grid=recv_grid.flatten().tolist(),
             recv_counts=recv_counts,
             tokens_per_expert=recv_counts.sum(0),
             group_tokens_per_expert=group_counts,
             transport=self.transport,
         )
-        expert_rows = _ops.ep_dispatch_rows(
-            rows, recv_counts, plan.send_splits, plan.recv_splits, self.group_name, self.transport
-        )
+
+    def dispatch(self, rows: Tensor, tokens_per_expert: Tensor) -> tuple[Tensor, DispatchPlan]:
+        """[R, H] rows grouped by global expert (``permute``'s) and their [E] counts -> the
+        rows of this rank's experts, [N, H] grouped by local expert then source rank, and the
+        plan (``plan.tokens_per_expert`` holds the [E/P] segment sizes). Collective."""
+        plan = self.plan(rows, tokens_per_expert)
+        expert_rows = _ops.ep_dispatch_rows(rows, plan.recv_counts, *self._route(plan))
         return expert_rows, plan
+
+    def start_dispatch(self, rows: Tensor, plan: DispatchPlan) -> RowsInFlight:
+        """``dispatch``'s rows under ``plan``, started: they travel while the caller computes,
+        until ``wait()`` returns them; under autograd, the backward of ``wait()`` starts the
+        gradient's way back and that of this call waits for it, so the backward overlaps the
+        same work. Collective."""
+        return RowsInFlight(rows, plan, self._route(plan), forward="dispatch")
+
+    def start_combine(self, expert_rows: Tensor, plan: DispatchPlan) -> RowsInFlight:
+        """``combine``, started (see ``start_dispatch``). Collective."""
+        return RowsInFlight(expert_rows, plan, self._route(plan), forward="combine")
 
     def combine(self, expert_rows: Tensor, plan: DispatchPlan) -> Tensor:
         """The inverse of ``dispatch``: [N, H] rows of this rank's experts -> [R, H] rows back
         on the ranks (and in the order) they came from. Collective; no host synchronisation."""
-        return _ops.ep_combine_rows(
-            expert_rows,
-            plan.recv_counts,
-            plan.send_splits,
-            plan.recv_splits,
-            self.group_name,
-            plan.transport,
-        )
+        return _ops.ep_combine_rows(expert_rows, plan.recv_counts, *self._route(plan))
+
+    def _route(self, plan: DispatchPlan) -> tuple[list[int], list[int], str, str, str]:
+        return plan.send_grid, plan.recv_grid, self.group_name, plan.transport, self.layout
 
     def __repr__(self) -> str:
         return (
             f"ExpertParallelDispatcher(num_experts={self.num_experts}, rank={self.rank}, "
-            f"size={self.size}, transport={self.transport!r})"
+            f"size={self.size}, transport={self.transport!r}, layout={self.layout!r})"
         )
+
+
+_START = {"dispatch": _C.ep_start_dispatch_rows, "combine": _C.ep_start_combine_rows}
+_REVERSE = {"dispatch": "combine", "combine": "dispatch"}
+
+
+class RowsInFlight:
+    """A dispatch or combine between its start and its ``wait()`` (``ExpertParallelDispatcher.
+    start_dispatch``/``start_combine``): the work queued in between overlaps the transfer, on
+    Gloo because its worker threads move the rows, on GPUs because the transfer runs on a
+    communication stream that the current stream waits for only at ``wait()``.
+
+    Under autograd the backward overlaps the same work, mirrored. The two ends are two autograd
+    nodes joined by an empty token: the backward of ``wait()`` starts the gradient's move back
+    (the inverse exchange) and the backward of the start waits for it. The autograd engine runs
+    the ready node of the highest sequence number first, so whatever was computed between the
+    start and ``wait()`` in the forward (and so depends on neither) has its backward run
+    between the two as well."""
+
+    def __init__(self, rows: Tensor, plan: DispatchPlan, route: tuple, forward: str) -> None:
+        self._exchange = _Exchange(plan.recv_counts, route, forward)
+        self._token = _StartMove.apply(rows, self._exchange)
+
+    def wait(self) -> Tensor:
+        """The moved rows (as ``dispatch``/``combine`` return them). Once."""
+        return _FinishMove.apply(self._token, self._exchange)
+
+
+class _Exchange:
+    """What both ends of a move in flight share: its plan, and the transfer in flight (the
+    forward's, then the gradient's). Stages are named after the forward's move: the backward of
+    a dispatch is "dispatch.backward.start" and "dispatch.backward.wait" (a combine's move)."""
+
+    def __init__(self, recv_counts: Tensor, route: tuple, forward: str) -> None:
+        self.recv_counts, self.route, self.forward = recv_counts, route, forward
+        self.pending = None
+
+    def start(self, rows: Tensor, backward: bool) -> None:
+        move = _REVERSE[self.forward] if backward else self.forward
+        with nvtx_range(self._stage(backward, "start")):
+            self.pending = _START[move](rows.contiguous(), self.recv_counts, *self.route)
+
+    def finish(self, backward: bool) -> Tensor:
+        pending, self.pending = self.pending, None
+        with nvtx_range(self._stage(backward, "wait")):
+            pending.arrive()
+            return pending.take()
+
+    def _stage(self, backward: bool, end: str) -> str:
+        return f"{self.forward}{'.backward' if backward else ''}.{end}"
+
+
+class _StartMove(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, rows: Tensor, exchange: _Exchange) -> Tensor:
+        exchange.start(rows, backward=False)
+        ctx.exchange = exchange
+        return rows.new_empty(0)  # the token: the finish comes after this start, both ways
+
+    @staticmethod
+    def backward(ctx, _grad_token: Tensor) -> tuple[Tensor, None]:
+        return ctx.exchange.finish(backward=True), None
+
+
+class _FinishMove(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, token: Tensor, exchange: _Exchange) -> Tensor:
+        ctx.exchange = exchange
+        return exchange.finish(backward=False)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        # The gradient goes back by the inverse move, under the same plan.
+        ctx.exchange.start(grad, backward=True)
+        return grad.new_empty(0), None

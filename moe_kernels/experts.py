@@ -116,18 +116,37 @@ def swiglu_experts(
 ) -> Tensor:
     """SwiGLU experts over rows grouped by expert: ``down_e(silu(gate_e(x)) * up_e(x))``, with
     ``gate_up_proj`` [E, 2F, H] (gate rows, then up rows) and ``down_proj`` [E, H, F] in
-    ``nn.Linear`` layout. The first product runs with SwiGLU fused into its epilogue.
+    ``nn.Linear`` layout. The first product runs with SwiGLU fused into its epilogue."""
+    hidden = swiglu_gate_up(rows, gate_up_proj, tokens_per_expert, backend)
+    return swiglu_down(hidden, down_proj, tokens_per_expert, backend)
 
-    Under ``torch.autocast`` rows and weights are cast to autocast's dtype, as autocast casts an
-    ``nn.Linear``'s operands (it does not know the grouped GEMMs, which are custom ops), so fp32
-    master weights train through bf16 products."""
-    if torch.is_autocast_enabled(rows.device.type):
-        dtype = torch.get_autocast_dtype(rows.device.type)
-        rows, gate_up_proj, down_proj = rows.to(dtype), gate_up_proj.to(dtype), down_proj.to(dtype)
-    hidden = ops.grouped_gemm_swiglu(
+
+def swiglu_gate_up(
+    rows: Tensor, gate_up_proj: Tensor, tokens_per_expert: Tensor, backend: str = "auto"
+) -> Tensor:
+    """The experts' first half: ``silu(gate_e(x)) * up_e(x)``, [R, H] -> [R, F]."""
+    rows, gate_up_proj = _autocast(rows, gate_up_proj)
+    return ops.grouped_gemm_swiglu(
         rows, gate_up_proj, tokens_per_expert, trans_b=True, backend=backend
     )
+
+
+def swiglu_down(
+    hidden: Tensor, down_proj: Tensor, tokens_per_expert: Tensor, backend: str = "auto"
+) -> Tensor:
+    """The experts' second half: ``down_e(hidden)``, [R, F] -> [R, H]."""
+    hidden, down_proj = _autocast(hidden, down_proj)
     return ops.grouped_gemm(hidden, down_proj, tokens_per_expert, trans_b=True, backend=backend)
+
+
+def _autocast(rows: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Under ``torch.autocast``, rows and weights cast to autocast's dtype, as autocast casts an
+    ``nn.Linear``'s operands (it does not know the grouped GEMMs, which are custom ops), so fp32
+    master weights train through bf16 products."""
+    if not torch.is_autocast_enabled(rows.device.type):
+        return rows, weight
+    dtype = torch.get_autocast_dtype(rows.device.type)
+    return rows.to(dtype), weight.to(dtype)
 
 
 class SwiGLUMLP(nn.Module):
@@ -145,14 +164,30 @@ class SwiGLUMLP(nn.Module):
         _init_uniform(self.down_proj, self.down_proj.shape[1])
 
     def forward(self, x: Tensor) -> Tensor:
+        return self.down(self.up(x))
+
+    # The two halves, which MoELayer overlaps with the dispatch and the combine. On the CPU,
+    # one expert of the grouped GEMMs: in fp32 the same library GEMMs as F.linear, and in bf16
+    # their fp32 product where torch has no native bf16 GEMM (grouped_gemm_blas.cpp): there the
+    # DeepSeek-V3-like block's bf16 forward+backward took 18.1 s with F.linear (its backward's
+    # GEMMs at 0.5 GFLOP/s), 3.0 s so.
+    def up(self, x: Tensor) -> Tensor:
+        """[..., H] -> [..., F]: ``silu(gate(x)) * up(x)``."""
         if x.is_cpu:
-            # One expert of the grouped GEMMs: in fp32 the same library GEMMs as F.linear, and in
-            # bf16 their fp32 product where torch has no native bf16 GEMM (grouped_gemm_blas.cpp):
-            # there the DeepSeek-V3-like block's bf16 forward+backward took 18.1 s with F.linear
-            # (its backward's GEMMs at 0.5 GFLOP/s), 3.0 s so.
             rows = x.reshape(-1, x.shape[-1])
-            count = torch.tensor([rows.shape[0]])
-            out = swiglu_experts(rows, self.gate_up_proj[None], self.down_proj[None], count)
-            return out.view(*x.shape[:-1], out.shape[-1])
+            hidden = swiglu_gate_up(rows, self.gate_up_proj[None], _one_segment(rows))
+            return hidden.view(*x.shape[:-1], hidden.shape[-1])
         gate, up = F.linear(x, self.gate_up_proj).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, self.down_proj)
+        return F.silu(gate) * up
+
+    def down(self, hidden: Tensor) -> Tensor:
+        """[..., F] -> [..., H]."""
+        if hidden.is_cpu:
+            rows = hidden.reshape(-1, hidden.shape[-1])
+            out = swiglu_down(rows, self.down_proj[None], _one_segment(rows))
+            return out.view(*hidden.shape[:-1], out.shape[-1])
+        return F.linear(hidden, self.down_proj)
+
+
+def _one_segment(rows: Tensor) -> Tensor:
+    return torch.tensor([rows.shape[0]])

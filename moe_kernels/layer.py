@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from . import balance, ops
 from ._arguments import check_choice, check_int, check_number
-from ._nvtx import nvtx_range
+from ._nvtx import backward_range, nvtx_range
 from .balancer import Balancer, RateSchedule, sum_step_counts
 from .dispatch import ExpertParallelDispatcher
 from .experts import SwiGLUExperts, SwiGLUMLP
@@ -117,6 +117,10 @@ class MoELayer(nn.Module):
             ``moe_kernels.dispatch``); routing, the bias and shared experts stay replicated.
             None: every expert here.
         ep_transport: the dispatcher's transport, "auto", "process_group" or "nccl".
+        ep_overlap: under expert parallelism, compute while the rows travel, forward and
+            backward: the shared experts' first half (and the aux loss) during the dispatch,
+            their second half during the combine (``dispatch.RowsInFlight``). The results are
+            the same either way.
     """
 
     def __init__(
@@ -149,6 +153,7 @@ class MoELayer(nn.Module):
         backend: str = "auto",
         ep_group: dist.ProcessGroup | None = None,
         ep_transport: str = "auto",
+        ep_overlap: bool = True,
     ) -> None:
         super().__init__()
         self.loss_free, self.aux_loss_kind = balancing_parts(balancing)
@@ -182,6 +187,7 @@ class MoELayer(nn.Module):
         self.capacity_factor = capacity_factor
         self.drop_policy = drop_policy
         self.pad_to_capacity = pad_to_capacity
+        self.ep_overlap = ep_overlap
         self.router = Router(
             hidden_size,
             num_experts,
@@ -242,51 +248,65 @@ class MoELayer(nn.Module):
             )
         x = hidden_states.reshape(-1, self.hidden_size)
         keep = None if padding_mask is None else ~padding_mask.reshape(-1).bool()
-        with nvtx_range("router"):
+        with nvtx_range("router.logits"):
             logits = self.router.logits(x)
             self.z_loss = (
                 balance.router_z_loss(logits, self.z_loss_coeff, keep)
                 if self.z_loss_coeff > 0
                 else None
             )
+        shared = _SharedExperts(self.shared_experts, x)
         if self.balancing == "expert_choice":
             out, counts = self._expert_choice(x, logits, keep)
         else:
-            out, counts = self._token_choice(x, logits, keep, shape)
+            out, counts = self._token_choice(x, logits, keep, shape, shared)
         self.tokens_per_expert = counts.detach()
         self.balancer.record(self.tokens_per_expert, self.dropped_per_expert)
-        if self.shared_experts is not None:
-            with nvtx_range("shared_experts"):
-                out = out + self.shared_experts(x)
-        return out.view(shape)
+        return shared.add_to(out).view(shape)
 
     def _token_choice(
-        self, x: Tensor, logits: Tensor, keep: Tensor | None, shape: torch.Size
+        self,
+        x: Tensor,
+        logits: Tensor,
+        keep: Tensor | None,
+        shape: torch.Size,
+        shared: _SharedExperts,
     ) -> tuple[Tensor, Tensor]:
-        with nvtx_range("router"):
+        with nvtx_range("router.topk"):
             weights, ids, counts = self.router(logits, self.balancer.bias)
             if keep is not None:
                 counts = balance.counts_per_sequence(ids.unsqueeze(0), self.num_experts, keep)[0]
-            self.aux_loss = self._balance_loss(logits, ids, counts, keep, shape)
-        with nvtx_range("dispatch"):
+        with nvtx_range("permute"):
             if self.drop_policy is None:
                 rows, row_map, rows_per_expert = ops.permute(x, ids, self.num_experts)
             else:
                 rows, row_map, rows_per_expert = self._permute_within_capacity(
                     x, weights, ids, keep
                 )
-            if self.dispatcher is not None:
-                if self.drop_policy is not None and not self.pad_to_capacity:
-                    # The rows of dropped pairs trail the kept ones; the dispatch reads the
-                    # counts on the host for its splits anyway.
-                    rows = rows[: int(rows_per_expert.sum())]
-                rows, plan = self.dispatcher.dispatch(rows, rows_per_expert)
-                rows_per_expert = plan.tokens_per_expert
-        with nvtx_range("experts"):
-            rows = self.experts(rows, rows_per_expert)
-        with nvtx_range("combine"):
-            if self.dispatcher is not None:
-                rows = self.dispatcher.combine(rows, plan)
+        if self.dispatcher is None:
+            self.aux_loss = self._balance_loss(logits, ids, counts, keep, shape)
+            with nvtx_range("experts"):
+                rows = self.experts(rows, rows_per_expert)
+        else:
+            if self.drop_policy is not None and not self.pad_to_capacity:
+                # The rows of dropped pairs trail the kept ones; the plan reads the counts on
+                # the host for its splits anyway.
+                rows = rows[: int(rows_per_expert.sum())]
+            with nvtx_range("dispatch.plan"):
+                plan = self.dispatcher.plan(rows, rows_per_expert)
+            in_flight = self.dispatcher.start_dispatch(rows, plan)
+            # Work that needs no dispatched row runs while they travel.
+            self.aux_loss = self._balance_loss(logits, ids, counts, keep, shape)
+            if self.ep_overlap:
+                shared.up()
+            rows = in_flight.wait()
+            with nvtx_range("experts"):
+                rows = self.experts(rows, plan.tokens_per_expert)
+            in_flight = self.dispatcher.start_combine(rows, plan)
+            if self.ep_overlap:
+                shared.down()
+            rows = in_flight.wait()
+        with nvtx_range("unpermute"):
             return ops.unpermute(rows, row_map, weights), counts
 
     def _permute_within_capacity(
@@ -364,7 +384,7 @@ class MoELayer(nn.Module):
             num_tokens,
             math.ceil(num_tokens * self.topk * self.capacity_factor / self.num_experts),
         )
-        with nvtx_range("router"):
+        with nvtx_range("router.topk"):
             scores = balance.scores_of(logits, self.router.score_fn)
             choice = scores if keep is None else scores.masked_fill(~keep.unsqueeze(1), -math.inf)
             token_ids = choice.t().topk(capacity, dim=1).indices  # [E, C]
@@ -378,12 +398,12 @@ class MoELayer(nn.Module):
                     (self.num_experts,), capacity, dtype=torch.int64, device=x.device
                 )
             self.aux_loss = None
-        with nvtx_range("dispatch"):
+        with nvtx_range("permute"):
             rows = x.index_select(0, token_ids.flatten())
             rows_per_expert = torch.full_like(counts, capacity)
         with nvtx_range("experts"):
             rows = self.experts(rows, rows_per_expert)
-        with nvtx_range("combine"):
+        with nvtx_range("unpermute"):
             rows = rows * weights.reshape(-1, 1).to(rows.dtype)
             return x.new_zeros(x.shape).index_add(0, token_ids.flatten(), rows), counts
 
@@ -404,6 +424,37 @@ class MoELayer(nn.Module):
                 f"{', pad_to_capacity=True' if self.pad_to_capacity else ''}"
             )
         return f"balancing={self.balancing}, aux_coeff={self.aux_coeff}{group}{z_loss}{capacity}"
+
+
+class _SharedExperts:
+    """The shared experts' output for the tokens ``x``, computed in two halves whenever the
+    layer has time for them (``up()`` then ``down()``: while rows travel, under expert
+    parallelism), else at the end (``add_to``). Each half's backward is a stage of its own, so
+    a timeline shows what it overlapped."""
+
+    def __init__(self, mlp: SwiGLUMLP | None, x: Tensor) -> None:
+        self.mlp, self.x = mlp, x
+        self.hidden: Tensor | None = None
+        self.out: Tensor | None = None
+
+    def up(self) -> None:
+        if self.mlp is not None and self.hidden is None:
+            with nvtx_range("shared_experts.up"):
+                self.hidden = backward_range("shared_experts.up.backward", self.x, self.mlp.up)
+
+    def down(self) -> None:
+        self.up()
+        if self.mlp is not None and self.out is None:
+            with nvtx_range("shared_experts.down"):
+                self.out = backward_range(
+                    "shared_experts.down.backward", self.hidden, self.mlp.down
+                )
+
+    def add_to(self, routed: Tensor) -> Tensor:
+        if self.mlp is None:
+            return routed
+        self.down()
+        return routed + self.out
 
 
 def moe_layers(model: nn.Module) -> Iterator[MoELayer]:

@@ -4,6 +4,7 @@ over uniform, skewed and empty loads; the NCCL transport's life cycle where it c
 errors every rank must raise alike."""
 
 import contextlib
+import itertools
 
 import pytest
 import torch
@@ -47,37 +48,38 @@ def _check_dispatch(rank, world_size, num_experts, backend, transport="auto"):
     device = "cuda" if backend == "cuda" else "cpu"
     if transport == "nccl":
         init_nccl()
-    dispatcher = ExpertParallelDispatcher(num_experts, transport=transport)
     local = slice(rank * num_experts // world_size, (rank + 1) * num_experts // world_size)
     checked = []
-    for pattern in PATTERNS:
-        for dtype in (torch.float32, torch.bfloat16):
-            x, ids = routing(pattern, rank, world_size, num_experts)
-            rows, _, counts = mk.permute(x.to(device, dtype), ids.to(device), num_experts)
-            rows.requires_grad_()
-            with backend_context(backend):
-                expert_rows, plan = dispatcher.dispatch(rows, counts)
-                want_rows, want_counts = ref.ep_dispatch(rows.detach(), counts)
-                assert torch.equal(expert_rows, want_rows), (pattern, dtype)
-                assert torch.equal(plan.tokens_per_expert, want_counts)
-                group_counts = counts.clone()
-                dist.all_reduce(group_counts)
-                assert torch.equal(plan.group_tokens_per_expert, group_counts)
-                assert torch.equal(plan.tokens_per_expert, group_counts[local])
+    for pattern, dtype, layout in itertools.product(
+        PATTERNS, (torch.float32, torch.bfloat16), ("transpose", "grouped")
+    ):
+        dispatcher = ExpertParallelDispatcher(num_experts, transport=transport, layout=layout)
+        x, ids = routing(pattern, rank, world_size, num_experts)
+        rows, _, counts = mk.permute(x.to(device, dtype), ids.to(device), num_experts)
+        rows.requires_grad_()
+        with backend_context(backend):
+            expert_rows, plan = dispatcher.dispatch(rows, counts)
+            want_rows, want_counts = ref.ep_dispatch(rows.detach(), counts)
+            assert torch.equal(expert_rows, want_rows), (pattern, dtype, layout)
+            assert torch.equal(plan.tokens_per_expert, want_counts)
+            group_counts = counts.clone()
+            dist.all_reduce(group_counts)
+            assert torch.equal(plan.group_tokens_per_expert, group_counts)
+            assert torch.equal(plan.tokens_per_expert, group_counts[local])
 
-                # Backward of dispatch = combine of the gradient.
-                grad = torch.randn(expert_rows.shape).to(device, dtype)
-                (expert_rows * grad).sum().backward()
-                assert torch.equal(rows.grad, ref.ep_combine(grad, counts, rows.shape[0]))
+            # Backward of dispatch = combine of the gradient.
+            grad = torch.randn(expert_rows.shape).to(device, dtype)
+            (expert_rows * grad).sum().backward()
+            assert torch.equal(rows.grad, ref.ep_combine(grad, counts, rows.shape[0]))
 
-                # Combine is the exact inverse, and its backward is dispatch of the gradient.
-                outputs = expert_rows.detach().requires_grad_()
-                back = dispatcher.combine(outputs, plan)
-                assert torch.equal(back, rows.detach())
-                grad_back = torch.randn(back.shape).to(device, dtype)
-                (back * grad_back).sum().backward()
-                assert torch.equal(outputs.grad, ref.ep_dispatch(grad_back, counts)[0])
-            checked.append((pattern, dtype, int(counts.sum()), int(plan.tokens_per_expert.sum())))
+            # Combine is the exact inverse, and its backward is dispatch of the gradient.
+            outputs = expert_rows.detach().requires_grad_()
+            back = dispatcher.combine(outputs, plan)
+            assert torch.equal(back, rows.detach())
+            grad_back = torch.randn(back.shape).to(device, dtype)
+            (back * grad_back).sum().backward()
+            assert torch.equal(outputs.grad, ref.ep_dispatch(grad_back, counts)[0])
+        checked.append((pattern, dtype, int(counts.sum()), int(plan.tokens_per_expert.sum())))
     return checked
 
 
@@ -87,11 +89,11 @@ def _check_dispatch(rank, world_size, num_experts, backend, transport="auto"):
 )
 @pytest.mark.slow
 def test_dispatch_and_combine_match_all_to_all_single(tmp_path, world_size, num_experts, backend):
-    """E/P = 1, 2, 3, 4 experts per rank; the transposes of the rows on the native CPU op and
-    on the CUDA kernel run by the emulator."""
+    """E/P = 1, 2, 3, 4 experts per rank, both layouts; the transposes of the rows on the native
+    CPU op and on the CUDA kernel run by the emulator."""
     checked = run_on_ranks(_check_dispatch, world_size, tmp_path, num_experts, backend)
     # Every pattern ran on every rank, and the empty ones were empty where they should be.
-    assert all(len(rank) == 2 * len(PATTERNS) for rank in checked)
+    assert all(len(rank) == 4 * len(PATTERNS) for rank in checked)
     sent = {(p, r): n for r, rank in enumerate(checked) for p, _, n, _ in rank}
     assert sent[("empty_rank", 1)] == 0
     received = {(p, r): n for r, rank in enumerate(checked) for p, _, _, n in rank}
@@ -117,7 +119,7 @@ def _opcheck(rank, world_size):
     x, ids = routing("uniform", rank, world_size, 8)
     rows, _, counts = mk.permute(x, ids, 8)
     expert_rows, plan = dispatcher.dispatch(rows, counts)
-    plan_args = (plan.recv_counts, plan.send_splits, plan.recv_splits, dispatcher.group_name)
+    plan_args = (plan.recv_counts, plan.send_grid, plan.recv_grid, dispatcher.group_name)
     ops = torch.ops.moe_kernels
     torch.library.opcheck(ops.ep_dispatch_rows, (rows.requires_grad_(), *plan_args))
     torch.library.opcheck(ops.ep_combine_rows, (expert_rows.requires_grad_(), *plan_args))
@@ -198,6 +200,16 @@ def _errors(rank, world_size):
             "nccl", RuntimeError, lambda: ExpertParallelDispatcher(8, transport="nccl").dispatch(rows, counts)
         )  # fmt: skip
     expect("transport", ValueError, lambda: ExpertParallelDispatcher(8, transport="mpi"))
+    expect("layout", ValueError, lambda: ExpertParallelDispatcher(8, layout="scatter"))
+    _, plan = dispatcher.dispatch(rows, counts)
+    expect(
+        "layout_op",
+        RuntimeError,
+        lambda: torch.ops.moe_kernels.ep_dispatch_rows(
+            rows, plan.recv_counts, plan.send_grid, plan.recv_grid, dispatcher.group_name,
+            "process_group", "scatter",
+        ),
+    )  # fmt: skip
     expect(
         "expert_choice",
         ValueError,
@@ -223,7 +235,12 @@ def test_bad_calls_raise_on_every_rank(tmp_path):
         assert (
             "tokens_per_expert must be >= 0, rank 0 has -1 rows for expert 0" in raised["negative"]
         )
-        assert "send_splits must have one entry per rank of the group (2)" in raised["splits"]
+        assert (
+            "send_grid must have one entry per (rank, local expert) of the group (8)"
+            in raised["splits"]
+        )
+        assert "layout must be one of" in raised["layout"]
+        assert "layout must be 'transpose' or 'grouped', got 'scatter'" in raised["layout_op"]
         assert "no NCCL" in raised.get("nccl", "no NCCL")
         assert "transport must be one of" in raised["transport"]
         assert "does not support expert parallelism" in raised["expert_choice"]

@@ -61,6 +61,17 @@ class NcclGroup {
   bool open_ = true;
 };
 
+// An exchange on the transport's side stream: wait() orders the current stream after it, and
+// the host goes on (the watchdog bounds how long the GPU may wait).
+struct StreamExchange final : Exchange {
+  explicit StreamExchange(c10::DeviceIndex device) : device(device) {}
+
+  void wait() override { done.block(c10::cuda::getCurrentCUDAStream(device)); }
+
+  c10::DeviceIndex device;
+  at::cuda::CUDAEvent done;
+};
+
 class NcclTransport final : public Transport {
  public:
   NcclTransport(std::string name, const ncclUniqueId& id, int rank, int size,
@@ -94,22 +105,27 @@ class NcclTransport final : public Transport {
   int rank() const override { return rank_; }
   int size() const override { return size_; }
 
-  void all_to_all_v(const at::Tensor& input, const at::Tensor& output,
-                    const std::vector<int64_t>& send_splits,
-                    const std::vector<int64_t>& recv_splits) override {
+  std::unique_ptr<Exchange> start_all_to_all_v(const at::Tensor& input, const at::Tensor& output,
+                                               const std::vector<int64_t>& send_splits,
+                                               const std::vector<int64_t>& recv_splits) override {
+    return start_segments(input, output, per_peer(send_splits), per_peer(recv_splits));
+  }
+
+  std::unique_ptr<Exchange> start_segments(const at::Tensor& input, const at::Tensor& output,
+                                           const std::vector<Segment>& sends,
+                                           const std::vector<Segment>& recvs) override {
     TORCH_CHECK(input.is_cuda() && input.get_device() == device_,
                 "transport 'nccl' moves tensors of cuda:", static_cast<int>(device_), ", got ",
                 input.device());
     const c10::cuda::CUDAGuard guard(device_);
     const std::lock_guard lock(mutex_);
     check_alive();
-    const auto compute = c10::cuda::getCurrentCUDAStream(device_);
     at::cuda::CUDAEvent ready;
-    ready.record(compute);
+    ready.record(c10::cuda::getCurrentCUDAStream(device_));
     ready.block(stream_);
     try {
-      enqueue(input, output, send_splits, recv_splits);
-      wait_until_ready("enqueueing an all-to-all of rows");
+      enqueue(input, output, sends, recvs);
+      wait_until_ready("enqueueing an exchange of rows");
     } catch (...) {
       abort();
       throw;
@@ -118,11 +134,13 @@ class NcclTransport final : public Transport {
     // is done with them.
     c10::cuda::CUDACachingAllocator::recordStream(input.storage().data_ptr(), stream_);
     c10::cuda::CUDACachingAllocator::recordStream(output.storage().data_ptr(), stream_);
-    at::cuda::CUDAEvent done;
-    done.record(stream_);
-    done.block(compute);
-    pending_.push_back(Pending{std::move(done), Clock::now() + timeout_});
+    auto exchange = std::make_unique<StreamExchange>(device_);
+    exchange->done.record(stream_);
+    Pending watched{at::cuda::CUDAEvent(), Clock::now() + timeout_};
+    watched.done.record(stream_);
+    pending_.push_back(std::move(watched));
     wake_watchdog_.notify_one();
+    return exchange;
   }
 
   at::Tensor to_host(const at::Tensor& tensor) override {
@@ -184,27 +202,36 @@ class NcclTransport final : public Transport {
     Clock::time_point deadline;
   };
 
+  // One segment per peer with rows, in rank order.
+  static std::vector<Segment> per_peer(const std::vector<int64_t>& splits) {
+    std::vector<Segment> segments;
+    int64_t first_row = 0;
+    for (size_t peer = 0; peer < splits.size(); ++peer) {
+      if (splits[peer]) segments.push_back({static_cast<int>(peer), first_row, splits[peer]});
+      first_row += splits[peer];
+    }
+    return segments;
+  }
+
+  // One ncclSend or ncclRecv per segment, in one group: NCCL matches those between two ranks
+  // in order. Rows are sent as bytes: one code path for every dtype.
   void enqueue(const at::Tensor& input, const at::Tensor& output,
-               const std::vector<int64_t>& send_splits, const std::vector<int64_t>& recv_splits) {
-    // Rows are sent as bytes: one code path for every dtype.
+               const std::vector<Segment>& sends, const std::vector<Segment>& recvs) {
     const int64_t row_bytes = input.size(1) * input.element_size();
     const auto* in = static_cast<const char*>(input.const_data_ptr());
     auto* out = static_cast<char*>(output.mutable_data_ptr());
-    int64_t sent = 0, received = 0;
     NcclGroup group;
-    for (int peer = 0; peer < size_; ++peer) {
-      const size_t send_bytes = send_splits[peer] * row_bytes;
-      const size_t recv_bytes = recv_splits[peer] * row_bytes;
-      if (send_bytes) {
-        MOE_KERNELS_NCCL_CHECK(ncclSend(in + sent, send_bytes, ncclChar, peer, comm_, stream_),
-                               "ncclSend");
-      }
-      if (recv_bytes) {
-        MOE_KERNELS_NCCL_CHECK(ncclRecv(out + received, recv_bytes, ncclChar, peer, comm_, stream_),
-                               "ncclRecv");
-      }
-      sent += send_bytes;
-      received += recv_bytes;
+    for (const auto& segment : sends) {
+      MOE_KERNELS_NCCL_CHECK(ncclSend(in + segment.first_row * row_bytes,
+                                      segment.num_rows * row_bytes, ncclChar, segment.peer, comm_,
+                                      stream_),
+                             "ncclSend");
+    }
+    for (const auto& segment : recvs) {
+      MOE_KERNELS_NCCL_CHECK(ncclRecv(out + segment.first_row * row_bytes,
+                                      segment.num_rows * row_bytes, ncclChar, segment.peer, comm_,
+                                      stream_),
+                             "ncclRecv");
     }
     group.end();
   }

@@ -36,6 +36,82 @@ void release_on_this_thread(c10::intrusive_ptr<c10d::Work> work) {
   }
 }
 
+[[noreturn]] void fail(const std::string& group, const std::exception& error) {
+  TORCH_CHECK(false, "moe_kernels expert-parallel all-to-all failed on ", group, ": ", error.what(),
+              "\n(another rank of the group has probably failed, timed out or called the "
+              "dispatcher with other shapes)");
+}
+
+// c10d works in flight, waited for in order.
+class WorksExchange final : public Exchange {
+ public:
+  WorksExchange(std::vector<c10::intrusive_ptr<c10d::Work>> works, std::string group)
+      : works_(std::move(works)), group_(std::move(group)) {}
+
+  ~WorksExchange() override {
+    for (auto& work : works_) {
+      try {
+        work->wait();
+        release_on_this_thread(std::move(work));
+      } catch (...) {  // NOLINT(bugprone-empty-catch): the error is the peers' to report
+      }
+    }
+  }
+
+  void wait() override {
+    auto works = std::move(works_);
+    for (auto& work : works) {
+      try {
+        work->wait();
+      } catch (const std::exception& error) {
+        fail(group_, error);
+      }
+      release_on_this_thread(std::move(work));
+    }
+  }
+
+ private:
+  std::vector<c10::intrusive_ptr<c10d::Work>> works_;
+  std::string group_;
+};
+
+// A c10d work in flight. Gloo runs it on its worker threads while this one goes on; NCCL on its
+// own stream, which the current stream waits for in wait().
+class WorkExchange final : public Exchange {
+ public:
+  WorkExchange(c10::intrusive_ptr<c10d::Work> work, std::string group)
+      : work_(std::move(work)), group_(std::move(group)) {}
+
+  // An exchange dropped unwaited (an error between start and wait) still completes first: its
+  // peers' transfers go on.
+  ~WorkExchange() override {
+    if (!work_) return;
+    try {
+      work_->wait();
+      release_on_this_thread(std::move(work_));
+    } catch (...) {  // NOLINT(bugprone-empty-catch): the error is the peers' to report
+    }
+  }
+
+  void wait() override {
+    TORCH_CHECK(work_, "an exchange of rows is waited for once");
+    try {
+      work_->wait();
+    } catch (const std::exception& error) {
+      work_.reset();
+      fail(group_, error);
+    }
+    release_on_this_thread(std::move(work_));
+  }
+
+ private:
+  c10::intrusive_ptr<c10d::Work> work_;
+  std::string group_;
+};
+
+// Point-to-point segments are matched in order; one tag serves them all.
+constexpr int kSegmentTag = 0x6d6f65;
+
 class ProcessGroupTransport final : public Transport {
  public:
   ProcessGroupTransport(std::string name, c10::intrusive_ptr<c10d::ProcessGroup> group)
@@ -44,21 +120,62 @@ class ProcessGroupTransport final : public Transport {
   int rank() const override { return group_->getRank(); }
   int size() const override { return group_->getSize(); }
 
-  void all_to_all_v(const at::Tensor& input, const at::Tensor& output,
-                    const std::vector<int64_t>& send_splits,
-                    const std::vector<int64_t>& recv_splits) override {
+  std::unique_ptr<Exchange> start_all_to_all_v(const at::Tensor& input, const at::Tensor& output,
+                                               const std::vector<int64_t>& send_splits,
+                                               const std::vector<int64_t>& recv_splits) override {
     at::Tensor in = input, out = output;
     std::vector<int64_t> send = send_splits, recv = recv_splits;
     try {
-      auto work = all_to_all_single(*group_, out, in, recv, send);
-      work->wait();
-      release_on_this_thread(std::move(work));
+      return std::make_unique<WorkExchange>(all_to_all_single(*group_, out, in, recv, send),
+                                            describe());
     } catch (const std::exception& error) {
-      TORCH_CHECK(false, "moe_kernels expert-parallel all-to-all failed on ", describe(), ": ",
-                  error.what(),
-                  "\n(another rank of the group has probably failed, timed out or called the "
-                  "dispatcher with other shapes)");
+      fail(describe(), error);
     }
+  }
+
+  // One send or receive per segment; on GPUs coalesced into one launch (ProcessGroupNCCL's
+  // coalescing), on Gloo each its own transfer on the pair's connection. Segments of this rank's
+  // own are copied.
+  std::unique_ptr<Exchange> start_segments(const at::Tensor& input, const at::Tensor& output,
+                                           const std::vector<Segment>& sends,
+                                           const std::vector<Segment>& recvs) override {
+    const auto device_type = input.device().type();
+    const bool coalesce = device_type == c10::DeviceType::CUDA;
+    std::vector<c10::intrusive_ptr<c10d::Work>> works;
+    std::vector<Segment> own_sends, own_recvs;
+    try {
+      if (coalesce) group_->startCoalescing(device_type);
+      for (const auto& segment : recvs) {
+        if (segment.peer == rank()) {
+          own_recvs.push_back(segment);
+          continue;
+        }
+        std::vector<at::Tensor> rows{output.narrow(0, segment.first_row, segment.num_rows)};
+        works.push_back(group_->recv(rows, segment.peer, kSegmentTag));
+      }
+      for (const auto& segment : sends) {
+        if (segment.peer == rank()) {
+          own_sends.push_back(segment);
+          continue;
+        }
+        std::vector<at::Tensor> rows{input.narrow(0, segment.first_row, segment.num_rows)};
+        works.push_back(group_->send(rows, segment.peer, kSegmentTag));
+      }
+      if (coalesce) works = {group_->endCoalescing(device_type)};
+    } catch (const std::exception& error) {
+      fail(describe(), error);
+    }
+    // The n-th segment to this rank itself is the n-th from it.
+    TORCH_CHECK(own_sends.size() == own_recvs.size(),
+                "expert-parallel exchange: this rank's segments to itself and from itself differ");
+    for (size_t i = 0; i < own_sends.size(); ++i) {
+      TORCH_CHECK(own_sends[i].num_rows == own_recvs[i].num_rows,
+                  "expert-parallel exchange: this rank's segments to itself and from itself "
+                  "differ");
+      output.narrow(0, own_recvs[i].first_row, own_recvs[i].num_rows)
+          .copy_(input.narrow(0, own_sends[i].first_row, own_sends[i].num_rows));
+    }
+    return std::make_unique<WorksExchange>(std::move(works), describe());
   }
 
   // The counts were exchanged in tensors on the group's device; for Gloo that is the CPU

@@ -57,7 +57,7 @@ class FusedExperts(nn.Module):
     moe_backend: str = "auto"
 
     def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
-        with nvtx_range("dispatch"):
+        with nvtx_range("permute"):
             rows, row_map, tokens_per_expert = ops.permute(
                 hidden_states, top_k_index, self.gate_up_proj.shape[0]
             )
@@ -65,6 +65,6 @@ class FusedExperts(nn.Module):
             rows = swiglu_experts(
                 rows, self.gate_up_proj, self.down_proj, tokens_per_expert, self.moe_backend
             )
-        with nvtx_range("combine"):
+        with nvtx_range("unpermute"):
             # Under autocast the products run in its dtype; the block's output keeps the input's.
             return ops.unpermute(rows, row_map, top_k_weights).to(hidden_states.dtype)
