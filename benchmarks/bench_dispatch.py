@@ -9,7 +9,8 @@ Every rank routes ``--tokens`` tokens of a DeepSeek-V3-style layer (hidden 1024,
 top-6), permutes them, then times a dispatch followed by its combine: ours
 (``ExpertParallelDispatcher``: one counts exchange, then in the "transpose" layout one
 all-to-all-v each way and the rows ordered by local expert on the device, in the "grouped"
-layout one point-to-point segment per (peer, local expert) straight into place) against ``moe_kernels.reference.ep_dispatch/ep_combine`` (an
+layout one point-to-point segment per (peer, local expert) straight into place) against
+``moe_kernels.reference.ep_dispatch/ep_combine`` (an
 all_gather of the counts, all_to_all_single, splits and a concatenation in Python), after
 checking both move the same rows. Loads: "uniform" (random experts) and "zipf" (expert e
 chosen with weight 1 / (e + 1): the first rank's experts take most rows).
@@ -21,10 +22,11 @@ results/bench_dispatch_<device>.json and .md.
 
 The step-level effect: every rank runs ``--layer-tokens`` tokens through an ``MoELayer`` of the
 same shape with one shared expert (DeepSeek-V3's proportions: F = 256 per expert, the shared
-one as large as a routed one, loss-free balancing), forward and backward, with ``ep_overlap``
-off (the shared expert after the combine) and on (its halves while the rows travel, both ways),
-timed in turns; then records one step of each with ``moe_kernels.timeline`` on rank 0: the
-stages' begin and end in ms from the forward's start
+one as large as a routed one, loss-free balancing), forward and backward, in both layouts with
+``ep_overlap`` off (the shared expert after the combine) and on (its halves while the rows
+travel, both ways), timed in turns; then records one step of each overlap in the layout "auto"
+picks with ``moe_kernels.timeline`` on rank 0: the stages' begin and end in ms from the
+forward's start
 (results/bench_dispatch_<device>_layer.md and _timeline.md).
 """
 
@@ -149,50 +151,49 @@ def worker(rank: int, world_size: int, args: argparse.Namespace, port: int, out:
     layer_rows, stages = [], []
     for dtype_name in args.dtype:
         for transport in transports:
+            tag = {"ranks": world_size, "dtype": dtype_name, "transport": transport}
             timings, recorded = time_layer(args, device, DTYPES[dtype_name], transport)
-            layer_rows.append(
-                {"ranks": world_size, "dtype": dtype_name, "transport": transport} | timings
-            )
-            stages += [
-                {"ranks": world_size, "dtype": dtype_name, "transport": transport} | stage
-                for stage in recorded
-            ]
+            layer_rows += [tag | row for row in timings]
+            stages += [tag | stage for stage in recorded]
     if rank == 0:
         torch.save((rows_out, layer_rows, stages), out)
     dist.destroy_process_group()
 
 
 def time_layer(args, device: torch.device, dtype: torch.dtype, transport: str):
-    """The layer's forward+backward without and with overlap, in turns (the slowest rank's ms,
-    medians), and each one's stages on this rank."""
+    """The layer's forward+backward in both layouts, without and with overlap, in turns (the
+    slowest rank's ms, medians); and the stages on this rank of a step of each overlap in the
+    layout "auto" picks."""
     g = torch.Generator().manual_seed(dist.get_rank())
     x = torch.randn(args.layer_tokens, HIDDEN, generator=g).to(device, dtype)
     grad = torch.randn(x.shape, generator=g).to(device, dtype)
     steps = {}
-    for overlap in (False, True):
+    for layout, overlap in itertools.product(("auto", "transpose", "grouped"), (False, True)):
         torch.manual_seed(0)
         layer = mk.MoELayer(
             HIDDEN, EXPERT_FFN, NUM_EXPERTS, TOPK, num_shared_experts=1,
             ep_group=dist.group.WORLD, ep_transport=transport, ep_overlap=overlap,
         ).to(device, dtype)  # fmt: skip
+        layer.dispatcher.layout = layout
 
         def step(layer=layer):
             layer.zero_grad(set_to_none=True)
             layer(x.requires_grad_()).backward(grad)
 
-        steps[overlap] = step
-    times = {overlap: [] for overlap in steps}
-    for fn in steps.values():
-        fn()
+        steps[layout, overlap] = step
+    timed_steps = [key for key in steps if key[0] != "auto"]
+    times = {key: [] for key in timed_steps}
+    for key in timed_steps:
+        steps[key]()
     for turn in range(args.repeats):
-        for overlap in (False, True) if turn % 2 else (True, False):
-            times[overlap].append(timed(steps[overlap], device, 1, warmup=False))
+        for key in timed_steps[turn % len(timed_steps) :] + timed_steps[: turn % len(timed_steps)]:
+            times[key].append(timed(steps[key], device, 1, warmup=False))
     stages = []
-    for overlap, fn in steps.items():
+    for overlap in (False, True):
         if device.type == "cuda":
             torch.cuda.synchronize()
         with timeline.record() as recorded:
-            fn()
+            steps["auto", overlap]()
         if device.type == "cuda":
             torch.cuda.synchronize()
         origin = recorded[0].begin if recorded else 0.0
@@ -205,9 +206,12 @@ def time_layer(args, device: torch.device, dtype: torch.dtype, transport: str):
             }
             for stage in sorted(recorded, key=lambda stage: stage.begin)
         ]
-    off, on = (statistics.median(times[overlap]) for overlap in (False, True))
-    return {"tokens_per_rank": args.layer_tokens, "no_overlap_ms": off, "overlap_ms": on,
-            "speedup": off / on}, stages  # fmt: skip
+    rows = []
+    for layout in ("transpose", "grouped"):
+        off, on = (statistics.median(times[layout, overlap]) for overlap in (False, True))
+        rows.append({"layout": layout, "tokens_per_rank": args.layer_tokens,
+                     "no_overlap_ms": off, "overlap_ms": on, "speedup": off / on})  # fmt: skip
+    return rows, stages
 
 
 def free_port() -> int:
@@ -230,7 +234,12 @@ def main() -> None:
     parser.add_argument("--transport", nargs="+", default=["process_group", "nccl"])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--out", type=Path, default=RESULTS, help="where the JSON and Markdown go")
+    parser.add_argument(
+        "--smoke", action="store_true", help="256 tokens, one repeat: proves the script runs"
+    )
     args = parser.parse_args()
+    if args.smoke:
+        args.tokens, args.layer_tokens, args.repeats = 256, 256, 1
     results, layers, stages = [], [], []
     for world_size in args.ranks:
         if args.device == "cuda" and world_size > torch.cuda.device_count():
@@ -257,8 +266,8 @@ def main() -> None:
     save(
         f"bench_dispatch_{args.device}_layer",
         layers,
-        ["ranks", "dtype", "transport", "tokens_per_rank", "no_overlap_ms", "overlap_ms",
-         "speedup"],
+        ["ranks", "dtype", "transport", "layout", "tokens_per_rank", "no_overlap_ms",
+         "overlap_ms", "speedup"],
         f"MoE layer forward+backward under expert parallelism, without and with overlap, {shape}",
         args.out,
     )  # fmt: skip

@@ -178,6 +178,8 @@ def benchmark_stage(out: Path, dry_run: bool, quick: bool) -> Stage:
         Step("layer-vs-transformers-bf16",
              script("bench_transformers.py", "--dtype", "bf16", "--eager-repeats", "0", "--shape", *blocks)),
         Step("train-small", python("-m", "moe_kernels.train", *train_args(out, dry_run))),
+        # One GPU: a one-rank group, but every CUDA path of the started exchanges and streams.
+        Step("dispatch-overlap-bf16", script("bench_dispatch.py", "--ranks", "1", "--dtype", "bf16")),
     ]  # fmt: skip
     if not quick:
         fp32 = script("bench_ops.py", "--dtype", "fp32", "--shape", "qwen3-moe")

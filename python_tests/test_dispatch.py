@@ -123,6 +123,9 @@ def _opcheck(rank, world_size):
     ops = torch.ops.moe_kernels
     torch.library.opcheck(ops.ep_dispatch_rows, (rows.requires_grad_(), *plan_args))
     torch.library.opcheck(ops.ep_combine_rows, (expert_rows.requires_grad_(), *plan_args))
+    grouped = (*plan_args, "process_group", "grouped")
+    torch.library.opcheck(ops.ep_dispatch_rows, (rows, *grouped))
+    torch.library.opcheck(ops.ep_combine_rows, (expert_rows, *grouped))
     return True
 
 

@@ -10,7 +10,7 @@ from ranks import run_on_ranks
 
 import moe_kernels as mk
 from moe_kernels import timeline
-from moe_kernels.dispatch import ExpertParallelDispatcher
+from moe_kernels.dispatch import ExpertParallelDispatcher, init_nccl, nccl_available
 
 H, F_, E, K = 16, 8, 8, 2
 
@@ -51,7 +51,7 @@ def test_started_moves_equal_the_blocking_ones(tmp_path, layout):
         assert torch.equal(results[True][1], 2 * rows)  # the combine inverts the dispatch
 
 
-def _layer(ep_group=None, ep_overlap=True, num_shared_experts=1):
+def _layer(ep_group=None, ep_overlap=True, num_shared_experts=1, **options):
     torch.manual_seed(0)
     return mk.MoELayer(
         H,
@@ -63,6 +63,7 @@ def _layer(ep_group=None, ep_overlap=True, num_shared_experts=1):
         aux_coeff=0.01,
         ep_group=ep_group,
         ep_overlap=ep_overlap,
+        **options,
     )
 
 
@@ -71,19 +72,22 @@ def _forward_backward(layer, x, grad):
     with timeline.record() as stages:
         out = layer(x)
         ((out * grad).sum() + layer.aux_loss).backward()
-    grads = {name: p.grad for name, p in layer.named_parameters()}
-    return out.detach(), x.grad, grads, stages
+    grads = {name: p.grad.cpu() for name, p in layer.named_parameters()}
+    return out.detach().cpu(), x.grad.cpu(), grads, stages
 
 
-def _overlap_step(rank, world_size, num_shared_experts):
+def _overlap_step(rank, world_size, num_shared_experts, layout, device="cpu", transport="auto"):
+    if transport == "nccl":
+        init_nccl()
     g = torch.Generator().manual_seed(rank)
-    x = torch.randn(3, 5 + rank, H, generator=g)
-    grad = torch.randn(x.shape, generator=g)
-    local = _layer(num_shared_experts=num_shared_experts)
+    x = torch.randn(3, 5 + rank, H, generator=g).to(device)
+    grad = torch.randn(x.shape, generator=g).to(device)
+    local = _layer(num_shared_experts=num_shared_experts).to(device)
     shard = slice(rank * E // world_size, (rank + 1) * E // world_size)
     results = {"local": _forward_backward(local, x, grad)}
     for overlap in (False, True):
-        layer = _layer(dist.group.WORLD, overlap, num_shared_experts)
+        layer = _layer(dist.group.WORLD, overlap, num_shared_experts, ep_transport=transport)
+        layer.to(device).dispatcher.layout = layout
         with torch.no_grad():
             layer.experts.gate_up_proj.copy_(local.experts.gate_up_proj[shard])
             layer.experts.down_proj.copy_(local.experts.down_proj[shard])
@@ -97,12 +101,34 @@ def _between(stages, inner, start, wait):
     return start.end <= inner.begin and inner.end <= wait.begin
 
 
-@pytest.mark.parametrize("world_size", [2, 4])
-@pytest.mark.parametrize("num_shared_experts", [0, 1])
+@pytest.mark.parametrize(
+    "world_size,num_shared_experts,layout",
+    [(2, 0, "transpose"), (2, 1, "transpose"), (4, 0, "transpose"), (4, 1, "grouped")],
+)
 def test_the_layer_overlaps_its_shared_experts_with_the_moves(
-    tmp_path, world_size, num_shared_experts
+    tmp_path, world_size, num_shared_experts, layout
 ):
-    ranks = run_on_ranks(_overlap_step, world_size, tmp_path, num_shared_experts)
+    check_overlapped_layer(
+        run_on_ranks(_overlap_step, world_size, tmp_path, num_shared_experts, layout),
+        num_shared_experts,
+    )
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("transport", ["process_group", "nccl"])
+@pytest.mark.parametrize("layout", ["transpose", "grouped"])
+def test_the_overlapped_layer_on_a_gpu(tmp_path, transport, layout):
+    """One rank per GPU over NCCL: the streams' overlap gives the unsharded layer's results."""
+    if transport == "nccl" and not nccl_available():
+        pytest.skip("this build has no NCCL transport")
+    world_size = min(torch.cuda.device_count(), 4)
+    ranks = run_on_ranks(
+        _overlap_step, world_size, tmp_path, 1, layout, "cuda", transport, backend="nccl"
+    )
+    check_overlapped_layer(ranks, 1)
+
+
+def check_overlapped_layer(ranks, num_shared_experts):
     # A rank's experts take the gradients of every rank's tokens routed to them.
     expert_grads = {
         name: sum(results["local"][2][name] for results, _ in ranks)
