@@ -42,17 +42,21 @@ void release_on_this_thread(c10::intrusive_ptr<c10d::Work> work) {
               "dispatcher with other shapes)");
 }
 
-// c10d works in flight, waited for in order.
+// c10d works in flight, waited for in order. Gloo runs them on its worker threads while this one
+// goes on; NCCL on its own stream, which the current stream waits for in wait() (the host goes on,
+// and NCCL's watchdog may hold the works until the GPU is done: only host works are released here).
 class WorksExchange final : public Exchange {
  public:
-  WorksExchange(std::vector<c10::intrusive_ptr<c10d::Work>> works, std::string group)
-      : works_(std::move(works)), group_(std::move(group)) {}
+  WorksExchange(std::vector<c10::intrusive_ptr<c10d::Work>> works, std::string group, bool on_host)
+      : works_(std::move(works)), group_(std::move(group)), on_host_(on_host) {}
 
+  // An exchange dropped unwaited (an error between start and wait) still completes first: its
+  // peers' transfers go on.
   ~WorksExchange() override {
     for (auto& work : works_) {
       try {
         work->wait();
-        release_on_this_thread(std::move(work));
+        release(std::move(work));
       } catch (...) {  // NOLINT(bugprone-empty-catch): the error is the peers' to report
       }
     }
@@ -66,47 +70,18 @@ class WorksExchange final : public Exchange {
       } catch (const std::exception& error) {
         fail(group_, error);
       }
-      release_on_this_thread(std::move(work));
+      release(std::move(work));
     }
   }
 
  private:
+  void release(c10::intrusive_ptr<c10d::Work> work) const {
+    if (on_host_) release_on_this_thread(std::move(work));
+  }
+
   std::vector<c10::intrusive_ptr<c10d::Work>> works_;
   std::string group_;
-};
-
-// A c10d work in flight. Gloo runs it on its worker threads while this one goes on; NCCL on its
-// own stream, which the current stream waits for in wait().
-class WorkExchange final : public Exchange {
- public:
-  WorkExchange(c10::intrusive_ptr<c10d::Work> work, std::string group)
-      : work_(std::move(work)), group_(std::move(group)) {}
-
-  // An exchange dropped unwaited (an error between start and wait) still completes first: its
-  // peers' transfers go on.
-  ~WorkExchange() override {
-    if (!work_) return;
-    try {
-      work_->wait();
-      release_on_this_thread(std::move(work_));
-    } catch (...) {  // NOLINT(bugprone-empty-catch): the error is the peers' to report
-    }
-  }
-
-  void wait() override {
-    TORCH_CHECK(work_, "an exchange of rows is waited for once");
-    try {
-      work_->wait();
-    } catch (const std::exception& error) {
-      work_.reset();
-      fail(group_, error);
-    }
-    release_on_this_thread(std::move(work_));
-  }
-
- private:
-  c10::intrusive_ptr<c10d::Work> work_;
-  std::string group_;
+  bool on_host_;
 };
 
 // Point-to-point segments are matched in order; one tag serves them all.
@@ -126,8 +101,8 @@ class ProcessGroupTransport final : public Transport {
     at::Tensor in = input, out = output;
     std::vector<int64_t> send = send_splits, recv = recv_splits;
     try {
-      return std::make_unique<WorkExchange>(all_to_all_single(*group_, out, in, recv, send),
-                                            describe());
+      return std::make_unique<WorksExchange>(
+          std::vector{all_to_all_single(*group_, out, in, recv, send)}, describe(), !in.is_cuda());
     } catch (const std::exception& error) {
       fail(describe(), error);
     }
@@ -175,7 +150,7 @@ class ProcessGroupTransport final : public Transport {
       output.narrow(0, own_recvs[i].first_row, own_recvs[i].num_rows)
           .copy_(input.narrow(0, own_sends[i].first_row, own_sends[i].num_rows));
     }
-    return std::make_unique<WorksExchange>(std::move(works), describe());
+    return std::make_unique<WorksExchange>(std::move(works), describe(), !coalesce);
   }
 
   // The counts were exchanged in tensors on the group's device; for Gloo that is the CPU
