@@ -221,9 +221,9 @@ PendingRows start_dispatch_rows(const at::Tensor& rows, const at::Tensor& recv_c
       check_move_args(rows, recv_counts, grids, true, group_name, transport_kind);
   auto received = at::empty({sum(recv_grid), rows.size(1)}, rows.options());
   if (grouped_layout(layout)) {
-    auto exchange = transport->start_segments(rows.contiguous(), received,
-                                              grids.segments(grids.send, false),
-                                              grids.segments(grids.recv, true));
+    auto exchange =
+        transport->start_segments(rows.contiguous(), received, grids.segments(grids.send, false),
+                                  grids.segments(grids.recv, true));
     return {std::move(exchange), std::move(received), std::nullopt};
   }
   auto exchange = transport->start_all_to_all_v(rows.contiguous(), received,
@@ -234,9 +234,8 @@ PendingRows start_dispatch_rows(const at::Tensor& rows, const at::Tensor& recv_c
 
 PendingRows start_combine_rows(const at::Tensor& expert_rows, const at::Tensor& recv_counts,
                                const std::vector<int64_t>& send_grid,
-                               const std::vector<int64_t>& recv_grid,
-                               const std::string& group_name, const std::string& transport_kind,
-                               const std::string& layout) {
+                               const std::vector<int64_t>& recv_grid, const std::string& group_name,
+                               const std::string& transport_kind, const std::string& layout) {
   MOE_KERNELS_NVTX_RANGE("ep_combine_rows.start");
   const Grids grids{recv_counts.size(0), recv_counts.size(1), send_grid, recv_grid};
   const auto transport =
@@ -244,9 +243,9 @@ PendingRows start_combine_rows(const at::Tensor& expert_rows, const at::Tensor& 
   auto rows = at::empty({sum(send_grid), expert_rows.size(1)}, expert_rows.options());
   std::unique_ptr<Exchange> exchange;
   if (grouped_layout(layout)) {
-    exchange = transport->start_segments(expert_rows.contiguous(), rows,
-                                         grids.segments(grids.recv, true),
-                                         grids.segments(grids.send, false));
+    exchange =
+        transport->start_segments(expert_rows.contiguous(), rows, grids.segments(grids.recv, true),
+                                  grids.segments(grids.send, false));
   } else {
     const auto by_source = transpose_segments(expert_rows, recv_counts.t());
     exchange = transport->start_all_to_all_v(by_source, rows, grids.splits(grids.recv),
@@ -270,8 +269,8 @@ at::Tensor ep_combine_rows(const at::Tensor& expert_rows, const at::Tensor& recv
                            const std::string& group_name, const std::string& transport_kind,
                            const std::string& layout) {
   MOE_KERNELS_NVTX_RANGE("ep_combine_rows");
-  return start_combine_rows(expert_rows, recv_counts, send_grid.vec(), recv_grid.vec(),
-                            group_name, transport_kind, layout)
+  return start_combine_rows(expert_rows, recv_counts, send_grid.vec(), recv_grid.vec(), group_name,
+                            transport_kind, layout)
       .take();
 }
 

@@ -39,8 +39,7 @@ PendingRows start_dispatch_rows(const at::Tensor& rows, const at::Tensor& recv_c
 
 PendingRows start_combine_rows(const at::Tensor& expert_rows, const at::Tensor& recv_counts,
                                const std::vector<int64_t>& send_grid,
-                               const std::vector<int64_t>& recv_grid,
-                               const std::string& group_name, const std::string& transport_kind,
-                               const std::string& layout);
+                               const std::vector<int64_t>& recv_grid, const std::string& group_name,
+                               const std::string& transport_kind, const std::string& layout);
 
 }  // namespace moe_kernels::comm

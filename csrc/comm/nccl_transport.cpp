@@ -215,23 +215,23 @@ class NcclTransport final : public Transport {
 
   // One ncclSend or ncclRecv per segment, in one group: NCCL matches those between two ranks
   // in order. Rows are sent as bytes: one code path for every dtype.
-  void enqueue(const at::Tensor& input, const at::Tensor& output,
-               const std::vector<Segment>& sends, const std::vector<Segment>& recvs) {
+  void enqueue(const at::Tensor& input, const at::Tensor& output, const std::vector<Segment>& sends,
+               const std::vector<Segment>& recvs) {
     const int64_t row_bytes = input.size(1) * input.element_size();
     const auto* in = static_cast<const char*>(input.const_data_ptr());
     auto* out = static_cast<char*>(output.mutable_data_ptr());
     NcclGroup group;
     for (const auto& segment : sends) {
-      MOE_KERNELS_NCCL_CHECK(ncclSend(in + segment.first_row * row_bytes,
-                                      segment.num_rows * row_bytes, ncclChar, segment.peer, comm_,
-                                      stream_),
-                             "ncclSend");
+      MOE_KERNELS_NCCL_CHECK(
+          ncclSend(in + segment.first_row * row_bytes, segment.num_rows * row_bytes, ncclChar,
+                   segment.peer, comm_, stream_),
+          "ncclSend");
     }
     for (const auto& segment : recvs) {
-      MOE_KERNELS_NCCL_CHECK(ncclRecv(out + segment.first_row * row_bytes,
-                                      segment.num_rows * row_bytes, ncclChar, segment.peer, comm_,
-                                      stream_),
-                             "ncclRecv");
+      MOE_KERNELS_NCCL_CHECK(
+          ncclRecv(out + segment.first_row * row_bytes, segment.num_rows * row_bytes, ncclChar,
+                   segment.peer, comm_, stream_),
+          "ncclRecv");
     }
     group.end();
   }
