@@ -135,7 +135,7 @@ class ExpertParallelDispatcher:
             peer, an all-to-all-v, then a pass over the rows on the device to order them by
             local expert, and one before the combine's), "grouped" (one point-to-point segment
             per (peer, local expert), straight into place, without those passes), or "auto":
-            "grouped" between CPU processes (1.9-2.7x faster than "transpose" on Gloo,
+            "grouped" between CPU processes (1.7-2.8x faster than "transpose" on Gloo,
             ``benchmarks/bench_dispatch.py``), "transpose" on GPUs until measured there.
     """
 
