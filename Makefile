@@ -88,7 +88,7 @@ GM_TESTS := $(addprefix python_tests/,test_routing.py test_permute.py test_group
 	test_compile.py test_opcheck.py test_emulator.py test_emulator_tensor_core.py \
 	test_layer.py test_balance.py test_readme.py test_capacity.py test_layer_capacity.py \
 	test_transformers_patch.py test_transformers_balancing.py test_export_transformers.py \
-	test_fsdp.py test_overlap.py \
+	test_fsdp.py test_overlap.py test_transformers_coverage.py \
 	test_train.py::test_loss_falls_and_the_outputs_are_written \
 	test_dispatch.py::test_bad_calls_raise_on_every_rank \
 	"test_dispatch.py::test_dispatch_and_combine_match_all_to_all_single[2-8-cpu]" \

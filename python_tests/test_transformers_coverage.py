@@ -1,0 +1,56 @@
+"""The coverage table of transformers' sparse-MoE families: every family of the installed
+transformers is classified, the tables agree with each other and with the source, and the
+README's table is the one ``coverage`` writes."""
+
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+
+from moe_kernels.integrations.transformers import coverage
+from moe_kernels.integrations.transformers.routing import ROUTERS
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def test_every_installed_family_is_classified():
+    families = coverage.installed_families()
+    assert len(families) >= len(ROUTERS)
+    unclassified = [f.name for f in families if f.status == "unclassified"]
+    assert not unclassified, (
+        f"transformers {coverage.transformers_version()} has sparse-MoE families no table "
+        f"names: {unclassified}; read each and add it to routing.ROUTERS, coverage.LEFT_WHOLE "
+        "(with the reason) or coverage.UNEXAMINED"
+    )
+
+
+def test_the_tables_are_disjoint_and_name_real_families():
+    tables = [set(ROUTERS), set(coverage.LEFT_WHOLE), set(coverage.UNEXAMINED)]
+    for i, first in enumerate(tables):
+        for second in tables[i + 1 :]:
+            assert not first & second
+    installed = {f.name: f for f in coverage.installed_families()}
+    models = Path(coverage.importlib.util.find_spec("transformers").origin).parent / "models"
+    for name in set().union(*tables):
+        # A family of another transformers version has no folder here; one with a folder but
+        # no experts is a stale entry.
+        assert name in installed or not (models / name).is_dir(), name
+    assert all(reason for reason in coverage.LEFT_WHOLE.values())
+
+
+def test_a_patched_familys_router_is_one_its_source_defines():
+    for family in coverage.installed_families():
+        if family.status == "patched":
+            assert ROUTERS[family.name][0] in family.routers, family
+
+
+def test_the_readme_table_is_the_generated_one():
+    written = coverage.readme_table(README.read_text(encoding="utf-8"))
+    assert written is not None, "the README has no coverage table"
+    version = coverage.transformers_version()
+    if f"transformers {version}:" not in written.splitlines()[0]:
+        pytest.skip(f"the README's table describes another transformers than {version}")
+    assert written == coverage.table(coverage.installed_families()), (
+        "regenerate it: python -m moe_kernels.integrations.transformers.coverage --readme README.md"
+    )
