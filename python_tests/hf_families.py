@@ -29,21 +29,34 @@ DEEPSEEK_LIKE = dict(
     first_k_dense_replace=1,
     routed_scaling_factor=2.5,
 )
+# DeepSeek-V3's multi-head latent attention, tiny.
+MLA = dict(
+    num_key_value_heads=4,
+    q_lora_rank=16,
+    kv_lora_rank=16,
+    qk_rope_head_dim=8,
+    qk_nope_head_dim=8,
+    v_head_dim=8,
+)
 FAMILIES = {
-    "deepseek_v3": dict(
-        DEEPSEEK_LIKE,
-        num_key_value_heads=4,
-        q_lora_rank=16,
-        kv_lora_rank=16,
-        qk_rope_head_dim=8,
-        qk_nope_head_dim=8,
-        v_head_dim=8,
-    ),
+    "deepseek_v3": dict(DEEPSEEK_LIKE, **MLA),
+    "deepseek_v32": dict(DEEPSEEK_LIKE, **MLA, head_dim=8),
+    "glm4_moe_lite": dict(DEEPSEEK_LIKE, **MLA, head_dim=8),
+    "glm_moe_dsa": dict(DEEPSEEK_LIKE, **MLA, head_dim=8),
+    "solar_open": dict(DEEPSEEK_LIKE, **MLA, head_dim=8),
+    "exaone_moe": dict(DEEPSEEK_LIKE, **MLA, head_dim=8),
     "glm4_moe": dict(DEEPSEEK_LIKE, head_dim=8),
     "dots1": dict(DEEPSEEK_LIKE, head_dim=8, norm_topk_prob=False),
     "qwen2_moe": dict(num_experts=8, moe_intermediate_size=24, shared_expert_intermediate_size=40),
     "qwen3_moe": dict(num_experts=8, moe_intermediate_size=24, norm_topk_prob=True, head_dim=8),
     "olmoe": dict(num_experts=8),
+    "mellum": dict(
+        num_experts=8,
+        moe_intermediate_size=24,
+        shared_expert_intermediate_size=40,
+        norm_topk_prob=True,
+        head_dim=8,
+    ),
     "flex_olmo": dict(num_experts=8, norm_topk_prob=True),
     "mixtral": dict(num_local_experts=8),
     "minimax": dict(num_local_experts=8, head_dim=8),
