@@ -50,6 +50,18 @@ FAMILIES = {
     "qwen2_moe": dict(num_experts=8, moe_intermediate_size=24, shared_expert_intermediate_size=40),
     "qwen3_moe": dict(num_experts=8, moe_intermediate_size=24, norm_topk_prob=True, head_dim=8),
     "olmoe": dict(num_experts=8),
+    "qwen3_next": dict(
+        num_experts=8,
+        moe_intermediate_size=24,
+        shared_expert_intermediate_size=40,
+        norm_topk_prob=True,
+        head_dim=8,
+        layer_types=["linear_attention", "full_attention"],  # a gated DeltaNet layer, then attention
+        linear_key_head_dim=8,
+        linear_value_head_dim=8,
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+    ),
     "mellum": dict(
         num_experts=8,
         moe_intermediate_size=24,

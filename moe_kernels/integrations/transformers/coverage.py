@@ -36,7 +36,7 @@ UNEXAMINED: frozenset[str] = frozenset(
         "hy_v4", "inkling", "inkling2", "jamba", "jetmoe", "kimi_linear", "kolibri1", "laguna",
         "lfm2_moe", "llama4", "longcat_flash", "mimo_v2_flash", "minimax_m2",
         "minimax_m3_vl", "mistral4", "mistral_large4", "muse_spark", "nemotron_h", "nllb_moe",
-        "openai_privacy_filter", "phimoe", "qwen3_5_moe", "qwen3_next", "qwen3_omni_moe",
+        "openai_privacy_filter", "phimoe", "qwen3_5_moe", "qwen3_omni_moe",
         "qwen3_vl_moe", "qwen4_exp", "step3p7", "switch_transformers",
         "unlimited_ocr", "zaya",
     }

@@ -64,6 +64,7 @@ ROUTERS: dict[str, tuple[str, Routing]] = {
     "qwen3_moe": ("Qwen3MoeTopKRouter", QWEN_MOE),
     "olmoe": ("OlmoeTopKRouter", QWEN_MOE),
     "mellum": ("MellumTopKRouter", QWEN_MOE),
+    "qwen3_next": ("Qwen3NextTopKRouter", QWEN_MOE),
     "flex_olmo": ("FlexOlmoTopKRouter", QWEN_MOE),
     "mixtral": ("MixtralTopKRouter", MIXTRAL),
     "minimax": ("MiniMaxTopKRouter", MIXTRAL),
