@@ -56,7 +56,10 @@ FAMILIES = {
         shared_expert_intermediate_size=40,
         norm_topk_prob=True,
         head_dim=8,
-        layer_types=["linear_attention", "full_attention"],  # a gated DeltaNet layer, then attention
+        layer_types=[
+            "linear_attention",
+            "full_attention",
+        ],  # a gated DeltaNet layer, then attention
         linear_key_head_dim=8,
         linear_value_head_dim=8,
         linear_num_key_heads=2,
