@@ -46,6 +46,9 @@ FAMILIES = {
     "solar_open": dict(DEEPSEEK_LIKE, **MLA, head_dim=8),
     "exaone_moe": dict(DEEPSEEK_LIKE, **MLA, head_dim=8),
     "glm4_moe": dict(DEEPSEEK_LIKE, head_dim=8),
+    "dots3_note": dict(
+        DEEPSEEK_LIKE, model_type="dots3_note_text", head_dim=8, num_key_value_heads=4
+    ),
     "dots1": dict(DEEPSEEK_LIKE, head_dim=8, norm_topk_prob=False),
     "qwen2_moe": dict(num_experts=8, moe_intermediate_size=24, shared_expert_intermediate_size=40),
     "qwen3_moe": dict(num_experts=8, moe_intermediate_size=24, norm_topk_prob=True, head_dim=8),
@@ -60,6 +63,18 @@ FAMILIES = {
             "linear_attention",
             "full_attention",
         ],  # a gated DeltaNet layer, then attention
+        linear_key_head_dim=8,
+        linear_value_head_dim=8,
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+    ),
+    "qwen3_5_moe": dict(
+        model_type="qwen3_5_moe_text",
+        num_experts=8,
+        moe_intermediate_size=24,
+        shared_expert_intermediate_size=40,
+        head_dim=8,
+        layer_types=["linear_attention", "full_attention"],
         linear_key_head_dim=8,
         linear_value_head_dim=8,
         linear_num_key_heads=2,
@@ -81,9 +96,9 @@ FAMILIES = {
 def tiny_model(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
     """A randomly initialised tiny causal LM of ``family``, fp32, in eval mode, whose routers
     have spread-out logits (no near-ties) and, where the family has one, a nonzero bias."""
-    config = transformers.AutoConfig.for_model(
-        family, **{**COMMON, **FAMILIES[family], **overrides}
-    )
+    options = {**COMMON, **FAMILIES[family], **overrides}
+    # A multimodal family's language model has a model type of its own ("<family>_text").
+    config = transformers.AutoConfig.for_model(options.pop("model_type", family), **options)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
     with torch.no_grad():
