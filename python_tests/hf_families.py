@@ -38,6 +38,22 @@ MLA = dict(
     qk_nope_head_dim=8,
     v_head_dim=8,
 )
+LINEAR_MLA_MOE = dict(
+    MLA,
+    num_experts=8,
+    num_experts_per_token=2,
+    moe_intermediate_size=24,
+    num_shared_experts=1,
+    num_expert_group=4,
+    topk_group=2,
+    routed_scaling_factor=2.5,
+    q_lora_rank=None,
+    head_dim=8,
+    linear_head_dim=8,
+    linear_num_heads=4,
+    layer_types=["linear_attention", "full_attention"],
+    mlp_layer_types=["dense", "sparse"],
+)
 FAMILIES = {
     "deepseek_v3": dict(DEEPSEEK_LIKE, **MLA),
     "deepseek_v32": dict(DEEPSEEK_LIKE, **MLA, head_dim=8),
@@ -50,6 +66,21 @@ FAMILIES = {
         DEEPSEEK_LIKE, model_type="dots3_note_text", head_dim=8, num_key_value_heads=4
     ),
     "dots1": dict(DEEPSEEK_LIKE, head_dim=8, norm_topk_prob=False),
+    # Kimi-Linear and Ring-linear: DeepSeek-V3's MoE beside linear-attention layers.
+    "kimi_linear": dict(LINEAR_MLA_MOE),
+    "bailing_hybrid": dict(LINEAR_MLA_MOE, first_k_dense_replace=1, layer_group_size=2),
+    "mimo_v2_flash": dict(
+        n_routed_experts=8,
+        moe_intermediate_size=24,
+        n_group=4,
+        topk_group=2,
+        routed_scaling_factor=2.5,
+        head_dim=8,
+        v_head_dim=8,
+        sliding_window=4,
+        layer_types=["full_attention", "sliding_attention"],
+        mlp_layer_types=["dense", "sparse"],
+    ),
     "qwen2_moe": dict(num_experts=8, moe_intermediate_size=24, shared_expert_intermediate_size=40),
     "qwen3_moe": dict(num_experts=8, moe_intermediate_size=24, norm_topk_prob=True, head_dim=8),
     "olmoe": dict(num_experts=8),
