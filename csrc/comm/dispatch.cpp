@@ -130,7 +130,8 @@ bool grouped_layout(const std::string& layout) {
 
 // The arguments of ep_dispatch_rows / ep_combine_rows: recv_counts is the [P, E/P] grid of the
 // rows this rank receives (on the rows' device), send_grid and recv_grid the host grids, and
-// `rows` holds the rows of the grid named `rows_grid`.
+// `rows` holds the rows of the send grid (a dispatch, `rows_are_sent`) or of the receive grid
+// (a combine).
 std::shared_ptr<Transport> check_move_args(const at::Tensor& rows, const at::Tensor& recv_counts,
                                            const Grids& grids, bool rows_are_sent,
                                            const std::string& group_name,
