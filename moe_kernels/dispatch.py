@@ -280,7 +280,7 @@ class _Exchange:
     def start(self, rows: Tensor, backward: bool) -> None:
         move = _REVERSE[self.forward] if backward else self.forward
         with nvtx_range(self._stage(backward, "start")):
-            self.pending = _START[move](rows.contiguous(), self.recv_counts, *self.route)
+            self.pending = _START[move](rows, self.recv_counts, *self.route)
 
     def finish(self, backward: bool) -> Tensor:
         pending, self.pending = self.pending, None

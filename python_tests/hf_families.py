@@ -38,6 +38,7 @@ MLA = dict(
     qk_nope_head_dim=8,
     v_head_dim=8,
 )
+DEEPSEEK_MLA = dict(DEEPSEEK_LIKE, **MLA, head_dim=8)
 LINEAR_MLA_MOE = dict(
     MLA,
     num_experts=8,
@@ -56,11 +57,11 @@ LINEAR_MLA_MOE = dict(
 )
 FAMILIES = {
     "deepseek_v3": dict(DEEPSEEK_LIKE, **MLA),
-    "deepseek_v32": dict(DEEPSEEK_LIKE, **MLA, head_dim=8),
-    "glm4_moe_lite": dict(DEEPSEEK_LIKE, **MLA, head_dim=8),
-    "glm_moe_dsa": dict(DEEPSEEK_LIKE, **MLA, head_dim=8),
-    "solar_open": dict(DEEPSEEK_LIKE, **MLA, head_dim=8),
-    "exaone_moe": dict(DEEPSEEK_LIKE, **MLA, head_dim=8),
+    "deepseek_v32": dict(DEEPSEEK_MLA),
+    "glm4_moe_lite": dict(DEEPSEEK_MLA),
+    "glm_moe_dsa": dict(DEEPSEEK_MLA),
+    "solar_open": dict(DEEPSEEK_MLA),
+    "exaone_moe": dict(DEEPSEEK_MLA),
     "glm4_moe": dict(DEEPSEEK_LIKE, head_dim=8),
     "dots3_note": dict(
         DEEPSEEK_LIKE, model_type="dots3_note_text", head_dim=8, num_key_value_heads=4

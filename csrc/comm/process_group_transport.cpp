@@ -118,24 +118,23 @@ class ProcessGroupTransport final : public Transport {
     const bool coalesce = device_type == c10::DeviceType::CUDA;
     std::vector<c10::intrusive_ptr<c10d::Work>> works;
     std::vector<Segment> own_sends, own_recvs;
+    // Posts a transfer per segment with a peer; keeps this rank's own for the copy.
+    const auto post = [&](const std::vector<Segment>& segments, const at::Tensor& rows,
+                          std::vector<Segment>& own, bool send) {
+      for (const auto& segment : segments) {
+        if (segment.peer == rank()) {
+          own.push_back(segment);
+          continue;
+        }
+        std::vector<at::Tensor> part{rows.narrow(0, segment.first_row, segment.num_rows)};
+        works.push_back(send ? group_->send(part, segment.peer, kSegmentTag)
+                             : group_->recv(part, segment.peer, kSegmentTag));
+      }
+    };
     try {
       if (coalesce) group_->startCoalescing(device_type);
-      for (const auto& segment : recvs) {
-        if (segment.peer == rank()) {
-          own_recvs.push_back(segment);
-          continue;
-        }
-        std::vector<at::Tensor> rows{output.narrow(0, segment.first_row, segment.num_rows)};
-        works.push_back(group_->recv(rows, segment.peer, kSegmentTag));
-      }
-      for (const auto& segment : sends) {
-        if (segment.peer == rank()) {
-          own_sends.push_back(segment);
-          continue;
-        }
-        std::vector<at::Tensor> rows{input.narrow(0, segment.first_row, segment.num_rows)};
-        works.push_back(group_->send(rows, segment.peer, kSegmentTag));
-      }
+      post(recvs, output, own_recvs, false);
+      post(sends, input, own_sends, true);
       if (coalesce) works = {group_->endCoalescing(device_type)};
     } catch (const std::exception& error) {
       fail(describe(), error);
