@@ -28,7 +28,8 @@ TORCH_LIBRARY(moe_kernels, m) {
   // Routing (SPEC.md section 1).
   m.def(
       "biased_topk(Tensor logits, Tensor? bias, int k, str score_fn=\"sigmoid\", int n_groups=1, "
-      "int topk_groups=1, bool normalize=True, float scale=1.0, str group_score=\"top2\") -> "
+      "int topk_groups=1, bool normalize=True, float scale=1.0, str group_score=\"top2\", "
+      "Tensor? token_mask=None) -> "
       "(Tensor topk_weights, Tensor topk_ids, Tensor tokens_per_expert)");
   m.def(
       "biased_topk_backward(Tensor grad_weights, Tensor logits, Tensor topk_ids, str score_fn, "

@@ -23,7 +23,9 @@ _ops = torch.ops.moe_kernels
 
 
 def _biased_topk_setup(ctx, inputs, output):
-    logits, _bias, _k, score_fn, _n_groups, _topk_groups, normalize, scale, _group_score = inputs
+    logits, _bias, _k, score_fn, _n_groups, _topk_groups, normalize, scale, _group_score, _mask = (
+        inputs
+    )
     _weights, ids, _counts = output
     ctx.save_for_backward(logits, ids)
     ctx.score_fn, ctx.normalize, ctx.scale = score_fn, normalize, scale
@@ -36,7 +38,7 @@ def _biased_topk_backward(ctx, grad_weights, _grad_ids, _grad_counts):
         grad_logits = _ops.biased_topk_backward(
             grad_weights, logits, ids, ctx.score_fn, ctx.normalize, ctx.scale
         )
-    return grad_logits, None, None, None, None, None, None, None, None
+    return grad_logits, None, None, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd(

@@ -38,8 +38,10 @@ def _(
     normalize=True,
     scale=1.0,
     group_score="top2",
+    token_mask=None,
 ):
     _check_device(bias, logits, "bias", "logits")
+    _check_device(token_mask, logits, "token_mask", "logits")
     torch._check(logits.dim() == 2, lambda: f"logits must be a 2-D tensor, got {logits.dim()}-D")
     num_tokens, num_experts = logits.shape
     torch._check(

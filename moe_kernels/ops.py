@@ -34,6 +34,7 @@ def biased_topk(
     normalize: bool = True,
     scale: float = 1.0,
     group_score: str = "top2",
+    token_mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Route each token to k experts, choosing with a loss-free balancing bias.
 
@@ -56,11 +57,15 @@ def biased_topk(
         scale: multiply the weights by this (DeepSeek's routed scaling factor).
         group_score: "top2" scores a group by the sum of its top-min(2, E/G) choice values
             (DeepSeek-V3); "topk_per_group" by its top-(k / topk_groups) (Megatron-Core).
+        token_mask: [T] bool on the device of ``logits``, or None: the tokens counted in
+            ``tokens_per_expert`` (padding is routed like any token, but not counted, so it
+            does not move the loss-free bias).
 
     Returns:
         topk_weights: [T, k] fp32 (fp64 for fp64 logits), differentiable w.r.t. ``logits``.
         topk_ids: [T, k] int64, best first; ties go to the lower expert index.
-        tokens_per_expert: [E] int64, exact counts of (token, slot) pairs, summing to T * k.
+        tokens_per_expert: [E] int64, exact counts of the (token, slot) pairs of the counted
+            tokens, summing to k times their number.
 
     NaN scores never win a slot (they rank as -inf), so ids are always valid and distinct; the
     weights of a token with NaN logits are NaN.
@@ -69,7 +74,7 @@ def biased_topk(
     No host synchronisation.
     """
     return _ops.biased_topk(
-        logits, bias, k, score_fn, n_groups, topk_groups, normalize, scale, group_score
+        logits, bias, k, score_fn, n_groups, topk_groups, normalize, scale, group_score, token_mask
     )
 
 

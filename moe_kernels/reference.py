@@ -38,6 +38,7 @@ def biased_topk(
     normalize: bool = True,
     scale: float = 1.0,
     group_score: str = "top2",
+    token_mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     x = logits.to(_opmath(logits.dtype))
     scores = score(x, score_fn)
@@ -60,7 +61,8 @@ def biased_topk(
         total = weights.sum(dim=-1, keepdim=True)
         weights = weights / torch.where(total == 0, torch.ones_like(total), total)
     weights = weights * scale
-    counts = torch.bincount(ids.flatten(), minlength=num_experts)
+    counted = ids if token_mask is None else ids[token_mask]
+    counts = torch.bincount(counted.flatten(), minlength=num_experts)
     return weights, ids, counts
 
 

@@ -7,6 +7,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from moe_kernels.integrations.transformers import ROUTERS, supported_routers  # noqa: E402
+
 COMMON = dict(
     vocab_size=96,
     hidden_size=32,
@@ -123,6 +125,13 @@ FAMILIES = {
     "mixtral": dict(num_local_experts=8),
     "minimax": dict(num_local_experts=8, head_dim=8),
 }
+
+# The families whose router class the installed transformers defines.
+INSTALLED = [
+    family
+    for family in FAMILIES
+    if any(cls.__name__ == ROUTERS[family][0] for cls in supported_routers())
+]
 
 
 def tiny_model(family: str, seed: int = 0, **overrides) -> torch.nn.Module:

@@ -56,6 +56,30 @@ CASES = {
         {},
         r"bias must be on the device of logits",
     ),
+    "token_mask_dtype": (
+        mk.biased_topk,
+        (logits(), None, 2),
+        {"token_mask": torch.ones(6)},
+        r"token_mask must be Bool, got Float",
+    ),
+    "token_mask_length": (
+        mk.biased_topk,
+        (logits(), None, 2),
+        {"token_mask": torch.ones(5, dtype=torch.bool)},
+        r"token_mask.size\(0\) must equal num_tokens=6",
+    ),
+    "token_mask_rank": (
+        mk.biased_topk,
+        (logits(), None, 2),
+        {"token_mask": torch.ones(6, 1, dtype=torch.bool)},
+        r"token_mask must be a 1-D tensor",
+    ),
+    "token_mask_device": (
+        mk.biased_topk,
+        (logits(), None, 2),
+        {"token_mask": torch.ones(6, dtype=torch.bool, device=META)},
+        r"token_mask must be on the device of logits",
+    ),
     "k_zero": (
         mk.biased_topk,
         (logits(), None, 0),

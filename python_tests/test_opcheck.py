@@ -45,6 +45,21 @@ def _sample_cases():
             ops.biased_topk,
             (tie_free_logits(20, 16, torch.bfloat16), None, 3, "sigmoid", 1, 1, True, 1.0, "top2"),
         ),
+        "biased_topk_token_mask": (
+            ops.biased_topk,
+            (
+                logits,
+                integer_bias(16),
+                3,
+                "sigmoid",
+                4,
+                2,
+                True,
+                1.0,
+                "top2",
+                torch.arange(20) % 3 != 0,
+            ),
+        ),
         "biased_topk_backward": (
             ops.biased_topk_backward,
             (weights, logits.detach(), ids, "sigmoid", True, 1.0),

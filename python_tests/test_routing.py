@@ -150,6 +150,41 @@ def test_64_groups_with_padding_slots(device, num_experts, dtype, score_fn):
 
 
 @on_backends("biased_topk")
+@pytest.mark.parametrize("mask", ["random", "none_counted", "all_counted", "left_padding"])
+@pytest.mark.parametrize("n_groups,topk_groups", [(1, 1), (8, 3)])
+def test_token_mask_leaves_routing_and_counts_only_its_tokens(device, mask, n_groups, topk_groups):
+    # 2000 tokens span many blocks of the CUDA kernel, each flushing its own histogram.
+    num_tokens, num_experts, k = 2000, 64, 6
+    logits = tie_free_logits(num_tokens, num_experts, seed=3)
+    bias = integer_bias(num_experts)
+    token_mask = {
+        "random": torch.rand(num_tokens, generator=torch.Generator().manual_seed(1)) < 0.7,
+        "none_counted": torch.zeros(num_tokens, dtype=torch.bool),
+        "all_counted": torch.ones(num_tokens, dtype=torch.bool),
+        "left_padding": torch.arange(num_tokens) % 100 >= 37,
+    }[mask]
+    kwargs = {"n_groups": n_groups, "topk_groups": topk_groups}
+    weights, ids, counts = (
+        t.cpu()
+        for t in mk.biased_topk(
+            logits.to(device), bias.to(device), k, token_mask=token_mask.to(device), **kwargs
+        )
+    )
+    unmasked_weights, unmasked_ids, _ = mk.biased_topk(
+        logits.to(device), bias.to(device), k, **kwargs
+    )
+    assert torch.equal(ids, unmasked_ids.cpu())
+    assert torch.equal(weights, unmasked_weights.cpu())
+    ref_weights, ref_ids, ref_counts = ref.biased_topk(
+        logits, bias, k, token_mask=token_mask, **kwargs
+    )
+    assert torch.equal(counts, torch.bincount(ids[token_mask].flatten(), minlength=num_experts))
+    if device != "cuda":  # on a GPU, near ties may be decided either way
+        assert torch.equal(ids, ref_ids) and torch.equal(counts, ref_counts)
+    assert int(counts.sum()) == k * int(token_mask.sum())
+
+
+@on_backends("biased_topk")
 def test_negative_bias_never_selects_masked_group(device):
     # Scores of group 0 are high but its bias is very negative; group 1 wins. Experts of the
     # masked groups must not come back through a 0.0 mask beating negative choices.

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from hf_families import moe_blocks, tiny_model
+from hf_families import INSTALLED, moe_blocks, tiny_model
 from ranks import run_on_ranks
 from transformers import Trainer, TrainingArguments
 
@@ -17,6 +17,7 @@ from moe_kernels.integrations.transformers import (
     LossFreeBalancingCallback,
     moe_routers,
     patch,
+    unpatch,
     update_balance,
 )
 from moe_kernels.integrations.transformers.routing import BIAS
@@ -148,6 +149,72 @@ def train(model, tmp_path):
     )
     trainer.train()
     return [entry for entry in trainer.state.log_history if "maxvio_batch" in entry]
+
+
+def padded_batch(sequences, side):
+    """``sequences`` padded (id 0) to one length on ``side``, their attention mask, and the
+    position ids of their real tokens (as ``generate`` gives a left-padded batch)."""
+    length = max(len(sequence) for sequence in sequences)
+    ids = torch.zeros(len(sequences), length, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, sequence in enumerate(sequences):
+        start = 0 if side == "right" else length - len(sequence)
+        ids[row, start : start + len(sequence)] = sequence
+        mask[row, start : start + len(sequence)] = 1
+    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def step_counts_of(model, batches):
+    """The counts of one training step over ``batches`` of forward arguments."""
+    for _, router in moe_routers(model):
+        router.tokens_per_expert.zero_()
+    model.train()
+    for args, kwargs in batches:
+        model(*args, **kwargs)
+    return {name: router.tokens_per_expert.clone() for name, router in moe_routers(model)}
+
+
+@pytest.mark.parametrize("family", INSTALLED)
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_a_padded_batch_moves_the_bias_as_its_unpadded_sequences_would(family, side):
+    # The real tokens' hidden states differ from their unpadded ones by rounding only (fp64
+    # would not do: a fully masked left-padding row overflows to NaN there), and the tiny
+    # models' router logits are spread far wider than that.
+    model = tiny_model(family)
+    patch(model, balancing="loss_free", rate=0.01)
+    g = torch.Generator().manual_seed(0)
+    sequences = [torch.randint(3, 96, (n,), generator=g) for n in (10, 3, 7)]
+    unpadded = step_counts_of(model, [((s[None],), {}) for s in sequences])
+    ids, mask, positions = padded_batch(sequences, side)
+    # The mask passed by keyword and by position (the forward's second parameter).
+    padded = step_counts_of(model, [((ids,), {"attention_mask": mask, "position_ids": positions})])
+    positional = step_counts_of(model, [((ids, mask), {"position_ids": positions})])
+    before = {name: getattr(router, BIAS).clone() for name, router in moe_routers(model)}
+    step = update_balance(model)
+    top_k = model.config.num_experts_per_tok
+    for name, router in moe_routers(model):
+        assert int(unpadded[name].sum()) == top_k * sum(map(len, sequences)) < top_k * ids.numel()
+        assert torch.equal(padded[name], unpadded[name])
+        assert torch.equal(positional[name], unpadded[name])
+        sign = torch.sign(step[name].double().mean() - step[name].double()).float()
+        moved = getattr(router, BIAS) - before[name]
+        torch.testing.assert_close(moved, 0.01 * sign, rtol=0, atol=1e-8)
+    # Without a mask every position counts; unpatch removes the hook.
+    without = step_counts_of(model, [((ids,), {"position_ids": positions})])
+    assert all(int(c.sum()) == top_k * ids.numel() for c in without.values())
+    unpatch(model)
+    assert not model._forward_pre_hooks and not model._forward_hooks
+
+
+def test_a_mask_that_does_not_map_onto_the_tokens_is_warned_about_and_padding_counts():
+    model = tiny_model("qwen3_moe")
+    patch(model, balancing="loss_free")
+    ids = torch.arange(3, 15).view(2, 6)
+    # A 4-D mask (transformers takes it as given): causal, in the model's dtype.
+    causal = torch.full((6, 6), torch.finfo(torch.float32).min).triu(1).expand(2, 1, 6, 6)
+    with pytest.warns(UserWarning, match=r"shape \(2, 1, 6, 6\) does not map onto the 12"):
+        counts = step_counts_of(model, [((ids,), {"attention_mask": causal})])
+    assert all(int(c.sum()) == 2 * ids.numel() for c in counts.values())
 
 
 def test_trainer_with_loss_free_balancing_lowers_maxvio_of_a_skewed_router(tmp_path):

@@ -8,11 +8,10 @@ import warnings
 
 import pytest
 import torch
-from hf_families import FAMILIES, moe_blocks, tiny_model
+from hf_families import INSTALLED, moe_blocks, tiny_model
 
 from conftest import backends_for, near_ties, on_backends
 from moe_kernels.integrations.transformers import (
-    ROUTERS,
     patch,
     supported_routers,
     unpatch,
@@ -20,11 +19,6 @@ from moe_kernels.integrations.transformers import (
 from moe_kernels.integrations.transformers.experts import FusedExperts
 from moe_kernels.integrations.transformers.routing import BIAS, FusedRouter
 
-INSTALLED = [
-    family
-    for family in FAMILIES
-    if any(cls.__name__ == ROUTERS[family][0] for cls in supported_routers())
-]
 LAYER_OPS = (
     "biased_topk",
     "permute",

@@ -14,6 +14,7 @@
 
 #include "common/dispatch.h"
 #include "common/nvtx.h"
+#include "common/optional_tensor.h"
 #include "emu/cpu_or_emulated.h"
 #include "routing/histogram_cpu.h"
 #include "routing/routing_params.h"
@@ -101,7 +102,8 @@ void select_experts(const RoutingParams& p, TokenScratch<acc_t>& s, int64_t* ids
 
 template <typename scalar_t>
 void biased_topk_kernel(const RoutingParams& p, const at::Tensor& logits, const float* bias,
-                        at::Tensor& weights, at::Tensor& ids, at::Tensor& counts) {
+                        const bool* token_mask, at::Tensor& weights, at::Tensor& ids,
+                        at::Tensor& counts) {
   using acc_t = at::opmath_type<scalar_t>;
   const scalar_t* logits_ptr = logits.const_data_ptr<scalar_t>();
   acc_t* weights_ptr = weights.mutable_data_ptr<acc_t>();
@@ -122,11 +124,12 @@ void biased_topk_kernel(const RoutingParams& p, const at::Tensor& logits, const 
       int64_t* token_ids = ids_ptr + t * p.topk;
       acc_t* token_weights = weights_ptr + t * p.topk;
       select_experts(p, s, token_ids);
+      const bool counted = token_mask == nullptr || token_mask[t];
       acc_t sum = 0;
       for (int64_t j = 0; j < p.topk; ++j) {
         token_weights[j] = s.scores[token_ids[j]];
         sum += token_weights[j];
-        histogram.add(token_ids[j]);
+        if (counted) histogram.add(token_ids[j]);
       }
       const acc_t divisor = (p.normalize && sum != acc_t(0)) ? sum : acc_t(1);
       for (int64_t j = 0; j < p.topk; ++j) token_weights[j] = token_weights[j] / divisor * scale;
@@ -138,16 +141,18 @@ void biased_topk_kernel(const RoutingParams& p, const at::Tensor& logits, const 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> biased_topk_cpu(
     const at::Tensor& logits_in, const std::optional<at::Tensor>& bias_in, int64_t k,
     c10::string_view score_fn, int64_t n_groups, int64_t topk_groups, bool normalize, double scale,
-    c10::string_view group_score) {
+    c10::string_view group_score, const std::optional<at::Tensor>& token_mask_in) {
   MOE_KERNELS_NVTX_RANGE("biased_topk");
-  const RoutingParams p = check_biased_topk_args(logits_in, bias_in, k, score_fn, n_groups,
-                                                 topk_groups, normalize, scale, group_score);
+  const RoutingParams p =
+      check_biased_topk_args(logits_in, bias_in, k, score_fn, n_groups, topk_groups, normalize,
+                             scale, group_score, token_mask_in);
   const at::Tensor logits = logits_in.contiguous();
-  const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
+  const at::Tensor bias = optional_contiguous(bias_in);
+  const at::Tensor token_mask = optional_contiguous(token_mask_in);
   auto [weights, ids, counts] = empty_routing_outputs(logits, p);
   MOE_KERNELS_DISPATCH_FLOATING(logits.scalar_type(), "biased_topk_cpu", [&] {
-    biased_topk_kernel<scalar_t>(p, logits, bias.defined() ? bias.const_data_ptr<float>() : nullptr,
-                                 weights, ids, counts);
+    biased_topk_kernel<scalar_t>(p, logits, optional_data<float>(bias),
+                                 optional_data<bool>(token_mask), weights, ids, counts);
   });
   return {weights, ids, counts};
 }

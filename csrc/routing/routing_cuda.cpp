@@ -9,6 +9,7 @@
 
 #include "common/dispatch.h"
 #include "common/nvtx.h"
+#include "common/optional_tensor.h"
 #include "device/torch_device.h"
 #include "routing/routing_launch.h"
 #include "routing/routing_params.h"
@@ -30,21 +31,23 @@ void check_device_limits(int64_t num_experts, int64_t n_groups) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> biased_topk_cuda(
     const at::Tensor& logits_in, const std::optional<at::Tensor>& bias_in, int64_t k,
     c10::string_view score_fn, int64_t n_groups, int64_t topk_groups, bool normalize, double scale,
-    c10::string_view group_score) {
+    c10::string_view group_score, const std::optional<at::Tensor>& token_mask_in) {
   MOE_KERNELS_NVTX_RANGE("biased_topk");
-  const RoutingParams p = check_biased_topk_args(logits_in, bias_in, k, score_fn, n_groups,
-                                                 topk_groups, normalize, scale, group_score);
+  const RoutingParams p =
+      check_biased_topk_args(logits_in, bias_in, k, score_fn, n_groups, topk_groups, normalize,
+                             scale, group_score, token_mask_in);
   check_device_limits(p.num_experts, p.n_groups);
   const device::DeviceGuard guard(logits_in.device());
   const at::Tensor logits = logits_in.contiguous();
-  const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
+  const at::Tensor bias = optional_contiguous(bias_in);
+  const at::Tensor token_mask = optional_contiguous(token_mask_in);
   auto [weights, ids, counts] = empty_routing_outputs(logits, p);
   MOE_KERNELS_DISPATCH_FLOATING(logits.scalar_type(), "biased_topk_cuda", [&] {
     device::check_launch(launch_biased_topk(
-        device::device_ptr<scalar_t>(logits),
-        bias.defined() ? bias.const_data_ptr<float>() : nullptr, p,
-        weights.mutable_data_ptr<at::opmath_type<scalar_t>>(), ids.mutable_data_ptr<int64_t>(),
-        counts.mutable_data_ptr<int64_t>(), device::current_stream()));
+        device::device_ptr<scalar_t>(logits), optional_data<float>(bias),
+        optional_data<bool>(token_mask), p, weights.mutable_data_ptr<at::opmath_type<scalar_t>>(),
+        ids.mutable_data_ptr<int64_t>(), counts.mutable_data_ptr<int64_t>(),
+        device::current_stream()));
   });
   return {weights, ids, counts};
 }

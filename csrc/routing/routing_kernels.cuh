@@ -158,8 +158,9 @@ constexpr size_t routing_shared_bytes(int64_t num_experts, bool grouped) {
 template <typename scalar_t, int kSlots>
 __global__ void __launch_bounds__(kRoutingWarps* kWarpSize)
     biased_topk_kernel(const scalar_t* __restrict__ logits, const float* __restrict__ bias,
-                       RoutingParams p, device::acc_t<scalar_t>* __restrict__ weights,
-                       int64_t* __restrict__ ids, unsigned long long* __restrict__ counts) {
+                       const bool* __restrict__ token_mask, RoutingParams p,
+                       device::acc_t<scalar_t>* __restrict__ weights, int64_t* __restrict__ ids,
+                       unsigned long long* __restrict__ counts) {
   using acc_t = device::acc_t<scalar_t>;
   MOE_KERNELS_DYNAMIC_SHARED(unsigned char, shared);
   const int num_experts = static_cast<int>(p.num_experts), k = static_cast<int>(p.topk);
@@ -205,6 +206,7 @@ __global__ void __launch_bounds__(kRoutingWarps* kWarpSize)
 
     int64_t* token_ids = ids + t * k;
     acc_t* token_weights = weights + t * k;
+    const bool counted = token_mask == nullptr || token_mask[t];
     acc_t sum = 0;
     for (int j = 0; j < k; ++j) {
       Candidate<acc_t> mine{negative_infinity<acc_t>(), 0};
@@ -226,7 +228,7 @@ __global__ void __launch_bounds__(kRoutingWarps* kWarpSize)
       if (lane == 0) {
         token_ids[j] = expert;
         token_weights[j] = weight;
-        atomicAdd(&block_counts[expert], 1u);
+        if (counted) atomicAdd(&block_counts[expert], 1u);
       }
     }
     __syncwarp();  // lane 0's raw weights, read back by every lane

@@ -30,9 +30,9 @@ cudaError_t token_grid(int64_t num_tokens, size_t shared_bytes, device::LaunchCo
 }  // namespace
 
 template <typename scalar_t>
-cudaError_t launch_biased_topk(const scalar_t* logits, const float* bias, const RoutingParams& p,
-                               device::acc_t<scalar_t>* weights, int64_t* ids, int64_t* counts,
-                               cudaStream_t stream) {
+cudaError_t launch_biased_topk(const scalar_t* logits, const float* bias, const bool* token_mask,
+                               const RoutingParams& p, device::acc_t<scalar_t>* weights,
+                               int64_t* ids, int64_t* counts, cudaStream_t stream) {
   if (p.num_tokens == 0) return cudaSuccess;
   device::LaunchConfig config;
   const size_t shared =
@@ -40,7 +40,7 @@ cudaError_t launch_biased_topk(const scalar_t* logits, const float* bias, const 
   if (cudaError_t err = token_grid(p.num_tokens, shared, &config); err != cudaSuccess) return err;
   return with_slots(p.num_experts, [&](auto slots) {
     return device::launch<biased_topk_kernel<scalar_t, decltype(slots)::value>>(
-        config, stream, logits, bias, p, weights, ids,
+        config, stream, logits, bias, token_mask, p, weights, ids,
         reinterpret_cast<unsigned long long*>(counts));
   });
 }
@@ -64,8 +64,8 @@ cudaError_t launch_biased_topk_backward(const device::acc_t<scalar_t>* grad_weig
 
 #define MOE_KERNELS_INSTANTIATE_ROUTING(scalar_t)                                                 \
   template cudaError_t launch_biased_topk<scalar_t>(                                              \
-      const scalar_t*, const float*, const RoutingParams&, device::acc_t<scalar_t>*, int64_t*,    \
-      int64_t*, cudaStream_t);                                                                    \
+      const scalar_t*, const float*, const bool*, const RoutingParams&, device::acc_t<scalar_t>*, \
+      int64_t*, int64_t*, cudaStream_t);                                                          \
   template cudaError_t launch_biased_topk_backward<scalar_t>(                                     \
       const device::acc_t<scalar_t>*, const scalar_t*, const int64_t*, int64_t, int64_t, int64_t, \
       ScoreFn, bool, double, scalar_t*, cudaStream_t);

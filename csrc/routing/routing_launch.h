@@ -14,11 +14,12 @@ namespace moe_kernels::routing::MOE_KERNELS_TARGET {
 constexpr int64_t kMaxRoutingExperts = 512;
 constexpr int64_t kMaxRoutingGroups = 64;
 
-// weights and ids [T, k]; counts [E] int64, zeroed by the caller (the kernel adds to it).
+// weights and ids [T, k]; counts [E] int64, zeroed by the caller (the kernel adds to it), of the
+// tokens whose token_mask is true (every token when it is null).
 template <typename scalar_t>
-cudaError_t launch_biased_topk(const scalar_t* logits, const float* bias, const RoutingParams& p,
-                               device::acc_t<scalar_t>* weights, int64_t* ids, int64_t* counts,
-                               cudaStream_t stream);
+cudaError_t launch_biased_topk(const scalar_t* logits, const float* bias, const bool* token_mask,
+                               const RoutingParams& p, device::acc_t<scalar_t>* weights,
+                               int64_t* ids, int64_t* counts, cudaStream_t stream);
 
 // grad_logits [T, E] from grad_weights [T, k] (fp32, fp64 for fp64 logits) and ids [T, k].
 template <typename scalar_t>

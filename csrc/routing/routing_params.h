@@ -24,7 +24,8 @@ inline RoutingParams check_biased_topk_args(const at::Tensor& logits,
                                             const std::optional<at::Tensor>& bias, int64_t k,
                                             std::string_view score_fn, int64_t n_groups,
                                             int64_t topk_groups, bool normalize, double scale,
-                                            std::string_view group_score) {
+                                            std::string_view group_score,
+                                            const std::optional<at::Tensor>& token_mask) {
   check_dim(logits, 2, "logits");
   check_floating(logits, "logits");
   const int64_t num_experts = logits.size(1);
@@ -46,6 +47,12 @@ inline RoutingParams check_biased_topk_args(const at::Tensor& logits,
   TORCH_CHECK(topk_groups * experts_per_group >= k,
               "topk_groups * (num_experts / n_groups) = ", topk_groups * experts_per_group,
               " must be >= k=", k, " (too few experts left to choose from)");
+  if (token_mask.has_value()) {
+    check_dim(*token_mask, 1, "token_mask");
+    check_dtype(*token_mask, at::kBool, "token_mask");
+    check_same_device(*token_mask, logits, "token_mask", "logits");
+    check_size(*token_mask, 0, logits.size(0), "token_mask", "num_tokens");
+  }
   check_finite(scale, "scale");
   check_choice(group_score, {"top2", "topk_per_group"}, "group_score");
   int64_t group_score_size = std::min<int64_t>(2, experts_per_group);
@@ -101,7 +108,7 @@ namespace emulated {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> biased_topk_cuda(
     const at::Tensor& logits, const std::optional<at::Tensor>& bias, int64_t k,
     c10::string_view score_fn, int64_t n_groups, int64_t topk_groups, bool normalize, double scale,
-    c10::string_view group_score);
+    c10::string_view group_score, const std::optional<at::Tensor>& token_mask);
 at::Tensor biased_topk_backward_cuda(const at::Tensor& grad_weights, const at::Tensor& logits,
                                      const at::Tensor& topk_ids, c10::string_view score_fn,
                                      bool normalize, double scale);

@@ -34,8 +34,8 @@ def update_balance(
     loss-free biases, and starts the next step's count.
 
     Counts are taken in training forwards only (not eval forwards nor activation-checkpoint
-    recomputes), over every token the block routes: transformers' blocks do not see the
-    attention mask, so padding tokens count too.
+    recomputes), over the real tokens of the ``attention_mask`` the patched model received
+    (every token without one; see ``padding``).
 
     Returns:
         {block name: [E] int64 counts of the step, summed over the ranks}.

@@ -18,11 +18,14 @@ from torch import nn
 from ... import ops
 from ..._arguments import check_number
 from .experts import FusedExperts, unsupported_experts
+from .padding import thread_attention_mask
 from .routing import BIAS, FusedRouter, Routing, supported_routers
 
 BALANCING = (None, "loss_free")
 
 _fused_classes: dict[tuple[type, type], type] = {}
+# The model attribute holding the hooks that thread its attention mask to the routers.
+_MASK_HOOKS = "moe_attention_mask_hooks"
 
 
 def patch(
@@ -86,12 +89,16 @@ def patch(
         _switch_class(experts, FusedExperts)
         experts.moe_backend = backend
         patched += 1
+    if patched:
+        model.__dict__[_MASK_HOOKS] = thread_attention_mask(model)
     return patched
 
 
 def unpatch(model: nn.Module) -> int:
     """Restores every block ``patch`` changed to its original classes (a bias buffer ``patch``
     added is removed; a model's own bias stays, fp32). Returns how many blocks it restored."""
+    for handle in model.__dict__.pop(_MASK_HOOKS, ()):
+        handle.remove()
     restored = 0
     for module in model.modules():
         if isinstance(module, FusedRouter):

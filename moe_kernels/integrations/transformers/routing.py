@@ -18,6 +18,7 @@ from ... import ops
 from ..._nvtx import nvtx_range
 from ..._precision import KeepsFp32
 from ...balancer import in_backward_pass
+from .padding import counted_tokens
 
 BIAS = "e_score_correction_bias"
 
@@ -95,7 +96,8 @@ class FusedRouter(KeepsFp32):
     from one ``biased_topk``, which also counts each expert's tokens.
 
     Holds, besides the router's own tensors: ``tokens_per_expert`` (a non-persistent [E] int64
-    buffer: this training step's counts so far) and, with loss-free balancing, the bias the
+    buffer: this training step's counts so far, of the tokens the model's ``attention_mask``
+    marks real, see ``padding``) and, with loss-free balancing, the bias the
     choice adds (``e_score_correction_bias``: the model's own where it has one, else a new
     one), kept fp32 whatever the model's dtype.
     """
@@ -122,6 +124,7 @@ class FusedRouter(KeepsFp32):
         else:
             logits = F.linear(x, self.weight)
         bias = getattr(self, BIAS, None)
+        counting = self.training and not in_backward_pass()
         weights, ids, counts = ops.biased_topk(
             logits,
             None if bias is None else bias.float(),
@@ -131,8 +134,9 @@ class FusedRouter(KeepsFp32):
             self.topk_group if routing.grouped else 1,
             self._normalize(),
             self.routed_scaling_factor if routing.grouped else 1.0,
+            token_mask=counted_tokens(x.shape[0], x.device) if counting else None,
         )
-        if self.training and not in_backward_pass():
+        if counting:
             self.tokens_per_expert += counts
         if routing.weights_in_logits_dtype:
             weights = weights.to(logits.dtype)
