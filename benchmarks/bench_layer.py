@@ -118,6 +118,8 @@ MODEL_SHAPES = {
               topk=8, n_groups=8, topk_groups=4, n_shared=1, route_scale=2.5),
         Shape("qwen3-30b-a3b", num_tokens=8192, hidden=2048, ffn=768, num_experts=128, topk=8,
               family="qwen3_moe"),
+        Shape("qwen3-next-80b-a3b", num_tokens=8192, hidden=2048, ffn=512, num_experts=512,
+              topk=10, n_shared=1, family="qwen3_next"),
         Shape("mixtral-8x7b", num_tokens=4096, hidden=4096, ffn=14336, num_experts=8, topk=2,
               family="mixtral"),
     ]

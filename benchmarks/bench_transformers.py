@@ -25,10 +25,13 @@ mode, the gradients of the input and every parameter set to None before each rep
 Shapes: "deepseek-v3" (``DeepseekV3MoE``: hidden 1024, expert FFN 512, 64 experts, top-6 of 8
 groups keeping 4, 1 shared expert, 4096 tokens), "mixtral" (``MixtralSparseMoeBlock``: hidden
 1024, FFN 3584, 8 experts, top-2, 2048 tokens), "qwen2-moe" (``Qwen2MoeSparseMoeBlock``: hidden
-1024, FFN 256, 64 experts, top-8, a gated shared expert of FFN 1024, 4096 tokens), the three run
-by default; and for a GPU, bench_layer's real models at their real sizes, each in its family's
-block: "deepseek-v3-671b" (``DeepseekV3MoE``), "qwen3-30b-a3b" (``Qwen3MoeSparseMoeBlock``) and
-"mixtral-8x7b" (``MixtralSparseMoeBlock``). Weights are made on the device.
+1024, FFN 256, 64 experts, top-8, a gated shared expert of FFN 1024, 4096 tokens), "qwen3-next"
+(``Qwen3NextSparseMoeBlock``: hidden 1024, FFN 256, 128 experts, top-10, normalised, a gated
+shared expert of FFN 256, 4096 tokens), the four run by default; and for a GPU, bench_layer's
+real models at their real sizes, each in its family's block: "deepseek-v3-671b"
+(``DeepseekV3MoE``), "qwen3-30b-a3b" (``Qwen3MoeSparseMoeBlock``), "qwen3-next-80b-a3b"
+(``Qwen3NextSparseMoeBlock``) and "mixtral-8x7b" (``MixtralSparseMoeBlock``). Weights are made
+on the device.
 
 Columns: medians in ms; "speedup_vs_X" is X's time over the patched block's (above 1: patched
 is faster); "dense_over_patched" the fraction of the dense ceiling the patched block reaches.
@@ -38,12 +41,12 @@ Writes <out>/bench_transformers_<device>_<dtype>[_kept_memory].json and .md.
 from __future__ import annotations
 
 import copy
+import importlib
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict
 
 import torch
-import transformers
 from bench_layer import (
     MODEL_SHAPES,
     DenseGemms,
@@ -73,16 +76,28 @@ SHAPES = {
               family="mixtral"),
         Shape("qwen2-moe", num_tokens=4096, hidden=1024, ffn=256, num_experts=64, topk=8,
               n_shared=4, family="qwen2_moe"),
+        Shape("qwen3-next", num_tokens=4096, hidden=1024, ffn=256, num_experts=128, topk=10,
+              n_shared=1, family="qwen3_next"),
     ]
 }  # fmt: skip
 
 
-def transformers_block(shape: Shape, device: str) -> nn.Module:
-    """The family's own sparse-MoE block class, configured for ``shape``, made on ``device``."""
+# family -> its config class and sparse-MoE block class.
+BLOCKS = {
+    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3MoE"),
+    "mixtral": ("MixtralConfig", "MixtralSparseMoeBlock"),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeSparseMoeBlock"),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeSparseMoeBlock"),
+    "qwen3_next": ("Qwen3NextConfig", "Qwen3NextSparseMoeBlock"),
+}
+
+
+def config_options(shape: Shape) -> dict:
+    """The family's config arguments that give ``shape``."""
     common = dict(hidden_size=shape.hidden, num_experts_per_tok=shape.topk, hidden_act="silu")
     if shape.family == "deepseek_v3":
-        config = transformers.DeepseekV3Config(
-            **common,
+        return dict(
+            common,
             moe_intermediate_size=shape.ffn,
             n_routed_experts=shape.num_experts,
             n_group=shape.n_groups,
@@ -91,31 +106,26 @@ def transformers_block(shape: Shape, device: str) -> nn.Module:
             routed_scaling_factor=shape.route_scale,
             norm_topk_prob=True,
         )
-        from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE as block
-    elif shape.family == "mixtral":
-        config = transformers.MixtralConfig(
-            **common, intermediate_size=shape.ffn, num_local_experts=shape.num_experts
-        )
-        from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock as block
-    elif shape.family == "qwen3_moe":
-        config = transformers.Qwen3MoeConfig(
-            **common, moe_intermediate_size=shape.ffn, num_experts=shape.num_experts,
-            norm_topk_prob=True,
-        )  # fmt: skip
-        from transformers.models.qwen3_moe.modeling_qwen3_moe import (
-            Qwen3MoeSparseMoeBlock as block,
-        )
-    else:
-        config = transformers.Qwen2MoeConfig(
-            **common,
-            moe_intermediate_size=shape.ffn,
-            num_experts=shape.num_experts,
-            shared_expert_intermediate_size=shape.n_shared * shape.ffn,
-            norm_topk_prob=False,
-        )
-        from transformers.models.qwen2_moe.modeling_qwen2_moe import (
-            Qwen2MoeSparseMoeBlock as block,
-        )
+    if shape.family == "mixtral":
+        return dict(common, intermediate_size=shape.ffn, num_local_experts=shape.num_experts)
+    qwen = dict(common, moe_intermediate_size=shape.ffn, num_experts=shape.num_experts)
+    if shape.family == "qwen3_moe":
+        return dict(qwen, norm_topk_prob=True)
+    # Qwen2-MoE and Qwen3-Next: one gated shared expert (Qwen3-Next normalises the weights).
+    return dict(
+        qwen,
+        shared_expert_intermediate_size=shape.n_shared * shape.ffn,
+        norm_topk_prob=shape.family == "qwen3_next",
+    )
+
+
+def transformers_block(shape: Shape, device: str) -> nn.Module:
+    """The family's own sparse-MoE block class, configured for ``shape``, made on ``device``."""
+    config_class, block_class = BLOCKS[shape.family]
+    family = importlib.import_module(f"transformers.models.{shape.family}")
+    modeling = importlib.import_module(f"{family.__name__}.modeling_{shape.family}")
+    config = getattr(family, config_class)(**config_options(shape))
+    block = getattr(modeling, block_class)
     config._experts_implementation = "eager"
     with torch.device(device):  # a real model's experts would take minutes on the CPU
         module = block(config)

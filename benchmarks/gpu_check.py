@@ -166,7 +166,9 @@ def benchmark_stage(out: Path, dry_run: bool, quick: bool) -> Stage:
         ["deepseek-v3", "mixtral-8x7b"] if quick else ["deepseek-v3", "qwen3-moe", "mixtral-8x7b"]
     )
     blocks = (
-        ["deepseek-v3-671b"] if quick else ["deepseek-v3-671b", "qwen3-30b-a3b", "mixtral-8x7b"]
+        ["deepseek-v3-671b"]
+        if quick
+        else ["deepseek-v3-671b", "qwen3-30b-a3b", "qwen3-next-80b-a3b", "mixtral-8x7b"]
     )
 
     def script(name: str, *args: str) -> list[str]:
