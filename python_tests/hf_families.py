@@ -85,6 +85,65 @@ FAMILIES = {
         mlp_layer_types=["dense", "sparse"],
     ),
     "qwen2_moe": dict(num_experts=8, moe_intermediate_size=24, shared_expert_intermediate_size=40),
+    # Qwen4-Exp: its attention layers are indexed (a sparse top-k over compressed keys).
+    "qwen4_exp": dict(
+        model_type="qwen4_exp_text",
+        num_experts=8,
+        moe_intermediate_size=24,
+        shared_expert_intermediate_size=40,
+        norm_topk_prob=True,
+        head_dim=8,
+        layer_types=["linear_attention", "full_attention"],
+        linear_key_head_dim=8,
+        linear_value_head_dim=8,
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        hc_count=2,
+        hc_lowrank=8,
+        ple_embed_dim=64,
+        split_ngram_parts=8,
+        heads_per_ngram=2,
+        indexer_n_heads=2,
+        indexer_kv_heads=1,
+        indexer_head_dim=8,
+        indexer_budget=8,
+        indexer_compress_ratio=4,
+    ),
+    "granitemoe": dict(num_local_experts=8),
+    "granitemoe_swa": dict(
+        num_local_experts=8, sliding_window=4, layer_types=["full_attention", "sliding_attention"]
+    ),
+    # Granite-4 (hybrid): a Mamba-2 layer, then attention, each with MoE and a shared MLP.
+    "granitemoehybrid": dict(
+        num_local_experts=8,
+        shared_intermediate_size=40,
+        layer_types=["mamba", "attention"],
+        mamba_n_heads=4,
+        mamba_d_head=16,
+        mamba_d_state=16,
+        mamba_n_groups=1,
+        mamba_chunk_size=16,
+        mamba_expand=2,
+    ),
+    "granitemoeshared": dict(num_local_experts=8, shared_intermediate_size=40),
+    "flint": dict(
+        mlp_only_layers=[0],  # the default makes the first two layers dense
+        num_experts=8,
+        moe_intermediate_size=24,
+        shared_expert_intermediate_size=40,
+        norm_topk_prob=True,
+        head_dim=8,
+    ),
+    # Jamba: Mamba layers beside attention; every second layer is MoE.
+    "jamba": dict(
+        num_experts=8,
+        expert_layer_period=2,
+        expert_layer_offset=1,
+        attn_layer_period=2,
+        attn_layer_offset=1,
+        mamba_d_state=8,
+        mamba_dt_rank=4,
+    ),
     "qwen3_moe": dict(num_experts=8, moe_intermediate_size=24, norm_topk_prob=True, head_dim=8),
     "olmoe": dict(num_experts=8),
     "qwen3_next": dict(
@@ -144,7 +203,11 @@ def tiny_model(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
     with torch.no_grad():
         for name, parameter in model.named_parameters():
-            if name.endswith("gate.weight") and parameter.dim() == 2 and parameter.shape[0] > 1:
+            if (
+                name.endswith(("gate.weight", "router.weight"))
+                and parameter.dim() == 2
+                and parameter.shape[0] > 1
+            ):
                 parameter.normal_(0, 0.5)
         for name, buffer in model.named_buffers():
             if name.endswith("e_score_correction_bias"):

@@ -8,10 +8,12 @@ import warnings
 
 import pytest
 import torch
-from hf_families import INSTALLED, moe_blocks, tiny_model
+import transformers
+from hf_families import COMMON, INSTALLED, moe_blocks, tiny_model
 
 from conftest import backends_for, near_ties, on_backends
 from moe_kernels.integrations.transformers import (
+    families,
     patch,
     supported_routers,
     unpatch,
@@ -293,6 +295,31 @@ def test_unsupported_blocks_are_named_and_left_whole():
     assert any(second_name in m and "router" in m for m in messages)
     assert type(first.gate) is not unlisted and not isinstance(first.gate, FusedRouter)
     assert not isinstance(second.experts, FusedExperts)
+
+
+@pytest.mark.parametrize(
+    "family,options",
+    [
+        ("gpt_oss", dict(num_local_experts=8, head_dim=8, sliding_window=4)),  # to do
+        ("phimoe", dict(num_local_experts=8)),  # left whole
+    ],
+)
+def test_a_family_left_unpatched_is_warned_about_with_its_reason(family, options):
+    config = transformers.AutoConfig.for_model(family, **COMMON, **options)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    reason = families.status_of(family)[1]
+    state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    with pytest.warns(UserWarning) as caught:
+        assert patch(model) == 0
+    blocks = moe_blocks(model)
+    assert len(caught) == len(blocks) == 2
+    for (name, block), warning in zip(blocks, caught, strict=True):
+        assert str(warning.message) == (
+            f"moe_kernels: left {name} ({type(block).__name__}) unpatched: its router is none "
+            f"of the routers moe_kernels expresses ({family}: {reason})"
+        )
+    assert not any(isinstance(m, (FusedRouter, FusedExperts)) for m in model.modules())
+    assert all(torch.equal(state[name], t) for name, t in model.state_dict().items())
 
 
 def test_bad_arguments_raise_naming_them():

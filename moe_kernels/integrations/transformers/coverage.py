@@ -4,11 +4,9 @@
     python -m moe_kernels.integrations.transformers.coverage --readme README.md
 
 A family is a folder of ``transformers.models`` whose modeling file defines a sparse-MoE experts
-module (a class named ``...Experts``). Each is "patched" (its router is in ``routing.ROUTERS``,
-and the tests compare the patched model with the original), "left whole" with the reason
-(``LEFT_WHOLE``), or "unexamined" (``UNEXAMINED``: not yet read). A test fails when the
-installed transformers has a family none of them names, and when the README's table is not the
-one this module writes for the transformers it names.
+module (a class named ``...Experts``), with its status from ``families``. A test fails when the
+installed transformers has a family ``families`` does not classify, and when the README's table
+is not the one this module writes for the transformers it names.
 """
 
 from __future__ import annotations
@@ -20,29 +18,9 @@ import importlib.util
 import re
 from pathlib import Path
 
-from .routing import ROUTERS
+from .families import status_of
 
-# Families whose routed experts the ops cannot run exactly, each with the reason.
-LEFT_WHOLE: dict[str, str] = {}
-
-# Families not yet read against the ops' semantics.
-UNEXAMINED: frozenset[str] = frozenset(
-    {
-        "afmoe", "aria", "axk1", "axk2", "beam", "cohere2_moe", "dbrx",
-        "deepseek_ocr2", "deepseek_v2", "deepseek_v4", "diffusion_gemma",
-        "ernie4_5_moe", "ernie4_5_vl_moe", "flint", "gemma4",
-        "glm4v_moe", "glm5_next", "gpt_oss", "granitemoe",
-        "granitemoe_swa", "granitemoehybrid", "granitemoeshared", "hunyuan_v1_moe", "hy_v3",
-        "hy_v4", "inkling", "inkling2", "jamba", "jetmoe", "kolibri1", "laguna",
-        "lfm2_moe", "llama4", "longcat_flash", "minimax_m2",
-        "minimax_m3_vl", "mistral4", "mistral_large4", "muse_spark", "nemotron_h", "nllb_moe",
-        "openai_privacy_filter", "phimoe", "qwen3_omni_moe",
-        "qwen3_vl_moe", "qwen4_exp", "step3p7", "switch_transformers",
-        "unlimited_ocr", "zaya",
-    }
-)  # fmt: skip
-
-STATUSES = ("patched", "left whole", "unexamined")
+STATUSES = ("patched", "left whole", "to do")
 _EXPERTS = re.compile(r"^class (\w*Experts)\(", re.M)
 # Routers are named ...Router or ...Gating, or ...MoE...Gate (HunYuan): other gates are not.
 _ROUTER = re.compile(r"^class (\w*(?:Router|Gating|MoE\w*Gate))\(", re.M)
@@ -59,17 +37,6 @@ class Family:
     experts: tuple[str, ...]
     status: str
     reason: str
-
-
-def status_of(family: str) -> tuple[str, str] | None:
-    """(status, reason) of ``family``, or None where no table names it."""
-    if family in ROUTERS:
-        return "patched", ""
-    if family in LEFT_WHOLE:
-        return "left whole", LEFT_WHOLE[family]
-    if family in UNEXAMINED:
-        return "unexamined", ""
-    return None
 
 
 def installed_families() -> list[Family]:

@@ -18,6 +18,7 @@ from torch import nn
 from ... import ops
 from ..._arguments import check_number
 from .experts import FusedExperts, unsupported_experts
+from .families import family_note
 from .padding import thread_attention_mask
 from .routing import BIAS, FusedRouter, Routing, supported_routers
 
@@ -73,7 +74,7 @@ def patch(
             continue
         router = next((child for child in block.children() if type(child) in routers), None)
         reason = (
-            "its router is none of the routers moe_kernels expresses"
+            "its router is none of the routers moe_kernels expresses" + family_note(block)
             if router is None
             else _wrapped(router, "router")
             or _wrapped(experts, "experts")

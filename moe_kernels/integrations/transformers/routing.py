@@ -36,6 +36,8 @@ class Routing:
         weights_in_logits_dtype: the weights are cast to the logits' dtype (Qwen), else fp32.
         grouped: group-limited routing with a routed scaling factor, read from the router's
             ``num_group``, ``topk_group`` and ``routed_scaling_factor``.
+        returns_fp32_logits: the logits are computed in the model's dtype but returned as fp32
+            (Granite); the weights still take the model's dtype.
     """
 
     score_fn: str
@@ -43,12 +45,17 @@ class Routing:
     normalize: bool | str
     weights_in_logits_dtype: bool
     grouped: bool = False
+    returns_fp32_logits: bool = False
 
 
 DEEPSEEK_V3 = Routing("sigmoid", True, "norm_topk_prob", False, grouped=True)
 QWEN_MOE = Routing("softmax", False, "norm_topk_prob", True)
 QWEN_VL_MOE = Routing("softmax", False, True, True)
 MIXTRAL = Routing("softmax", False, True, False)
+# Granite: softmax over the top-k logits, which is QWEN_VL's normalised softmax.
+GRANITE_MOE = Routing("softmax", False, True, True, returns_fp32_logits=True)
+FLINT = Routing("sigmoid", True, "norm_topk_prob", False)
+JAMBA = Routing("softmax", False, False, True)
 
 # model_type -> (router class, routing). Families missing from the installed transformers are
 # skipped when the table is resolved.
@@ -71,6 +78,13 @@ ROUTERS: dict[str, tuple[str, Routing]] = {
     "mellum": ("MellumTopKRouter", QWEN_MOE),
     "qwen3_next": ("Qwen3NextTopKRouter", QWEN_MOE),
     "qwen3_5_moe": ("Qwen3_5MoeTopKRouter", QWEN_VL_MOE),
+    "qwen4_exp": ("Qwen4ExpTextTopKRouter", QWEN_MOE),
+    "granitemoe": ("GraniteMoeTopKRouter", GRANITE_MOE),
+    "granitemoe_swa": ("GraniteMoeSWATopKRouter", GRANITE_MOE),
+    "granitemoehybrid": ("GraniteMoeHybridTopKRouter", GRANITE_MOE),
+    "granitemoeshared": ("GraniteMoeSharedTopKRouter", GRANITE_MOE),
+    "flint": ("FlintTopKRouter", FLINT),
+    "jamba": ("JambaTopKRouter", JAMBA),
     "flex_olmo": ("FlexOlmoTopKRouter", QWEN_MOE),
     "mixtral": ("MixtralTopKRouter", MIXTRAL),
     "minimax": ("MiniMaxTopKRouter", MIXTRAL),
@@ -140,6 +154,8 @@ class FusedRouter(KeepsFp32):
             self.tokens_per_expert += counts
         if routing.weights_in_logits_dtype:
             weights = weights.to(logits.dtype)
+        if routing.returns_fp32_logits:
+            logits = logits.float()
         return logits, weights, ids
 
     def _normalize(self) -> bool:

@@ -1,0 +1,80 @@
+"""How ``patch`` classifies each sparse-MoE family of transformers: patched (its router is in
+``routing.ROUTERS``), left whole with the reason the ops cannot express it, or to do with the
+piece it needs. ``coverage`` writes the table; ``patch`` names the reason in its warning."""
+
+from __future__ import annotations
+
+from .routing import ROUTERS
+
+# Families whose routing or experts the ops cannot express, each with the reason.
+LEFT_WHOLE: dict[str, str] = {
+    "deepseek_v4": "its first layers route by a fixed token-id hash table",
+    "jetmoe": "its block routes and runs its experts itself (no router or experts module)",
+    "longcat_flash": "zero-computation (identity) experts",
+    "nllb_moe": "expert capacity drops tokens; one module per expert",
+    "phimoe": "sparsemixer routing: a masked softmax per slot, sampled in training",
+    "switch_transformers": "expert capacity drops tokens; one module per expert",
+    "zaya": "an MLP router whose state runs across layers, and a skip expert",
+}
+
+# Families the ops can express once the named piece is added; until then ``patch`` leaves them
+# whole and names it.
+TO_DO: dict[str, str] = {
+    "afmoe": "a router recipe: the bias is the block's, passed to the router",
+    "aria": "experts stored transposed ([E, H, 2F])",
+    "axk1": "tests: its post-MLP norm magnifies fp32 rounding past rtol 1e-5",
+    "axk2": "groups are optional; masked groups filled with 0, not -inf",
+    "beam": "its experts' own SwiGLU, computed in fp32",
+    "cohere2_moe": "a router recipe whose score function is the config's",
+    "dbrx": "separate w1, v1, w2 expert weights; routing in the block",
+    "deepseek_ocr2": "groups scored by their best expert",
+    "deepseek_v2": "groups scored by their best expert",
+    "diffusion_gemma": "GELU-tanh gated experts; a normed, per-expert-scaled router",
+    "ernie4_5_moe": "a router recipe: the bias in gate.moe_statics, a minimum weight sum",
+    "ernie4_5_vl_moe": "a router recipe (as ernie4_5_moe) for its text and vision blocks",
+    "gemma4": "GELU-tanh gated experts; a normed, per-expert-scaled router",
+    "glm4v_moe": "tests: its text model has no causal-LM class",
+    "glm5_next": "clamped SwiGLU experts",
+    "gpt_oss": "router bias; expert biases; interleaved, clamped alpha-SwiGLU",
+    "hunyuan_v1_moe": "a router recipe: the weight in gate.wg, fp32 logits where it is fp32",
+    "hy_v3": "a router recipe: the bias is the block's, passed to the router",
+    "hy_v4": "clamped SwiGLU experts",
+    "inkling": "shared experts share the routed weights' normalisation",
+    "inkling2": "soft-capped SwiGLU experts",
+    "kolibri1": "the bias is added to the logits, not the scores",
+    "laguna": "a router recipe; a logit soft-cap where the config sets one",
+    "lfm2_moe": "a router recipe: the bias is the block's; act_fn is F.silu",
+    "llama4": "top-1 sigmoid routing that scales the experts' input; transposed experts",
+    "minimax_m2": "a router recipe: the bias is the block's, passed to the router",
+    "minimax_m3_vl": "clamped alpha-SwiGLU experts",
+    "mistral4": "softmax group-limited routing in the model's dtype",
+    "mistral_large4": "softmax group-limited routing",
+    "muse_spark": "a norm after each expert; a logit multiplier",
+    "nemotron_h": "non-gated relu^2 experts",
+    "openai_privacy_filter": "router bias; expert biases; clamped alpha-SwiGLU",
+    "qwen3_omni_moe": "two router classes in one family (thinker and talker)",
+    "qwen3_vl_moe": "tests: its text model has no causal-LM class",
+    "step3p7": "its experts' own SwiGLU, clamped after the activation",
+    "unlimited_ocr": "groups scored by their best expert",
+}
+
+
+def status_of(family: str) -> tuple[str, str] | None:
+    """(status, reason) of ``family``, or None where no table names it."""
+    if family in ROUTERS:
+        return "patched", ""
+    if family in LEFT_WHOLE:
+        return "left whole", LEFT_WHOLE[family]
+    if family in TO_DO:
+        return "to do", TO_DO[family]
+    return None
+
+
+def family_note(module: object) -> str:
+    """ " (<family>: <reason>)" for a module of a family left whole or to do, else ""."""
+    package, _, modeling = type(module).__module__.rpartition(".")
+    family = package.removeprefix("transformers.models.")
+    if package == family or modeling != f"modeling_{family}":
+        return ""
+    status = status_of(family)
+    return f" ({family}: {status[1]})" if status is not None and status[1] else ""
