@@ -59,9 +59,18 @@ TO_DO: dict[str, str] = {
 }
 
 
-def status_of(family: str) -> tuple[str, str] | None:
-    """(status, reason) of ``family``, or None where no table names it."""
+# Why a family of ROUTERS is not patched in a transformers version whose router code differs.
+CHANGED_ROUTER = "its router's code in this transformers is not the code its recipe computes"
+
+
+def status_of(family: str, forward_digests: dict[str, str] | None = None) -> tuple[str, str] | None:
+    """(status, reason) of ``family``, or None where no table names it. ``forward_digests``
+    ({class: ``router_source`` digest} of the family's modeling file) tells whether a family
+    of ``ROUTERS`` has the router code its recipe computes; without it, it is assumed to."""
     if family in ROUTERS:
+        name, routing = ROUTERS[family]
+        if forward_digests is not None and forward_digests.get(name) not in routing.forwards:
+            return "to do", CHANGED_ROUTER
         return "patched", ""
     if family in LEFT_WHOLE:
         return "left whole", LEFT_WHOLE[family]
@@ -76,5 +85,6 @@ def family_note(module: object) -> str:
     family = package.removeprefix("transformers.models.")
     if package == family or modeling != f"modeling_{family}":
         return ""
-    status = status_of(family)
-    return f" ({family}: {status[1]})" if status is not None and status[1] else ""
+    # patch asks only about blocks it leaves whole: a family of ROUTERS then has other code.
+    reason = CHANGED_ROUTER if family in ROUTERS else (status_of(family) or ("", ""))[1]
+    return f" ({family}: {reason})" if reason else ""

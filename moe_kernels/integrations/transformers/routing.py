@@ -1,9 +1,10 @@
 """The routers of transformers' MoE families, expressed as ``ops.biased_topk`` calls.
 
 Each supported router class is named here with the routing its ``forward`` computes. Classes
-are matched exactly (module and name), never by a base class or a similar name: a router
-that is not listed is not patched. Many families share one router source (transformers'
-modular files copy it), so a few recipes cover them all.
+are matched exactly (module and name), never by a base class or a similar name, and only where
+their ``forward`` is code the recipe was verified against (``Routing.forwards``): a router that
+is not listed, or whose code changed, is not patched. Many families share one router source
+(transformers' modular files copy it), so a few recipes cover them all.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from ..._nvtx import nvtx_range
 from ..._precision import KeepsFp32
 from ...balancer import in_backward_pass
 from .padding import counted_tokens
+from .router_source import class_forward_digest
 
 BIAS = "e_score_correction_bias"
 
@@ -36,6 +38,8 @@ class Routing:
         weights_in_logits_dtype: the weights are cast to the logits' dtype (Qwen), else fp32.
         grouped: group-limited routing with a routed scaling factor, read from the router's
             ``num_group``, ``topk_group`` and ``routed_scaling_factor``.
+        forwards: the digests (``router_source.forward_digest``) of the router ``forward``
+            codes this routing computes, each verified by the tests.
         returns_fp32_logits: the logits are computed in the model's dtype but returned as fp32
             (Granite); the weights still take the model's dtype.
     """
@@ -44,18 +48,24 @@ class Routing:
     fp32_logits: bool
     normalize: bool | str
     weights_in_logits_dtype: bool
+    forwards: frozenset[str]
     grouped: bool = False
     returns_fp32_logits: bool = False
 
 
-DEEPSEEK_V3 = Routing("sigmoid", True, "norm_topk_prob", False, grouped=True)
-QWEN_MOE = Routing("softmax", False, "norm_topk_prob", True)
-QWEN_VL_MOE = Routing("softmax", False, True, True)
-MIXTRAL = Routing("softmax", False, True, False)
-# Granite: softmax over the top-k logits, which is QWEN_VL's normalised softmax.
-GRANITE_MOE = Routing("softmax", False, True, True, returns_fp32_logits=True)
-FLINT = Routing("sigmoid", True, "norm_topk_prob", False)
-JAMBA = Routing("softmax", False, False, True)
+DEEPSEEK_V3 = Routing(
+    "sigmoid", True, "norm_topk_prob", False, frozenset({"84897cf1e1d9"}), grouped=True
+)
+QWEN_MOE = Routing("softmax", False, "norm_topk_prob", True, frozenset({"793098f9664b"}))
+QWEN_VL_MOE = Routing("softmax", False, True, True, frozenset({"e372ef3a88a8"}))
+MIXTRAL = Routing("softmax", False, True, False, frozenset({"a27fa18e8112"}))
+# Granite: softmax over the top-k logits, which is QWEN_VL's normalised softmax (transformers
+# 5.17's Granite routers, which return (ids, weights, logits), are not this code).
+GRANITE_MOE = Routing(
+    "softmax", False, True, True, frozenset({"6157a64b3d31"}), returns_fp32_logits=True
+)
+FLINT = Routing("sigmoid", True, "norm_topk_prob", False, frozenset({"902a0d9a4d4a"}))
+JAMBA = Routing("softmax", False, False, True, frozenset({"15e16f52d75c"}))
 
 # model_type -> (router class, routing). Families missing from the installed transformers are
 # skipped when the table is resolved.
@@ -92,7 +102,8 @@ ROUTERS: dict[str, tuple[str, Routing]] = {
 
 
 def supported_routers() -> dict[type[nn.Module], Routing]:
-    """The router classes of the installed transformers that ``patch`` replaces."""
+    """The router classes of the installed transformers that ``patch`` replaces: those of
+    ``ROUTERS`` whose ``forward`` is code their recipe was verified against."""
     found = {}
     for family, (name, routing) in ROUTERS.items():
         try:
@@ -100,7 +111,7 @@ def supported_routers() -> dict[type[nn.Module], Routing]:
         except ImportError:
             continue
         cls = getattr(module, name, None)
-        if cls is not None:
+        if cls is not None and class_forward_digest(cls) in routing.forwards:
             found[cls] = routing
     return found
 
