@@ -63,8 +63,12 @@ TORCH_LIBRARY(moe_kernels, m) {
       "str backend=\"auto\") -> Tensor");
   m.def(
       "grouped_gemm_swiglu(Tensor a, Tensor b, Tensor tokens_per_expert, bool trans_b=False, "
-      "str backend=\"auto\", bool keep_product=True) -> (Tensor out, Tensor pre)");
-  m.def("swiglu_backward(Tensor grad_out, Tensor pre) -> Tensor");
+      "str backend=\"auto\", bool keep_product=True, float alpha=1.0, float? limit=None, "
+      "float up_offset=0.0) -> (Tensor out, Tensor pre)");
+  m.def("swiglu(Tensor pre, float alpha=1.0, float? limit=None, float up_offset=0.0) -> Tensor");
+  m.def(
+      "swiglu_backward(Tensor grad_out, Tensor pre, float alpha=1.0, float? limit=None, "
+      "float up_offset=0.0) -> Tensor");
 
   // Expert-parallel dispatch and combine (SPEC.md section 5; csrc/comm/dispatch.cpp): the row
   // movement over a group, and the reordering of the received rows by local expert.

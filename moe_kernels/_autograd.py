@@ -133,14 +133,14 @@ torch.library.register_autograd(
 
 
 def _grouped_gemm_swiglu_setup(ctx, inputs, output):
-    a, b, tokens_per_expert, trans_b, backend, keep_product = inputs
+    a, b, tokens_per_expert, trans_b, backend, keep_product, *glu = inputs
     if not keep_product:
         raise RuntimeError(
             "grouped_gemm_swiglu: keep_product=False keeps no product for the backward, but an "
             "input requires grad; pass keep_product=True (ops.grouped_gemm_swiglu decides it)"
         )
     ctx.save_for_backward(a, b, tokens_per_expert, output[1])
-    ctx.trans_b, ctx.backend = trans_b, backend
+    ctx.trans_b, ctx.backend, ctx.glu = trans_b, backend, glu
     ctx.set_materialize_grads(False)  # the product is rarely used: no zero gradient for it
 
 
@@ -148,17 +148,36 @@ def _grouped_gemm_swiglu_backward(ctx, grad_out, grad_pre):
     a, b, tokens_per_expert, pre = ctx.saved_tensors
     grad_product = grad_pre
     if grad_out is not None:
-        through_swiglu = _ops.swiglu_backward(grad_out, pre)
+        through_swiglu = _ops.swiglu_backward(grad_out, pre, *ctx.glu)
         grad_product = through_swiglu if grad_pre is None else through_swiglu + grad_pre
-    if grad_product is None:
-        return None, None, None, None, None, None
-    return *_grouped_gemm_grads(ctx, a, b, tokens_per_expert, grad_product), None
+    grads = (
+        (None,) * 5
+        if grad_product is None
+        else _grouped_gemm_grads(ctx, a, b, tokens_per_expert, grad_product)
+    )
+    return *grads, None, None, None, None
 
 
 torch.library.register_autograd(
     "moe_kernels::grouped_gemm_swiglu",
     _grouped_gemm_swiglu_backward,
     setup_context=_grouped_gemm_swiglu_setup,
+)
+
+
+def _swiglu_setup(ctx, inputs, output):
+    pre, *glu = inputs
+    ctx.save_for_backward(pre)
+    ctx.glu = glu
+
+
+def _swiglu_backward(ctx, grad_out):
+    (pre,) = ctx.saved_tensors
+    return _ops.swiglu_backward(grad_out, pre, *ctx.glu), None, None, None
+
+
+torch.library.register_autograd(
+    "moe_kernels::swiglu", _swiglu_backward, setup_context=_swiglu_setup
 )
 
 

@@ -143,6 +143,9 @@ def _(
     trans_b: bool = False,
     backend="auto",
     keep_product: bool = True,
+    alpha: float = 1.0,
+    limit: float | None = None,
+    up_offset: float = 0.0,
 ):
     _check_device(b, a, "b", "a")
     _check_device(tokens_per_expert, a, "tokens_per_expert", "a")
@@ -160,8 +163,14 @@ def _(a: Tensor, grad_c: Tensor, tokens_per_expert: Tensor, trans_b: bool = Fals
     return a.new_empty((num_experts, n, k) if trans_b else (num_experts, k, n))
 
 
+@torch.library.register_fake("moe_kernels::swiglu")
+def _(pre: Tensor, alpha: float = 1.0, limit: float | None = None, up_offset: float = 0.0):
+    torch._check(pre.dim() == 2, lambda: f"pre must be a 2-D tensor, got {pre.dim()}-D")
+    return pre.new_empty((pre.shape[0], pre.shape[1] // 2))
+
+
 @torch.library.register_fake("moe_kernels::swiglu_backward")
-def _(grad_out: Tensor, pre: Tensor):
+def _(grad_out: Tensor, pre: Tensor, alpha=1.0, limit=None, up_offset=0.0):
     _check_device(pre, grad_out, "pre", "grad_out")
     return pre.new_empty(pre.shape)
 

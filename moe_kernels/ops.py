@@ -268,12 +268,16 @@ def grouped_gemm_swiglu(
     tokens_per_expert: Tensor,
     trans_b: bool = False,
     backend: str = "auto",
+    alpha: float = 1.0,
+    limit: float | None = None,
+    up_offset: float = 0.0,
 ) -> Tensor:
-    """The first projection of SwiGLU experts, fused: ``silu(gate_e) * up_e`` where
+    """The first projection of SwiGLU experts, fused: ``swiglu(gate_e, up_e)`` where
     ``[gate_e | up_e] = a_e @ b[e]``.
 
     Args: as ``grouped_gemm``, with b's N = 2F output columns holding the gate projection
-    (the first F) then the up projection (the last F).
+    (the first F) then the up projection (the last F); and the SwiGLU variant (``swiglu``):
+    ``alpha``, ``limit``, ``up_offset``.
 
     Returns:
         [M, F] in the dtype of ``a``. With this package's kernels on CUDA (``"auto"``,
@@ -286,20 +290,54 @@ def grouped_gemm_swiglu(
         blocks of rows, each activated while in cache).
     """
     keep_product = torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)
-    return _ops.grouped_gemm_swiglu(a, b, tokens_per_expert, trans_b, backend, keep_product)[0]
+    return _ops.grouped_gemm_swiglu(
+        a, b, tokens_per_expert, trans_b, backend, keep_product, alpha, limit, up_offset
+    )[0]
 
 
-def swiglu_backward(grad_out: Tensor, pre: Tensor) -> Tensor:
-    """The gradient of ``silu(gate) * up`` w.r.t. ``pre = [gate | up]``.
+def swiglu(
+    pre: Tensor, alpha: float = 1.0, limit: float | None = None, up_offset: float = 0.0
+) -> Tensor:
+    """SwiGLU of a product ``pre = [gate | up]``, and its variants: with ``g = min(gate,
+    limit)`` and ``u = clamp(up, -limit, limit)``, ``g * sigmoid(alpha * g) * (u + up_offset)``.
+
+    The defaults are SwiGLU, ``silu(gate) * up``; gpt-oss's experts use ``alpha=1.702,
+    limit=7.0, up_offset=1.0``; GLM-5-Next's and DeepSeek-V4's a limit alone. The same
+    arithmetic as ``grouped_gemm_swiglu``'s epilogue, for a product made otherwise (with bias
+    terms, or gate and up columns interleaved and gathered first).
+
+    Args:
+        pre: [M, 2F] fp32, bf16, fp16 (or fp64).
+        alpha: the sigmoid's slope, finite.
+        limit: the clamp, > 0, or None (no clamp).
+        up_offset: added to the clamped up projection, finite.
+
+    Returns:
+        [M, F] in the dtype of ``pre``, computed in fp32 (fp64 for fp64) and rounded once;
+        differentiable w.r.t. ``pre`` (an element at or past the limit passes no gradient, as
+        in ``torch.clamp``).
+    """
+    return _ops.swiglu(pre, alpha, limit, up_offset)
+
+
+def swiglu_backward(
+    grad_out: Tensor,
+    pre: Tensor,
+    alpha: float = 1.0,
+    limit: float | None = None,
+    up_offset: float = 0.0,
+) -> Tensor:
+    """The gradient of ``swiglu(pre, alpha, limit, up_offset)`` w.r.t. ``pre = [gate | up]``.
 
     Args:
         grad_out: [M, F] gradient of the activation's output.
         pre: [M, 2F] the product ``[gate | up]``, dtype of grad_out.
+        alpha, limit, up_offset: the variant (see ``swiglu``).
 
     Returns:
         [M, 2F] in the dtype of ``pre``, computed in fp32 (fp64 for fp64).
     """
-    return _ops.swiglu_backward(grad_out, pre)
+    return _ops.swiglu_backward(grad_out, pre, alpha, limit, up_offset)
 
 
 def transpose_segments(rows: Tensor, counts: Tensor) -> Tensor:

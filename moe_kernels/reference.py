@@ -185,9 +185,14 @@ def grouped_gemm(
     return torch.cat([*outputs, tail])
 
 
-def swiglu(pre: Tensor) -> Tensor:
+def swiglu(
+    pre: Tensor, alpha: float = 1.0, limit: float | None = None, up_offset: float = 0.0
+) -> Tensor:
     gate, up = pre.to(_opmath(pre.dtype)).chunk(2, dim=-1)
-    return (torch.nn.functional.silu(gate) * up).to(pre.dtype)
+    if limit is not None:
+        gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
+    activated = F.silu(gate) if alpha == 1.0 else gate * torch.sigmoid(alpha * gate)
+    return (activated * (up + up_offset if up_offset else up)).to(pre.dtype)
 
 
 def grouped_gemm_swiglu(
@@ -196,13 +201,23 @@ def grouped_gemm_swiglu(
     tokens_per_expert: Tensor,
     trans_b: bool = False,
     backend: str = "auto",
+    alpha: float = 1.0,
+    limit: float | None = None,
+    up_offset: float = 0.0,
 ) -> Tensor:
-    return swiglu(grouped_gemm(a, b, tokens_per_expert, trans_b))
+    return swiglu(grouped_gemm(a, b, tokens_per_expert, trans_b), alpha, limit, up_offset)
 
 
-def swiglu_backward(grad_out: Tensor, pre: Tensor) -> Tensor:
+def swiglu_backward(
+    grad_out: Tensor,
+    pre: Tensor,
+    alpha: float = 1.0,
+    limit: float | None = None,
+    up_offset: float = 0.0,
+) -> Tensor:
     pre = pre.detach().to(_opmath(pre.dtype)).requires_grad_()
-    (grad_pre,) = torch.autograd.grad(swiglu(pre), pre, grad_out.to(pre.dtype))
+    out = swiglu(pre, alpha, limit, up_offset)
+    (grad_pre,) = torch.autograd.grad(out, pre, grad_out.to(pre.dtype))
     return grad_pre.to(grad_out.dtype)
 
 

@@ -24,6 +24,7 @@ OPS = [
     "grouped_gemm",
     "grouped_gemm_wgrad",
     "grouped_gemm_swiglu",
+    "swiglu",
     "swiglu_backward",
     "transpose_segments",
 ]

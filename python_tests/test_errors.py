@@ -399,6 +399,33 @@ CASES = {
         {},
         r"tokens_per_expert must sum to at most the number of rows of a \(4\), got 5",
     ),
+    "swiglu_limit_zero": (
+        mk.grouped_gemm_swiglu,
+        (torch.randn(4, 4), torch.randn(2, 4, 6), torch.tensor([2, 2])),
+        {"limit": 0.0},
+        r"limit must be > 0 \(or None: no clamp\), got 0",
+    ),
+    "swiglu_alpha_nan": (
+        mk.grouped_gemm_swiglu,
+        (torch.randn(4, 4), torch.randn(2, 4, 6), torch.tensor([2, 2])),
+        {"alpha": float("nan")},
+        r"alpha must be finite, got nan",
+    ),
+    # swiglu
+    "swiglu_odd_pre": (mk.swiglu, (torch.randn(4, 5),), {}, r"pre must have an even number"),
+    "swiglu_pre_rank": (mk.swiglu, (torch.randn(4),), {}, r"pre must be a 2-D tensor"),
+    "swiglu_offset_inf": (
+        mk.swiglu,
+        (torch.randn(4, 6),),
+        {"up_offset": float("inf")},
+        r"up_offset must be finite, got inf",
+    ),
+    "swiglu_limit_negative": (
+        mk.swiglu_backward,
+        (torch.randn(4, 3), torch.randn(4, 6)),
+        {"limit": -1.0},
+        r"limit must be > 0 \(or None: no clamp\), got -1",
+    ),
     # grouped_gemm_wgrad
     "wgrad_rows": (
         mk.grouped_gemm_wgrad,

@@ -14,6 +14,8 @@ the fp32 accumulators by ulps, far below the bf16/fp16 rounding of the output an
 errors of torch's matmul; the order of the sums is the emulator's (no split-K, no atomics).
 """
 
+from functools import partial
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -33,6 +35,13 @@ SEGMENTS = {
 # (K, N): tensor-core aligned, aligned but ragged against the 64-wide tiles, unaligned.
 SHAPES = {"k64_n128": (64, 128), "k72_n40": (72, 40), "k30_n50": (30, 50)}
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# SwiGLU and its variants (ops.swiglu): gpt-oss's clamped alpha-SwiGLU, and a clamp alone (the
+# tests' operands reach |x| ~ 10, so the clamps bite).
+GLUS = {
+    "swiglu": {},
+    "gpt_oss": dict(alpha=1.702, limit=7.0, up_offset=1.0),
+    "clamped": dict(limit=3.0),
+}
 # "auto" runs the device's fastest kernel (the wgmma kernel on the emulated sm_90, as on an
 # H100); "mma" the mma.sync kernel by name (what sm_80/sm_89 run), where it takes the problem:
 # both tensor-core kernels are proven by every test that takes `kernel`.
@@ -160,12 +169,13 @@ def test_hundreds_of_experts(device, dtype):
 @pytest.mark.parametrize("case", ["uniform", "skewed_with_empty", "all_empty"])
 @pytest.mark.parametrize("trans_b", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("swiglu", [False, True])
+@pytest.mark.parametrize("swiglu", [None, *GLUS])
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_backward(device, case, trans_b, dtype, swiglu, kernel):
     skip_unless_mma_takes(kernel, device, dtype, 24, 48)
+    glu = GLUS.get(swiglu, {})
     ours, reference = (
-        (mk.grouped_gemm_swiglu, ref.grouped_gemm_swiglu)
+        (partial(mk.grouped_gemm_swiglu, **glu), partial(ref.grouped_gemm_swiglu, **glu))
         if swiglu
         else (mk.grouped_gemm, ref.grouped_gemm)
     )
@@ -209,15 +219,49 @@ def test_gradcheck_fp64(device, trans_b):
 @pytest.mark.parametrize("trans_b", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kernel", KERNELS)
-def test_swiglu_forward(device, shape, trans_b, dtype, kernel):
+@pytest.mark.parametrize("glu", sorted(GLUS))
+def test_swiglu_forward(device, shape, trans_b, dtype, kernel, glu):
     k, n = SHAPES[shape]
     skip_unless_mma_takes(kernel, device, dtype, k, n)
     a, b, counts = operands(SEGMENTS["skewed_with_empty"], k, 2 * n, dtype, trans_b, device)
-    got = mk.grouped_gemm_swiglu(a, b, counts, trans_b, backend=kernel)
-    exact = ref.grouped_gemm_swiglu(a.cpu().double(), b.cpu().double(), counts.cpu(), trans_b)
-    assert_as_accurate_as_torch(
-        got, exact, ref.grouped_gemm_swiglu(a.cpu(), b.cpu(), counts.cpu(), trans_b)
-    )
+    got = mk.grouped_gemm_swiglu(a, b, counts, trans_b, backend=kernel, **GLUS[glu])
+    on_cpu = lambda a, b: ref.grouped_gemm_swiglu(a, b, counts.cpu(), trans_b, **GLUS[glu])  # noqa: E731
+    exact = on_cpu(a.cpu().double(), b.cpu().double())
+    assert_as_accurate_as_torch(got, exact, on_cpu(a.cpu(), b.cpu()))
+
+
+@on_backends("grouped_gemm_swiglu")
+@pytest.mark.parametrize("glu", sorted(GLUS))
+@pytest.mark.parametrize("kernel", ["cublas", "torch"])
+def test_swiglu_variants_of_the_library_products(device, glu, kernel):
+    a, b, counts = operands(SEGMENTS["skewed_with_empty"], 64, 128, torch.float32, False, device)
+    got = mk.grouped_gemm_swiglu(a, b, counts, backend=kernel, **GLUS[glu])
+    on_cpu = lambda a, b: ref.grouped_gemm_swiglu(a, b, counts.cpu(), **GLUS[glu])  # noqa: E731
+    assert_as_accurate_as_torch(got, on_cpu(a.cpu().double(), b.cpu().double()), on_cpu(a, b))
+
+
+@on_backends("swiglu", "swiglu_backward")
+@pytest.mark.parametrize("half", [24, 13])  # packs of 16 bytes, and single elements
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("glu", sorted(GLUS))
+def test_swiglu_op_and_its_gradient(device, half, dtype, glu):
+    g = torch.Generator().manual_seed(6)
+    pre = (4 * torch.randn(37, 2 * half, generator=g)).to(device, dtype).requires_grad_()
+    grad_out = torch.randn(37, half, generator=g).to(device, dtype)
+    out = mk.swiglu(pre, **GLUS[glu])
+    (grad_pre,) = torch.autograd.grad(out, pre, grad_out)
+    exact_pre = pre.detach().cpu().double().requires_grad_()
+    exact = ref.swiglu(exact_pre, **GLUS[glu])
+    (exact_grad,) = torch.autograd.grad(exact, exact_pre, grad_out.cpu().double())
+    assert out.dtype == dtype and grad_pre.dtype == dtype
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=2e-2)
+    torch.testing.assert_close(out.detach().cpu().double(), exact.detach(), **tol)
+    torch.testing.assert_close(grad_pre.cpu().double(), exact_grad, **tol)
+    if GLUS[glu].get("limit"):  # the clamps bite, and pass no gradient where they do
+        limit = GLUS[glu]["limit"]
+        gate, up = pre.detach().cpu().float().chunk(2, dim=1)
+        clamped = torch.cat([gate > limit, up.abs() > limit], dim=1)
+        assert clamped.any() and not grad_pre.cpu()[clamped].any()
 
 
 @on_backends("grouped_gemm_swiglu")
@@ -309,10 +353,13 @@ def test_backward_only_ops_take_inputs_that_require_grad(device, rows):
 
 
 @on_backends("grouped_gemm_swiglu", "swiglu_backward", "grouped_gemm", "grouped_gemm_wgrad")
-def test_swiglu_gradcheck_fp64(device):
+@pytest.mark.parametrize("glu", sorted(GLUS))
+def test_swiglu_gradcheck_fp64(device, glu):
+    # Operands of |x| <= ~5 and a limit 7 or 3 away from them: finite differences never cross it.
     a, b, counts = operands([3, 0, 4, 1], 5, 8, torch.float64, True, device)
     a.requires_grad_(), b.requires_grad_()
-    assert torch.autograd.gradcheck(lambda a, b: mk.grouped_gemm_swiglu(a, b, counts, True), (a, b))
+    fused = partial(mk.grouped_gemm_swiglu, tokens_per_expert=counts, trans_b=True, **GLUS[glu])
+    assert torch.autograd.gradcheck(fused, (a, b))
 
 
 @on_backends("grouped_gemm", "grouped_gemm_swiglu", "grouped_gemm_wgrad")

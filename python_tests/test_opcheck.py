@@ -133,7 +133,17 @@ def _sample_cases():
             ops.grouped_gemm_swiglu,
             (a.detach(), b.detach(), sizes, False, "auto", False),
         ),
+        "grouped_gemm_swiglu_gpt_oss": (
+            ops.grouped_gemm_swiglu,
+            (a.detach().requires_grad_(), b.detach(), sizes, False, "auto", True, 1.702, 7.0, 1.0),
+        ),
+        "swiglu": (ops.swiglu, (grad_c.clone().requires_grad_(),)),
+        "swiglu_clamped": (ops.swiglu, (grad_c.clone().requires_grad_(), 1.0, 0.5, 0.0)),
         "swiglu_backward": (ops.swiglu_backward, (grad_c[:, :3].contiguous(), grad_c)),
+        "swiglu_backward_gpt_oss": (
+            ops.swiglu_backward,
+            (grad_c[:, :3].contiguous(), grad_c, 1.702, 0.5, 1.0),
+        ),
         "transpose_segments": (
             ops.transpose_segments,
             (hidden.clone().requires_grad_(), torch.tensor([[3, 0, 5], [2, 6, 4]])),

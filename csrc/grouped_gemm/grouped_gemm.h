@@ -4,6 +4,7 @@
 
 #include <array>
 #include <functional>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <tuple>
@@ -11,6 +12,7 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "grouped_gemm/glu_params.h"
 
 namespace moe_kernels::gemm {
 
@@ -95,6 +97,27 @@ inline Backend check_grouped_gemm_wgrad_args(const at::Tensor& a, const at::Tens
   return check_backend(backend);
 }
 
+// The SwiGLU variant of alpha, limit and up_offset (swiglu.h): finite, and a limit above 0.
+inline GluParams check_glu_params(double alpha, std::optional<double> limit, double up_offset) {
+  check_finite(alpha, "alpha");
+  check_finite(up_offset, "up_offset");
+  GluParams glu{static_cast<float>(alpha), GluParams{}.limit, static_cast<float>(up_offset)};
+  if (limit.has_value()) {
+    check_finite(*limit, "limit");
+    TORCH_CHECK(*limit > 0, "limit must be > 0 (or None: no clamp), got ", *limit);
+    glu.limit = static_cast<float>(*limit);
+  }
+  return glu;
+}
+
+// pre [M, 2F].
+inline void check_swiglu_args(const at::Tensor& pre) {
+  check_dim(pre, 2, "pre");
+  check_floating(pre, "pre");
+  TORCH_CHECK(pre.size(1) % 2 == 0, "pre must have an even number of columns ([gate | up]), got ",
+              pre.size(1));
+}
+
 // grad_out [M, F]; pre [M, 2F].
 inline void check_swiglu_backward_args(const at::Tensor& grad_out, const at::Tensor& pre) {
   check_dim(grad_out, 2, "grad_out");
@@ -136,13 +159,15 @@ at::Tensor grouped_gemm_wgrad_torch(const at::Tensor& a, const at::Tensor& grad_
 std::tuple<at::Tensor, at::Tensor> grouped_gemm_swiglu_torch(const at::Tensor& a,
                                                              const at::Tensor& b,
                                                              const at::Tensor& tokens_per_expert,
-                                                             bool trans_b, bool keep_product);
+                                                             bool trans_b, bool keep_product,
+                                                             const GluParams& glu);
 
-// SwiGLU of a library product pre = [gate | up] ([M, 2F]): silu(gate) * up in the accumulator
+// SwiGLU of a library product pre = [gate | up] ([M, 2F]): swiglu(gate, up) in the accumulator
 // type, rounded once to pre's dtype (what the fused epilogue computes), for the backends whose
 // product is not fused with it ("cublas" on CUDA, "torch"); returned with pre, or with an empty
 // [0, 2F] when the product is not kept (grouped_gemm_swiglu's two outputs).
-std::tuple<at::Tensor, at::Tensor> swiglu_of_product(const at::Tensor& pre, bool keep_product);
+std::tuple<at::Tensor, at::Tensor> swiglu_of_product(const at::Tensor& pre, bool keep_product,
+                                                     const GluParams& glu);
 
 namespace cuda {
 // The kernel backend="auto" runs the products with on a CUDA device of compute capability
@@ -160,12 +185,14 @@ at::Tensor grouped_gemm_cuda(const at::Tensor& a, const at::Tensor& b,
 at::Tensor grouped_gemm_wgrad_cuda(const at::Tensor& a, const at::Tensor& grad_c,
                                    const at::Tensor& tokens_per_expert, bool trans_b,
                                    c10::string_view backend);
-std::tuple<at::Tensor, at::Tensor> grouped_gemm_swiglu_cuda(const at::Tensor& a,
-                                                            const at::Tensor& b,
-                                                            const at::Tensor& tokens_per_expert,
-                                                            bool trans_b, c10::string_view backend,
-                                                            bool keep_product);
-at::Tensor swiglu_backward_cuda(const at::Tensor& grad_out, const at::Tensor& pre);
+std::tuple<at::Tensor, at::Tensor> grouped_gemm_swiglu_cuda(
+    const at::Tensor& a, const at::Tensor& b, const at::Tensor& tokens_per_expert, bool trans_b,
+    c10::string_view backend, bool keep_product, double alpha, std::optional<double> limit,
+    double up_offset);
+at::Tensor swiglu_cuda(const at::Tensor& pre, double alpha, std::optional<double> limit,
+                       double up_offset);
+at::Tensor swiglu_backward_cuda(const at::Tensor& grad_out, const at::Tensor& pre, double alpha,
+                                std::optional<double> limit, double up_offset);
 }  // namespace emulated
 
 }  // namespace moe_kernels::gemm

@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <optional>
 #include <tuple>
 
 #include "common/nvtx.h"
@@ -51,16 +52,19 @@ at::Tensor grouped_gemm_wgrad_cpu(const at::Tensor& a, const at::Tensor& grad_c,
   return grouped_gemm_wgrad_blas(a, grad_c, tokens_per_expert, trans_b);
 }
 
-// out = silu(pre[:, :F]) * pre[:, F:], each expert's rows (or block of rows, when the product is
-// not kept) right after its GEMM.
+// out = swiglu(pre[:, :F], pre[:, F:]), each expert's rows (or block of rows, when the product
+// is not kept) right after its GEMM.
 std::tuple<at::Tensor, at::Tensor> grouped_gemm_swiglu_cpu(const at::Tensor& a, const at::Tensor& b,
                                                            const at::Tensor& tokens_per_expert,
                                                            bool trans_b, c10::string_view backend,
-                                                           bool keep_product) {
+                                                           bool keep_product, double alpha,
+                                                           std::optional<double> limit,
+                                                           double up_offset) {
   MOE_KERNELS_NVTX_RANGE("grouped_gemm_swiglu");
-  if (cpu_runs_torch(check_grouped_gemm_swiglu_args(a, b, tokens_per_expert, trans_b, backend),
-                     backend)) {
-    return grouped_gemm_swiglu_torch(a, b, tokens_per_expert, trans_b, keep_product);
+  const Backend choice = check_grouped_gemm_swiglu_args(a, b, tokens_per_expert, trans_b, backend);
+  const GluParams glu = check_glu_params(alpha, limit, up_offset);
+  if (cpu_runs_torch(choice, backend)) {
+    return grouped_gemm_swiglu_torch(a, b, tokens_per_expert, trans_b, keep_product, glu);
   }
   const int64_t half = b.size(trans_b ? 1 : 2) / 2;
   auto out = at::empty({a.size(0), half}, a.options());
@@ -69,22 +73,37 @@ std::tuple<at::Tensor, at::Tensor> grouped_gemm_swiglu_cpu(const at::Tensor& a, 
       [&](const at::Tensor& pre_e, int64_t first_row) {
         const at::Tensor out_e = out.narrow(0, first_row, pre_e.size(0));
         for_row_chunks(pre_e.size(0), pre_e.size(1), [&](int64_t row, int64_t rows) {
-          swiglu_rows(pre_e.narrow(0, row, rows), out_e.narrow(0, row, rows));
+          swiglu_rows(pre_e.narrow(0, row, rows), out_e.narrow(0, row, rows), glu);
         });
       },
       keep_product);
   return {out, pre};
 }
 
+at::Tensor swiglu_cpu(const at::Tensor& pre_in, double alpha, std::optional<double> limit,
+                      double up_offset) {
+  MOE_KERNELS_NVTX_RANGE("swiglu");
+  check_swiglu_args(pre_in);
+  const GluParams glu = check_glu_params(alpha, limit, up_offset);
+  const at::Tensor pre = pre_in.stride(1) == 1 ? pre_in : pre_in.contiguous();
+  auto out = at::empty({pre.size(0), pre.size(1) / 2}, pre.options());
+  for_row_chunks(pre.size(0), pre.size(1), [&](int64_t row, int64_t rows) {
+    swiglu_rows(pre.narrow(0, row, rows), out.narrow(0, row, rows), glu);
+  });
+  return out;
+}
+
 // Chunks are views: any strides of grad_out do, including the broadcast gradient of a sum.
-at::Tensor swiglu_backward_cpu(const at::Tensor& grad_out, const at::Tensor& pre_in) {
+at::Tensor swiglu_backward_cpu(const at::Tensor& grad_out, const at::Tensor& pre_in, double alpha,
+                               std::optional<double> limit, double up_offset) {
   MOE_KERNELS_NVTX_RANGE("swiglu_backward");
   check_swiglu_backward_args(grad_out, pre_in);
+  const GluParams glu = check_glu_params(alpha, limit, up_offset);
   const at::Tensor pre = pre_in.stride(1) == 1 ? pre_in : pre_in.contiguous();
   auto grad_pre = at::empty(pre.sizes(), pre.options());
   for_row_chunks(pre.size(0), pre.size(1), [&](int64_t row, int64_t rows) {
     swiglu_backward_rows(grad_out.narrow(0, row, rows), pre.narrow(0, row, rows),
-                         grad_pre.narrow(0, row, rows));
+                         grad_pre.narrow(0, row, rows), glu);
   });
   return grad_pre;
 }
@@ -97,6 +116,7 @@ TORCH_LIBRARY_IMPL(moe_kernels, CPU, m) {
       m, "grouped_gemm_wgrad");
   emu::impl_cpu_or_emulated<&grouped_gemm_swiglu_cpu, &emulated::grouped_gemm_swiglu_cuda>(
       m, "grouped_gemm_swiglu");
+  emu::impl_cpu_or_emulated<&swiglu_cpu, &emulated::swiglu_cuda>(m, "swiglu");
   emu::impl_cpu_or_emulated<&swiglu_backward_cpu, &emulated::swiglu_backward_cuda>(
       m, "swiglu_backward");
 }

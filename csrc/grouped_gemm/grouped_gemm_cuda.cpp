@@ -99,28 +99,29 @@ at::Tensor grouped_gemm_cuda(const at::Tensor& a_in, const at::Tensor& b_in,
   return c;
 }
 
-std::tuple<at::Tensor, at::Tensor> grouped_gemm_swiglu_cuda(const at::Tensor& a_in,
-                                                            const at::Tensor& b_in,
-                                                            const at::Tensor& tokens_per_expert_in,
-                                                            bool trans_b, c10::string_view backend,
-                                                            bool keep_product) {
+std::tuple<at::Tensor, at::Tensor> grouped_gemm_swiglu_cuda(
+    const at::Tensor& a_in, const at::Tensor& b_in, const at::Tensor& tokens_per_expert_in,
+    bool trans_b, c10::string_view backend, bool keep_product, double alpha,
+    std::optional<double> limit, double up_offset) {
   MOE_KERNELS_NVTX_RANGE("grouped_gemm_swiglu");
   const Backend choice =
       check_grouped_gemm_swiglu_args(a_in, b_in, tokens_per_expert_in, trans_b, backend);
+  const GluParams glu = check_glu_params(alpha, limit, up_offset);
   const device::DeviceGuard guard(a_in.device());
   if (choice == Backend::kTorch) {
-    return grouped_gemm_swiglu_torch(a_in, b_in, tokens_per_expert_in, trans_b, keep_product);
+    return grouped_gemm_swiglu_torch(a_in, b_in, tokens_per_expert_in, trans_b, keep_product, glu);
   }
   if (choice == Backend::kCublas) {
     // The library product, then SwiGLU in ATen ops (in fp32, rounded once, as the kernel does);
     // the caching allocator makes a discarded product cheap on a GPU, so it is not blocked.
     return swiglu_of_product(grouped_gemm_blas(a_in, b_in, tokens_per_expert_in, trans_b),
-                             keep_product);
+                             keep_product, glu);
   }
   const at::Tensor a = a_in.contiguous(), b = b_in.contiguous();
   GroupedGemmProblem p = product_problem(a, b, trans_b);
   p.swiglu = true;
   p.swiglu_half = p.n / 2;
+  p.glu = glu;
   auto out = at::empty({p.m, p.swiglu_half}, a.options());
   auto pre = at::empty({keep_product ? p.m : 0, p.n}, a.options());
   p.out = {out.mutable_data_ptr(), p.swiglu_half, 0};
@@ -172,16 +173,34 @@ std::string auto_kernel_name(int major, int minor) {
   return "simt";
 }
 
-at::Tensor swiglu_backward_cuda(const at::Tensor& grad_out_in, const at::Tensor& pre_in) {
+at::Tensor swiglu_cuda(const at::Tensor& pre_in, double alpha, std::optional<double> limit,
+                       double up_offset) {
+  MOE_KERNELS_NVTX_RANGE("swiglu");
+  check_swiglu_args(pre_in);
+  const GluParams glu = check_glu_params(alpha, limit, up_offset);
+  const device::DeviceGuard guard(pre_in.device());
+  const at::Tensor pre = pre_in.contiguous();
+  auto out = at::empty({pre.size(0), pre.size(1) / 2}, pre.options());
+  MOE_KERNELS_DISPATCH_FLOATING(pre.scalar_type(), "swiglu_cuda", [&] {
+    device::check_launch(launch_swiglu(device::device_ptr<scalar_t>(pre), pre.size(0), out.size(1),
+                                       glu, device::mutable_device_ptr<scalar_t>(out),
+                                       device::current_stream()));
+  });
+  return out;
+}
+
+at::Tensor swiglu_backward_cuda(const at::Tensor& grad_out_in, const at::Tensor& pre_in,
+                                double alpha, std::optional<double> limit, double up_offset) {
   MOE_KERNELS_NVTX_RANGE("swiglu_backward");
   check_swiglu_backward_args(grad_out_in, pre_in);
+  const GluParams glu = check_glu_params(alpha, limit, up_offset);
   const device::DeviceGuard guard(pre_in.device());
   const at::Tensor grad_out = grad_out_in.contiguous(), pre = pre_in.contiguous();
   auto grad_pre = at::empty_like(pre);
   MOE_KERNELS_DISPATCH_FLOATING(pre.scalar_type(), "swiglu_backward_cuda", [&] {
     device::check_launch(launch_swiglu_backward(
         device::device_ptr<scalar_t>(grad_out), device::device_ptr<scalar_t>(pre), pre.size(0),
-        grad_out.size(1), device::mutable_device_ptr<scalar_t>(grad_pre),
+        grad_out.size(1), glu, device::mutable_device_ptr<scalar_t>(grad_pre),
         device::current_stream()));
   });
   return grad_pre;
@@ -194,6 +213,7 @@ TORCH_LIBRARY_IMPL(moe_kernels, CUDA, m) {
   m.impl("grouped_gemm", &moe_kernels::gemm::cuda::grouped_gemm_cuda);
   m.impl("grouped_gemm_swiglu", &moe_kernels::gemm::cuda::grouped_gemm_swiglu_cuda);
   m.impl("grouped_gemm_wgrad", &moe_kernels::gemm::cuda::grouped_gemm_wgrad_cuda);
+  m.impl("swiglu", &moe_kernels::gemm::cuda::swiglu_cuda);
   m.impl("swiglu_backward", &moe_kernels::gemm::cuda::swiglu_backward_cuda);
 }
 #endif

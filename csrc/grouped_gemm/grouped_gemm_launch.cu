@@ -113,12 +113,16 @@ cudaError_t launch_grouped_gemm(const GroupedGemmProblem& problem, GemmKernel ke
   });
 }
 
-template <typename T>
-cudaError_t launch_swiglu_backward(const T* grad_out, const T* pre, int64_t rows, int64_t half,
-                                   T* grad_pre, cudaStream_t stream) {
+namespace {
+
+// Calls launch(config, kVec) for an elementwise SwiGLU kernel over rows of `half` pairs, in packs
+// of the widest width the pointers allow (rows of 2 * half elements, up halves `half` in).
+template <typename T, typename Launch>
+cudaError_t launch_swiglu_elementwise(int64_t rows, int64_t half,
+                                      std::initializer_list<const void*> pointers,
+                                      const Launch& launch) {
   if (rows == 0 || half == 0) return cudaSuccess;
-  // Rows of pre and grad_pre are 2 * half long, and their up halves start `half` in.
-  return device::with_pack_width<T>(half, {grad_out, pre, grad_pre}, [&](auto vec) {
+  return device::with_pack_width<T>(half, pointers, [&](auto vec) {
     constexpr int kVec = decltype(vec)::value;
     device::LaunchConfig config{dim3(), dim3(kSwigluThreads)};
     if (cudaError_t err =
@@ -126,17 +130,38 @@ cudaError_t launch_swiglu_backward(const T* grad_out, const T* pre, int64_t rows
         err != cudaSuccess) {
       return err;
     }
-    return device::launch<swiglu_backward_kernel<T, kVec>>(config, stream, grad_out, pre, rows,
-                                                           half, grad_pre);
+    return launch(config, vec);
   });
 }
 
-#define MOE_KERNELS_INSTANTIATE_GROUPED_GEMM(T)                                            \
-  template GemmPath gemm_path<T>(const GroupedGemmProblem&);                               \
-  template cudaError_t launch_grouped_gemm<T>(const GroupedGemmProblem&, GemmKernel,       \
-                                              cudaStream_t);                               \
-  template cudaError_t launch_swiglu_backward<T>(const T*, const T*, int64_t, int64_t, T*, \
-                                                 cudaStream_t);
+}  // namespace
+
+template <typename T>
+cudaError_t launch_swiglu(const T* pre, int64_t rows, int64_t half, GluParams glu, T* out,
+                          cudaStream_t stream) {
+  return launch_swiglu_elementwise<T>(rows, half, {pre, out}, [&](const auto& config, auto vec) {
+    return device::launch<swiglu_kernel<T, decltype(vec)::value>>(config, stream, pre, rows, half,
+                                                                  glu, out);
+  });
+}
+
+template <typename T>
+cudaError_t launch_swiglu_backward(const T* grad_out, const T* pre, int64_t rows, int64_t half,
+                                   GluParams glu, T* grad_pre, cudaStream_t stream) {
+  return launch_swiglu_elementwise<T>(
+      rows, half, {grad_out, pre, grad_pre}, [&](const auto& config, auto vec) {
+        return device::launch<swiglu_backward_kernel<T, decltype(vec)::value>>(
+            config, stream, grad_out, pre, rows, half, glu, grad_pre);
+      });
+}
+
+#define MOE_KERNELS_INSTANTIATE_GROUPED_GEMM(T)                                                   \
+  template GemmPath gemm_path<T>(const GroupedGemmProblem&);                                      \
+  template cudaError_t launch_grouped_gemm<T>(const GroupedGemmProblem&, GemmKernel,              \
+                                              cudaStream_t);                                      \
+  template cudaError_t launch_swiglu<T>(const T*, int64_t, int64_t, GluParams, T*, cudaStream_t); \
+  template cudaError_t launch_swiglu_backward<T>(const T*, const T*, int64_t, int64_t, GluParams, \
+                                                 T*, cudaStream_t);
 MOE_KERNELS_INSTANTIATE_GROUPED_GEMM(float)
 MOE_KERNELS_INSTANTIATE_GROUPED_GEMM(double)
 MOE_KERNELS_INSTANTIATE_GROUPED_GEMM(device::bf16)

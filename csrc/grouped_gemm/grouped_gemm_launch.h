@@ -35,9 +35,14 @@ template <typename T>
 cudaError_t launch_grouped_gemm(const GroupedGemmProblem& p, GemmKernel kernel,
                                 cudaStream_t stream);
 
+// out [rows, half] = swiglu of pre [rows, 2 * half] = [gate | up] (the variant `glu`).
+template <typename T>
+cudaError_t launch_swiglu(const T* pre, int64_t rows, int64_t half, GluParams glu, T* out,
+                          cudaStream_t stream);
+
 // grad_pre [rows, 2 * half] from grad_out [rows, half] and pre [rows, 2 * half].
 template <typename T>
 cudaError_t launch_swiglu_backward(const T* grad_out, const T* pre, int64_t rows, int64_t half,
-                                   T* grad_pre, cudaStream_t stream);
+                                   GluParams glu, T* grad_pre, cudaStream_t stream);
 
 }  // namespace moe_kernels::gemm::MOE_KERNELS_TARGET

@@ -11,6 +11,7 @@
 #include <cstdint>
 
 #include "common/host_device.h"
+#include "grouped_gemm/glu_params.h"
 
 namespace moe_kernels::gemm {
 
@@ -37,10 +38,11 @@ struct GroupedGemmProblem {
   Operand rhs;  // R: the weights (kRows) or row segments (kReduction)
   Output out;   // D (kRows: row segments; kReduction: per-expert matrices)
   // SwiGLU epilogue (kRows only): R's N = 2 * swiglu_half columns [gate | up]; `out` receives
-  // silu(gate) * up ([rows, swiglu_half]) and `pre` the product itself ([rows, 2 * half]),
-  // unless its data is null (the product is not kept).
+  // swiglu(gate, up) ([rows, swiglu_half], the variant `glu`) and `pre` the product itself
+  // ([rows, 2 * half]), unless its data is null (the product is not kept).
   bool swiglu = false;
   int64_t swiglu_half = 0;
+  GluParams glu;
   Output pre;
   // Whether every output row (and `pre` row) starts 2-element aligned: the epilogue then stores
   // pairs of columns as one access. Set by the launcher.

@@ -104,14 +104,24 @@ at::Tensor grouped_gemm_wgrad_torch(const at::Tensor& a_in, const at::Tensor& gr
 std::tuple<at::Tensor, at::Tensor> grouped_gemm_swiglu_torch(const at::Tensor& a,
                                                              const at::Tensor& b,
                                                              const at::Tensor& tokens_per_expert,
-                                                             bool trans_b, bool keep_product) {
-  return swiglu_of_product(grouped_gemm_torch(a, b, tokens_per_expert, trans_b), keep_product);
+                                                             bool trans_b, bool keep_product,
+                                                             const GluParams& glu) {
+  return swiglu_of_product(grouped_gemm_torch(a, b, tokens_per_expert, trans_b), keep_product, glu);
 }
 
-std::tuple<at::Tensor, at::Tensor> swiglu_of_product(const at::Tensor& pre, bool keep_product) {
+std::tuple<at::Tensor, at::Tensor> swiglu_of_product(const at::Tensor& pre, bool keep_product,
+                                                     const GluParams& glu) {
   const auto gate_up = pre.to(opmath_dtype(pre.scalar_type())).chunk(2, 1);
-  return {(at::silu(gate_up[0]) * gate_up[1]).to(pre.scalar_type()),
-          keep_product ? pre : pre.new_empty({0, pre.size(1)})};
+  at::Tensor gate = gate_up[0], up = gate_up[1];
+  if (glu.limit != GluParams{}.limit) {
+    gate = gate.clamp_max(glu.limit);
+    up = up.clamp(-glu.limit, glu.limit);
+  }
+  // silu itself where the variant is SwiGLU, so that these backends compute as torch does.
+  const at::Tensor activated =
+      glu.alpha == 1.0f ? at::silu(gate) : gate * at::sigmoid(gate * glu.alpha);
+  const at::Tensor out = glu.up_offset == 0.0f ? activated * up : activated * (up + glu.up_offset);
+  return {out.to(pre.scalar_type()), keep_product ? pre : pre.new_empty({0, pre.size(1)})};
 }
 
 }  // namespace moe_kernels::gemm

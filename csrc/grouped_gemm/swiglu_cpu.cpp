@@ -43,18 +43,18 @@ MutableRows mutable_rows_of(const at::Tensor& t) { return {t.mutable_data_ptr(),
 
 }  // namespace
 
-void swiglu_rows(const at::Tensor& pre, const at::Tensor& out) {
+void swiglu_rows(const at::Tensor& pre, const at::Tensor& out, const GluParams& glu) {
   TORCH_INTERNAL_ASSERT(pre.stride(1) == 1 && out.stride(1) == 1);
   row_kernels().forward(pre.scalar_type(), rows_of(pre), mutable_rows_of(out), out.size(0),
-                        out.size(1));
+                        out.size(1), glu);
 }
 
 void swiglu_backward_rows(const at::Tensor& grad_out, const at::Tensor& pre,
-                          const at::Tensor& grad_pre) {
+                          const at::Tensor& grad_pre, const GluParams& glu) {
   TORCH_INTERNAL_ASSERT(pre.stride(1) == 1 && grad_pre.stride(1) == 1);
   const at::Tensor grad = grad_out.stride(1) == 1 ? grad_out : grad_out.contiguous();
   row_kernels().backward(pre.scalar_type(), rows_of(grad), rows_of(pre), mutable_rows_of(grad_pre),
-                         grad.size(0), grad.size(1));
+                         grad.size(0), grad.size(1), glu);
 }
 
 }  // namespace moe_kernels::gemm

@@ -10,15 +10,17 @@
 
 #include <ATen/ATen.h>
 
+#include "grouped_gemm/glu_params.h"
+
 namespace moe_kernels::gemm {
 
-// out = silu(pre[:, :half]) * pre[:, half:] for pre [R, 2 half] and out [R, half] of one dtype,
-// each with unit column stride.
-void swiglu_rows(const at::Tensor& pre, const at::Tensor& out);
+// out = swiglu(pre[:, :half], pre[:, half:]) (the variant `glu`, swiglu.h) for pre [R, 2 half]
+// and out [R, half] of one dtype, each with unit column stride.
+void swiglu_rows(const at::Tensor& pre, const at::Tensor& out, const GluParams& glu);
 
-// grad_pre = the gradient of sum(grad_out * silu(gate) * up) for pre = [gate | up] (grad_pre
+// grad_pre = the gradient of sum(grad_out * swiglu(gate, up)) for pre = [gate | up] (grad_pre
 // like pre); grad_out may have any strides (a chunk without unit column stride is copied first).
 void swiglu_backward_rows(const at::Tensor& grad_out, const at::Tensor& pre,
-                          const at::Tensor& grad_pre);
+                          const at::Tensor& grad_pre, const GluParams& glu);
 
 }  // namespace moe_kernels::gemm

@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <array>
+#include <limits>
 
 namespace moe_kernels::gemm::CPU_CAPABILITY {
 namespace {
@@ -47,21 +48,46 @@ struct Wide<T> {
   }
 };
 
-// silu(x) = x / (1 + exp(-x)) and silu'(x) = s (1 + x (1 - s)) with s = 1 / (1 + exp(-x)),
-// written as torch's silu and silu_backward kernels write them (swiglu.h has the same math).
+// swiglu.h's variant parameters as vectors of the accumulator type. At alpha 1 and offset 0 the
+// products and sums with them are exact, so SwiGLU itself computes as torch's silu does.
 template <typename V>
-V swiglu(V gate, V up) {
-  const V one(1);
-  return gate / (one + gate.neg().exp()) * up;
+struct Glu {
+  V alpha, limit, offset;
+  bool clamped;
+  explicit Glu(const GluParams& p)
+      : alpha(p.alpha),
+        limit(p.limit),
+        offset(p.up_offset),
+        clamped(p.limit < std::numeric_limits<float>::infinity()) {}
+  // Blends, not minimum/maximum, so that a NaN stays a NaN (as torch.clamp keeps it).
+  V gate(V g) const { return clamped ? V::blendv(g, limit, g > limit) : g; }
+  V up(V u) const {
+    if (!clamped) return u;
+    return V::blendv(V::blendv(u, limit, u > limit), limit.neg(), u < limit.neg());
+  }
+};
+
+// silu(x) = x / (1 + exp(-x)) and silu'(x) = s (1 + x (1 - s)) with s = 1 / (1 + exp(-x)),
+// written as torch's silu and silu_backward kernels write them (swiglu.h has the same math),
+// with alpha * x in the exponent.
+template <typename V>
+V swiglu(V gate, V up, const Glu<V>& p) {
+  const V one(1), g = p.gate(gate);
+  return g / (one + (p.alpha * g).neg().exp()) * (p.up(up) + p.offset);
 }
 
 template <typename V>
-void swiglu_grad(V gate, V up, V grad, V* grad_gate, V* grad_up) {
-  const V one(1);
-  const V denominator = one + gate.neg().exp();
+void swiglu_grad(V gate, V up, V grad, V* grad_gate, V* grad_up, const Glu<V>& p) {
+  const V one(1), g = p.gate(gate), u = p.up(up) + p.offset;
+  const V denominator = one + (p.alpha * g).neg().exp();
   const V sigmoid = one / denominator;
-  *grad_gate = grad * up * sigmoid * (one + gate * (one - sigmoid));
-  *grad_up = gate / denominator * grad;
+  *grad_gate = grad * u * sigmoid * (one + p.alpha * g * (one - sigmoid));
+  *grad_up = g / denominator * grad;
+  if (p.clamped) {  // no gradient at or past the limit, as torch.clamp's backward
+    const V zero(0);
+    *grad_gate = V::blendv(*grad_gate, zero, gate >= p.limit);
+    *grad_up = V::blendv(*grad_up, zero, (up >= p.limit) | (up <= p.limit.neg()));
+  }
 }
 
 template <typename T>
@@ -75,8 +101,9 @@ T* row(MutableRows m, int64_t r) {
 }
 
 template <typename T>
-void forward_rows(Rows pre, MutableRows out, int64_t rows, int64_t half) {
+void forward_rows(Rows pre, MutableRows out, int64_t rows, int64_t half, GluParams glu) {
   using W = Wide<T>;
+  const Glu<typename W::Acc> p(glu);
   for (int64_t r = 0; r < rows; ++r) {
     const T* gate = row<T>(pre, r);
     const T* up = gate + half;
@@ -85,15 +112,17 @@ void forward_rows(Rows pre, MutableRows out, int64_t rows, int64_t half) {
       const int64_t n = std::min(W::kStep, half - j);
       auto g = W::load(gate + j, n);
       const auto u = W::load(up + j, n);
-      for (int i = 0; i < W::kParts; ++i) g[i] = swiglu(g[i], u[i]);
+      for (int i = 0; i < W::kParts; ++i) g[i] = swiglu(g[i], u[i], p);
       W::store(o + j, g, n);
     }
   }
 }
 
 template <typename T>
-void backward_rows(Rows grad_out, Rows pre, MutableRows grad_pre, int64_t rows, int64_t half) {
+void backward_rows(Rows grad_out, Rows pre, MutableRows grad_pre, int64_t rows, int64_t half,
+                   GluParams glu) {
   using W = Wide<T>;
+  const Glu<typename W::Acc> p(glu);
   for (int64_t r = 0; r < rows; ++r) {
     const T* gate = row<T>(pre, r);
     const T* up = gate + half;
@@ -104,7 +133,7 @@ void backward_rows(Rows grad_out, Rows pre, MutableRows grad_pre, int64_t rows, 
       const int64_t n = std::min(W::kStep, half - j);
       const auto g = W::load(gate + j, n), u = W::load(up + j, n), d = W::load(grad + j, n);
       std::array<typename W::Acc, W::kParts> dg, du;
-      for (int i = 0; i < W::kParts; ++i) swiglu_grad(g[i], u[i], d[i], &dg[i], &du[i]);
+      for (int i = 0; i < W::kParts; ++i) swiglu_grad(g[i], u[i], d[i], &dg[i], &du[i], p);
       W::store(grad_gate + j, dg, n);
       W::store(grad_up + j, du, n);
     }
@@ -129,14 +158,15 @@ void for_dtype(c10::ScalarType dtype, const Body& body) {
   }
 }
 
-void forward(c10::ScalarType dtype, Rows pre, MutableRows out, int64_t rows, int64_t half) {
-  for_dtype(dtype, [&](auto t) { forward_rows<decltype(t)>(pre, out, rows, half); });
+void forward(c10::ScalarType dtype, Rows pre, MutableRows out, int64_t rows, int64_t half,
+             GluParams glu) {
+  for_dtype(dtype, [&](auto t) { forward_rows<decltype(t)>(pre, out, rows, half, glu); });
 }
 
 void backward(c10::ScalarType dtype, Rows grad_out, Rows pre, MutableRows grad_pre, int64_t rows,
-              int64_t half) {
+              int64_t half, GluParams glu) {
   for_dtype(dtype,
-            [&](auto t) { backward_rows<decltype(t)>(grad_out, pre, grad_pre, rows, half); });
+            [&](auto t) { backward_rows<decltype(t)>(grad_out, pre, grad_pre, rows, half, glu); });
 }
 
 }  // namespace

@@ -6,6 +6,8 @@
 
 #include <cstdint>
 
+#include "grouped_gemm/glu_params.h"
+
 namespace moe_kernels::gemm {
 
 // A row-major matrix: its first element and the distance between rows in elements (0 repeats
@@ -20,13 +22,15 @@ struct MutableRows {
   int64_t stride;
 };
 
-// The row loops of one instruction set, for fp32, fp64, bf16 and fp16 (`dtype`).
+// The row loops of one instruction set, for fp32, fp64, bf16 and fp16 (`dtype`), of the SwiGLU
+// variant `glu` (swiglu.h).
 struct SwigluRowKernels {
-  // out[r] = silu(pre[r, :half]) * pre[r, half:]
-  void (*forward)(c10::ScalarType dtype, Rows pre, MutableRows out, int64_t rows, int64_t half);
-  // grad_pre[r] = [grad * up * silu'(gate) | grad * silu(gate)], grad = grad_out[r]
+  // out[r] = swiglu(pre[r, :half], pre[r, half:])
+  void (*forward)(c10::ScalarType dtype, Rows pre, MutableRows out, int64_t rows, int64_t half,
+                  GluParams glu);
+  // grad_pre[r] = the gradient of grad_out[r] . swiglu(gate, up) w.r.t. [gate | up]
   void (*backward)(c10::ScalarType dtype, Rows grad_out, Rows pre, MutableRows grad_pre,
-                   int64_t rows, int64_t half);
+                   int64_t rows, int64_t half, GluParams glu);
 };
 
 }  // namespace moe_kernels::gemm

@@ -80,6 +80,7 @@ struct TileOutput {
   T* pre = nullptr;  // SwiGLU: the product [gate | up], `half` columns each; null: not kept
   int64_t pre_ld = 0;
   int64_t half = 0;
+  GluParams glu;
 
   __device__ __forceinline__ static void put(T* to, int64_t cols_left, bool paired, acc v0,
                                              acc v1) {
@@ -107,7 +108,8 @@ struct TileOutput {
   __device__ __forceinline__ void store_swiglu_at(int r, int col, acc gate0, acc gate1, acc up0,
                                                   acc up1) const {
     if (r >= rows_left || col >= cols_left) return;
-    put(out + r * ld + col, cols_left - col, paired, swiglu(gate0, up0), swiglu(gate1, up1));
+    put(out + r * ld + col, cols_left - col, paired, swiglu(gate0, up0, glu),
+        swiglu(gate1, up1, glu));
     if (pre == nullptr) return;
     put(pre + r * pre_ld + col, cols_left - col, paired, gate0, gate1);
     put(pre + r * pre_ld + half + col, cols_left - col, paired, up0, up1);
@@ -127,6 +129,7 @@ __device__ __forceinline__ TileOutput<T> tile_output(const GroupedGemmProblem& p
     if (p.pre.data != nullptr) o.pre = static_cast<T*>(p.pre.data) + row0 * p.pre.ld + w.n0;
     o.pre_ld = p.pre.ld;
     o.half = p.swiglu_half;
+    o.glu = p.glu;
   }
   return o;
 }
