@@ -125,7 +125,7 @@ def swiglu_gate_up(
     rows: Tensor, gate_up_proj: Tensor, tokens_per_expert: Tensor, backend: str = "auto"
 ) -> Tensor:
     """The experts' first half: ``silu(gate_e(x)) * up_e(x)``, [R, H] -> [R, F]."""
-    rows, gate_up_proj = _autocast(rows, gate_up_proj)
+    rows, gate_up_proj = autocast_operands(rows, gate_up_proj)
     return ops.grouped_gemm_swiglu(
         rows, gate_up_proj, tokens_per_expert, trans_b=True, backend=backend
     )
@@ -135,11 +135,11 @@ def swiglu_down(
     hidden: Tensor, down_proj: Tensor, tokens_per_expert: Tensor, backend: str = "auto"
 ) -> Tensor:
     """The experts' second half: ``down_e(hidden)``, [R, F] -> [R, H]."""
-    hidden, down_proj = _autocast(hidden, down_proj)
+    hidden, down_proj = autocast_operands(hidden, down_proj)
     return ops.grouped_gemm(hidden, down_proj, tokens_per_expert, trans_b=True, backend=backend)
 
 
-def _autocast(rows: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+def autocast_operands(rows: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
     """Under ``torch.autocast``, rows and weights cast to autocast's dtype, as autocast casts an
     ``nn.Linear``'s operands (it does not know the grouped GEMMs, which are custom ops), so fp32
     master weights train through bf16 products."""

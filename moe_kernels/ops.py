@@ -314,8 +314,8 @@ def swiglu(
 
     Returns:
         [M, F] in the dtype of ``pre``, computed in fp32 (fp64 for fp64) and rounded once;
-        differentiable w.r.t. ``pre`` (an element at or past the limit passes no gradient, as
-        in ``torch.clamp``).
+        differentiable w.r.t. ``pre``: an element at or past the limit passes no gradient (as
+        torch.clamp's backward from torch 2.14; before, it passed one at the limit itself).
     """
     return _ops.swiglu(pre, alpha, limit, up_offset)
 

@@ -190,7 +190,10 @@ def swiglu(
 ) -> Tensor:
     gate, up = pre.to(_opmath(pre.dtype)).chunk(2, dim=-1)
     if limit is not None:
-        gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
+        # where, not clamp: an element at the limit passes no gradient on every torch (clamp's
+        # backward passes it there before torch 2.14).
+        gate = torch.where(gate >= limit, limit, gate)
+        up = torch.where(up >= limit, limit, torch.where(up <= -limit, -limit, up))
     activated = F.silu(gate) if alpha == 1.0 else gate * torch.sigmoid(alpha * gate)
     return (activated * (up + up_offset if up_offset else up)).to(pre.dtype)
 

@@ -181,6 +181,9 @@ FAMILIES = {
         head_dim=8,
     ),
     "flex_olmo": dict(num_experts=8, norm_topk_prob=True),
+    # gpt-oss: a limit of 0.1 (7 in the real model), about the size of the tiny model's
+    # products, so that its clamps bite (on a third of them).
+    "gpt_oss": dict(num_local_experts=8, head_dim=8, sliding_window=4, swiglu_limit=0.1),
     "mixtral": dict(num_local_experts=8),
     "minimax": dict(num_local_experts=8, head_dim=8),
 }
@@ -209,6 +212,8 @@ def tiny_model(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
                 and parameter.shape[0] > 1
             ):
                 parameter.normal_(0, 0.5)
+            if name.endswith(("proj_bias", "router.bias")):  # gpt-oss's, zero when made
+                parameter.uniform_(-0.1, 0.1)
         for name, buffer in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 buffer.uniform_(-0.05, 0.05)

@@ -78,6 +78,8 @@ def forward_backward(block, x, grad_out):
     x = x.detach().clone().requires_grad_()
     block.zero_grad()
     out = block(x)
+    if isinstance(out, tuple):  # gpt-oss's block also returns its routing weights
+        out = out[0]
     out.backward(grad_out)
     grads = {name: p.grad.clone() for name, p in block.named_parameters() if p.grad is not None}
     return out.detach(), x.grad, grads
@@ -182,7 +184,8 @@ def test_whole_model_loss_router_logits_and_generate_identical(family, device):
     mask[1, :3] = 0  # left padding: the model's aux loss leaves it out
     kwargs = dict(attention_mask=mask, labels=ids, output_router_logits=True)
     model.train(), fused.train()
-    out, fused_out = model(ids, **kwargs), fused(ids, **kwargs)
+    out = original_or_skip(model, ids, **kwargs)
+    fused_out = fused(ids, **kwargs)
     torch.testing.assert_close(fused_out.loss, out.loss, **FP32)
     if getattr(out, "aux_loss", None) is not None:
         torch.testing.assert_close(fused_out.aux_loss, out.aux_loss, **FP32)
@@ -207,6 +210,20 @@ def test_whole_model_loss_router_logits_and_generate_identical(family, device):
     best_two = torch.cat(generated.logits).topk(2, dim=-1).values
     assert (best_two[:, 0] - best_two[:, 1]).min() > 1e-4
     assert torch.equal(fused_generated.sequences, generated.sequences)
+
+
+def original_or_skip(model, *args, **kwargs):
+    """The unpatched model's outputs, or a skip where this transformers' own model fails on
+    them (5.17's Granite-SWA raises with router logits; its Qwen4-Exp gives a NaN loss with
+    left padding): there is nothing to compare with."""
+    version = transformers.__version__
+    try:
+        out = model(*args, **kwargs)
+    except Exception as error:  # noqa: BLE001: whatever the model raises
+        pytest.skip(f"the unpatched model fails in transformers {version}: {error!r}")
+    if not torch.isfinite(out.loss):
+        pytest.skip(f"the unpatched model's loss is {out.loss.item()} in transformers {version}")
+    return out
 
 
 @pytest.mark.parametrize("family", INSTALLED)
@@ -300,7 +317,7 @@ def test_unsupported_blocks_are_named_and_left_whole():
 @pytest.mark.parametrize(
     "family,options",
     [
-        ("gpt_oss", dict(num_local_experts=8, head_dim=8, sliding_window=4)),  # to do
+        ("minimax_m2", dict(num_local_experts=8, head_dim=8)),  # to do
         ("phimoe", dict(num_local_experts=8)),  # left whole
     ],
 )

@@ -31,8 +31,8 @@ MOE_KERNELS_HOST_DEVICE acc swiglu(acc gate, acc up, const GluParams& p = {}) {
 }
 
 // d(f(g) * (u + offset)) with f(g) = g * s, s = sigmoid(alpha * g): f'(g) = s + alpha * g * s *
-// (1 - s); an input at or past the limit passes no gradient (as torch.clamp's backward, which
-// passes it strictly inside), and a NaN stays a NaN.
+// (1 - s); an input at or past the limit passes no gradient (as torch.clamp's backward from
+// torch 2.14, which passes it strictly inside), and a NaN stays a NaN.
 template <typename acc>
 MOE_KERNELS_HOST_DEVICE void swiglu_grad(acc gate, acc up, acc grad, acc* grad_gate, acc* grad_up,
                                          const GluParams& p = {}) {

@@ -1,15 +1,77 @@
-"""transformers' stacked-expert modules, run as permute -> fused SwiGLU grouped GEMM -> grouped
-GEMM -> unpermute."""
+"""transformers' stacked-expert modules, run as permute -> grouped GEMMs -> unpermute: the SwiGLU
+experts of transformers' default layout with the activation fused into the first product, and the
+experts of a recipe of their own (gpt-oss: bias terms, interleaved gate and up columns, a clamped
+alpha-SwiGLU) as the products, their biases and ``ops.swiglu``."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from torch import Tensor, nn
 
 from ... import ops
 from ..._nvtx import nvtx_range
-from ...experts import swiglu_experts
+from ...experts import autocast_operands, swiglu_experts
+from .router_source import class_forward_digest
 
 SILU_CLASSES = ("SiLU", "SiLUActivation")
+
+
+@dataclass(frozen=True)
+class ExpertsRecipe:
+    """How an experts module computes, in the ops' terms.
+
+    Attributes:
+        transposed: weights stored for ``x @ W`` (``gate_up_proj`` [E, H, 2F], ``down_proj``
+            [E, F, H]), else in ``nn.Linear`` layout ([E, 2F, H], [E, H, F]).
+        interleaved: the gate and up columns alternate (gate first), else [gate | up].
+        biases: ``gate_up_proj_bias`` [E, 2F] and ``down_proj_bias`` [E, H] add to the products.
+        glu: the SwiGLU variant (``ops.swiglu``): the attributes holding alpha and the limit,
+            and the up offset; None: SwiGLU.
+        digests: the ``router_source`` digests of the class's ``forward`` and ``_apply_gate``
+            the recipe was verified against (None: transformers' default experts, recognised
+            by their layout flags instead).
+    """
+
+    transposed: bool = False
+    interleaved: bool = False
+    biases: bool = False
+    glu: tuple[str, str, float] | None = None
+    digests: tuple[str | None, str | None] | None = None
+
+    @property
+    def fused(self) -> bool:
+        """Whether the activation runs in the first product's epilogue."""
+        return not (self.interleaved or self.biases or self.glu)
+
+
+DEFAULT_SWIGLU = ExpertsRecipe()
+GPT_OSS = ExpertsRecipe(
+    transposed=True,
+    interleaved=True,
+    biases=True,
+    glu=("alpha", "limit", 1.0),
+    digests=("b71e04124472", "d2280d6cb449"),
+)
+
+# Experts classes with a recipe of their own: family -> (class name, recipe).
+EXPERTS: dict[str, tuple[str, ExpertsRecipe]] = {"gpt_oss": ("GptOssExperts", GPT_OSS)}
+
+
+def experts_recipe(experts: nn.Module) -> ExpertsRecipe | str:
+    """The recipe ``experts`` runs with, or why it cannot run on this package's ops."""
+    cls = type(experts)
+    for family, (name, recipe) in EXPERTS.items():
+        if cls.__name__ == name and cls.__module__ == _modeling(family):
+            found = (class_forward_digest(cls), class_forward_digest(cls, "_apply_gate"))
+            if found != recipe.digests:
+                return "its experts' code in this transformers is not the code its recipe computes"
+            return recipe
+    return unsupported_experts(experts) or DEFAULT_SWIGLU
+
+
+def _modeling(family: str) -> str:
+    return f"transformers.models.{family}.modeling_{family}"
 
 
 def unsupported_experts(experts: nn.Module) -> str | None:
@@ -55,6 +117,7 @@ class FusedExperts(nn.Module):
     top_k_index, top_k_weights)`` on this package's ops, with the module's own weights."""
 
     moe_backend: str = "auto"
+    moe_recipe: ExpertsRecipe = DEFAULT_SWIGLU
 
     def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
         with nvtx_range("permute"):
@@ -62,9 +125,40 @@ class FusedExperts(nn.Module):
                 hidden_states, top_k_index, self.gate_up_proj.shape[0]
             )
         with nvtx_range("experts"):
-            rows = swiglu_experts(
-                rows, self.gate_up_proj, self.down_proj, tokens_per_expert, self.moe_backend
-            )
+            if self.moe_recipe.fused:
+                rows = swiglu_experts(
+                    rows, self.gate_up_proj, self.down_proj, tokens_per_expert, self.moe_backend
+                )
+            else:
+                rows = self._experts(rows, tokens_per_expert)
         with nvtx_range("unpermute"):
             # Under autocast the products run in its dtype; the block's output keeps the input's.
             return ops.unpermute(rows, row_map, top_k_weights).to(hidden_states.dtype)
+
+    def _experts(self, rows: Tensor, tokens_per_expert: Tensor) -> Tensor:
+        """The recipe's products, biases and activation, unfused."""
+        recipe = self.moe_recipe
+        pre = self._product(rows, self.gate_up_proj, "gate_up_proj_bias", tokens_per_expert)
+        if recipe.interleaved:  # [g0, u0, g1, u1, ...] -> [gate | up]
+            pre = pre.unflatten(1, (-1, 2)).transpose(1, 2).flatten(1)
+        glu = {}
+        if recipe.glu is not None:
+            alpha, limit, up_offset = recipe.glu
+            glu = dict(alpha=getattr(self, alpha), limit=getattr(self, limit), up_offset=up_offset)
+        hidden = ops.swiglu(pre, **glu)
+        return self._product(hidden, self.down_proj, "down_proj_bias", tokens_per_expert)
+
+    def _product(self, rows: Tensor, weight: Tensor, bias: str, tokens_per_expert: Tensor):
+        rows, weight = autocast_operands(rows, weight)
+        out = ops.grouped_gemm(
+            rows, weight, tokens_per_expert, not self.moe_recipe.transposed, self.moe_backend
+        )
+        if not self.moe_recipe.biases:
+            return out
+        # Each row's expert's bias (the rows are the experts' segments, in order).
+        per_row = (
+            getattr(self, bias)
+            .to(out.dtype)
+            .repeat_interleave(tokens_per_expert, dim=0, output_size=out.shape[0])
+        )
+        return out + per_row

@@ -35,7 +35,6 @@ TO_DO: dict[str, str] = {
     "gemma4": "GELU-tanh gated experts; a normed, per-expert-scaled router",
     "glm4v_moe": "tests: its text model has no causal-LM class",
     "glm5_next": "clamped SwiGLU experts",
-    "gpt_oss": "router bias; expert biases; interleaved, clamped alpha-SwiGLU",
     "hunyuan_v1_moe": "a router recipe: the weight in gate.wg, fp32 logits where it is fp32",
     "hy_v3": "a router recipe: the bias is the block's, passed to the router",
     "hy_v4": "clamped SwiGLU experts",

@@ -17,7 +17,7 @@ from torch import nn
 
 from ... import ops
 from ..._arguments import check_number
-from .experts import FusedExperts, unsupported_experts
+from .experts import FusedExperts, experts_recipe
 from .families import family_note
 from .padding import thread_attention_mask
 from .routing import BIAS, FusedRouter, Routing, supported_routers
@@ -40,8 +40,9 @@ def patch(
     """Runs every supported sparse-MoE block of ``model`` on this package's ops, in place.
 
     A block is a module with an ``experts`` child; it is patched when its router class is one
-    of ``routing.ROUTERS`` and its experts are SwiGLU experts in transformers' stacked layout,
-    else left alone and named in a warning (never half-patched).
+    of ``routing.ROUTERS`` (with the code its recipe computes) and its experts are SwiGLU
+    experts in transformers' stacked layout or have a recipe of their own
+    (``experts.EXPERTS``), else left alone and named in a warning (never half-patched).
 
     Args:
         model: a transformers model (or any module holding such blocks).
@@ -73,12 +74,13 @@ def patch(
         if experts is None:
             continue
         router = next((child for child in block.children() if type(child) in routers), None)
+        recipe = experts_recipe(experts)
         reason = (
             "its router is none of the routers moe_kernels expresses" + family_note(block)
             if router is None
             else _wrapped(router, "router")
             or _wrapped(experts, "experts")
-            or unsupported_experts(experts)
+            or (recipe if isinstance(recipe, str) else None)
         )
         if reason is not None:
             warnings.warn(
@@ -89,6 +91,7 @@ def patch(
         _fuse_router(router, routers[type(router)], balancing, rate, center_bias)
         _switch_class(experts, FusedExperts)
         experts.moe_backend = backend
+        experts.moe_recipe = recipe
         patched += 1
     if patched:
         model.__dict__[_MASK_HOOKS] = thread_attention_mask(model)
@@ -112,6 +115,7 @@ def unpatch(model: nn.Module) -> int:
             restored += 1
         elif isinstance(module, FusedExperts):
             module.__dict__.pop("moe_backend", None)
+            module.__dict__.pop("moe_recipe", None)
             module.__class__ = module.__class__.__bases__[1]
     return restored
 

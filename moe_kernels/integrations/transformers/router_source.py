@@ -1,7 +1,7 @@
-"""The digest of a router's ``forward`` code, which ties each recipe to the code it was verified
-against: transformers can change a router's code under the same class name (Granite's router
-returned its outputs in another order in 5.17), and a recipe must not run in place of code it
-does not compute. The digest is of the function's statements as ``ast.unparse`` writes them
+"""The digest of a router's (or experts module's) ``forward`` code, which ties each recipe to the
+code it was verified against: transformers can change a router's code under the same class name
+(Granite's router returned its outputs in another order in 5.17), and a recipe must not run in
+place of code it does not compute. The digest is of the function's statements as ``ast.unparse`` writes them
 (comments, docstring and formatting dropped), the same on every Python version."""
 
 from __future__ import annotations
@@ -21,11 +21,11 @@ def forward_digest(function: ast.FunctionDef) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def class_forward_digest(cls: type) -> str | None:
-    """The digest of ``cls.forward`` (None when its source cannot be read)."""
+def class_forward_digest(cls: type, method: str = "forward") -> str | None:
+    """The digest of ``cls.<method>`` (None when its source cannot be read)."""
     try:
-        source = textwrap.dedent(inspect.getsource(cls.forward))
-    except (OSError, TypeError):
+        source = textwrap.dedent(inspect.getsource(getattr(cls, method)))
+    except (AttributeError, OSError, TypeError):
         return None
     return forward_digest(ast.parse(source).body[0])
 

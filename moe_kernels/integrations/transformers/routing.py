@@ -42,6 +42,8 @@ class Routing:
             codes this routing computes, each verified by the tests.
         returns_fp32_logits: the logits are computed in the model's dtype but returned as fp32
             (Granite); the weights still take the model's dtype.
+        logits_bias: the router's ``bias`` adds to its logits (gpt-oss), a term of the model
+            unlike the loss-free bias, which only chooses.
     """
 
     score_fn: str
@@ -51,6 +53,7 @@ class Routing:
     forwards: frozenset[str]
     grouped: bool = False
     returns_fp32_logits: bool = False
+    logits_bias: bool = False
 
 
 DEEPSEEK_V3 = Routing(
@@ -66,6 +69,8 @@ GRANITE_MOE = Routing(
 )
 FLINT = Routing("sigmoid", True, "norm_topk_prob", False, frozenset({"902a0d9a4d4a"}))
 JAMBA = Routing("softmax", False, False, True, frozenset({"15e16f52d75c"}))
+# gpt-oss: a softmax over the top-k of biased logits, which is the normalised softmax.
+GPT_OSS = Routing("softmax", False, True, True, frozenset({"b1633bd68b47"}), logits_bias=True)
 
 # model_type -> (router class, routing). Families missing from the installed transformers are
 # skipped when the table is resolved.
@@ -95,6 +100,7 @@ ROUTERS: dict[str, tuple[str, Routing]] = {
     "granitemoeshared": ("GraniteMoeSharedTopKRouter", GRANITE_MOE),
     "flint": ("FlintTopKRouter", FLINT),
     "jamba": ("JambaTopKRouter", JAMBA),
+    "gpt_oss": ("GptOssTopKRouter", GPT_OSS),
     "flex_olmo": ("FlexOlmoTopKRouter", QWEN_MOE),
     "mixtral": ("MixtralTopKRouter", MIXTRAL),
     "minimax": ("MiniMaxTopKRouter", MIXTRAL),
@@ -147,7 +153,7 @@ class FusedRouter(KeepsFp32):
         if routing.fp32_logits:
             logits = F.linear(x.float(), self.weight.float())
         else:
-            logits = F.linear(x, self.weight)
+            logits = F.linear(x, self.weight, self.bias if routing.logits_bias else None)
         bias = getattr(self, BIAS, None)
         counting = self.training and not in_backward_pass()
         weights, ids, counts = ops.biased_topk(
