@@ -120,6 +120,8 @@ MODEL_SHAPES = {
               family="qwen3_moe"),
         Shape("qwen3-next-80b-a3b", num_tokens=8192, hidden=2048, ffn=512, num_experts=512,
               topk=10, n_shared=1, family="qwen3_next"),
+        Shape("gpt-oss-20b", num_tokens=4096, hidden=2880, ffn=2880, num_experts=32, topk=4,
+              family="gpt_oss"),
         Shape("mixtral-8x7b", num_tokens=4096, hidden=4096, ffn=14336, num_experts=8, topk=2,
               family="mixtral"),
     ]

@@ -27,11 +27,12 @@ groups keeping 4, 1 shared expert, 4096 tokens), "mixtral" (``MixtralSparseMoeBl
 1024, FFN 3584, 8 experts, top-2, 2048 tokens), "qwen2-moe" (``Qwen2MoeSparseMoeBlock``: hidden
 1024, FFN 256, 64 experts, top-8, a gated shared expert of FFN 1024, 4096 tokens), "qwen3-next"
 (``Qwen3NextSparseMoeBlock``: hidden 1024, FFN 256, 128 experts, top-10, normalised, a gated
-shared expert of FFN 256, 4096 tokens), the four run by default; and for a GPU, bench_layer's
-real models at their real sizes, each in its family's block: "deepseek-v3-671b"
-(``DeepseekV3MoE``), "qwen3-30b-a3b" (``Qwen3MoeSparseMoeBlock``), "qwen3-next-80b-a3b"
-(``Qwen3NextSparseMoeBlock``) and "mixtral-8x7b" (``MixtralSparseMoeBlock``). Weights are made
-on the device.
+shared expert of FFN 256, 4096 tokens), "gpt-oss" (``GptOssMLP``: hidden 1024, FFN 1024, 32
+experts, top-4, biases and the clamped alpha-SwiGLU, 2048 tokens), the five run by default; and
+for a GPU, bench_layer's real models at their real sizes, each in its family's block:
+"deepseek-v3-671b" (``DeepseekV3MoE``), "qwen3-30b-a3b" (``Qwen3MoeSparseMoeBlock``),
+"qwen3-next-80b-a3b" (``Qwen3NextSparseMoeBlock``), "gpt-oss-20b" (``GptOssMLP``) and
+"mixtral-8x7b" (``MixtralSparseMoeBlock``). Weights are made on the device.
 
 Columns: medians in ms; "speedup_vs_X" is X's time over the patched block's (above 1: patched
 is faster); "dense_over_patched" the fraction of the dense ceiling the patched block reaches.
@@ -64,7 +65,7 @@ from bench_layer import (
 )
 from torch import Tensor, nn
 
-from moe_kernels.integrations.transformers import patch
+from moe_kernels.integrations.transformers import patch, supported_routers
 from timer import DTYPES, randn, save, unit
 
 SHAPES = {
@@ -78,6 +79,8 @@ SHAPES = {
               n_shared=4, family="qwen2_moe"),
         Shape("qwen3-next", num_tokens=4096, hidden=1024, ffn=256, num_experts=128, topk=10,
               n_shared=1, family="qwen3_next"),
+        Shape("gpt-oss", num_tokens=2048, hidden=1024, ffn=1024, num_experts=32, topk=4,
+              family="gpt_oss"),
     ]
 }  # fmt: skip
 
@@ -89,6 +92,7 @@ BLOCKS = {
     "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeSparseMoeBlock"),
     "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeSparseMoeBlock"),
     "qwen3_next": ("Qwen3NextConfig", "Qwen3NextSparseMoeBlock"),
+    "gpt_oss": ("GptOssConfig", "GptOssMLP"),
 }
 
 
@@ -106,7 +110,7 @@ def config_options(shape: Shape) -> dict:
             routed_scaling_factor=shape.route_scale,
             norm_topk_prob=True,
         )
-    if shape.family == "mixtral":
+    if shape.family in ("mixtral", "gpt_oss"):
         return dict(common, intermediate_size=shape.ffn, num_local_experts=shape.num_experts)
     qwen = dict(common, moe_intermediate_size=shape.ffn, num_experts=shape.num_experts)
     if shape.family == "qwen3_moe":
@@ -130,22 +134,28 @@ def transformers_block(shape: Shape, device: str) -> nn.Module:
     with torch.device(device):  # a real model's experts would take minutes on the CPU
         module = block(config)
     g = torch.Generator(device).manual_seed(0)
+    # gpt-oss stores its experts for x @ W ([E, H, 2F]): their fan-in is the next-to-last size.
+    transposed = getattr(module.experts, "is_transposed", False)
     with torch.no_grad():
-        for parameter in module.parameters():
-            parameter.normal_(0, parameter.shape[-1] ** -0.5, generator=g)
+        for name, parameter in module.named_parameters():
+            fan_in_dim = -2 if transposed and name.endswith(("gate_up_proj", "down_proj")) else -1
+            parameter.normal_(0, parameter.shape[fan_in_dim] ** -0.5, generator=g)
         for name, buffer in module.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 buffer.normal_(0, 0.1, generator=g)
     return module
 
 
-def with_experts(block: nn.Module, implementation: str) -> Callable[[Tensor], Tensor]:
+def with_experts(block: nn.Module, implementation: str | None) -> Callable[[Tensor], Tensor]:
     """The block with its experts implementation set before each call (the experts read
-    ``config._experts_implementation`` at every forward)."""
+    ``config._experts_implementation`` at every forward; None: the patched block), returning
+    its hidden states (gpt-oss's block also returns its routing weights)."""
 
     def run(x: Tensor) -> Tensor:
-        block.experts.config._experts_implementation = implementation
-        return block(x)
+        if implementation is not None:
+            block.experts.config._experts_implementation = implementation
+        out = block(x)
+        return out[0] if isinstance(out, tuple) else out
 
     return run
 
@@ -156,7 +166,8 @@ def tie_free_tokens(block: nn.Module, x: Tensor) -> Tensor:
     a tie is an arbitrary choice (this package: the lower index; torch.topk: unspecified), which
     changes that token's output; the outputs of the others must agree."""
     with torch.no_grad():
-        logits, _, ids = block.gate(x.reshape(-1, x.shape[-1]))
+        router = next(child for child in block.children() if type(child) in supported_routers())
+        logits, _, ids = router(x.reshape(-1, x.shape[-1]))
         top = logits.float().topk(ids.shape[1] + 1, dim=-1).values
     return top[:, -2] != top[:, -1]
 
@@ -175,7 +186,7 @@ def bench_shape(shape: Shape, dev: str, dtype: torch.dtype, repeats: int, eager_
     impls = {
         "eager": (original, with_experts(original, "eager")),
         "grouped_mm": (original, with_experts(original, "grouped_mm")),
-        "patched": (patched, patched),
+        "patched": (patched, with_experts(patched, None)),
     }
     if not eager_repeats:
         del impls["eager"]

@@ -168,7 +168,13 @@ def benchmark_stage(out: Path, dry_run: bool, quick: bool) -> Stage:
     blocks = (
         ["deepseek-v3-671b"]
         if quick
-        else ["deepseek-v3-671b", "qwen3-30b-a3b", "qwen3-next-80b-a3b", "mixtral-8x7b"]
+        else [
+            "deepseek-v3-671b",
+            "qwen3-30b-a3b",
+            "qwen3-next-80b-a3b",
+            "gpt-oss-20b",
+            "mixtral-8x7b",
+        ]
     )
 
     def script(name: str, *args: str) -> list[str]:
