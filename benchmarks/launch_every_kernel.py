@@ -173,6 +173,16 @@ def gemms(device: str) -> None:
                 out.square().sum().backward()  # dgrad (trans_b), wgrad, swiglu_backward
                 assert all(t.grad is not None for t in dev)
                 close(dev[1].grad[0], torch.zeros(hidden, 2 * ffn), "an empty expert's wgrad")
+        # The standalone activation (gpt-oss's variant, whose clamps bite at these sizes), and
+        # its backward, on rows of 16 bytes' packs and of single elements.
+        for half in (24, 13):
+            pre = (3 * torch.randn(rows, 2 * half, generator=g)).to(dtype)
+            variant = dict(alpha=1.702, limit=2.0, up_offset=1.0)
+            on_device = pre.to(device).requires_grad_()
+            out = mk.swiglu(on_device, **variant)
+            close(out, ref.swiglu(pre.float(), **variant), "swiglu")
+            out.sum().backward()
+            assert on_device.grad is not None
 
 
 def segments(device: str) -> None:
