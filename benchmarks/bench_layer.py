@@ -122,6 +122,8 @@ MODEL_SHAPES = {
               topk=10, n_shared=1, family="qwen3_next"),
         Shape("gpt-oss-20b", num_tokens=4096, hidden=2880, ffn=2880, num_experts=32, topk=4,
               family="gpt_oss"),
+        Shape("llama4-scout", num_tokens=4096, hidden=5120, ffn=8192, num_experts=16, topk=1,
+              n_shared=1, family="llama4"),
         Shape("mixtral-8x7b", num_tokens=4096, hidden=4096, ffn=14336, num_experts=8, topk=2,
               family="mixtral"),
     ]

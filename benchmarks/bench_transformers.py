@@ -12,12 +12,14 @@ timed as:
     loop over experts that a block built alone runs;
   - "grouped_mm": the original block with ``"grouped_mm"`` (a sort, then ``F.grouped_mm``),
     the default inside a transformers model;
+  - "dense_bmm": in place of those two for a block whose experts have no implementations to
+    choose (Llama 4's), its own forward: every expert on every token, one ``torch.bmm``;
   - "patched": a deep copy of the block after ``patch``, the same weights (values) and inputs;
   - "dense": ``torch.mm`` products of the block's GEMM FLOPs (``bench_layer.DenseGemms``): the
     ceiling no implementation of the block can pass.
 Before timing, the script checks that the patched block and grouped_mm give eager's output and
 input gradient (as ``bench_layer.check``; against grouped_mm's when ``--eager-repeats 0`` skips
-eager, as bench_layer.py explains) on every token whose routing has no tie (bf16 logits tie
+eager, as bench_layer.py explains; against dense_bmm's where that is the original) on every token whose routing has no tie (bf16 logits tie
 often; see ``tie_free_tokens``); a shape that does not match is not timed, and the script exits
 non-zero. "forward" runs under ``torch.no_grad()`` in eval mode; "forward+backward" in train
 mode, the gradients of the input and every parameter set to None before each repeat.
@@ -28,11 +30,13 @@ groups keeping 4, 1 shared expert, 4096 tokens), "mixtral" (``MixtralSparseMoeBl
 1024, FFN 256, 64 experts, top-8, a gated shared expert of FFN 1024, 4096 tokens), "qwen3-next"
 (``Qwen3NextSparseMoeBlock``: hidden 1024, FFN 256, 128 experts, top-10, normalised, a gated
 shared expert of FFN 256, 4096 tokens), "gpt-oss" (``GptOssMLP``: hidden 1024, FFN 1024, 32
-experts, top-4, biases and the clamped alpha-SwiGLU, 2048 tokens), the five run by default; and
-for a GPU, bench_layer's real models at their real sizes, each in its family's block:
-"deepseek-v3-671b" (``DeepseekV3MoE``), "qwen3-30b-a3b" (``Qwen3MoeSparseMoeBlock``),
-"qwen3-next-80b-a3b" (``Qwen3NextSparseMoeBlock``), "gpt-oss-20b" (``GptOssMLP``) and
-"mixtral-8x7b" (``MixtralSparseMoeBlock``). Weights are made on the device.
+experts, top-4, biases and the clamped alpha-SwiGLU, 2048 tokens), "llama4" (``Llama4TextMoe``:
+hidden 1024, FFN 1024, 16 experts, top-1 on weighted tokens, a shared expert, 2048 tokens), the
+six run by default; and for a GPU, bench_layer's real models at their real sizes, each in its
+family's block: "deepseek-v3-671b" (``DeepseekV3MoE``), "qwen3-30b-a3b"
+(``Qwen3MoeSparseMoeBlock``), "qwen3-next-80b-a3b" (``Qwen3NextSparseMoeBlock``), "gpt-oss-20b"
+(``GptOssMLP``), "llama4-scout" (``Llama4TextMoe``) and "mixtral-8x7b"
+(``MixtralSparseMoeBlock``). Weights are made on the device.
 
 Columns: medians in ms; "speedup_vs_X" is X's time over the patched block's (above 1: patched
 is faster); "dense_over_patched" the fraction of the dense ceiling the patched block reaches.
@@ -81,9 +85,15 @@ SHAPES = {
               n_shared=1, family="qwen3_next"),
         Shape("gpt-oss", num_tokens=2048, hidden=1024, ffn=1024, num_experts=32, topk=4,
               family="gpt_oss"),
+        Shape("llama4", num_tokens=2048, hidden=1024, ffn=1024, num_experts=16, topk=1,
+              n_shared=1, family="llama4"),
     ]
 }  # fmt: skip
 
+
+# The original blocks' expert paths: transformers' experts implementations (a block whose
+# experts have none, Llama 4's, runs its own forward: "dense_bmm", every expert on every token).
+ORIGINALS = ("eager", "grouped_mm")
 
 # family -> its config class and sparse-MoE block class.
 BLOCKS = {
@@ -93,6 +103,7 @@ BLOCKS = {
     "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeSparseMoeBlock"),
     "qwen3_next": ("Qwen3NextConfig", "Qwen3NextSparseMoeBlock"),
     "gpt_oss": ("GptOssConfig", "GptOssMLP"),
+    "llama4": ("Llama4TextConfig", "Llama4TextMoe"),
 }
 
 
@@ -110,7 +121,7 @@ def config_options(shape: Shape) -> dict:
             routed_scaling_factor=shape.route_scale,
             norm_topk_prob=True,
         )
-    if shape.family in ("mixtral", "gpt_oss"):
+    if shape.family in ("mixtral", "gpt_oss", "llama4"):  # Llama 4's shared expert: one of F
         return dict(common, intermediate_size=shape.ffn, num_local_experts=shape.num_experts)
     qwen = dict(common, moe_intermediate_size=shape.ffn, num_experts=shape.num_experts)
     if shape.family == "qwen3_moe":
@@ -155,7 +166,8 @@ def with_experts(block: nn.Module, implementation: str | None) -> Callable[[Tens
         if implementation is not None:
             block.experts.config._experts_implementation = implementation
         out = block(x)
-        return out[0] if isinstance(out, tuple) else out
+        out = out[0] if isinstance(out, tuple) else out
+        return out.view(x.shape)  # Llama 4's block returns its tokens flattened
 
     return run
 
@@ -167,8 +179,9 @@ def tie_free_tokens(block: nn.Module, x: Tensor) -> Tensor:
     changes that token's output; the outputs of the others must agree."""
     with torch.no_grad():
         router = next(child for child in block.children() if type(child) in supported_routers())
-        logits, _, ids = router(x.reshape(-1, x.shape[-1]))
-        top = logits.float().topk(ids.shape[1] + 1, dim=-1).values
+        out = router(x.reshape(-1, x.shape[-1]))
+        logits = out[1] if len(out) == 2 else out[0]  # Llama 4's: (scores, logits)
+        top = logits.float().topk(router.top_k + 1, dim=-1).values
     return top[:, -2] != top[:, -1]
 
 
@@ -183,18 +196,18 @@ def bench_shape(shape: Shape, dev: str, dtype: torch.dtype, repeats: int, eager_
     g = torch.Generator(dev).manual_seed(1)
     x = randn(1, shape.num_tokens, shape.hidden, generator=g, dtype=dtype).requires_grad_()
     grad = randn(*x.shape, generator=g, dtype=dtype)
+    originals = ORIGINALS if hasattr(original.experts, "config") else ("dense_bmm",)
     impls = {
-        "eager": (original, with_experts(original, "eager")),
-        "grouped_mm": (original, with_experts(original, "grouped_mm")),
-        "patched": (patched, with_experts(patched, None)),
+        name: (original, with_experts(original, None if name == "dense_bmm" else name))
+        for name in originals
+        if name != "eager" or eager_repeats
     }
-    if not eager_repeats:
-        del impls["eager"]
-    reference = "eager" if eager_repeats else "grouped_mm"
+    reference = next(iter(impls))
+    impls["patched"] = (patched, with_experts(patched, None))
     ref_out, ref_grad = forward_backward(*impls[reference], x, grad)
     keep = tie_free_tokens(original, x)
     print(f"{shape.name}: comparing the {int(keep.sum())} of {keep.numel()} tokens without ties")
-    for name in ("grouped_mm", "patched"):
+    for name in list(impls)[1:]:
         out, x_grad = forward_backward(*impls[name], x, grad)
         for what, got, want in (("output", out, ref_out), ("input grad", x_grad, ref_grad)):
             report = check(what, got[0, keep], want[0, keep], dtype)
@@ -208,15 +221,18 @@ def bench_shape(shape: Shape, dev: str, dtype: torch.dtype, repeats: int, eager_
         runs["dense"] = dense_runner(dense, passes)
         t = time_in_turns(runs, dev, pass_repeats(runs, passes, repeats, eager_repeats))
         ms = {name: timing.median_ms for name, timing in t.items()}
-        ours, eager = ms["patched"], ms.get("eager")
+        ours = ms["patched"]
         yield {
             "shape": shape.name,
             "block": type(original).__name__,
             "pass": passes,
-            "eager_ms": eager,  # None when --eager-repeats 0 skipped it
+            # None where the block has no such path, or --eager-repeats 0 skipped it.
+            **{f"{name}_ms": ms.get(name) for name in (*ORIGINALS, "dense_bmm")},
             **{f"{name}_ms": value for name, value in ms.items()},
-            "speedup_vs_grouped_mm": ms["grouped_mm"] / ours,
-            "speedup_vs_eager": eager / ours if eager else None,
+            **{
+                f"speedup_vs_{name}": ms[name] / ours if name in ms else None
+                for name in (*ORIGINALS, "dense_bmm")
+            },
             "dense_over_patched": ms["dense"] / ours,
             **{f"{name}_min_ms": timing.min_ms for name, timing in t.items()},
             "repeats": {name: timing.repeats for name, timing in t.items()},
@@ -241,10 +257,12 @@ def main() -> None:
             "pass",
             "eager_ms",
             "grouped_mm_ms",
+            "dense_bmm_ms",
             "patched_ms",
             "dense_ms",
             "speedup_vs_grouped_mm",
             "speedup_vs_eager",
+            "speedup_vs_dense_bmm",
             "dense_over_patched",
         ],
         f"transformers' MoE blocks, original (eager, grouped_mm) and patched by moe_kernels "

@@ -173,6 +173,7 @@ def benchmark_stage(out: Path, dry_run: bool, quick: bool) -> Stage:
             "qwen3-30b-a3b",
             "qwen3-next-80b-a3b",
             "gpt-oss-20b",
+            "llama4-scout",
             "mixtral-8x7b",
         ]
     )

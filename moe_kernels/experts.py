@@ -113,30 +113,42 @@ def swiglu_experts(
     down_proj: Tensor,
     tokens_per_expert: Tensor,
     backend: str = "auto",
+    linear_layout: bool = True,
 ) -> Tensor:
     """SwiGLU experts over rows grouped by expert: ``down_e(silu(gate_e(x)) * up_e(x))``, with
     ``gate_up_proj`` [E, 2F, H] (gate rows, then up rows) and ``down_proj`` [E, H, F] in
-    ``nn.Linear`` layout. The first product runs with SwiGLU fused into its epilogue."""
-    hidden = swiglu_gate_up(rows, gate_up_proj, tokens_per_expert, backend)
-    return swiglu_down(hidden, down_proj, tokens_per_expert, backend)
+    ``nn.Linear`` layout, or without ``linear_layout`` stored for ``x @ W`` ([E, H, 2F] and
+    [E, F, H]). The first product runs with SwiGLU fused into its epilogue."""
+    hidden = swiglu_gate_up(rows, gate_up_proj, tokens_per_expert, backend, linear_layout)
+    return swiglu_down(hidden, down_proj, tokens_per_expert, backend, linear_layout)
 
 
 def swiglu_gate_up(
-    rows: Tensor, gate_up_proj: Tensor, tokens_per_expert: Tensor, backend: str = "auto"
+    rows: Tensor,
+    gate_up_proj: Tensor,
+    tokens_per_expert: Tensor,
+    backend: str = "auto",
+    linear_layout: bool = True,
 ) -> Tensor:
     """The experts' first half: ``silu(gate_e(x)) * up_e(x)``, [R, H] -> [R, F]."""
     rows, gate_up_proj = autocast_operands(rows, gate_up_proj)
     return ops.grouped_gemm_swiglu(
-        rows, gate_up_proj, tokens_per_expert, trans_b=True, backend=backend
+        rows, gate_up_proj, tokens_per_expert, trans_b=linear_layout, backend=backend
     )
 
 
 def swiglu_down(
-    hidden: Tensor, down_proj: Tensor, tokens_per_expert: Tensor, backend: str = "auto"
+    hidden: Tensor,
+    down_proj: Tensor,
+    tokens_per_expert: Tensor,
+    backend: str = "auto",
+    linear_layout: bool = True,
 ) -> Tensor:
     """The experts' second half: ``down_e(hidden)``, [R, F] -> [R, H]."""
     hidden, down_proj = autocast_operands(hidden, down_proj)
-    return ops.grouped_gemm(hidden, down_proj, tokens_per_expert, trans_b=True, backend=backend)
+    return ops.grouped_gemm(
+        hidden, down_proj, tokens_per_expert, trans_b=linear_layout, backend=backend
+    )
 
 
 def autocast_operands(rows: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:

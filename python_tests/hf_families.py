@@ -184,6 +184,16 @@ FAMILIES = {
     # gpt-oss: a limit of 0.1 (7 in the real model), about the size of the tiny model's
     # products, so that its clamps bite (on a third of them).
     "gpt_oss": dict(num_local_experts=8, head_dim=8, sliding_window=4, swiglu_limit=0.1),
+    # Llama 4: its block runs the experts on routing-weighted tokens, beside a shared expert.
+    "llama4": dict(
+        model_type="llama4_text",
+        num_local_experts=8,
+        intermediate_size=24,
+        intermediate_size_mlp=40,
+        head_dim=8,
+        interleave_moe_layer_step=1,
+        attention_chunk_size=16,
+    ),
     "mixtral": dict(num_local_experts=8),
     "minimax": dict(num_local_experts=8, head_dim=8),
 }

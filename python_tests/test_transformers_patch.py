@@ -18,6 +18,7 @@ from moe_kernels.integrations.transformers import (
     supported_routers,
     unpatch,
 )
+from moe_kernels.integrations.transformers.blocks import BLOCKS, FusedInputWeightedBlock
 from moe_kernels.integrations.transformers.experts import FusedExperts
 from moe_kernels.integrations.transformers.routing import BIAS, FusedRouter
 
@@ -56,6 +57,19 @@ def router_of_fused(block):
     return next(child for child in block.children() if isinstance(child, FusedRouter))
 
 
+def decisions(router, x):
+    """(logits, [T, k] weights, [T, k] ids) of a router, unpatched or patched."""
+    out = router(x)
+    if len(out) == 2:  # Llama 4's: [T, E] scores, zero where an expert is not chosen; logits
+        scores, logits = out
+        weights, ids = scores.topk(router.top_k, dim=-1)
+        return logits, weights, ids
+    if isinstance(router, FusedRouter) and router.moe_routing.scores_first:
+        weights, logits, ids = out
+        return logits, weights, ids
+    return out
+
+
 def hidden_states(model, seed=0, dtype=torch.float32, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(2, 12, model.config.hidden_size, generator=g)
@@ -68,7 +82,7 @@ def assert_tie_free(block, x):
     them differently: the patched block routes every token as the unpatched one does."""
     router = router_of(block)
     routing = supported_routers()[type(router)]
-    logits, _, ids = router(x.detach().reshape(-1, x.shape[-1]))
+    logits, _, ids = decisions(router, x.detach().reshape(-1, x.shape[-1]))
     groups = (router.num_group, router.topk_group) if routing.grouped else (1, 1)
     bias = getattr(router, BIAS, None)
     assert not near_ties(logits, bias, ids.shape[1], routing.score_fn, *groups).any()
@@ -78,9 +92,9 @@ def forward_backward(block, x, grad_out):
     x = x.detach().clone().requires_grad_()
     block.zero_grad()
     out = block(x)
-    if isinstance(out, tuple):  # gpt-oss's block also returns its routing weights
+    if isinstance(out, tuple):  # gpt-oss's block also returns its routing weights, Llama 4's logits
         out = out[0]
-    out.backward(grad_out)
+    out.backward(grad_out.reshape(out.shape))  # Llama 4's block returns its tokens flattened
     grads = {name: p.grad.clone() for name, p in block.named_parameters() if p.grad is not None}
     return out.detach(), x.grad, grads
 
@@ -92,7 +106,12 @@ def test_patch_switches_router_and_experts_of_every_block(family):
     for (name, block), (fused_name, fused_block) in zip(
         moe_blocks(model), moe_blocks(fused), strict=True
     ):
-        assert name == fused_name and type(block) is type(fused_block)
+        assert name == fused_name
+        if family in BLOCKS:  # the block's class switched too, to a subclass of its own
+            assert isinstance(fused_block, FusedInputWeightedBlock)
+            assert type(fused_block).__bases__[1] is type(block)
+        else:
+            assert type(block) is type(fused_block)
         assert isinstance(fused_block.experts, FusedExperts)
         assert isinstance(fused_block.experts, type(block.experts))
         router, fused_router = router_of(block), router_of_fused(fused_block)
@@ -158,8 +177,8 @@ def test_routing_decisions_identical_and_counted(family, device):
     for (_, block), (_, fused_block) in zip(moe_blocks(model), moe_blocks(fused), strict=True):
         router, fused_router = router_of(block), router_of_fused(fused_block)
         assert_tie_free(block, x)
-        logits, weights, ids = router(x)
-        fused_logits, fused_weights, fused_ids = fused_router(x)
+        logits, weights, ids = decisions(router, x)
+        fused_logits, fused_weights, fused_ids = decisions(fused_router, x)
         # The same F.linear call on the same device: bit-equal (cuBLAS is deterministic too).
         torch.testing.assert_close(fused_logits, logits, rtol=0, atol=0)
         order, fused_order = ids.sort(dim=-1), fused_ids.sort(dim=-1)

@@ -53,9 +53,14 @@ GPT_OSS = ExpertsRecipe(
     glu=("alpha", "limit", 1.0),
     digests=("b71e04124472", "d2280d6cb449"),
 )
+# Llama 4: SwiGLU experts stored for x @ W (their block weighs their inputs: ``blocks``).
+LLAMA4 = ExpertsRecipe(transposed=True, digests=("0946c5fe9204", None))
 
 # Experts classes with a recipe of their own: family -> (class name, recipe).
-EXPERTS: dict[str, tuple[str, ExpertsRecipe]] = {"gpt_oss": ("GptOssExperts", GPT_OSS)}
+EXPERTS: dict[str, tuple[str, ExpertsRecipe]] = {
+    "gpt_oss": ("GptOssExperts", GPT_OSS),
+    "llama4": ("Llama4TextExperts", LLAMA4),
+}
 
 
 def experts_recipe(experts: nn.Module) -> ExpertsRecipe | str:
@@ -66,6 +71,9 @@ def experts_recipe(experts: nn.Module) -> ExpertsRecipe | str:
             found = (class_forward_digest(cls), class_forward_digest(cls, "_apply_gate"))
             if found != recipe.digests:
                 return "its experts' code in this transformers is not the code its recipe computes"
+            activation = getattr(experts, "act_fn", None)
+            if activation is not None and type(activation).__name__ not in SILU_CLASSES:
+                return f"its experts' activation is {type(activation).__name__}, not SiLU"
             return recipe
     return unsupported_experts(experts) or DEFAULT_SWIGLU
 
@@ -120,20 +128,36 @@ class FusedExperts(nn.Module):
     moe_recipe: ExpertsRecipe = DEFAULT_SWIGLU
 
     def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
+        return self.moe_forward(hidden_states, top_k_index, top_k_weights)
+
+    def moe_forward(
+        self, hidden_states: Tensor, ids: Tensor, weights: Tensor, weigh_inputs: bool = False
+    ) -> Tensor:
+        """[T, H] tokens, their [T, k] experts and weights -> [T, H]: the weighted sum of their
+        experts' outputs, or with ``weigh_inputs`` the sum of their experts' outputs on the
+        weighted tokens (Llama 4)."""
         with nvtx_range("permute"):
             rows, row_map, tokens_per_expert = ops.permute(
-                hidden_states, top_k_index, self.gate_up_proj.shape[0]
+                hidden_states, ids, self.gate_up_proj.shape[0]
             )
+            if weigh_inputs:
+                rows = ops.permute_with_map(hidden_states, row_map, weights, rows.shape[0])
         with nvtx_range("experts"):
             if self.moe_recipe.fused:
                 rows = swiglu_experts(
-                    rows, self.gate_up_proj, self.down_proj, tokens_per_expert, self.moe_backend
+                    rows,
+                    self.gate_up_proj,
+                    self.down_proj,
+                    tokens_per_expert,
+                    self.moe_backend,
+                    linear_layout=not self.moe_recipe.transposed,
                 )
             else:
                 rows = self._experts(rows, tokens_per_expert)
         with nvtx_range("unpermute"):
             # Under autocast the products run in its dtype; the block's output keeps the input's.
-            return ops.unpermute(rows, row_map, top_k_weights).to(hidden_states.dtype)
+            out = ops.unpermute(rows, row_map, None if weigh_inputs else weights)
+            return out.to(hidden_states.dtype)
 
     def _experts(self, rows: Tensor, tokens_per_expert: Tensor) -> Tensor:
         """The recipe's products, biases and activation, unfused."""

@@ -43,7 +43,6 @@ TO_DO: dict[str, str] = {
     "kolibri1": "the bias is added to the logits, not the scores",
     "laguna": "a router recipe; a logit soft-cap where the config sets one",
     "lfm2_moe": "a router recipe: the bias is the block's; act_fn is F.silu",
-    "llama4": "top-1 sigmoid routing that scales the experts' input; transposed experts",
     "minimax_m2": "a router recipe: the bias is the block's, passed to the router",
     "minimax_m3_vl": "clamped alpha-SwiGLU experts",
     "mistral4": "softmax group-limited routing in the model's dtype",

@@ -17,6 +17,7 @@ from torch import nn
 
 from ... import ops
 from ..._arguments import check_number
+from .blocks import FusedInputWeightedBlock, block_to_fuse
 from .experts import FusedExperts, experts_recipe
 from .families import family_note
 from .padding import thread_attention_mask
@@ -42,7 +43,8 @@ def patch(
     A block is a module with an ``experts`` child; it is patched when its router class is one
     of ``routing.ROUTERS`` (with the code its recipe computes) and its experts are SwiGLU
     experts in transformers' stacked layout or have a recipe of their own
-    (``experts.EXPERTS``), else left alone and named in a warning (never half-patched).
+    (``experts.EXPERTS``), else left alone and named in a warning (never half-patched). A block
+    whose own forward cannot run them (Llama 4's, ``blocks``) is switched too.
 
     Args:
         model: a transformers model (or any module holding such blocks).
@@ -65,7 +67,8 @@ def patch(
     check_number("rate", rate)
     if backend not in ops.GROUPED_GEMM_BACKENDS:
         raise ValueError(f"backend must be one of {ops.GROUPED_GEMM_BACKENDS}, got {backend!r}")
-    if any(isinstance(module, (FusedRouter, FusedExperts)) for module in model.modules()):
+    fused = (FusedRouter, FusedExperts, FusedInputWeightedBlock)
+    if any(isinstance(module, fused) for module in model.modules()):
         raise ValueError("model is already patched: unpatch(model) first")
     routers = supported_routers()
     patched = 0
@@ -75,12 +78,15 @@ def patch(
             continue
         router = next((child for child in block.children() if type(child) in routers), None)
         recipe = experts_recipe(experts)
+        fuse_block = block_to_fuse(block)
         reason = (
             "its router is none of the routers moe_kernels expresses" + family_note(block)
             if router is None
             else _wrapped(router, "router")
             or _wrapped(experts, "experts")
+            or _wrapped(block, "block")
             or (recipe if isinstance(recipe, str) else None)
+            or (fuse_block if isinstance(fuse_block, str) else None)
         )
         if reason is not None:
             warnings.warn(
@@ -92,6 +98,8 @@ def patch(
         _switch_class(experts, FusedExperts)
         experts.moe_backend = backend
         experts.moe_recipe = recipe
+        if fuse_block:
+            _switch_class(block, FusedInputWeightedBlock)
         patched += 1
     if patched:
         model.__dict__[_MASK_HOOKS] = thread_attention_mask(model)
@@ -116,6 +124,8 @@ def unpatch(model: nn.Module) -> int:
         elif isinstance(module, FusedExperts):
             module.__dict__.pop("moe_backend", None)
             module.__dict__.pop("moe_recipe", None)
+            module.__class__ = module.__class__.__bases__[1]
+        elif isinstance(module, FusedInputWeightedBlock):
             module.__class__ = module.__class__.__bases__[1]
     return restored
 

@@ -44,6 +44,9 @@ class Routing:
             (Granite); the weights still take the model's dtype.
         logits_bias: the router's ``bias`` adds to its logits (gpt-oss), a term of the model
             unlike the loss-free bias, which only chooses.
+        scores_first: the router returns ``(weights, logits, ids)``, logits second where the
+            model records them (Llama 4, whose block ``patch`` replaces: ``blocks``); else
+            ``(logits, weights, ids)``.
     """
 
     score_fn: str
@@ -54,6 +57,7 @@ class Routing:
     grouped: bool = False
     returns_fp32_logits: bool = False
     logits_bias: bool = False
+    scores_first: bool = False
 
 
 DEEPSEEK_V3 = Routing(
@@ -71,6 +75,9 @@ FLINT = Routing("sigmoid", True, "norm_topk_prob", False, frozenset({"902a0d9a4d
 JAMBA = Routing("softmax", False, False, True, frozenset({"15e16f52d75c"}))
 # gpt-oss: a softmax over the top-k of biased logits, which is the normalised softmax.
 GPT_OSS = Routing("softmax", False, True, True, frozenset({"b1633bd68b47"}), logits_bias=True)
+# Llama 4: the sigmoid of the top-k logits, unnormalised (the top-k of the sigmoid scores: the
+# same experts, save where fp32's sigmoid rounds two logits above ~17 to 1.0 alike).
+LLAMA4 = Routing("sigmoid", False, False, True, frozenset({"6242f55b4598"}), scores_first=True)
 
 # model_type -> (router class, routing). Families missing from the installed transformers are
 # skipped when the table is resolved.
@@ -101,6 +108,7 @@ ROUTERS: dict[str, tuple[str, Routing]] = {
     "flint": ("FlintTopKRouter", FLINT),
     "jamba": ("JambaTopKRouter", JAMBA),
     "gpt_oss": ("GptOssTopKRouter", GPT_OSS),
+    "llama4": ("Llama4Router", LLAMA4),
     "flex_olmo": ("FlexOlmoTopKRouter", QWEN_MOE),
     "mixtral": ("MixtralTopKRouter", MIXTRAL),
     "minimax": ("MiniMaxTopKRouter", MIXTRAL),
@@ -173,7 +181,7 @@ class FusedRouter(KeepsFp32):
             weights = weights.to(logits.dtype)
         if routing.returns_fp32_logits:
             logits = logits.float()
-        return logits, weights, ids
+        return (weights, logits, ids) if routing.scores_first else (logits, weights, ids)
 
     def _normalize(self) -> bool:
         normalize = self.moe_routing.normalize
