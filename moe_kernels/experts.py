@@ -114,12 +114,14 @@ def swiglu_experts(
     tokens_per_expert: Tensor,
     backend: str = "auto",
     linear_layout: bool = True,
+    **glu: float,
 ) -> Tensor:
     """SwiGLU experts over rows grouped by expert: ``down_e(silu(gate_e(x)) * up_e(x))``, with
     ``gate_up_proj`` [E, 2F, H] (gate rows, then up rows) and ``down_proj`` [E, H, F] in
     ``nn.Linear`` layout, or without ``linear_layout`` stored for ``x @ W`` ([E, H, 2F] and
-    [E, F, H]). The first product runs with SwiGLU fused into its epilogue."""
-    hidden = swiglu_gate_up(rows, gate_up_proj, tokens_per_expert, backend, linear_layout)
+    [E, F, H]). The first product runs with SwiGLU (or the variant of ``glu``: ``alpha``,
+    ``limit``, ``up_offset``, see ``ops.swiglu``) fused into its epilogue."""
+    hidden = swiglu_gate_up(rows, gate_up_proj, tokens_per_expert, backend, linear_layout, **glu)
     return swiglu_down(hidden, down_proj, tokens_per_expert, backend, linear_layout)
 
 
@@ -129,11 +131,13 @@ def swiglu_gate_up(
     tokens_per_expert: Tensor,
     backend: str = "auto",
     linear_layout: bool = True,
+    **glu: float,
 ) -> Tensor:
-    """The experts' first half: ``silu(gate_e(x)) * up_e(x)``, [R, H] -> [R, F]."""
+    """The experts' first half: ``silu(gate_e(x)) * up_e(x)`` (or ``glu``'s variant), [R, H] ->
+    [R, F]."""
     rows, gate_up_proj = autocast_operands(rows, gate_up_proj)
     return ops.grouped_gemm_swiglu(
-        rows, gate_up_proj, tokens_per_expert, trans_b=linear_layout, backend=backend
+        rows, gate_up_proj, tokens_per_expert, trans_b=linear_layout, backend=backend, **glu
     )
 
 

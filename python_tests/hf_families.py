@@ -84,6 +84,41 @@ FAMILIES = {
         layer_types=["full_attention", "sliding_attention"],
         mlp_layer_types=["dense", "sparse"],
     ),
+    # DeepSeek-V4 without its hash layers (a test of its own has one): sqrtsoftplus scores, a
+    # clamped SwiGLU, compressed attention and hyper-connections.
+    "deepseek_v4": dict(
+        n_routed_experts=8,
+        moe_intermediate_size=24,
+        n_shared_experts=1,
+        num_key_value_heads=1,
+        head_dim=16,
+        q_lora_rank=16,
+        o_groups=2,
+        o_lora_rank=8,
+        index_n_heads=2,
+        index_head_dim=8,
+        index_topk=4,
+        sliding_window=4,
+        hc_mult=2,
+        hc_sinkhorn_iters=3,
+        layer_types=["sliding_attention", "compressed_sparse_attention"],
+        mlp_layer_types=["moe", "moe"],
+        compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 8},
+        partial_rotary_factor=0.5,
+        swiglu_limit=0.05,
+    ),
+    # Hunyuan-V4: DeepSeek-V3's router; a clamped SwiGLU, its limit about the size of the tiny
+    # model's products so that it bites.
+    "hy_v4": dict(
+        num_local_experts=8,
+        moe_intermediate_size=24,
+        n_group=4,
+        topk_group=2,
+        first_k_dense_replace=1,
+        routed_scaling_factor=2.5,
+        head_dim=8,
+        swiglu_limit=0.05,
+    ),
     "qwen2_moe": dict(num_experts=8, moe_intermediate_size=24, shared_expert_intermediate_size=40),
     # Qwen4-Exp: its attention layers are indexed (a sparse top-k over compressed keys).
     "qwen4_exp": dict(

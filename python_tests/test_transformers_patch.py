@@ -20,7 +20,7 @@ from moe_kernels.integrations.transformers import (
 )
 from moe_kernels.integrations.transformers.blocks import BLOCKS, FusedInputWeightedBlock
 from moe_kernels.integrations.transformers.experts import FusedExperts
-from moe_kernels.integrations.transformers.routing import BIAS, FusedRouter
+from moe_kernels.integrations.transformers.routing import BIAS, FusedRouter, score_function
 
 LAYER_OPS = (
     "biased_topk",
@@ -85,7 +85,8 @@ def assert_tie_free(block, x):
     logits, _, ids = decisions(router, x.detach().reshape(-1, x.shape[-1]))
     groups = (router.num_group, router.topk_group) if routing.grouped else (1, 1)
     bias = getattr(router, BIAS, None)
-    assert not near_ties(logits, bias, ids.shape[1], routing.score_fn, *groups).any()
+    score_fn = score_function(router, routing)
+    assert not near_ties(logits, bias, ids.shape[1], score_fn, *groups).any()
 
 
 def forward_backward(block, x, grad_out):
@@ -356,6 +357,24 @@ def test_a_family_left_unpatched_is_warned_about_with_its_reason(family, options
         )
     assert not any(isinstance(m, (FusedRouter, FusedExperts)) for m in model.modules())
     assert all(torch.equal(state[name], t) for name, t in model.state_dict().items())
+
+
+@pytest.mark.skipif("deepseek_v4" not in INSTALLED, reason="needs DeepSeek-V4's transformers")
+def test_deepseek_v4s_hash_layers_are_left_whole_and_its_learned_ones_patched():
+    model = tiny_model("deepseek_v4", mlp_layer_types=["hash_moe", "moe"])
+    fused = copy.deepcopy(model)
+    with pytest.warns(UserWarning) as caught:
+        assert patch(fused) == 1
+    (hash_name, hash_block), (name, block) = moe_blocks(fused)
+    assert [str(w.message) for w in caught] == [
+        f"moe_kernels: left {hash_name} ({type(hash_block).__name__}) unpatched: its router is "
+        "none of the routers moe_kernels expresses (deepseek_v4: its hash layers pick experts "
+        "by a token-id table)"
+    ]
+    assert not isinstance(hash_block.experts, FusedExperts)
+    assert isinstance(block.experts, FusedExperts)
+    ids = torch.randint(3, model.config.vocab_size, (2, 10))
+    torch.testing.assert_close(fused(ids).logits, model(ids).logits, **FP32)
 
 
 def test_bad_arguments_raise_naming_them():

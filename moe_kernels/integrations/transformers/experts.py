@@ -26,8 +26,8 @@ class ExpertsRecipe:
             [E, F, H]), else in ``nn.Linear`` layout ([E, 2F, H], [E, H, F]).
         interleaved: the gate and up columns alternate (gate first), else [gate | up].
         biases: ``gate_up_proj_bias`` [E, 2F] and ``down_proj_bias`` [E, H] add to the products.
-        glu: the SwiGLU variant (``ops.swiglu``): the attributes holding alpha and the limit,
-            and the up offset; None: SwiGLU.
+        glu: the SwiGLU variant (``ops.swiglu``): alpha (a number, or the attribute holding
+            it), the attribute holding the limit, and the up offset; None: SwiGLU.
         digests: the ``router_source`` digests of the class's ``forward`` and ``_apply_gate``
             the recipe was verified against (None: transformers' default experts, recognised
             by their layout flags instead).
@@ -36,13 +36,21 @@ class ExpertsRecipe:
     transposed: bool = False
     interleaved: bool = False
     biases: bool = False
-    glu: tuple[str, str, float] | None = None
+    glu: tuple[float | str, str, float] | None = None
     digests: tuple[str | None, str | None] | None = None
 
     @property
     def fused(self) -> bool:
         """Whether the activation runs in the first product's epilogue."""
-        return not (self.interleaved or self.biases or self.glu)
+        return not (self.interleaved or self.biases)
+
+    def glu_of(self, experts: nn.Module) -> dict[str, float]:
+        """The ``alpha``, ``limit`` and ``up_offset`` of ``experts`` ({} for SwiGLU)."""
+        if self.glu is None:
+            return {}
+        alpha, limit, up_offset = self.glu
+        alpha = getattr(experts, alpha) if isinstance(alpha, str) else alpha
+        return dict(alpha=alpha, limit=getattr(experts, limit), up_offset=up_offset)
 
 
 DEFAULT_SWIGLU = ExpertsRecipe()
@@ -55,11 +63,16 @@ GPT_OSS = ExpertsRecipe(
 )
 # Llama 4: SwiGLU experts stored for x @ W (their block weighs their inputs: ``blocks``).
 LLAMA4 = ExpertsRecipe(transposed=True, digests=("0946c5fe9204", None))
+# Hunyuan-V4 and DeepSeek-V4: a clamped SwiGLU, fused into the first product's epilogue.
+HY_V4 = ExpertsRecipe(glu=(1.0, "swiglu_limit", 0.0), digests=("a35da7d62505", "d0727b638544"))
+DEEPSEEK_V4 = ExpertsRecipe(glu=(1.0, "limit", 0.0), digests=("a35da7d62505", "71529536b176"))
 
 # Experts classes with a recipe of their own: family -> (class name, recipe).
 EXPERTS: dict[str, tuple[str, ExpertsRecipe]] = {
     "gpt_oss": ("GptOssExperts", GPT_OSS),
     "llama4": ("Llama4TextExperts", LLAMA4),
+    "hy_v4": ("HYV4Experts", HY_V4),
+    "deepseek_v4": ("DeepseekV4Experts", DEEPSEEK_V4),
 }
 
 
@@ -151,6 +164,7 @@ class FusedExperts(nn.Module):
                     tokens_per_expert,
                     self.moe_backend,
                     linear_layout=not self.moe_recipe.transposed,
+                    **self.moe_recipe.glu_of(self),
                 )
             else:
                 rows = self._experts(rows, tokens_per_expert)
@@ -165,11 +179,7 @@ class FusedExperts(nn.Module):
         pre = self._product(rows, self.gate_up_proj, "gate_up_proj_bias", tokens_per_expert)
         if recipe.interleaved:  # [g0, u0, g1, u1, ...] -> [gate | up]
             pre = pre.unflatten(1, (-1, 2)).transpose(1, 2).flatten(1)
-        glu = {}
-        if recipe.glu is not None:
-            alpha, limit, up_offset = recipe.glu
-            glu = dict(alpha=getattr(self, alpha), limit=getattr(self, limit), up_offset=up_offset)
-        hidden = ops.swiglu(pre, **glu)
+        hidden = ops.swiglu(pre, **recipe.glu_of(self))
         return self._product(hidden, self.down_proj, "down_proj_bias", tokens_per_expert)
 
     def _product(self, rows: Tensor, weight: Tensor, bias: str, tokens_per_expert: Tensor):

@@ -4,17 +4,23 @@ piece it needs. ``coverage`` writes the table; ``patch`` names the reason in its
 
 from __future__ import annotations
 
+from torch import nn
+
 from .routing import ROUTERS
 
 # Families whose routing or experts the ops cannot express, each with the reason.
 LEFT_WHOLE: dict[str, str] = {
-    "deepseek_v4": "its first layers route by a fixed token-id hash table",
     "jetmoe": "its block routes and runs its experts itself (no router or experts module)",
     "longcat_flash": "zero-computation (identity) experts",
     "nllb_moe": "expert capacity drops tokens; one module per expert",
     "phimoe": "sparsemixer routing: a masked softmax per slot, sampled in training",
     "switch_transformers": "expert capacity drops tokens; one module per expert",
     "zaya": "an MLP router whose state runs across layers, and a skip expert",
+}
+
+# Routers left whole in a family ``patch`` otherwise covers: class -> (family, reason).
+LEFT_WHOLE_ROUTERS: dict[str, tuple[str, str]] = {
+    "DeepseekV4HashRouter": ("deepseek_v4", "its hash layers pick experts by a token-id table"),
 }
 
 # Families the ops can express once the named piece is added; until then ``patch`` leaves them
@@ -37,7 +43,6 @@ TO_DO: dict[str, str] = {
     "glm5_next": "clamped SwiGLU experts",
     "hunyuan_v1_moe": "a router recipe: the weight in gate.wg, fp32 logits where it is fp32",
     "hy_v3": "a router recipe: the bias is the block's, passed to the router",
-    "hy_v4": "clamped SwiGLU experts",
     "inkling": "shared experts share the routed weights' normalisation",
     "inkling2": "soft-capped SwiGLU experts",
     "kolibri1": "the bias is added to the logits, not the scores",
@@ -69,7 +74,8 @@ def status_of(family: str, forward_digests: dict[str, str] | None = None) -> tup
         name, routing = ROUTERS[family]
         if forward_digests is not None and forward_digests.get(name) not in routing.forwards:
             return "to do", CHANGED_ROUTER
-        return "patched", ""
+        partly = [reason for f, reason in LEFT_WHOLE_ROUTERS.values() if f == family]
+        return "patched", "; ".join(f"left whole: {reason}" for reason in partly)
     if family in LEFT_WHOLE:
         return "left whole", LEFT_WHOLE[family]
     if family in TO_DO:
@@ -77,8 +83,13 @@ def status_of(family: str, forward_digests: dict[str, str] | None = None) -> tup
     return None
 
 
-def family_note(module: object) -> str:
-    """ " (<family>: <reason>)" for a module of a family left whole or to do, else ""."""
+def family_note(module: nn.Module) -> str:
+    """ " (<family>: <reason>)" for a block of a family left whole or to do, or whose router is
+    one of ``LEFT_WHOLE_ROUTERS``, else ""."""
+    for child in module.children():
+        if type(child).__name__ in LEFT_WHOLE_ROUTERS:
+            family, reason = LEFT_WHOLE_ROUTERS[type(child).__name__]
+            return f" ({family}: {reason})"
     package, _, modeling = type(module).__module__.rpartition(".")
     family = package.removeprefix("transformers.models.")
     if package == family or modeling != f"modeling_{family}":

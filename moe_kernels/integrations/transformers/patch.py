@@ -21,7 +21,14 @@ from .blocks import FusedInputWeightedBlock, block_to_fuse
 from .experts import FusedExperts, experts_recipe
 from .families import family_note
 from .padding import thread_attention_mask
-from .routing import BIAS, FusedRouter, Routing, supported_routers
+from .routing import (
+    BIAS,
+    SCORE_MODULES,
+    FusedRouter,
+    Routing,
+    score_function,
+    supported_routers,
+)
 
 BALANCING = (None, "loss_free")
 
@@ -87,6 +94,7 @@ def patch(
             or _wrapped(block, "block")
             or (recipe if isinstance(recipe, str) else None)
             or (fuse_block if isinstance(fuse_block, str) else None)
+            or _unknown_score_function(router, routers[type(router)])
         )
         if reason is not None:
             warnings.warn(
@@ -151,6 +159,13 @@ def _fuse_router(
         router.moe_added_bias = True
     elif bias.dtype != torch.float32:
         router._buffers[BIAS] = bias.float()
+
+
+def _unknown_score_function(router: nn.Module, routing: Routing) -> str | None:
+    if score_function(router, routing) is None:
+        activation = type(getattr(router, routing.score_fn, None)).__name__
+        return f"its router's score function is {activation}, none of {list(SCORE_MODULES)}"
+    return None
 
 
 def _wrapped(module: nn.Module, role: str) -> str | None:

@@ -23,6 +23,9 @@ from .padding import counted_tokens
 from .router_source import class_forward_digest
 
 BIAS = "e_score_correction_bias"
+SCORE_FUNCTIONS = ("softmax", "sigmoid", "sqrtsoftplus")
+# The activation modules (transformers' ACT2FN) a router may hold as its score function.
+SCORE_MODULES = {"SqrtSoftplusActivation": "sqrtsoftplus", "Sigmoid": "sigmoid"}
 
 
 @dataclass(frozen=True)
@@ -30,14 +33,17 @@ class Routing:
     """What a router's ``forward`` computes, in ``biased_topk``'s terms.
 
     Attributes:
-        score_fn: "softmax" or "sigmoid".
+        score_fn: "softmax", "sigmoid" or "sqrtsoftplus"; or the name of the router's
+            attribute holding its activation module (DeepSeek-V4's, from its config), one of
+            ``SCORE_MODULES``.
         fp32_logits: logits from fp32 copies of the tokens and the weight (DeepSeek-V3), else
             ``F.linear`` in the model's dtype.
         normalize: whether the k weights are divided by their sum: a constant, or the name of
             the router's attribute holding it.
         weights_in_logits_dtype: the weights are cast to the logits' dtype (Qwen), else fp32.
-        grouped: group-limited routing with a routed scaling factor, read from the router's
-            ``num_group``, ``topk_group`` and ``routed_scaling_factor``.
+        grouped: group-limited routing, read from the router's ``num_group`` and
+            ``topk_group``.
+        scaled: the weights are multiplied by the router's ``routed_scaling_factor``.
         forwards: the digests (``router_source.forward_digest``) of the router ``forward``
             codes this routing computes, each verified by the tests.
         returns_fp32_logits: the logits are computed in the model's dtype but returned as fp32
@@ -55,14 +61,24 @@ class Routing:
     weights_in_logits_dtype: bool
     forwards: frozenset[str]
     grouped: bool = False
+    scaled: bool = False
     returns_fp32_logits: bool = False
     logits_bias: bool = False
     scores_first: bool = False
 
 
 DEEPSEEK_V3 = Routing(
-    "sigmoid", True, "norm_topk_prob", False, frozenset({"84897cf1e1d9"}), grouped=True
+    "sigmoid",
+    True,
+    "norm_topk_prob",
+    False,
+    frozenset({"84897cf1e1d9"}),
+    grouped=True,
+    scaled=True,
 )
+# DeepSeek-V4's learned routers (its hash routers are left whole): the config's score function
+# (sqrtsoftplus by default) in the model's dtype, always normalised, scaled.
+DEEPSEEK_V4 = Routing("score_fn", False, True, True, frozenset({"5e8aa95cf241"}), scaled=True)
 QWEN_MOE = Routing("softmax", False, "norm_topk_prob", True, frozenset({"793098f9664b"}))
 QWEN_VL_MOE = Routing("softmax", False, True, True, frozenset({"e372ef3a88a8"}))
 MIXTRAL = Routing("softmax", False, True, False, frozenset({"a27fa18e8112"}))
@@ -94,6 +110,8 @@ ROUTERS: dict[str, tuple[str, Routing]] = {
     "glm_moe_dsa": ("GlmMoeDsaTopkRouter", DEEPSEEK_V3),
     "solar_open": ("SolarOpenTopkRouter", DEEPSEEK_V3),
     "exaone_moe": ("ExaoneMoeTopkRouter", DEEPSEEK_V3),
+    "deepseek_v4": ("DeepseekV4TopKRouter", DEEPSEEK_V4),
+    "hy_v4": ("HYV4TopkRouter", DEEPSEEK_V3),
     "qwen2_moe": ("Qwen2MoeTopKRouter", QWEN_MOE),
     "qwen3_moe": ("Qwen3MoeTopKRouter", QWEN_MOE),
     "olmoe": ("OlmoeTopKRouter", QWEN_MOE),
@@ -113,6 +131,14 @@ ROUTERS: dict[str, tuple[str, Routing]] = {
     "mixtral": ("MixtralTopKRouter", MIXTRAL),
     "minimax": ("MiniMaxTopKRouter", MIXTRAL),
 }
+
+
+def score_function(router: nn.Module, routing: Routing) -> str | None:
+    """``biased_topk``'s score_fn for ``router``, or None where its activation module is none of
+    ``SCORE_MODULES``."""
+    if routing.score_fn in SCORE_FUNCTIONS:
+        return routing.score_fn
+    return SCORE_MODULES.get(type(getattr(router, routing.score_fn, None)).__name__)
 
 
 def supported_routers() -> dict[type[nn.Module], Routing]:
@@ -168,11 +194,11 @@ class FusedRouter(KeepsFp32):
             logits,
             None if bias is None else bias.float(),
             self.top_k,
-            routing.score_fn,
+            score_function(self, routing),
             self.num_group if routing.grouped else 1,
             self.topk_group if routing.grouped else 1,
             self._normalize(),
-            self.routed_scaling_factor if routing.grouped else 1.0,
+            self.routed_scaling_factor if routing.scaled else 1.0,
             token_mask=counted_tokens(x.shape[0], x.device) if counting else None,
         )
         if counting:
