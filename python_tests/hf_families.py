@@ -8,6 +8,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from moe_kernels.integrations.transformers import ROUTERS, supported_routers  # noqa: E402
+from moe_kernels.integrations.transformers.experts import EXPERTS, supported_experts  # noqa: E402
 
 COMMON = dict(
     vocab_size=96,
@@ -106,6 +107,18 @@ FAMILIES = {
         compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 8},
         partial_rotary_factor=0.5,
         swiglu_limit=0.05,
+    ),
+    # Nemotron-H: DeepSeek-V3's router, non-gated relu^2 experts, an attention layer first.
+    "nemotron_h": dict(
+        n_routed_experts=8,
+        moe_intermediate_size=24,
+        moe_shared_expert_intermediate_size=40,
+        n_group=4,
+        topk_group=2,
+        routed_scaling_factor=2.5,
+        head_dim=8,
+        layer_types=["full_attention", "moe", "moe"],
+        num_hidden_layers=3,
     ),
     # Hunyuan-V4: DeepSeek-V3's router; a clamped SwiGLU, its limit about the size of the tiny
     # model's products so that it bites.
@@ -233,11 +246,16 @@ FAMILIES = {
     "minimax": dict(num_local_experts=8, head_dim=8),
 }
 
-# The families whose router class the installed transformers defines.
+# The families whose router (and experts, where they have a recipe of their own) the installed
+# transformers defines with the code their recipes compute.
 INSTALLED = [
     family
     for family in FAMILIES
     if any(cls.__name__ == ROUTERS[family][0] for cls in supported_routers())
+    and (
+        family not in EXPERTS
+        or any(cls.__name__ == EXPERTS[family][0] for cls in supported_experts())
+    )
 ]
 
 

@@ -9,7 +9,8 @@ import pytest
 pytest.importorskip("transformers")
 
 from moe_kernels.integrations.transformers import coverage, families
-from moe_kernels.integrations.transformers.routing import ROUTERS
+from moe_kernels.integrations.transformers.experts import EXPERTS, supported_experts
+from moe_kernels.integrations.transformers.routing import ROUTERS, supported_routers
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -43,6 +44,17 @@ def test_a_patched_familys_router_is_one_its_source_defines():
     for family in coverage.installed_families():
         if family.status == "patched":
             assert ROUTERS[family.name][0] in family.routers, family
+
+
+def test_the_families_read_as_patched_are_those_patch_supports():
+    # The table reads the sources; patch imports the classes: both verify the same code.
+    routers = {cls.__name__ for cls in supported_routers()}
+    experts = {cls.__name__ for cls in supported_experts()}
+    for family in coverage.installed_families():
+        supported = ROUTERS.get(family.name, ("",))[0] in routers and (
+            family.name not in EXPERTS or EXPERTS[family.name][0] in experts
+        )
+        assert (family.status == "patched") == supported, family
 
 
 def test_the_readme_table_is_the_generated_one():

@@ -19,7 +19,7 @@ import re
 from pathlib import Path
 
 from .families import status_of
-from .router_source import module_forward_digests
+from .router_source import module_method_digests
 
 STATUSES = ("patched", "left whole", "to do")
 _EXPERTS = re.compile(r"^class (\w*Experts)\(", re.M)
@@ -53,7 +53,7 @@ def installed_families() -> list[Family]:
         if not experts or modeling.stem != f"modeling_{modeling.parent.name}":
             continue
         name = modeling.parent.name
-        digests = module_forward_digests(source)
+        digests = module_method_digests(source)
         status, reason = status_of(name, digests) or ("unclassified", "")
         routers = tuple(dict.fromkeys(_ROUTER.findall(source)))
         families.append(Family(name, routers, experts, status, reason))

@@ -1,10 +1,12 @@
 """transformers' stacked-expert modules, run as permute -> grouped GEMMs -> unpermute: the SwiGLU
 experts of transformers' default layout with the activation fused into the first product, and the
-experts of a recipe of their own (gpt-oss: bias terms, interleaved gate and up columns, a clamped
-alpha-SwiGLU) as the products, their biases and ``ops.swiglu``."""
+experts of a recipe of their own: gpt-oss's (bias terms, interleaved gate and up columns, a
+clamped alpha-SwiGLU) as the products, their biases and ``ops.swiglu``; non-gated experts
+(Nemotron-H's relu^2) as the two products with the experts' own activation module between."""
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 
 from torch import Tensor, nn
@@ -22,6 +24,8 @@ class ExpertsRecipe:
     """How an experts module computes, in the ops' terms.
 
     Attributes:
+        gated: SwiGLU experts (``gate_up_proj``), else non-gated ones (``up_proj`` [E, F, H],
+            then the experts' own ``act_fn``).
         transposed: weights stored for ``x @ W`` (``gate_up_proj`` [E, H, 2F], ``down_proj``
             [E, F, H]), else in ``nn.Linear`` layout ([E, 2F, H], [E, H, F]).
         interleaved: the gate and up columns alternate (gate first), else [gate | up].
@@ -33,6 +37,7 @@ class ExpertsRecipe:
             by their layout flags instead).
     """
 
+    gated: bool = True
     transposed: bool = False
     interleaved: bool = False
     biases: bool = False
@@ -42,7 +47,7 @@ class ExpertsRecipe:
     @property
     def fused(self) -> bool:
         """Whether the activation runs in the first product's epilogue."""
-        return not (self.interleaved or self.biases)
+        return self.gated and not (self.interleaved or self.biases)
 
     def glu_of(self, experts: nn.Module) -> dict[str, float]:
         """The ``alpha``, ``limit`` and ``up_offset`` of ``experts`` ({} for SwiGLU)."""
@@ -66,6 +71,8 @@ LLAMA4 = ExpertsRecipe(transposed=True, digests=("0946c5fe9204", None))
 # Hunyuan-V4 and DeepSeek-V4: a clamped SwiGLU, fused into the first product's epilogue.
 HY_V4 = ExpertsRecipe(glu=(1.0, "swiglu_limit", 0.0), digests=("a35da7d62505", "d0727b638544"))
 DEEPSEEK_V4 = ExpertsRecipe(glu=(1.0, "limit", 0.0), digests=("a35da7d62505", "71529536b176"))
+# Nemotron-H: non-gated experts, down(act(up(x))), act its config's (relu^2 by default).
+NEMOTRON_H = ExpertsRecipe(gated=False, digests=("4af351fd35c3", "e0dd9c373504"))
 
 # Experts classes with a recipe of their own: family -> (class name, recipe).
 EXPERTS: dict[str, tuple[str, ExpertsRecipe]] = {
@@ -73,6 +80,7 @@ EXPERTS: dict[str, tuple[str, ExpertsRecipe]] = {
     "llama4": ("Llama4TextExperts", LLAMA4),
     "hy_v4": ("HYV4Experts", HY_V4),
     "deepseek_v4": ("DeepseekV4Experts", DEEPSEEK_V4),
+    "nemotron_h": ("NemotronHExperts", NEMOTRON_H),
 }
 
 
@@ -81,14 +89,33 @@ def experts_recipe(experts: nn.Module) -> ExpertsRecipe | str:
     cls = type(experts)
     for family, (name, recipe) in EXPERTS.items():
         if cls.__name__ == name and cls.__module__ == _modeling(family):
-            found = (class_forward_digest(cls), class_forward_digest(cls, "_apply_gate"))
-            if found != recipe.digests:
+            if not _verified(cls, recipe):
                 return "its experts' code in this transformers is not the code its recipe computes"
             activation = getattr(experts, "act_fn", None)
-            if activation is not None and type(activation).__name__ not in SILU_CLASSES:
-                return f"its experts' activation is {type(activation).__name__}, not SiLU"
+            if recipe.gated and activation is not None:
+                if type(activation).__name__ not in SILU_CLASSES:
+                    return f"its experts' activation is {type(activation).__name__}, not SiLU"
             return recipe
     return unsupported_experts(experts) or DEFAULT_SWIGLU
+
+
+def supported_experts() -> set[type[nn.Module]]:
+    """The experts classes of ``EXPERTS`` in the installed transformers whose code their recipes
+    were verified against."""
+    found = set()
+    for family, (name, recipe) in EXPERTS.items():
+        try:
+            module = importlib.import_module(_modeling(family))
+        except ImportError:
+            continue
+        cls = getattr(module, name, None)
+        if cls is not None and _verified(cls, recipe):
+            found.add(cls)
+    return found
+
+
+def _verified(cls: type, recipe: ExpertsRecipe) -> bool:
+    return (class_forward_digest(cls), class_forward_digest(cls, "_apply_gate")) == recipe.digests
 
 
 def _modeling(family: str) -> str:
@@ -150,9 +177,8 @@ class FusedExperts(nn.Module):
         experts' outputs, or with ``weigh_inputs`` the sum of their experts' outputs on the
         weighted tokens (Llama 4)."""
         with nvtx_range("permute"):
-            rows, row_map, tokens_per_expert = ops.permute(
-                hidden_states, ids, self.gate_up_proj.shape[0]
-            )
+            num_experts = (self.gate_up_proj if self.moe_recipe.gated else self.up_proj).shape[0]
+            rows, row_map, tokens_per_expert = ops.permute(hidden_states, ids, num_experts)
             if weigh_inputs:
                 rows = ops.permute_with_map(hidden_states, row_map, weights, rows.shape[0])
         with nvtx_range("experts"):
@@ -176,18 +202,23 @@ class FusedExperts(nn.Module):
     def _experts(self, rows: Tensor, tokens_per_expert: Tensor) -> Tensor:
         """The recipe's products, biases and activation, unfused."""
         recipe = self.moe_recipe
-        pre = self._product(rows, self.gate_up_proj, "gate_up_proj_bias", tokens_per_expert)
+        if not recipe.gated:
+            hidden = self.act_fn(self._product(rows, self.up_proj, tokens_per_expert))
+            return self._product(hidden, self.down_proj, tokens_per_expert)
+        pre = self._product(rows, self.gate_up_proj, tokens_per_expert, "gate_up_proj_bias")
         if recipe.interleaved:  # [g0, u0, g1, u1, ...] -> [gate | up]
             pre = pre.unflatten(1, (-1, 2)).transpose(1, 2).flatten(1)
         hidden = ops.swiglu(pre, **recipe.glu_of(self))
-        return self._product(hidden, self.down_proj, "down_proj_bias", tokens_per_expert)
+        return self._product(hidden, self.down_proj, tokens_per_expert, "down_proj_bias")
 
-    def _product(self, rows: Tensor, weight: Tensor, bias: str, tokens_per_expert: Tensor):
+    def _product(
+        self, rows: Tensor, weight: Tensor, tokens_per_expert: Tensor, bias: str | None = None
+    ) -> Tensor:
         rows, weight = autocast_operands(rows, weight)
         out = ops.grouped_gemm(
             rows, weight, tokens_per_expert, not self.moe_recipe.transposed, self.moe_backend
         )
-        if not self.moe_recipe.biases:
+        if bias is None or not self.moe_recipe.biases:
             return out
         # Each row's expert's bias (the rows are the experts' segments, in order).
         per_row = (

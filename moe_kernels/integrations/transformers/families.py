@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from .experts import EXPERTS
 from .routing import ROUTERS
 
 # Families whose routing or experts the ops cannot express, each with the reason.
@@ -53,7 +54,6 @@ TO_DO: dict[str, str] = {
     "mistral4": "softmax group-limited routing in the model's dtype",
     "mistral_large4": "softmax group-limited routing",
     "muse_spark": "a norm after each expert; a logit multiplier",
-    "nemotron_h": "non-gated relu^2 experts",
     "openai_privacy_filter": "router bias; expert biases; clamped alpha-SwiGLU",
     "qwen3_omni_moe": "two router classes in one family (thinker and talker)",
     "qwen3_vl_moe": "tests: its text model has no causal-LM class",
@@ -62,18 +62,25 @@ TO_DO: dict[str, str] = {
 }
 
 
-# Why a family of ROUTERS is not patched in a transformers version whose router code differs.
+# Why a family of ROUTERS is not patched in a transformers version whose code differs.
 CHANGED_ROUTER = "its router's code in this transformers is not the code its recipe computes"
+CHANGED_EXPERTS = "its experts' code in this transformers is not the code its recipe computes"
 
 
-def status_of(family: str, forward_digests: dict[str, str] | None = None) -> tuple[str, str] | None:
-    """(status, reason) of ``family``, or None where no table names it. ``forward_digests``
-    ({class: ``router_source`` digest} of the family's modeling file) tells whether a family
-    of ``ROUTERS`` has the router code its recipe computes; without it, it is assumed to."""
+def status_of(
+    family: str, method_digests: dict[str, dict[str, str]] | None = None
+) -> tuple[str, str] | None:
+    """(status, reason) of ``family``, or None where no table names it. ``method_digests``
+    (``router_source.module_method_digests`` of the family's modeling file) tells whether a
+    family of ``ROUTERS`` has the router (and experts) code its recipes compute; without it, it
+    is assumed to."""
     if family in ROUTERS:
         name, routing = ROUTERS[family]
-        if forward_digests is not None and forward_digests.get(name) not in routing.forwards:
-            return "to do", CHANGED_ROUTER
+        if method_digests is not None:
+            if method_digests.get(name, {}).get("forward") not in routing.forwards:
+                return "to do", CHANGED_ROUTER
+            if family in EXPERTS and not _experts_code_matches(family, method_digests):
+                return "to do", CHANGED_EXPERTS
         partly = [reason for f, reason in LEFT_WHOLE_ROUTERS.values() if f == family]
         return "patched", "; ".join(f"left whole: {reason}" for reason in partly)
     if family in LEFT_WHOLE:
@@ -81,6 +88,16 @@ def status_of(family: str, forward_digests: dict[str, str] | None = None) -> tup
     if family in TO_DO:
         return "to do", TO_DO[family]
     return None
+
+
+def _experts_code_matches(family: str, method_digests: dict[str, dict[str, str]]) -> bool:
+    name, recipe = EXPERTS[family]
+    methods = method_digests.get(name, {})
+    forward, apply_gate = recipe.digests
+    # A gating function the source does not define is the decorator's default.
+    return (
+        methods.get("forward") == forward and methods.get("_apply_gate", apply_gate) == apply_gate
+    )
 
 
 def family_note(module: nn.Module) -> str:

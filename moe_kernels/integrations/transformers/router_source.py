@@ -30,12 +30,13 @@ def class_forward_digest(cls: type, method: str = "forward") -> str | None:
     return forward_digest(ast.parse(source).body[0])
 
 
-def module_forward_digests(source: str) -> dict[str, str]:
-    """{class name: digest of its ``forward``} of the classes a module's source defines."""
-    digests = {}
+def module_method_digests(source: str) -> dict[str, dict[str, str]]:
+    """{class name: {method: digest}} of the ``forward`` and ``_apply_gate`` methods the classes
+    of a module's source define (a method a decorator adds is not in the source)."""
+    digests: dict[str, dict[str, str]] = {}
     for node in ast.parse(source).body:
         if isinstance(node, ast.ClassDef):
             for item in node.body:
-                if isinstance(item, ast.FunctionDef) and item.name == "forward":
-                    digests[node.name] = forward_digest(item)
+                if isinstance(item, ast.FunctionDef) and item.name in ("forward", "_apply_gate"):
+                    digests.setdefault(node.name, {})[item.name] = forward_digest(item)
     return digests

@@ -110,6 +110,7 @@ ROUTERS: dict[str, tuple[str, Routing]] = {
     "glm_moe_dsa": ("GlmMoeDsaTopkRouter", DEEPSEEK_V3),
     "solar_open": ("SolarOpenTopkRouter", DEEPSEEK_V3),
     "exaone_moe": ("ExaoneMoeTopkRouter", DEEPSEEK_V3),
+    "nemotron_h": ("NemotronHTopkRouter", DEEPSEEK_V3),
     "deepseek_v4": ("DeepseekV4TopKRouter", DEEPSEEK_V4),
     "hy_v4": ("HYV4TopkRouter", DEEPSEEK_V3),
     "qwen2_moe": ("Qwen2MoeTopKRouter", QWEN_MOE),
