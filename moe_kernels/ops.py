@@ -56,7 +56,8 @@ def biased_topk(
         normalize: divide the k weights of a token by their sum (a zero sum stays zero).
         scale: multiply the weights by this (DeepSeek's routed scaling factor).
         group_score: "top2" scores a group by the sum of its top-min(2, E/G) choice values
-            (DeepSeek-V3); "topk_per_group" by its top-(k / topk_groups) (Megatron-Core).
+            (DeepSeek-V3); "topk_per_group" by its top-(k / topk_groups) (Megatron-Core); "max"
+            by its best one (DeepSeek-V2).
         token_mask: [T] bool on the device of ``logits``, or None: the tokens counted in
             ``tokens_per_expert`` (padding is routed like any token, but not counted, so it
             does not move the loss-free bias).

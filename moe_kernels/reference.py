@@ -28,6 +28,13 @@ def score(logits: Tensor, score_fn: str) -> Tensor:
     return F.softplus(logits).sqrt()  # "sqrtsoftplus" (DeepSeek-V4)
 
 
+def group_score_size(group_score: str, experts_per_group: int, k: int, topk_groups: int) -> int:
+    """How many of a group's best choice values its score sums."""
+    if group_score == "top2":
+        return min(2, experts_per_group)
+    return 1 if group_score == "max" else k // topk_groups
+
+
 def biased_topk(
     logits: Tensor,
     bias: Tensor | None,
@@ -47,7 +54,7 @@ def biased_topk(
     num_tokens, num_experts = choice.shape
     if n_groups > 1:
         per_group = num_experts // n_groups
-        size = min(2, per_group) if group_score == "top2" else k // topk_groups
+        size = group_score_size(group_score, per_group, k, topk_groups)
         grouped = choice.view(num_tokens, n_groups, per_group)
         group_scores = grouped.topk(size, dim=-1).values.sum(dim=-1)
         kept = _descending_order(group_scores)[:, :topk_groups]

@@ -141,7 +141,7 @@ def near_ties(
     near = torch.zeros(num_tokens, dtype=torch.bool)
     if n_groups > 1:
         per_group = num_experts // n_groups
-        size = min(2, per_group) if group_score == "top2" else k // topk_groups
+        size = ref.group_score_size(group_score, per_group, k, topk_groups)
         grouped = choice.view(num_tokens, n_groups, per_group)
         group_scores = grouped.topk(size, dim=-1).values.sum(dim=-1)
         group_delta = size * (delta + size * eps * largest_choice)

@@ -120,6 +120,15 @@ FAMILIES = {
         layer_types=["full_attention", "moe", "moe"],
         num_hidden_layers=3,
     ),
+    # DeepSeek-V2: fp32 softmax, groups scored by their best expert.
+    "deepseek_v2": dict(
+        DEEPSEEK_LIKE,
+        **MLA,
+        head_dim=8,
+        topk_method="group_limited_greedy",
+        n_group=4,
+        topk_group=2,
+    ),
     # Hunyuan-V4: DeepSeek-V3's router; a clamped SwiGLU, its limit about the size of the tiny
     # model's products so that it bites.
     "hy_v4": dict(

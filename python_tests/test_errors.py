@@ -125,7 +125,7 @@ CASES = {
     "group_score": (
         mk.biased_topk,
         (logits(), None, 2),
-        dict(group_score="max"),
+        dict(group_score="mean"),
         r"group_score must be one of",
     ),
     "group_score_indivisible": (

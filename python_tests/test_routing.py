@@ -101,6 +101,8 @@ def test_weights_options(device, normalize, scale, with_bias):
         (64, 8, 8, "top2"),
         (4, 2, 8, "topk_per_group"),
         (2, 2, 4, "top2"),
+        (8, 3, 6, "max"),
+        (16, 4, 6, "max"),
     ],
 )
 @pytest.mark.parametrize("score_fn", SCORE_FNS)

@@ -83,7 +83,7 @@ def assert_tie_free(block, x):
     router = router_of(block)
     routing = supported_routers()[type(router)]
     logits, _, ids = decisions(router, x.detach().reshape(-1, x.shape[-1]))
-    groups = (router.num_group, router.topk_group) if routing.grouped else (1, 1)
+    groups = (*routing.groups(router), routing.group_score)
     bias = getattr(router, BIAS, None)
     score_fn = score_function(router, routing)
     assert not near_ties(logits, bias, ids.shape[1], score_fn, *groups).any()

@@ -54,8 +54,8 @@ inline RoutingParams check_biased_topk_args(const at::Tensor& logits,
     check_size(*token_mask, 0, logits.size(0), "token_mask", "num_tokens");
   }
   check_finite(scale, "scale");
-  check_choice(group_score, {"top2", "topk_per_group"}, "group_score");
-  int64_t group_score_size = std::min<int64_t>(2, experts_per_group);
+  check_choice(group_score, {"top2", "topk_per_group", "max"}, "group_score");
+  int64_t group_score_size = group_score == "max" ? 1 : std::min<int64_t>(2, experts_per_group);
   if (group_score == "topk_per_group") {
     TORCH_CHECK(k % topk_groups == 0, "group_score='topk_per_group' needs topk_groups to divide ",
                 "k=", k, ", got topk_groups=", topk_groups);

@@ -35,7 +35,6 @@ TO_DO: dict[str, str] = {
     "cohere2_moe": "a router recipe whose score function is the config's",
     "dbrx": "separate w1, v1, w2 expert weights; routing in the block",
     "deepseek_ocr2": "groups scored by their best expert",
-    "deepseek_v2": "groups scored by their best expert",
     "diffusion_gemma": "GELU-tanh gated experts; a normed, per-expert-scaled router",
     "ernie4_5_moe": "a router recipe: the bias in gate.moe_statics, a minimum weight sum",
     "ernie4_5_vl_moe": "a router recipe (as ernie4_5_moe) for its text and vision blocks",

@@ -42,7 +42,9 @@ class Routing:
             the router's attribute holding it.
         weights_in_logits_dtype: the weights are cast to the logits' dtype (Qwen), else fp32.
         grouped: group-limited routing, read from the router's ``num_group`` and
-            ``topk_group``.
+            ``topk_group``: always, or where the router's attribute has the value of the
+            (attribute, value) pair (DeepSeek-V2's ``topk_method``).
+        group_score: how a group is scored (``biased_topk``'s group_score).
         scaled: the weights are multiplied by the router's ``routed_scaling_factor``.
         forwards: the digests (``router_source.forward_digest``) of the router ``forward``
             codes this routing computes, each verified by the tests.
@@ -60,11 +62,19 @@ class Routing:
     normalize: bool | str
     weights_in_logits_dtype: bool
     forwards: frozenset[str]
-    grouped: bool = False
+    grouped: bool | tuple[str, str] = False
+    group_score: str = "top2"
     scaled: bool = False
     returns_fp32_logits: bool = False
     logits_bias: bool = False
     scores_first: bool = False
+
+    def groups(self, router: nn.Module) -> tuple[int, int]:
+        """(n_groups, topk_groups) of ``router``'s routing: (1, 1) where it is not grouped."""
+        grouped = self.grouped
+        if isinstance(grouped, tuple):
+            grouped = getattr(router, grouped[0]) == grouped[1]
+        return (router.num_group, router.topk_group) if grouped else (1, 1)
 
 
 DEEPSEEK_V3 = Routing(
@@ -74,6 +84,18 @@ DEEPSEEK_V3 = Routing(
     False,
     frozenset({"84897cf1e1d9"}),
     grouped=True,
+    scaled=True,
+)
+# DeepSeek-V2: fp32 softmax scores, unnormalised, scaled; groups (scored by their best expert)
+# where its topk_method says "group_limited_greedy".
+DEEPSEEK_V2 = Routing(
+    "softmax",
+    True,
+    False,
+    False,
+    frozenset({"722cb972537a"}),
+    grouped=("topk_method", "group_limited_greedy"),
+    group_score="max",
     scaled=True,
 )
 # DeepSeek-V4's learned routers (its hash routers are left whole): the config's score function
@@ -112,6 +134,7 @@ ROUTERS: dict[str, tuple[str, Routing]] = {
     "exaone_moe": ("ExaoneMoeTopkRouter", DEEPSEEK_V3),
     "nemotron_h": ("NemotronHTopkRouter", DEEPSEEK_V3),
     "deepseek_v4": ("DeepseekV4TopKRouter", DEEPSEEK_V4),
+    "deepseek_v2": ("DeepseekV2TopkRouter", DEEPSEEK_V2),
     "hy_v4": ("HYV4TopkRouter", DEEPSEEK_V3),
     "qwen2_moe": ("Qwen2MoeTopKRouter", QWEN_MOE),
     "qwen3_moe": ("Qwen3MoeTopKRouter", QWEN_MOE),
@@ -196,10 +219,10 @@ class FusedRouter(KeepsFp32):
             None if bias is None else bias.float(),
             self.top_k,
             score_function(self, routing),
-            self.num_group if routing.grouped else 1,
-            self.topk_group if routing.grouped else 1,
+            *routing.groups(self),
             self._normalize(),
             self.routed_scaling_factor if routing.scaled else 1.0,
+            routing.group_score,
             token_mask=counted_tokens(x.shape[0], x.device) if counting else None,
         )
         if counting:
