@@ -251,6 +251,18 @@ FAMILIES = {
         interleave_moe_layer_step=1,
         attention_chunk_size=16,
     ),
+    # MiniMax-M3's language model: a clamped alpha-SwiGLU, its limit about the size of the tiny
+    # model's products so that it bites; its routed output scaled, beside shared experts.
+    "minimax_m3_vl": dict(
+        model_type="minimax_m3_vl_text",
+        num_local_experts=8,
+        intermediate_size=24,
+        shared_intermediate_size=40,
+        dense_intermediate_size=48,
+        head_dim=8,
+        rotary_dim=4,
+        swiglu_limit=0.05,
+    ),
     "mixtral": dict(num_local_experts=8),
     "minimax": dict(num_local_experts=8, head_dim=8),
 }

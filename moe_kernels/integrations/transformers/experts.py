@@ -71,6 +71,10 @@ LLAMA4 = ExpertsRecipe(transposed=True, digests=("0946c5fe9204", None))
 # Hunyuan-V4 and DeepSeek-V4: a clamped SwiGLU, fused into the first product's epilogue.
 HY_V4 = ExpertsRecipe(glu=(1.0, "swiglu_limit", 0.0), digests=("a35da7d62505", "d0727b638544"))
 DEEPSEEK_V4 = ExpertsRecipe(glu=(1.0, "limit", 0.0), digests=("a35da7d62505", "71529536b176"))
+# MiniMax-M3: gpt-oss's clamped alpha-SwiGLU on [gate | up], without biases: fused.
+MINIMAX_M3 = ExpertsRecipe(
+    glu=("swiglu_alpha", "swiglu_limit", 1.0), digests=("a35da7d62505", "c2cd555edece")
+)
 # Nemotron-H: non-gated experts, down(act(up(x))), act its config's (relu^2 by default).
 NEMOTRON_H = ExpertsRecipe(gated=False, digests=("4af351fd35c3", "e0dd9c373504"))
 
@@ -81,6 +85,7 @@ EXPERTS: dict[str, tuple[str, ExpertsRecipe]] = {
     "hy_v4": ("HYV4Experts", HY_V4),
     "deepseek_v4": ("DeepseekV4Experts", DEEPSEEK_V4),
     "nemotron_h": ("NemotronHExperts", NEMOTRON_H),
+    "minimax_m3_vl": ("MiniMaxM3VLExperts", MINIMAX_M3),
 }
 
 

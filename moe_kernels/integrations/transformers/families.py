@@ -49,7 +49,6 @@ TO_DO: dict[str, str] = {
     "laguna": "a router recipe; a logit soft-cap where the config sets one",
     "lfm2_moe": "a router recipe: the bias is the block's; act_fn is F.silu",
     "minimax_m2": "a router recipe: the bias is the block's, passed to the router",
-    "minimax_m3_vl": "a router recipe; an experts recipe (clamped alpha-SwiGLU)",
     "mistral4": "softmax group-limited routing in the model's dtype",
     "mistral_large4": "softmax group-limited routing",
     "muse_spark": "a norm after each expert; a logit multiplier",

@@ -111,6 +111,8 @@ GRANITE_MOE = Routing(
 )
 FLINT = Routing("sigmoid", True, "norm_topk_prob", False, frozenset({"902a0d9a4d4a"}))
 JAMBA = Routing("softmax", False, False, True, frozenset({"15e16f52d75c"}))
+# MiniMax-M3: the fp32 sigmoid of logits in the model's dtype, with its bias, normalised.
+MINIMAX_M3 = Routing("sigmoid", False, True, False, frozenset({"a5730f5e2f8b"}))
 # gpt-oss: a softmax over the top-k of biased logits, which is the normalised softmax.
 GPT_OSS = Routing("softmax", False, True, True, frozenset({"b1633bd68b47"}), logits_bias=True)
 # Llama 4: the sigmoid of the top-k logits, unnormalised (the top-k of the sigmoid scores: the
@@ -154,6 +156,7 @@ ROUTERS: dict[str, tuple[str, Routing]] = {
     "flex_olmo": ("FlexOlmoTopKRouter", QWEN_MOE),
     "mixtral": ("MixtralTopKRouter", MIXTRAL),
     "minimax": ("MiniMaxTopKRouter", MIXTRAL),
+    "minimax_m3_vl": ("MiniMaxM3VLTopKRouter", MINIMAX_M3),
 }
 
 
