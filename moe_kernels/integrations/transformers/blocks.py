@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .router_source import class_forward_digest
+from .router_source import class_forward_digest, family_of
 
 # family -> (block class, the digest of the forward the fused block computes).
 BLOCKS: dict[str, tuple[str, str]] = {"llama4": ("Llama4TextMoe", "ee8c74103a9b")}
@@ -18,10 +18,7 @@ def block_to_fuse(block: nn.Module) -> str | bool:
     own forward runs the fused router and experts, or why it cannot be patched."""
     cls = type(block)
     for family, (name, digest) in BLOCKS.items():
-        if (
-            cls.__name__ == name
-            and cls.__module__ == f"transformers.models.{family}.modeling_{family}"
-        ):
+        if cls.__name__ == name and family_of(cls) == family:
             if class_forward_digest(cls) != digest:
                 return "its block's code in this transformers is not the code moe_kernels computes"
             return True

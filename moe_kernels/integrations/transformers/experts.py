@@ -6,7 +6,6 @@ clamped alpha-SwiGLU) as the products, their biases and ``ops.swiglu``; non-gate
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 
 from torch import Tensor, nn
@@ -14,7 +13,7 @@ from torch import Tensor, nn
 from ... import ops
 from ..._nvtx import nvtx_range
 from ...experts import autocast_operands, swiglu_experts
-from .router_source import class_forward_digest
+from .router_source import class_forward_digest, family_of, installed_class
 
 SILU_CLASSES = ("SiLU", "SiLUActivation")
 
@@ -93,7 +92,7 @@ def experts_recipe(experts: nn.Module) -> ExpertsRecipe | str:
     """The recipe ``experts`` runs with, or why it cannot run on this package's ops."""
     cls = type(experts)
     for family, (name, recipe) in EXPERTS.items():
-        if cls.__name__ == name and cls.__module__ == _modeling(family):
+        if cls.__name__ == name and family_of(cls) == family:
             if not _verified(cls, recipe):
                 return "its experts' code in this transformers is not the code its recipe computes"
             activation = getattr(experts, "act_fn", None)
@@ -109,11 +108,7 @@ def supported_experts() -> set[type[nn.Module]]:
     were verified against."""
     found = set()
     for family, (name, recipe) in EXPERTS.items():
-        try:
-            module = importlib.import_module(_modeling(family))
-        except ImportError:
-            continue
-        cls = getattr(module, name, None)
+        cls = installed_class(family, name)
         if cls is not None and _verified(cls, recipe):
             found.add(cls)
     return found
@@ -121,10 +116,6 @@ def supported_experts() -> set[type[nn.Module]]:
 
 def _verified(cls: type, recipe: ExpertsRecipe) -> bool:
     return (class_forward_digest(cls), class_forward_digest(cls, "_apply_gate")) == recipe.digests
-
-
-def _modeling(family: str) -> str:
-    return f"transformers.models.{family}.modeling_{family}"
 
 
 def unsupported_experts(experts: nn.Module) -> str | None:

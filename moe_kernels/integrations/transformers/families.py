@@ -7,6 +7,7 @@ from __future__ import annotations
 from torch import nn
 
 from .experts import EXPERTS
+from .router_source import family_of
 from .routing import ROUTERS
 
 # Families whose routing or experts the ops cannot express, each with the reason.
@@ -105,9 +106,8 @@ def family_note(module: nn.Module) -> str:
         if type(child).__name__ in LEFT_WHOLE_ROUTERS:
             family, reason = LEFT_WHOLE_ROUTERS[type(child).__name__]
             return f" ({family}: {reason})"
-    package, _, modeling = type(module).__module__.rpartition(".")
-    family = package.removeprefix("transformers.models.")
-    if package == family or modeling != f"modeling_{family}":
+    family = family_of(type(module))
+    if family is None:
         return ""
     # patch asks only about blocks it leaves whole: a family of ROUTERS then has other code.
     reason = CHANGED_ROUTER if family in ROUTERS else (status_of(family) or ("", ""))[1]

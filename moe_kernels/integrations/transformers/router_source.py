@@ -8,8 +8,25 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import importlib
 import inspect
 import textwrap
+
+
+def family_of(cls: type) -> str | None:
+    """The transformers family whose modeling file defines ``cls`` (None: none does)."""
+    package, _, modeling = cls.__module__.rpartition(".")
+    family = package.removeprefix("transformers.models.")
+    return family if package != family and modeling == f"modeling_{family}" else None
+
+
+def installed_class(family: str, name: str) -> type | None:
+    """Class ``name`` of ``family``'s modeling file in the installed transformers, or None."""
+    try:
+        module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+    except ImportError:
+        return None
+    return getattr(module, name, None)
 
 
 def forward_digest(function: ast.FunctionDef) -> str:

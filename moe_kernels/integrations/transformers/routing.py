@@ -9,7 +9,6 @@ is not listed, or whose code changed, is not patched. Many families share one ro
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 
 import torch.nn.functional as F
@@ -20,7 +19,7 @@ from ..._nvtx import nvtx_range
 from ..._precision import KeepsFp32
 from ...balancer import in_backward_pass
 from .padding import counted_tokens
-from .router_source import class_forward_digest
+from .router_source import class_forward_digest, installed_class
 
 BIAS = "e_score_correction_bias"
 SCORE_FUNCTIONS = ("softmax", "sigmoid", "sqrtsoftplus")
@@ -173,11 +172,7 @@ def supported_routers() -> dict[type[nn.Module], Routing]:
     ``ROUTERS`` whose ``forward`` is code their recipe was verified against."""
     found = {}
     for family, (name, routing) in ROUTERS.items():
-        try:
-            module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
-        except ImportError:
-            continue
-        cls = getattr(module, name, None)
+        cls = installed_class(family, name)
         if cls is not None and class_forward_digest(cls) in routing.forwards:
             found[cls] = routing
     return found
