@@ -58,6 +58,19 @@ LINEAR_MLA_MOE = dict(
     layer_types=["linear_attention", "full_attention"],
     mlp_layer_types=["dense", "sparse"],
 )
+# Qwen's MoE with a gated shared expert, a gated DeltaNet layer, then attention (Qwen3-Next,
+# Qwen3.5-MoE, Qwen4-Exp).
+QWEN_DELTANET_MOE = dict(
+    num_experts=8,
+    moe_intermediate_size=24,
+    shared_expert_intermediate_size=40,
+    head_dim=8,
+    layer_types=["linear_attention", "full_attention"],
+    linear_key_head_dim=8,
+    linear_value_head_dim=8,
+    linear_num_key_heads=2,
+    linear_num_value_heads=4,
+)
 FAMILIES = {
     "deepseek_v3": dict(DEEPSEEK_LIKE, **MLA),
     "deepseek_v32": dict(DEEPSEEK_MLA),
@@ -144,17 +157,9 @@ FAMILIES = {
     "qwen2_moe": dict(num_experts=8, moe_intermediate_size=24, shared_expert_intermediate_size=40),
     # Qwen4-Exp: its attention layers are indexed (a sparse top-k over compressed keys).
     "qwen4_exp": dict(
+        QWEN_DELTANET_MOE,
         model_type="qwen4_exp_text",
-        num_experts=8,
-        moe_intermediate_size=24,
-        shared_expert_intermediate_size=40,
         norm_topk_prob=True,
-        head_dim=8,
-        layer_types=["linear_attention", "full_attention"],
-        linear_key_head_dim=8,
-        linear_value_head_dim=8,
-        linear_num_key_heads=2,
-        linear_num_value_heads=4,
         hc_count=2,
         hc_lowrank=8,
         ple_embed_dim=64,
@@ -203,33 +208,8 @@ FAMILIES = {
     ),
     "qwen3_moe": dict(num_experts=8, moe_intermediate_size=24, norm_topk_prob=True, head_dim=8),
     "olmoe": dict(num_experts=8),
-    "qwen3_next": dict(
-        num_experts=8,
-        moe_intermediate_size=24,
-        shared_expert_intermediate_size=40,
-        norm_topk_prob=True,
-        head_dim=8,
-        layer_types=[
-            "linear_attention",
-            "full_attention",
-        ],  # a gated DeltaNet layer, then attention
-        linear_key_head_dim=8,
-        linear_value_head_dim=8,
-        linear_num_key_heads=2,
-        linear_num_value_heads=4,
-    ),
-    "qwen3_5_moe": dict(
-        model_type="qwen3_5_moe_text",
-        num_experts=8,
-        moe_intermediate_size=24,
-        shared_expert_intermediate_size=40,
-        head_dim=8,
-        layer_types=["linear_attention", "full_attention"],
-        linear_key_head_dim=8,
-        linear_value_head_dim=8,
-        linear_num_key_heads=2,
-        linear_num_value_heads=4,
-    ),
+    "qwen3_next": dict(QWEN_DELTANET_MOE, norm_topk_prob=True),
+    "qwen3_5_moe": dict(QWEN_DELTANET_MOE, model_type="qwen3_5_moe_text"),
     "mellum": dict(
         num_experts=8,
         moe_intermediate_size=24,
