@@ -23,12 +23,11 @@ _ops = torch.ops.moe_kernels
 
 
 def _biased_topk_setup(ctx, inputs, output):
-    logits, _bias, _k, score_fn, _n_groups, _topk_groups, normalize, scale, _group_score, _mask = (
-        inputs
-    )
+    logits, _bias, _k, score_fn, _n_groups, _topk_groups, normalize, scale = inputs[:8]
+    norm_eps, norm_min = inputs[10:]
     _weights, ids, _counts = output
     ctx.save_for_backward(logits, ids)
-    ctx.score_fn, ctx.normalize, ctx.scale = score_fn, normalize, scale
+    ctx.score_fn, ctx.scaling = score_fn, (normalize, scale, norm_eps, norm_min)
 
 
 def _biased_topk_backward(ctx, grad_weights, _grad_ids, _grad_counts):
@@ -36,9 +35,9 @@ def _biased_topk_backward(ctx, grad_weights, _grad_ids, _grad_counts):
     grad_logits = None
     if grad_weights is not None and ctx.needs_input_grad[0]:
         grad_logits = _ops.biased_topk_backward(
-            grad_weights, logits, ids, ctx.score_fn, ctx.normalize, ctx.scale
+            grad_weights, logits, ids, ctx.score_fn, *ctx.scaling
         )
-    return grad_logits, None, None, None, None, None, None, None, None, None
+    return (grad_logits,) + (None,) * 11
 
 
 torch.library.register_autograd(

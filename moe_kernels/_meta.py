@@ -39,6 +39,8 @@ def _(
     scale=1.0,
     group_score="top2",
     token_mask=None,
+    norm_eps=0.0,
+    norm_min=0.0,
 ):
     _check_device(bias, logits, "bias", "logits")
     _check_device(token_mask, logits, "token_mask", "logits")
@@ -54,7 +56,7 @@ def _(
 
 
 @torch.library.register_fake("moe_kernels::biased_topk_backward")
-def _(grad_weights, logits, topk_ids, score_fn, normalize, scale):
+def _(grad_weights, logits, topk_ids, score_fn, normalize, scale, norm_eps=0.0, norm_min=0.0):
     _check_device(topk_ids, logits, "topk_ids", "logits")
     _check_device(grad_weights, logits, "grad_weights", "logits")
     return torch.empty_like(logits)

@@ -35,6 +35,8 @@ def biased_topk(
     scale: float = 1.0,
     group_score: str = "top2",
     token_mask: Tensor | None = None,
+    norm_eps: float = 0.0,
+    norm_min: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Route each token to k experts, choosing with a loss-free balancing bias.
 
@@ -53,7 +55,8 @@ def biased_topk(
             All take a bias.
         n_groups: G, expert groups for group-limited routing; must divide E.
         topk_groups: groups kept per token, with topk_groups * E / G >= k.
-        normalize: divide the k weights of a token by their sum (a zero sum stays zero).
+        normalize: divide the k weights of a token by ``max(sum + norm_eps, norm_min)`` (a zero
+            sum stays zero).
         scale: multiply the weights by this (DeepSeek's routed scaling factor).
         group_score: "top2" scores a group by the sum of its top-min(2, E/G) choice values
             (DeepSeek-V3); "topk_per_group" by its top-(k / topk_groups) (Megatron-Core); "max"
@@ -61,6 +64,8 @@ def biased_topk(
         token_mask: [T] bool on the device of ``logits``, or None: the tokens counted in
             ``tokens_per_expert`` (padding is routed like any token, but not counted, so it
             does not move the loss-free bias).
+        norm_eps: >= 0, added to the sum the weights are normalised by (AFMoE, LFM2).
+        norm_min: >= 0, the least divisor the weights are normalised by (ERNIE 4.5).
 
     Returns:
         topk_weights: [T, k] fp32 (fp64 for fp64 logits), differentiable w.r.t. ``logits``.
@@ -75,8 +80,9 @@ def biased_topk(
     No host synchronisation.
     """
     return _ops.biased_topk(
-        logits, bias, k, score_fn, n_groups, topk_groups, normalize, scale, group_score, token_mask
-    )
+        logits, bias, k, score_fn, n_groups, topk_groups, normalize, scale, group_score, token_mask,
+        norm_eps, norm_min,
+    )  # fmt: skip
 
 
 def expert_histogram(topk_ids: Tensor, num_experts: int) -> Tensor:

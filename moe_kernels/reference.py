@@ -46,6 +46,8 @@ def biased_topk(
     scale: float = 1.0,
     group_score: str = "top2",
     token_mask: Tensor | None = None,
+    norm_eps: float = 0.0,
+    norm_min: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     x = logits.to(_opmath(logits.dtype))
     scores = score(x, score_fn)
@@ -65,7 +67,7 @@ def biased_topk(
     ids = _descending_order(choice)[:, :k]
     weights = scores.gather(1, ids)
     if normalize:
-        total = weights.sum(dim=-1, keepdim=True)
+        total = (weights.sum(dim=-1, keepdim=True) + norm_eps).clamp(min=norm_min)
         weights = weights / torch.where(total == 0, torch.ones_like(total), total)
     weights = weights * scale
     counted = ids if token_mask is None else ids[token_mask]

@@ -140,6 +140,18 @@ CASES = {
         dict(scale=float("inf")),
         r"scale must be finite",
     ),
+    "norm_eps_negative": (
+        mk.biased_topk,
+        (logits(), None, 2),
+        dict(norm_eps=-1e-6),
+        r"norm_eps must be finite and >= 0, got -1e-06",
+    ),
+    "norm_min_nan": (
+        mk.biased_topk,
+        (logits(), None, 2),
+        dict(norm_min=float("nan")),
+        r"norm_min must be finite and >= 0, got nan",
+    ),
     # expert_histogram
     "histogram_float_ids": (
         mk.expert_histogram,

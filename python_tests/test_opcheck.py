@@ -72,6 +72,14 @@ def _sample_cases():
             ops.biased_topk_backward,
             (weights, logits.detach(), ids, "sqrtsoftplus", False, 2.0),
         ),
+        "biased_topk_norm_eps_min": (
+            ops.biased_topk,
+            (logits, None, 3, "softmax", 1, 1, True, 1.0, "top2", None, 1e-6, 0.9),
+        ),
+        "biased_topk_backward_norm_eps_min": (
+            ops.biased_topk_backward,
+            (weights, logits.detach(), ids, "softmax", True, 1.0, 1e-6, 0.9),
+        ),
         "expert_histogram": (ops.expert_histogram, (ids, 16)),
         "update_bias": (ops.update_bias, (torch.zeros(16), counts, 1e-3, "sign")),
         "update_bias_centered": (ops.update_bias, (torch.zeros(16), counts, 1e-3, "sign", True)),

@@ -21,13 +21,15 @@ SCORE_FNS = ["sigmoid", "softmax", "sqrtsoftplus"]
 EXPERTS_TOPK = [(e, k) for e in (1, 8, 64, 256) for k in sorted({1, 2, 8, e}) if k <= e]
 
 
-def weights_of(logits, ids, score_fn="sigmoid", normalize=True, scale=1.0, **_):
+def weights_of(
+    logits, ids, score_fn="sigmoid", normalize=True, scale=1.0, norm_eps=0.0, norm_min=0.0, **_
+):
     """The weights SPEC.md section 1 gives the experts ``ids`` of each token: their unbiased
     scores, normalized and scaled (the reference's arithmetic, for any choice of experts)."""
     x = logits.double() if logits.dtype == torch.float64 else logits.float()
     weights = ref.score(x, score_fn).gather(1, ids)
     if normalize:
-        total = weights.sum(dim=-1, keepdim=True)
+        total = (weights.sum(dim=-1, keepdim=True) + norm_eps).clamp(min=norm_min)
         weights = weights / torch.where(total == 0, torch.ones_like(total), total)
     return weights * scale
 
@@ -90,6 +92,31 @@ def test_weights_options(device, normalize, scale, with_bias):
     logits = tie_free_logits(33, 64)
     bias = integer_bias(64) if with_bias else None
     assert_routes_like_reference(device, logits, bias, 6, normalize=normalize, scale=scale)
+
+
+@on_backends("biased_topk", "biased_topk_backward")
+@pytest.mark.parametrize("score_fn", SCORE_FNS)
+@pytest.mark.parametrize("norm_eps,floored", [(0.5, False), (0.0, True), (0.25, True)])
+def test_normalisation_epsilon_and_floor(device, score_fn, norm_eps, floored):
+    """The weights are divided by max(sum + norm_eps, norm_min). With the floor between the
+    tokens' sums, some tokens divide by it (their weights' gradient then skips the sum) and the
+    others by their sum: both, forward and backward, as the reference computes them."""
+    logits = tie_free_logits(40, 32, seed=7)
+    bias = integer_bias(32)
+    sums = ref.biased_topk(logits, bias, 4, score_fn=score_fn, normalize=False)[0].sum(-1)
+    norm_min = float(sums.quantile(0.5) + norm_eps) if floored else 0.0
+    kwargs = dict(score_fn=score_fn, norm_eps=norm_eps, norm_min=norm_min, scale=1.5)
+    weights = assert_routes_like_reference(device, logits, bias, 4, **kwargs)[0]
+    divided_by_sum = torch.isclose(weights.sum(-1), torch.tensor(1.5) * sums / (sums + norm_eps))
+    assert divided_by_sum.any() and (divided_by_sum.all() != floored)
+
+    on_device = logits.to(device).requires_grad_()
+    ref_logits = logits.detach().clone().requires_grad_()
+    upstream = torch.randn(40, 4, generator=torch.Generator().manual_seed(1))
+    weights = mk.biased_topk(on_device, bias.to(device), 4, **kwargs)[0]
+    (weights * upstream.to(device)).sum().backward()
+    (ref.biased_topk(ref_logits, bias, 4, **kwargs)[0] * upstream).sum().backward()
+    torch.testing.assert_close(on_device.grad.cpu(), ref_logits.grad, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -298,12 +325,15 @@ def test_gradient_in_half_types(device, dtype):
 
 @on_backends("biased_topk", "biased_topk_backward")
 @pytest.mark.parametrize("score_fn", SCORE_FNS)
-@pytest.mark.parametrize("normalize", [True, False])
-def test_gradcheck_fp64(device, score_fn, normalize):
+@pytest.mark.parametrize(
+    "normalize,norm_eps,norm_min", [(True, 0.0, 0.0), (False, 0.0, 0.0), (True, 0.3, 1.2)]
+)
+def test_gradcheck_fp64(device, score_fn, normalize, norm_eps, norm_min):
     logits = tie_free_logits(6, 12, torch.float64).to(device).requires_grad_()
     bias = integer_bias(12).to(device)
+    scaling = dict(normalize=normalize, scale=1.5, norm_eps=norm_eps, norm_min=norm_min)
 
     def weights(x):
-        return mk.biased_topk(x, bias, 3, score_fn=score_fn, normalize=normalize, scale=1.5)[0]
+        return mk.biased_topk(x, bias, 3, score_fn=score_fn, **scaling)[0]
 
     assert torch.autograd.gradcheck(weights, (logits,))

@@ -110,7 +110,6 @@ void biased_topk_kernel(const RoutingParams& p, const at::Tensor& logits, const 
   int64_t* ids_ptr = ids.mutable_data_ptr<int64_t>();
   int64_t* counts_ptr = counts.mutable_data_ptr<int64_t>();
   std::mutex merge_mutex;
-  const acc_t scale = static_cast<acc_t>(p.scale);
 
   at::parallel_for(0, p.num_tokens, token_grain(p.num_experts), [&](int64_t begin, int64_t end) {
     TokenScratch<acc_t> s(p);
@@ -131,8 +130,10 @@ void biased_topk_kernel(const RoutingParams& p, const at::Tensor& logits, const 
         sum += token_weights[j];
         if (counted) histogram.add(token_ids[j]);
       }
-      const acc_t divisor = (p.normalize && sum != acc_t(0)) ? sum : acc_t(1);
-      for (int64_t j = 0; j < p.topk; ++j) token_weights[j] = token_weights[j] / divisor * scale;
+      const acc_t divisor = p.scaling.divisor(sum);
+      for (int64_t j = 0; j < p.topk; ++j) {
+        token_weights[j] = p.scaling.weight(token_weights[j], divisor);
+      }
     }
     histogram.merge_into(counts_ptr, merge_mutex);
   });
@@ -141,11 +142,12 @@ void biased_topk_kernel(const RoutingParams& p, const at::Tensor& logits, const 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> biased_topk_cpu(
     const at::Tensor& logits_in, const std::optional<at::Tensor>& bias_in, int64_t k,
     c10::string_view score_fn, int64_t n_groups, int64_t topk_groups, bool normalize, double scale,
-    c10::string_view group_score, const std::optional<at::Tensor>& token_mask_in) {
+    c10::string_view group_score, const std::optional<at::Tensor>& token_mask_in, double norm_eps,
+    double norm_min) {
   MOE_KERNELS_NVTX_RANGE("biased_topk");
   const RoutingParams p =
       check_biased_topk_args(logits_in, bias_in, k, score_fn, n_groups, topk_groups, normalize,
-                             scale, group_score, token_mask_in);
+                             scale, group_score, token_mask_in, norm_eps, norm_min);
   const at::Tensor logits = logits_in.contiguous();
   const at::Tensor bias = optional_contiguous(bias_in);
   const at::Tensor token_mask = optional_contiguous(token_mask_in);
@@ -157,13 +159,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> biased_topk_cpu(
   return {weights, ids, counts};
 }
 
-// d(loss)/d(logits) given d(loss)/d(topk_weights). With u = normalize ? sum_j s_j : 1 and
-// w_j = scale * s_j / u: dL/ds_j = scale / u * (g_j - [normalize] * sum_i g_i s_i / u), then
-// through the score function (sparse for sigmoid, a full-row Jacobian for softmax).
+// d(loss)/d(logits) given d(loss)/d(topk_weights). With u the divisor (WeightScaling) and
+// w_j = scale * s_j / u: dL/ds_j = scale / u * (g_j - [u follows the sum] * sum_i g_i s_i / u),
+// then through the score function (sparse for sigmoid, a full-row Jacobian for softmax).
 template <typename scalar_t, typename weight_t>
 void biased_topk_backward_kernel(const at::Tensor& grad_weights, const at::Tensor& logits,
-                                 const at::Tensor& ids, ScoreFn score_fn, bool normalize,
-                                 double scale, at::Tensor& grad_logits) {
+                                 const at::Tensor& ids, ScoreFn score_fn,
+                                 const WeightScaling& scaling, at::Tensor& grad_logits) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t T = logits.size(0), E = logits.size(1), K = ids.size(1);
   const scalar_t* logits_ptr = logits.const_data_ptr<scalar_t>();
@@ -183,12 +185,12 @@ void biased_topk_backward_kernel(const at::Tensor& grad_weights, const at::Tenso
         sum += scores[token_ids[j]];
         dot += static_cast<acc_t>(g[j]) * scores[token_ids[j]];
       }
-      const acc_t u = normalize ? sum : acc_t(1);
+      const acc_t u = scaling.divisor(sum);
       if (u != acc_t(0)) {  // a zero sum leaves the weights constant at zero
-        const acc_t correction = normalize ? dot / u : acc_t(0);
+        const acc_t correction = scaling.follows_sum(sum) ? dot / u : acc_t(0);
         for (int64_t j = 0; j < K; ++j) {
           grad_scores[token_ids[j]] +=
-              static_cast<acc_t>(scale) / u * (static_cast<acc_t>(g[j]) - correction);
+              static_cast<acc_t>(scaling.scale) / u * (static_cast<acc_t>(g[j]) - correction);
         }
       }
       const scalar_t* row = logits_ptr + t * E;
@@ -209,10 +211,11 @@ void biased_topk_backward_kernel(const at::Tensor& grad_weights, const at::Tenso
 
 at::Tensor biased_topk_backward_cpu(const at::Tensor& grad_weights_in, const at::Tensor& logits_in,
                                     const at::Tensor& ids_in, c10::string_view score_fn,
-                                    bool normalize, double scale) {
+                                    bool normalize, double scale, double norm_eps,
+                                    double norm_min) {
   MOE_KERNELS_NVTX_RANGE("biased_topk_backward");
-  const ScoreFn fn =
-      check_biased_topk_backward_args(grad_weights_in, logits_in, ids_in, score_fn, scale);
+  const auto [fn, scaling] = check_biased_topk_backward_args(
+      grad_weights_in, logits_in, ids_in, score_fn, normalize, scale, norm_eps, norm_min);
   check_index_range(ids_in, logits_in.size(1), "topk_ids", "num_experts");
   const at::Tensor ids = ids_in.to(at::kLong).contiguous();
   const at::Tensor logits = logits_in.contiguous();
@@ -220,7 +223,7 @@ at::Tensor biased_topk_backward_cpu(const at::Tensor& grad_weights_in, const at:
   auto grad_logits = at::empty_like(logits);
   MOE_KERNELS_DISPATCH_FLOATING(logits.scalar_type(), "biased_topk_backward_cpu", [&] {
     using weight_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    biased_topk_backward_kernel<scalar_t, weight_t>(grad_weights, logits, ids, fn, normalize, scale,
+    biased_topk_backward_kernel<scalar_t, weight_t>(grad_weights, logits, ids, fn, scaling,
                                                     grad_logits);
   });
   return grad_logits;

@@ -31,11 +31,12 @@ void check_device_limits(int64_t num_experts, int64_t n_groups) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> biased_topk_cuda(
     const at::Tensor& logits_in, const std::optional<at::Tensor>& bias_in, int64_t k,
     c10::string_view score_fn, int64_t n_groups, int64_t topk_groups, bool normalize, double scale,
-    c10::string_view group_score, const std::optional<at::Tensor>& token_mask_in) {
+    c10::string_view group_score, const std::optional<at::Tensor>& token_mask_in, double norm_eps,
+    double norm_min) {
   MOE_KERNELS_NVTX_RANGE("biased_topk");
   const RoutingParams p =
       check_biased_topk_args(logits_in, bias_in, k, score_fn, n_groups, topk_groups, normalize,
-                             scale, group_score, token_mask_in);
+                             scale, group_score, token_mask_in, norm_eps, norm_min);
   check_device_limits(p.num_experts, p.n_groups);
   const device::DeviceGuard guard(logits_in.device());
   const at::Tensor logits = logits_in.contiguous();
@@ -54,10 +55,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> biased_topk_cuda(
 
 at::Tensor biased_topk_backward_cuda(const at::Tensor& grad_weights_in, const at::Tensor& logits_in,
                                      const at::Tensor& ids_in, c10::string_view score_fn,
-                                     bool normalize, double scale) {
+                                     bool normalize, double scale, double norm_eps,
+                                     double norm_min) {
   MOE_KERNELS_NVTX_RANGE("biased_topk_backward");
-  const ScoreFn fn =
-      check_biased_topk_backward_args(grad_weights_in, logits_in, ids_in, score_fn, scale);
+  const auto [fn, scaling] = check_biased_topk_backward_args(
+      grad_weights_in, logits_in, ids_in, score_fn, normalize, scale, norm_eps, norm_min);
   check_device_limits(logits_in.size(1), 1);
   const device::DeviceGuard guard(logits_in.device());
   const at::Tensor ids = ids_in.to(at::kLong).contiguous();
@@ -68,8 +70,8 @@ at::Tensor biased_topk_backward_cuda(const at::Tensor& grad_weights_in, const at
     device::check_launch(launch_biased_topk_backward(
         grad_weights.const_data_ptr<at::opmath_type<scalar_t>>(),
         device::device_ptr<scalar_t>(logits), ids.const_data_ptr<int64_t>(), logits.size(0),
-        logits.size(1), ids.size(1), fn, normalize, scale,
-        device::mutable_device_ptr<scalar_t>(grad_logits), device::current_stream()));
+        logits.size(1), ids.size(1), fn, scaling, device::mutable_device_ptr<scalar_t>(grad_logits),
+        device::current_stream()));
   });
   return grad_logits;
 }

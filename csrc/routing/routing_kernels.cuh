@@ -232,9 +232,10 @@ __global__ void __launch_bounds__(kRoutingWarps* kWarpSize)
       }
     }
     __syncwarp();  // lane 0's raw weights, read back by every lane
-    const acc_t divisor = (p.normalize && sum != acc_t(0)) ? sum : acc_t(1);
-    const acc_t scale = static_cast<acc_t>(p.scale);
-    for (int j = lane; j < k; j += kWarpSize) token_weights[j] = token_weights[j] / divisor * scale;
+    const acc_t divisor = p.scaling.divisor(sum);
+    for (int j = lane; j < k; j += kWarpSize) {
+      token_weights[j] = p.scaling.weight(token_weights[j], divisor);
+    }
   }
 
   __syncthreads();
@@ -250,17 +251,18 @@ constexpr size_t routing_backward_shared_bytes(int64_t num_experts) {
   return kRoutingWarps * 2 * static_cast<size_t>(num_experts) * sizeof(acc_t);
 }
 
-// d(loss)/d(logits) from d(loss)/d(topk_weights), as the CPU kernel derives it: with
-// u = normalize ? sum_j s_j : 1 and w_j = scale * s_j / u,
-// dL/ds_j = scale / u * (g_j - [normalize] * sum_i g_i s_i / u), then through the score function.
+// d(loss)/d(logits) from d(loss)/d(topk_weights), as the CPU kernel derives it: with u the
+// divisor (WeightScaling) and w_j = scale * s_j / u,
+// dL/ds_j = scale / u * (g_j - [u follows the sum] * sum_i g_i s_i / u), then through the score
+// function.
 // Ids outside [0, E) are skipped (checking them would need a host synchronisation).
 template <typename scalar_t, int kSlots>
 __global__ void __launch_bounds__(kRoutingWarps* kWarpSize)
     biased_topk_backward_kernel(const device::acc_t<scalar_t>* __restrict__ grad_weights,
                                 const scalar_t* __restrict__ logits,
                                 const int64_t* __restrict__ ids, int64_t num_tokens,
-                                int num_experts, int k, ScoreFn score_fn, bool normalize,
-                                double scale, scalar_t* __restrict__ grad_logits) {
+                                int num_experts, int k, ScoreFn score_fn, WeightScaling scaling,
+                                scalar_t* __restrict__ grad_logits) {
   using acc_t = device::acc_t<scalar_t>;
   MOE_KERNELS_DYNAMIC_SHARED(acc_t, shared);
   const int lane = device::lane_id(), warp = device::warp_id();
@@ -288,13 +290,13 @@ __global__ void __launch_bounds__(kRoutingWarps* kWarpSize)
     }
     sum = device::warp_sum(sum);
     dot = device::warp_sum(dot);
-    const acc_t u = normalize ? sum : acc_t(1);
+    const acc_t u = scaling.divisor(sum);
     if (u != acc_t(0)) {  // a zero sum leaves the weights constant at zero
-      const acc_t correction = normalize ? dot / u : acc_t(0);
+      const acc_t correction = scaling.follows_sum(sum) ? dot / u : acc_t(0);
       for (int j = lane; j < k; j += kWarpSize) {
         const int64_t e = token_ids[j];
         if (e < 0 || e >= num_experts) continue;
-        atomicAdd(&grad_scores[e], static_cast<acc_t>(scale) / u * (g[j] - correction));
+        atomicAdd(&grad_scores[e], static_cast<acc_t>(scaling.scale) / u * (g[j] - correction));
       }
     }
     __syncwarp();

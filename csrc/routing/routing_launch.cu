@@ -49,7 +49,7 @@ template <typename scalar_t>
 cudaError_t launch_biased_topk_backward(const device::acc_t<scalar_t>* grad_weights,
                                         const scalar_t* logits, const int64_t* ids,
                                         int64_t num_tokens, int64_t num_experts, int64_t topk,
-                                        ScoreFn score_fn, bool normalize, double scale,
+                                        ScoreFn score_fn, const WeightScaling& scaling,
                                         scalar_t* grad_logits, cudaStream_t stream) {
   if (num_tokens == 0) return cudaSuccess;
   device::LaunchConfig config;
@@ -58,7 +58,7 @@ cudaError_t launch_biased_topk_backward(const device::acc_t<scalar_t>* grad_weig
   return with_slots(num_experts, [&](auto slots) {
     return device::launch<biased_topk_backward_kernel<scalar_t, decltype(slots)::value>>(
         config, stream, grad_weights, logits, ids, num_tokens, static_cast<int>(num_experts),
-        static_cast<int>(topk), score_fn, normalize, scale, grad_logits);
+        static_cast<int>(topk), score_fn, scaling, grad_logits);
   });
 }
 
@@ -68,7 +68,7 @@ cudaError_t launch_biased_topk_backward(const device::acc_t<scalar_t>* grad_weig
       int64_t*, int64_t*, cudaStream_t);                                                          \
   template cudaError_t launch_biased_topk_backward<scalar_t>(                                     \
       const device::acc_t<scalar_t>*, const scalar_t*, const int64_t*, int64_t, int64_t, int64_t, \
-      ScoreFn, bool, double, scalar_t*, cudaStream_t);
+      ScoreFn, const WeightScaling&, scalar_t*, cudaStream_t);
 MOE_KERNELS_INSTANTIATE_ROUTING(float)
 MOE_KERNELS_INSTANTIATE_ROUTING(double)
 MOE_KERNELS_INSTANTIATE_ROUTING(device::bf16)

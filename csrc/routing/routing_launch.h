@@ -26,7 +26,7 @@ template <typename scalar_t>
 cudaError_t launch_biased_topk_backward(const device::acc_t<scalar_t>* grad_weights,
                                         const scalar_t* logits, const int64_t* ids,
                                         int64_t num_tokens, int64_t num_experts, int64_t topk,
-                                        ScoreFn score_fn, bool normalize, double scale,
+                                        ScoreFn score_fn, const WeightScaling& scaling,
                                         scalar_t* grad_logits, cudaStream_t stream);
 
 }  // namespace moe_kernels::routing::MOE_KERNELS_TARGET

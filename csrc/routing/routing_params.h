@@ -4,9 +4,11 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <cmath>
 #include <optional>
 #include <string_view>
 #include <tuple>
+#include <utility>
 
 #include "common/checks.h"
 #include "common/dispatch.h"
@@ -20,12 +22,23 @@ inline ScoreFn parse_score_fn(std::string_view score_fn) {
   return score_fn == "softmax" ? ScoreFn::kSoftmax : ScoreFn::kSqrtSoftplus;
 }
 
+inline WeightScaling check_weight_scaling(bool normalize, double scale, double norm_eps,
+                                          double norm_min) {
+  check_finite(scale, "scale");
+  TORCH_CHECK(std::isfinite(norm_eps) && norm_eps >= 0, "norm_eps must be finite and >= 0, got ",
+              norm_eps);
+  TORCH_CHECK(std::isfinite(norm_min) && norm_min >= 0, "norm_min must be finite and >= 0, got ",
+              norm_min);
+  return WeightScaling{normalize, norm_eps, norm_min, scale};
+}
+
 inline RoutingParams check_biased_topk_args(const at::Tensor& logits,
                                             const std::optional<at::Tensor>& bias, int64_t k,
                                             std::string_view score_fn, int64_t n_groups,
                                             int64_t topk_groups, bool normalize, double scale,
                                             std::string_view group_score,
-                                            const std::optional<at::Tensor>& token_mask) {
+                                            const std::optional<at::Tensor>& token_mask,
+                                            double norm_eps, double norm_min) {
   check_dim(logits, 2, "logits");
   check_floating(logits, "logits");
   const int64_t num_experts = logits.size(1);
@@ -53,7 +66,7 @@ inline RoutingParams check_biased_topk_args(const at::Tensor& logits,
     check_same_device(*token_mask, logits, "token_mask", "logits");
     check_size(*token_mask, 0, logits.size(0), "token_mask", "num_tokens");
   }
-  check_finite(scale, "scale");
+  const WeightScaling scaling = check_weight_scaling(normalize, scale, norm_eps, norm_min);
   check_choice(group_score, {"top2", "topk_per_group", "max"}, "group_score");
   int64_t group_score_size = group_score == "max" ? 1 : std::min<int64_t>(2, experts_per_group);
   if (group_score == "topk_per_group") {
@@ -69,8 +82,7 @@ inline RoutingParams check_biased_topk_args(const at::Tensor& logits,
                        experts_per_group,
                        group_score_size,
                        parse_score_fn(score_fn),
-                       normalize,
-                       scale};
+                       scaling};
 }
 
 // biased_topk's outputs on the device of logits: weights [T, k] in opmath (fp32, fp64 for fp64),
@@ -85,9 +97,9 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> empty_routing_outputs(
 
 // Checks of biased_topk_backward; the range of topk_ids is checked by the CPU op only (on CUDA it
 // would synchronise the host, and the kernel skips ids outside [0, E) instead).
-inline ScoreFn check_biased_topk_backward_args(const at::Tensor& grad_weights,
-                                               const at::Tensor& logits, const at::Tensor& topk_ids,
-                                               std::string_view score_fn, double scale) {
+inline std::pair<ScoreFn, WeightScaling> check_biased_topk_backward_args(
+    const at::Tensor& grad_weights, const at::Tensor& logits, const at::Tensor& topk_ids,
+    std::string_view score_fn, bool normalize, double scale, double norm_eps, double norm_min) {
   check_dim(logits, 2, "logits");
   check_floating(logits, "logits");
   check_dim(topk_ids, 2, "topk_ids");
@@ -99,8 +111,7 @@ inline ScoreFn check_biased_topk_backward_args(const at::Tensor& grad_weights,
               "topk_ids ", topk_ids.sizes(), ", got ", grad_weights.sizes());
   check_same_device(topk_ids, logits, "topk_ids", "logits");
   check_same_device(grad_weights, logits, "grad_weights", "logits");
-  check_finite(scale, "scale");
-  return parse_score_fn(score_fn);
+  return {parse_score_fn(score_fn), check_weight_scaling(normalize, scale, norm_eps, norm_min)};
 }
 
 namespace emulated {
@@ -108,10 +119,12 @@ namespace emulated {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> biased_topk_cuda(
     const at::Tensor& logits, const std::optional<at::Tensor>& bias, int64_t k,
     c10::string_view score_fn, int64_t n_groups, int64_t topk_groups, bool normalize, double scale,
-    c10::string_view group_score, const std::optional<at::Tensor>& token_mask);
+    c10::string_view group_score, const std::optional<at::Tensor>& token_mask, double norm_eps,
+    double norm_min);
 at::Tensor biased_topk_backward_cuda(const at::Tensor& grad_weights, const at::Tensor& logits,
                                      const at::Tensor& topk_ids, c10::string_view score_fn,
-                                     bool normalize, double scale);
+                                     bool normalize, double scale, double norm_eps,
+                                     double norm_min);
 }  // namespace emulated
 
 }  // namespace moe_kernels::routing
