@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from operator import attrgetter
+
 import torch
 from torch import nn
 
 
 class KeepsFp32(nn.Module):
-    """A module whose tensors named in ``fp32_tensors`` keep fp32 through dtype casts of the
-    model (``model.to(torch.bfloat16)``, ``.half()``, ``.double()``), while device moves apply.
+    """A module whose tensors named in ``fp32_tensors`` (paths from the module, such as
+    "moe_statics.e_score_correction_bias") keep fp32 through dtype casts of the model
+    (``model.to(torch.bfloat16)``, ``.half()``, ``.double()``), while device moves apply.
 
     Routing decides discrete choices: in 16-bit, router logits and the loss-free bias (whose
     steps of 1e-3 vanish next to 1.0 in bf16) would flip them. Kept as the same Parameter and
@@ -19,13 +22,13 @@ class KeepsFp32(nn.Module):
 
     def _apply(self, fn, recurse=True):
         saved = {
-            name: getattr(self, name).detach().clone()
+            name: attrgetter(name)(self).detach().clone()
             for name in self.fp32_tensors
-            if getattr(self, name) is not None
+            if attrgetter(name)(self) is not None
         }
         super()._apply(fn, recurse)
         for name, before in saved.items():
-            tensor = getattr(self, name)
+            tensor = attrgetter(name)(self)
             if tensor.dtype != torch.float32:
                 tensor.data = before.to(tensor.device)
         return self

@@ -71,6 +71,57 @@ QWEN_DELTANET_MOE = dict(
     linear_num_key_heads=2,
     linear_num_value_heads=4,
 )
+# Tiny vision (and audio) towers of the multimodal families, whose tests feed text only; their
+# special tokens take the vocabulary's top ids, from TEXT_VOCAB on, which text never uses.
+TEXT_VOCAB = 87
+QWEN_VISION = dict(
+    depth=1,
+    hidden_size=16,
+    num_heads=2,
+    intermediate_size=16,
+    out_hidden_size=32,
+    patch_size=2,
+    temporal_patch_size=1,
+    spatial_merge_size=1,
+    num_position_embeddings=16,
+    deepstack_visual_indexes=[0],
+)
+QWEN_VISION_TOKENS = dict(image_token_id=93, video_token_id=94, vision_start_token_id=90)
+GLM_VISION = dict(
+    depth=1,
+    hidden_size=16,
+    num_heads=2,
+    intermediate_size=16,
+    out_hidden_size=32,
+    patch_size=2,
+    image_size=4,
+    temporal_patch_size=1,
+    spatial_merge_size=1,
+)
+GLM_TOKENS = dict(
+    image_token_id=93,
+    video_token_id=94,
+    image_start_token_id=90,
+    image_end_token_id=91,
+    video_start_token_id=92,
+    video_end_token_id=95,
+)
+SAM = dict(
+    hidden_size=16,
+    output_channels=16,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    image_size=64,
+    patch_size=16,
+    window_size=2,
+    global_attn_indexes=[0],
+    downsample_channels=[16, 16],
+    mlp_dim=16,
+)
+# Multimodal RoPE sections that fit the tiny heads.
+QWEN_MROPE = dict(
+    rope_type="default", rope_theta=1e4, mrope_section=[2, 1, 1], mrope_interleaved=True
+)
 FAMILIES = {
     "deepseek_v3": dict(DEEPSEEK_LIKE, **MLA),
     "deepseek_v32": dict(DEEPSEEK_MLA),
@@ -245,6 +296,189 @@ FAMILIES = {
     ),
     "mixtral": dict(num_local_experts=8),
     "minimax": dict(num_local_experts=8, head_dim=8),
+    # Their blocks hold the bias and pass it to the router.
+    "minimax_m2": dict(num_local_experts=8, head_dim=8),
+    "hy_v3": dict(
+        num_experts=8,
+        moe_intermediate_size=24,
+        num_shared_experts=1,
+        head_dim=8,
+        mlp_layer_types=["sparse", "sparse"],
+    ),
+    "afmoe": dict(
+        num_experts=8,
+        moe_intermediate_size=24,
+        num_shared_experts=1,
+        num_dense_layers=0,
+        route_scale=2.5,
+        head_dim=8,
+    ),
+    "lfm2_moe": dict(
+        num_experts=8,
+        moe_intermediate_size=24,
+        num_dense_layers=0,
+        norm_topk_prob=True,
+        use_expert_bias=True,
+        routed_scaling_factor=2.5,
+        layer_types=["conv", "full_attention"],
+    ),
+    # ERNIE 4.5: its bias in the router's moe_statics, a Parameter.
+    "ernie4_5_moe": dict(
+        num_experts=8,
+        moe_intermediate_size=24,
+        moe_num_shared_experts=1,
+        moe_layer_start_index=0,
+        head_dim=8,
+    ),
+    # Hunyuan-V1: an fp32 gate ``wg`` beside a shared MLP.
+    "hunyuan_v1_moe": dict(num_experts=8, moe_topk=2, head_dim=8),
+    "aria": dict(
+        model_type="aria_text",
+        moe_num_experts=8,
+        moe_topk=2,
+        intermediate_size=24,
+        moe_num_shared_experts=1,
+        head_dim=8,
+    ),
+    # Multimodal families: their language model (``text_config``) in the whole model, with a
+    # tiny vision tower, fed text only.
+    "glm4v_moe": dict(
+        text_config=dict(
+            DEEPSEEK_LIKE,
+            head_dim=8,
+            rope_parameters=dict(
+                rope_type="default",
+                rope_theta=1e4,
+                partial_rotary_factor=0.5,
+                mrope_section=[1, 1, 0],
+            ),
+        ),
+        vision_config=GLM_VISION,
+        **GLM_TOKENS,
+    ),
+    # GLM-5-Next: Hunyuan-V4's clamped SwiGLU (its limit about the size of the tiny model's
+    # products), beside linear and indexed attention.
+    "glm5_next": dict(
+        text_config=dict(
+            DEEPSEEK_LIKE,
+            num_key_value_heads=4,
+            swiglu_limit=0.05,
+            q_lora_rank=16,
+            kv_lora_rank=16,
+            qk_rope_head_dim=0,
+            qk_nope_head_dim=8,
+            v_head_dim=8,
+            index_topk=4,
+            index_kpool=2,
+            index_head_dim=8,
+            index_n_heads=2,
+            hc_mult=2,
+            hc_sinkhorn_iters=3,
+            layer_types=["linear_attention", "indexed_attention"],
+            mlp_layer_types=["sparse", "sparse"],
+            linear_head_dim=8,
+            linear_num_heads=4,
+        ),
+        vision_config=dict(GLM_VISION, projection_intermediate_size=16),
+        **GLM_TOKENS,
+    ),
+    "qwen3_vl_moe": dict(
+        text_config=dict(
+            head_dim=8, num_experts=8, moe_intermediate_size=24, rope_parameters=QWEN_MROPE
+        ),
+        vision_config=QWEN_VISION,
+        vision_end_token_id=91,
+        **QWEN_VISION_TOKENS,
+    ),
+    # Qwen3-Omni's thinker, its language model.
+    "qwen3_omni_moe": dict(
+        model_type="qwen3_omni_moe_thinker",
+        text_config=dict(
+            head_dim=8,
+            num_experts=8,
+            moe_intermediate_size=24,
+            norm_topk_prob=True,
+            rope_parameters=QWEN_MROPE,
+        ),
+        vision_config=QWEN_VISION,
+        audio_config=dict(
+            num_mel_bins=16,
+            encoder_layers=1,
+            encoder_attention_heads=2,
+            encoder_ffn_dim=16,
+            d_model=16,
+            output_dim=32,
+            downsample_hidden_size=8,
+            max_source_positions=16,
+            n_window=4,
+            n_window_infer=8,
+            conv_chunksize=8,
+        ),
+        audio_token_id=89,
+        audio_start_token_id=88,
+        user_token_id=87,
+        **QWEN_VISION_TOKENS,
+    ),
+    # DeepSeek-V2's router in two OCR models.
+    "deepseek_ocr2": dict(
+        text_config=dict(
+            DEEPSEEK_LIKE, topk_method="group_limited_greedy", mlp_layer_types=["dense", "sparse"]
+        ),
+        vision_config=dict(
+            sam_config=SAM,
+            encoder_config=dict(
+                vocab_size=8,
+                hidden_size=16,
+                intermediate_size=16,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                num_key_value_heads=2,
+            ),
+        ),
+        image_token_id=95,
+    ),
+    "unlimited_ocr": dict(
+        text_config=dict(
+            DEEPSEEK_LIKE,
+            num_key_value_heads=4,  # its eager attention has no grouped-query heads
+            topk_method="group_limited_greedy",
+            mlp_layer_types=["dense", "sparse"],
+            sliding_window=64,
+        ),
+        vision_config=dict(
+            sam_config=SAM,
+            encoder_config=dict(
+                hidden_size=16,
+                intermediate_size=16,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                image_size=32,
+                patch_size=16,
+            ),
+        ),
+        image_token_id=95,
+    ),
+    # ERNIE 4.5-VL: text and vision experts in each block (text reaches only the text ones).
+    "ernie4_5_vl_moe": dict(
+        text_config=dict(
+            moe_num_experts=8,
+            moe_k=2,
+            moe_intermediate_size=[24, 16],
+            moe_num_shared_experts=1,
+            mlp_layer_types=["dense", "sparse"],
+            rope_parameters=dict(rope_type="default", rope_theta=1e4, mrope_section=[1, 1, 2]),
+        ),
+        vision_config=dict(
+            depth=1,
+            hidden_size=16,
+            num_heads=2,
+            intermediate_size=16,
+            patch_size=2,
+            spatial_merge_size=1,
+            temporal_merge_size=1,
+        ),
+        **GLM_TOKENS,
+    ),
 }
 
 # The families whose router (and experts, where they have a recipe of their own) the installed
@@ -262,26 +496,43 @@ INSTALLED = [
 
 def tiny_model(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
     """A randomly initialised tiny causal LM of ``family``, fp32, in eval mode, whose routers
-    have spread-out logits (no near-ties) and, where the family has one, a nonzero bias."""
-    options = {**COMMON, **FAMILIES[family], **overrides}
-    # A multimodal family's language model has a model type of its own ("<family>_text").
-    config = transformers.AutoConfig.for_model(options.pop("model_type", family), **options)
+    have spread-out logits (no near-ties) and, where the family has one, a nonzero bias.
+
+    A family whose language model has no causal-LM class of its own is built whole, with its
+    tiny vision tower (``text_config``; ``overrides`` go to the language model)."""
+    options = dict(FAMILIES[family])
+    # A language model may have a model type of its own ("<family>_text").
+    model_type = options.pop("model_type", family)
+    text = options.pop("text_config", None)
+    if text is None:
+        config = transformers.AutoConfig.for_model(model_type, **{**COMMON, **options, **overrides})
+        auto = transformers.AutoModelForCausalLM
+    else:
+        text_config = {**COMMON, **text, **overrides}
+        config = transformers.AutoConfig.for_model(model_type, text_config=text_config, **options)
+        auto = transformers.AutoModelForImageTextToText
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    model = auto.from_config(config, attn_implementation="eager")
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if (
-                name.endswith(("gate.weight", "router.weight"))
+                name.endswith(("gate.weight", "router.weight", "wg.weight"))
                 and parameter.dim() == 2
                 and parameter.shape[0] > 1
             ):
                 parameter.normal_(0, 0.5)
             if name.endswith(("proj_bias", "router.bias")):  # gpt-oss's, zero when made
                 parameter.uniform_(-0.1, 0.1)
-        for name, buffer in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                buffer.uniform_(-0.05, 0.05)
+        # The routing biases, buffers or (ERNIE's, AFMoE's) Parameters.
+        for name, tensor in [*model.named_buffers(), *model.named_parameters()]:
+            if name.endswith(("e_score_correction_bias", "expert_bias")):
+                tensor.uniform_(-0.05, 0.05)
     return model.eval()
+
+
+def text_blocks(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """``moe_blocks`` that text reaches: all but ERNIE-4.5-VL's vision experts."""
+    return [(name, block) for name, block in moe_blocks(model) if not name.endswith("vision_moe")]
 
 
 def moe_blocks(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:

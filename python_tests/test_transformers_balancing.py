@@ -4,11 +4,12 @@ data-parallel ranks, and the ``Trainer`` callback."""
 from __future__ import annotations
 
 import importlib
+import inspect
 from types import SimpleNamespace
 
 import pytest
 import torch
-from hf_families import INSTALLED, moe_blocks, tiny_model
+from hf_families import INSTALLED, TEXT_VOCAB, moe_blocks, text_blocks, tiny_model
 from ranks import run_on_ranks
 from transformers import Trainer, TrainingArguments
 
@@ -36,7 +37,7 @@ def test_update_balance_moves_the_bias_by_the_sign_rule_over_the_whole_step():
     model = tiny_model("mixtral")
     patch(model, balancing="loss_free", rate=0.01)
     g = torch.Generator().manual_seed(0)
-    micro_batches = [torch.randint(3, 96, (2, 10), generator=g) for _ in range(3)]
+    micro_batches = [torch.randint(3, TEXT_VOCAB, (2, 10), generator=g) for _ in range(3)]
     expected = None
     for ids in micro_batches:
         counts = routed_counts(model, ids)
@@ -51,28 +52,48 @@ def test_update_balance_moves_the_bias_by_the_sign_rule_over_the_whole_step():
         counts = step_counts[name]
         assert torch.equal(counts, expected[name])
         sign = torch.sign(counts.double().mean() - counts.double()).float()
-        torch.testing.assert_close(getattr(router, BIAS), 0.01 * sign, rtol=0, atol=1e-9)
+        torch.testing.assert_close(router.balancing_bias(), 0.01 * sign, rtol=0, atol=1e-9)
         assert not router.tokens_per_expert.any()
 
 
 def test_a_centred_bias_moves_by_the_sign_less_its_mean():
     model = tiny_model("mixtral")
     patch(model, balancing="loss_free", rate=0.01, center_bias=True)
-    counts = routed_counts(model, torch.randint(3, 96, (2, 10)))
+    counts = routed_counts(model, torch.randint(3, TEXT_VOCAB, (2, 10)))
     step_counts = update_balance(model)
     for name, router in moe_routers(model):
         assert torch.equal(step_counts[name], counts[name])
         sign = torch.sign(counts[name].double().mean() - counts[name].double())
         want = (0.01 * (sign - sign.mean())).float()
-        torch.testing.assert_close(getattr(router, BIAS), want, rtol=0, atol=1e-9)
-        assert abs(float(getattr(router, BIAS).mean())) < 1e-8
+        torch.testing.assert_close(router.balancing_bias(), want, rtol=0, atol=1e-9)
+        assert abs(float(router.balancing_bias().mean())) < 1e-8
+
+
+@pytest.mark.parametrize("family", INSTALLED)
+def test_the_bias_update_balance_moves_is_the_one_the_routers_choose_with(family):
+    """Wherever a family holds it (the router, its moe_statics, or the block that passes it to
+    the router), the bias is fp32 through a bf16 cast, saved in the state_dict, and chooses."""
+    model = tiny_model(family)
+    patch(model, balancing="loss_free")
+    model.to(torch.bfloat16)
+    saved = {tensor.data_ptr() for tensor in model.state_dict().values()}
+    for _, router in moe_routers(model):
+        bias = router.balancing_bias()
+        assert bias.dtype == torch.float32 and bias.data_ptr() in saved
+        bias.zero_()[3] = 100.0  # far above any score: every token takes expert 3
+    ids = torch.randint(3, TEXT_VOCAB, (2, 10))
+    counts = routed_counts(model, ids)
+    for name, _ in text_blocks(model):
+        assert int(counts[name][3]) == ids.numel()
+    unpatch(model)  # the classes are the model's own again, blocks holding a bias included
+    assert [type(m) for m in model.modules()] == [type(m) for m in tiny_model(family).modules()]
 
 
 def test_without_balancing_update_balance_counts_but_keeps_the_models_bias():
     model = tiny_model("deepseek_v3")
     patch(model)
     biases = {n: b.clone() for n, b in model.named_buffers() if n.endswith(BIAS)}
-    ids = torch.randint(3, 96, (2, 10))
+    ids = torch.randint(3, TEXT_VOCAB, (2, 10))
     counts = routed_counts(model, ids)
     assert update_balance(model).keys() == counts.keys()
     for name, bias in biases.items():
@@ -94,14 +115,14 @@ def test_the_loss_free_bias_composes_with_the_familys_own_aux_loss(family, modul
     patch(model, balancing="loss_free")
     g = torch.Generator().manual_seed(5)
     for _, router in moe_routers(model):
-        getattr(router, BIAS).copy_(torch.randn(8, generator=g))  # large: it moves choices
-    ids = torch.randint(3, 96, (2, 12), generator=g)
+        router.balancing_bias().copy_(torch.randn(8, generator=g))  # large: it moves choices
+    ids = torch.randint(3, TEXT_VOCAB, (2, 12), generator=g)
     model.train()
     plain = model(ids, labels=ids)
     for _, router in moe_routers(model):
         router.tokens_per_expert.zero_()
     out = model(ids, labels=ids, output_router_logits=True)
-    topk = model.config.num_experts_per_tok
+    topk = model.config.get_text_config().num_experts_per_tok
     want = load_balancing_loss_func(out.router_logits, 8, topk)
     torch.testing.assert_close(out.aux_loss, want)
     torch.testing.assert_close(out.loss, plain.loss + 0.02 * want)
@@ -183,25 +204,31 @@ def test_a_padded_batch_moves_the_bias_as_its_unpadded_sequences_would(family, s
     model = tiny_model(family)
     patch(model, balancing="loss_free", rate=0.01)
     g = torch.Generator().manual_seed(0)
-    sequences = [torch.randint(3, 96, (n,), generator=g) for n in (10, 3, 7)]
+    sequences = [torch.randint(3, TEXT_VOCAB, (n,), generator=g) for n in (10, 3, 7)]
     unpadded = step_counts_of(model, [((s[None],), {}) for s in sequences])
     ids, mask, positions = padded_batch(sequences, side)
-    # The mask passed by keyword and by position (the forward's second parameter).
+    # The mask passed by keyword and by position (the forward's second parameter, or a later one
+    # in multimodal models, whose others are then None).
     padded = step_counts_of(model, [((ids,), {"attention_mask": mask, "position_ids": positions})])
-    positional = step_counts_of(model, [((ids, mask), {"position_ids": positions})])
-    before = {name: getattr(router, BIAS).clone() for name, router in moe_routers(model)}
+    at = list(inspect.signature(model.forward).parameters).index("attention_mask")
+    by_position = (ids, *[None] * (at - 1), mask)
+    positional = step_counts_of(model, [(by_position, {"position_ids": positions})])
+    before = {name: router.balancing_bias().clone() for name, router in moe_routers(model)}
     step = update_balance(model)
-    top_k = model.config.num_experts_per_tok
+    top_k = model.config.get_text_config().num_experts_per_tok
+    reached = {name for name, _ in text_blocks(model)}
     for name, router in moe_routers(model):
+        if name not in reached:
+            continue
         assert int(unpadded[name].sum()) == top_k * sum(map(len, sequences)) < top_k * ids.numel()
         assert torch.equal(padded[name], unpadded[name])
         assert torch.equal(positional[name], unpadded[name])
         sign = torch.sign(step[name].double().mean() - step[name].double()).float()
-        moved = getattr(router, BIAS) - before[name]
+        moved = router.balancing_bias() - before[name]
         torch.testing.assert_close(moved, 0.01 * sign, rtol=0, atol=1e-8)
     # Without a mask every position counts; unpatch removes the hook.
     without = step_counts_of(model, [((ids,), {"position_ids": positions})])
-    assert all(int(c.sum()) == top_k * ids.numel() for c in without.values())
+    assert all(int(without[name].sum()) == top_k * ids.numel() for name in reached)
     unpatch(model)
     assert not model._forward_pre_hooks and not model._forward_hooks
 
@@ -238,13 +265,13 @@ def test_the_callback_logs_the_balance_telemetry_of_its_window():
     state = SimpleNamespace(log_history=[], global_step=2)
     window = {}
     for seed in range(2):  # two steps between logs
-        ids = torch.randint(3, 96, (2, 10), generator=torch.Generator().manual_seed(seed))
+        ids = torch.randint(3, TEXT_VOCAB, (2, 10), generator=torch.Generator().manual_seed(seed))
         for name, counts in routed_counts(model, ids).items():
             window[name] = window.get(name, 0) + counts
         callback.on_step_end(None, state, None, model=model)
     logs = {}
     callback.on_log(None, state, None, logs=logs)
-    biases = {name: getattr(router, BIAS) for name, router in moe_routers(model)}
+    biases = {name: router.balancing_bias() for name, router in moe_routers(model)}
     want = balance_telemetry(window, biases)
     assert {k: v for k, v in logs.items() if k.startswith("balance/")} == {
         f"balance/{k}": v for k, v in want.items()
@@ -255,10 +282,10 @@ def test_the_callback_logs_the_balance_telemetry_of_its_window():
 def _update_on_rank(rank, world_size):
     model = tiny_model("olmoe")
     patch(model, balancing="loss_free", rate=0.01)
-    ids = torch.randint(3, 96, (2, 10), generator=torch.Generator().manual_seed(rank))
+    ids = torch.randint(3, TEXT_VOCAB, (2, 10), generator=torch.Generator().manual_seed(rank))
     local = routed_counts(model, ids)
     step_counts = update_balance(model)
-    biases = {name: getattr(router, BIAS).clone() for name, router in moe_routers(model)}
+    biases = {name: router.balancing_bias().clone() for name, router in moe_routers(model)}
     return local, step_counts, biases
 
 

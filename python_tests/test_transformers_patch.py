@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import copy
 import warnings
+from operator import attrgetter
 
 import pytest
 import torch
 import transformers
-from hf_families import COMMON, INSTALLED, moe_blocks, tiny_model
+from hf_families import COMMON, INSTALLED, TEXT_VOCAB, moe_blocks, text_blocks, tiny_model
 
 from conftest import backends_for, near_ties, on_backends
 from moe_kernels.integrations.transformers import (
@@ -20,6 +21,7 @@ from moe_kernels.integrations.transformers import (
 )
 from moe_kernels.integrations.transformers.blocks import BLOCKS, FusedInputWeightedBlock
 from moe_kernels.integrations.transformers.experts import FusedExperts
+from moe_kernels.integrations.transformers.router_source import family_of
 from moe_kernels.integrations.transformers.routing import BIAS, FusedRouter, score_function
 
 LAYER_OPS = (
@@ -57,9 +59,20 @@ def router_of_fused(block):
     return next(child for child in block.children() if isinstance(child, FusedRouter))
 
 
-def decisions(router, x):
-    """(logits, [T, k] weights, [T, k] ids) of a router, unpatched or patched."""
-    out = router(x)
+def routing_of(router):
+    if isinstance(router, FusedRouter):
+        return router.moe_routing
+    return supported_routers()[type(router)]
+
+
+def decisions(block, router, x):
+    """(logits, [T, k] weights, [T, k] ids) of a block's router, unpatched or patched, called
+    as the block calls it (with the block's bias, where the block holds it)."""
+    routing = routing_of(router)
+    bias = () if routing.bias_argument is None else (getattr(block, routing.bias_argument, None),)
+    if family_of(type(block)) == "afmoe":  # its block passes the router [B, S, H] tokens
+        x = x[None]
+    out = router(x, *bias)
     if len(out) == 2:  # Llama 4's: [T, E] scores, zero where an expert is not chosen; logits
         scores, logits = out
         weights, ids = scores.topk(router.top_k, dim=-1)
@@ -72,8 +85,21 @@ def decisions(router, x):
 
 def hidden_states(model, seed=0, dtype=torch.float32, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(2, 12, model.config.hidden_size, generator=g)
+    x = torch.randn(2, 12, model.config.get_text_config().hidden_size, generator=g)
     return x.to(device, dtype).requires_grad_()
+
+
+def choice_bias(block, router):
+    """The [E] bias ``router`` chooses with (its own, or its block's), or None."""
+    routing = routing_of(router)
+    holder, path = (
+        (router, routing.bias) if routing.bias_argument is None else (block, routing.bias_argument)
+    )
+    try:
+        bias = attrgetter(path)(holder)
+    except AttributeError:
+        return None
+    return None if bias is None else bias.view(-1)
 
 
 def assert_tie_free(block, x):
@@ -81,10 +107,10 @@ def assert_tie_free(block, x):
     scores) close enough for torch's score function and ours (CUDA's expf on a GPU) to order
     them differently: the patched block routes every token as the unpatched one does."""
     router = router_of(block)
-    routing = supported_routers()[type(router)]
-    logits, _, ids = decisions(router, x.detach().reshape(-1, x.shape[-1]))
+    routing = routing_of(router)
+    logits, _, ids = decisions(block, router, x.detach().reshape(-1, x.shape[-1]))
     groups = (*routing.groups(router), routing.group_score)
-    bias = getattr(router, BIAS, None)
+    bias = choice_bias(block, router)
     score_fn = score_function(router, routing)
     assert not near_ties(logits, bias, ids.shape[1], score_fn, *groups).any()
 
@@ -174,12 +200,16 @@ def test_bf16_error_at_most_twice_the_original_blocks(family, device):
 def test_routing_decisions_identical_and_counted(family, device):
     model = tiny_model(family).to(device)
     fused = patched_copy(model).train()
-    x = hidden_states(model, seed=3, device=device).detach().reshape(-1, model.config.hidden_size)
+    x = (
+        hidden_states(model, seed=3, device=device)
+        .detach()
+        .reshape(-1, model.config.get_text_config().hidden_size)
+    )
     for (_, block), (_, fused_block) in zip(moe_blocks(model), moe_blocks(fused), strict=True):
         router, fused_router = router_of(block), router_of_fused(fused_block)
         assert_tie_free(block, x)
-        logits, weights, ids = decisions(router, x)
-        fused_logits, fused_weights, fused_ids = decisions(fused_router, x)
+        logits, weights, ids = decisions(block, router, x)
+        fused_logits, fused_weights, fused_ids = decisions(fused_block, fused_router, x)
         # The same F.linear call on the same device: bit-equal (cuBLAS is deterministic too).
         torch.testing.assert_close(fused_logits, logits, rtol=0, atol=0)
         order, fused_order = ids.sort(dim=-1), fused_ids.sort(dim=-1)
@@ -197,9 +227,9 @@ def test_routing_decisions_identical_and_counted(family, device):
 def test_whole_model_loss_router_logits_and_generate_identical(family, device):
     model = tiny_model(family).to(device)
     fused = patched_copy(model)
-    ids = torch.randint(
-        3, model.config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(1)
-    ).to(device)
+    ids = torch.randint(3, TEXT_VOCAB, (2, 10), generator=torch.Generator().manual_seed(1)).to(
+        device
+    )
     mask = torch.ones_like(ids)
     mask[1, :3] = 0  # left padding: the model's aux loss leaves it out
     kwargs = dict(attention_mask=mask, labels=ids, output_router_logits=True)
@@ -212,7 +242,7 @@ def test_whole_model_loss_router_logits_and_generate_identical(family, device):
     # DeepSeek-style models return router logits from transformers 5.2x on.
     router_logits = getattr(out, "router_logits", None)
     if router_logits is not None:
-        assert len(fused_out.router_logits) == len(router_logits) == len(moe_blocks(model))
+        assert len(fused_out.router_logits) == len(router_logits) == len(text_blocks(model))
         for fused_logits, logits in zip(fused_out.router_logits, router_logits, strict=True):
             torch.testing.assert_close(fused_logits, logits, **FP32)
     out.loss.backward()
@@ -222,14 +252,29 @@ def test_whole_model_loss_router_logits_and_generate_identical(family, device):
         torch.testing.assert_close(fused_parameters[name].grad, parameter.grad, **FP32, msg=name)
     model.eval(), fused.eval()
     prompt = ids[:1, :6]
-    greedy = dict(max_new_tokens=12, do_sample=False, return_dict_in_generate=True)
-    generated = model.generate(prompt, output_logits=True, **greedy)
-    fused_generated = fused.generate(prompt, **greedy)
+    # Text only: the multimodal families' special tokens are never generated.
+    greedy = dict(
+        max_new_tokens=12,
+        do_sample=False,
+        return_dict_in_generate=True,
+        suppress_tokens=list(range(TEXT_VOCAB, model.config.get_text_config().vocab_size)),
+    )
+    generated = model.generate(prompt, output_scores=True, **greedy)
+    fused_generated = fused.generate(prompt, output_scores=True, **greedy)
     # Greedy decoding takes the argmax of logits that agree to FP32 tolerance between the two
-    # (about 1e-5 here): the same tokens, since no step's best two logits lie that close.
-    best_two = torch.cat(generated.logits).topk(2, dim=-1).values
-    assert (best_two[:, 0] - best_two[:, 1]).min() > 1e-4
-    assert torch.equal(fused_generated.sequences, generated.sequences)
+    # (about 1e-5 here): the same tokens up to the first step whose best two logits lie that
+    # close, where either may win. Every step's logits up to that one, the first computed from
+    # the prompt and the others from the KV cache, agree.
+    best_two = torch.cat(generated.scores).topk(2, dim=-1).values
+    decided = int((best_two[:, 0] - best_two[:, 1] > 1e-4).cumprod(0).sum())
+    assert decided >= 1  # at least one step decoded from the cache
+    length = prompt.shape[1] + decided
+    assert torch.equal(fused_generated.sequences[:, :length], generated.sequences[:, :length])
+    compared = zip(
+        fused_generated.scores[: decided + 1], generated.scores[: decided + 1], strict=True
+    )
+    for step, (fused_scores, scores) in enumerate(compared):
+        torch.testing.assert_close(fused_scores, scores, **FP32, msg=f"step {step}")
 
 
 def original_or_skip(model, *args, **kwargs):
@@ -259,9 +304,7 @@ def test_state_dict_is_the_models_own_and_round_trips(family):
         assert tensor.data_ptr() == fused_state_before[key].data_ptr(), key
     # A checkpoint of the unpatched model loads into the patched one, and back.
     fused.load_state_dict(state)
-    ids = torch.randint(
-        3, model.config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(2)
-    )
+    ids = torch.randint(3, TEXT_VOCAB, (2, 10), generator=torch.Generator().manual_seed(2))
     torch.testing.assert_close(fused(ids).logits, model(ids).logits, **FP32)
     other = tiny_model(family, seed=2)
     other.load_state_dict(fused.state_dict())
@@ -303,18 +346,18 @@ def test_gradient_checkpointing_recomputes_do_not_count_twice():
     enable = getattr(model, "activation_checkpointing_enable", None)
     (enable or model.gradient_checkpointing_enable)()
     model.train()
-    ids = torch.randint(3, model.config.vocab_size, (2, 10))
+    ids = torch.randint(3, TEXT_VOCAB, (2, 10))
     model(ids, labels=ids).loss.backward()
     for _, block in moe_blocks(model):
         counts = router_of_fused(block).tokens_per_expert
-        assert counts.sum() == ids.numel() * model.config.num_experts_per_tok
+        assert counts.sum() == ids.numel() * model.config.get_text_config().num_experts_per_tok
 
 
 def test_eval_forwards_do_not_count():
     model = tiny_model("mixtral")
     patch(model)
     model.eval()
-    model(torch.randint(3, model.config.vocab_size, (2, 10)))
+    model(torch.randint(3, TEXT_VOCAB, (2, 10)))
     for _, block in moe_blocks(model):
         assert not router_of_fused(block).tokens_per_expert.any()
 
@@ -337,7 +380,17 @@ def test_unsupported_blocks_are_named_and_left_whole():
 @pytest.mark.parametrize(
     "family,options",
     [
-        ("minimax_m2", dict(num_local_experts=8, head_dim=8)),  # to do
+        (  # to do
+            "kolibri1",
+            dict(
+                num_experts=8,
+                moe_intermediate_size=24,
+                shared_expert_intermediate_size=40,
+                head_dim=8,
+                sliding_window=4,
+                layer_types=["sliding_attention", "full_attention"],
+            ),
+        ),
         ("phimoe", dict(num_local_experts=8)),  # left whole
     ],
 )
@@ -373,7 +426,7 @@ def test_deepseek_v4s_hash_layers_are_left_whole_and_its_learned_ones_patched():
     ]
     assert not isinstance(hash_block.experts, FusedExperts)
     assert isinstance(block.experts, FusedExperts)
-    ids = torch.randint(3, model.config.vocab_size, (2, 10))
+    ids = torch.randint(3, TEXT_VOCAB, (2, 10))
     torch.testing.assert_close(fused(ids).logits, model(ids).logits, **FP32)
 
 
@@ -407,5 +460,5 @@ def test_save_pretrained_of_a_patched_model_loads_unpatched(tmp_path):
     fused.save_pretrained(tmp_path)
     loaded = type(model).from_pretrained(tmp_path).eval()
     assert not any(isinstance(m, (FusedRouter, FusedExperts)) for m in loaded.modules())
-    ids = torch.randint(3, model.config.vocab_size, (2, 10))
+    ids = torch.randint(3, TEXT_VOCAB, (2, 10))
     torch.testing.assert_close(loaded(ids).logits, model(ids).logits, **FP32)

@@ -12,7 +12,7 @@ from transformers import TrainerCallback
 
 from ... import ops
 from ...balance import balance_telemetry, max_violation
-from .routing import BIAS, FusedRouter
+from .routing import FusedRouter
 
 
 def moe_routers(model: nn.Module) -> list[tuple[str, FusedRouter]]:
@@ -51,7 +51,7 @@ def update_balance(
     sizes = [router.tokens_per_expert.numel() for _, router in routers]
     for (name, router), layer_counts in zip(routers, counts.split(sizes), strict=True):
         if router.moe_balancing == "loss_free" and router.moe_rate > 0:
-            bias = getattr(router, BIAS)
+            bias = router.balancing_bias()
             ops.update_bias(
                 bias, layer_counts.to(bias.device), router.moe_rate,
                 centered=router.moe_center_bias,
@@ -88,7 +88,7 @@ class LossFreeBalancingCallback(TrainerCallback):
             window = self.window_counts.get(name)
             self.window_counts[name] = counts if window is None else window + counts
         self.biases = {
-            name: getattr(router, BIAS) if router.moe_balancing == "loss_free" else None
+            name: router.balancing_bias() if router.moe_balancing == "loss_free" else None
             for name, router in moe_routers(model)
         }
 

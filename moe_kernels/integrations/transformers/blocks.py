@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from ..._precision import KeepsFp32
 from .router_source import class_forward_digest, family_of
 
 # family -> (block class, the digest of the forward the fused block computes).
@@ -35,3 +36,10 @@ class FusedInputWeightedBlock(nn.Module):
         weights, router_logits, ids = self.router(x)
         routed = self.experts.moe_forward(x, ids, weights, weigh_inputs=True)
         return self.shared_expert(x) + routed, router_logits
+
+
+class KeepsBiasFp32(KeepsFp32):
+    """Mixed by ``patch``, under loss-free balancing, into a block that holds its router's bias
+    and passes it to the router (MiniMax-M2, AFMoE; ``Routing.bias_argument``, the name
+    ``fp32_tensors`` gives): the bias stays fp32 through the model's dtype casts, as a router's
+    own does. The block's forward is its own."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ... import ops
@@ -67,7 +68,10 @@ GPT_OSS = ExpertsRecipe(
 )
 # Llama 4: SwiGLU experts stored for x @ W (their block weighs their inputs: ``blocks``).
 LLAMA4 = ExpertsRecipe(transposed=True, digests=("0946c5fe9204", None))
-# Hunyuan-V4 and DeepSeek-V4: a clamped SwiGLU, fused into the first product's epilogue.
+# Aria: SwiGLU experts stored for x @ W.
+ARIA = ExpertsRecipe(transposed=True, digests=("55ffe92f3c3e", "e0dd9c373504"))
+# Hunyuan-V4, GLM-5-Next and DeepSeek-V4: a clamped SwiGLU, fused into the first product's
+# epilogue.
 HY_V4 = ExpertsRecipe(glu=(1.0, "swiglu_limit", 0.0), digests=("a35da7d62505", "d0727b638544"))
 DEEPSEEK_V4 = ExpertsRecipe(glu=(1.0, "limit", 0.0), digests=("a35da7d62505", "71529536b176"))
 # MiniMax-M3: gpt-oss's clamped alpha-SwiGLU on [gate | up], without biases: fused.
@@ -82,6 +86,8 @@ EXPERTS: dict[str, tuple[str, ExpertsRecipe]] = {
     "gpt_oss": ("GptOssExperts", GPT_OSS),
     "llama4": ("Llama4TextExperts", LLAMA4),
     "hy_v4": ("HYV4Experts", HY_V4),
+    "glm5_next": ("Glm5NextTextExperts", HY_V4),
+    "aria": ("AriaExperts", ARIA),
     "deepseek_v4": ("DeepseekV4Experts", DEEPSEEK_V4),
     "nemotron_h": ("NemotronHExperts", NEMOTRON_H),
     "minimax_m3_vl": ("MiniMaxM3VLExperts", MINIMAX_M3),
@@ -96,9 +102,8 @@ def experts_recipe(experts: nn.Module) -> ExpertsRecipe | str:
             if not _verified(cls, recipe):
                 return "its experts' code in this transformers is not the code its recipe computes"
             activation = getattr(experts, "act_fn", None)
-            if recipe.gated and activation is not None:
-                if type(activation).__name__ not in SILU_CLASSES:
-                    return f"its experts' activation is {type(activation).__name__}, not SiLU"
+            if recipe.gated and activation is not None and not _is_silu(activation):
+                return f"its experts' activation is {_name_of(activation)}, not SiLU"
             return recipe
     return unsupported_experts(experts) or DEFAULT_SWIGLU
 
@@ -140,9 +145,9 @@ def unsupported_experts(experts: nn.Module) -> str | None:
     apply_gate = getattr(type(experts), "_apply_gate", None)
     if apply_gate is not None and apply_gate.__name__ != "_default_apply_gate":
         return "its experts have their own gating function"
-    activation = type(getattr(experts, "act_fn", None)).__name__
-    if activation not in SILU_CLASSES:
-        return f"its experts' activation is {activation}, not SiLU"
+    activation = getattr(experts, "act_fn", None)
+    if not _is_silu(activation):
+        return f"its experts' activation is {_name_of(activation)}, not SiLU"
     num_experts, two_ffn, hidden = gate_up.shape if gate_up.dim() == 3 else (0, 0, 0)
     if (
         gate_up.dim() != 3
@@ -154,6 +159,15 @@ def unsupported_experts(experts: nn.Module) -> str | None:
             "not [E, 2F, H] and [E, H, F]"
         )
     return None
+
+
+def _is_silu(activation: object) -> bool:
+    # A module (transformers' ACT2FN) or the function itself (LFM2's F.silu).
+    return activation is F.silu or type(activation).__name__ in SILU_CLASSES
+
+
+def _name_of(activation: object) -> str:
+    return getattr(activation, "__name__", type(activation).__name__)
 
 
 class FusedExperts(nn.Module):

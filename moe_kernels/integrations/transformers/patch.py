@@ -17,12 +17,11 @@ from torch import nn
 
 from ... import ops
 from ..._arguments import check_number
-from .blocks import FusedInputWeightedBlock, block_to_fuse
+from .blocks import FusedInputWeightedBlock, KeepsBiasFp32, block_to_fuse
 from .experts import FusedExperts, experts_recipe
 from .families import family_note
 from .padding import thread_attention_mask
 from .routing import (
-    BIAS,
     SCORE_MODULES,
     FusedRouter,
     Routing,
@@ -74,7 +73,7 @@ def patch(
     check_number("rate", rate)
     if backend not in ops.GROUPED_GEMM_BACKENDS:
         raise ValueError(f"backend must be one of {ops.GROUPED_GEMM_BACKENDS}, got {backend!r}")
-    fused = (FusedRouter, FusedExperts, FusedInputWeightedBlock)
+    fused = (FusedRouter, FusedExperts, FusedInputWeightedBlock, KeepsBiasFp32)
     if any(isinstance(module, fused) for module in model.modules()):
         raise ValueError("model is already patched: unpatch(model) first")
     routers = supported_routers()
@@ -102,7 +101,7 @@ def patch(
                 stacklevel=2,
             )
             continue
-        _fuse_router(router, routers[type(router)], balancing, rate, center_bias)
+        _fuse_router(router, block, routers[type(router)], balancing, rate, center_bias)
         _switch_class(experts, FusedExperts)
         experts.moe_backend = backend
         experts.moe_recipe = recipe
@@ -124,8 +123,8 @@ def unpatch(model: nn.Module) -> int:
         if isinstance(module, FusedRouter):
             del module._buffers["tokens_per_expert"]
             if module.__dict__.pop("moe_added_bias", False):
-                del module._buffers[BIAS]
-            for attribute in ("moe_balancing", "moe_rate", "moe_center_bias"):
+                del module._buffers[module.moe_routing.bias]
+            for attribute in ("moe_balancing", "moe_rate", "moe_center_bias", "moe_bias_block"):
                 module.__dict__.pop(attribute, None)
             module.__class__ = module.__class__.__bases__[1]
             restored += 1
@@ -133,16 +132,21 @@ def unpatch(model: nn.Module) -> int:
             module.__dict__.pop("moe_backend", None)
             module.__dict__.pop("moe_recipe", None)
             module.__class__ = module.__class__.__bases__[1]
-        elif isinstance(module, FusedInputWeightedBlock):
+        elif isinstance(module, (FusedInputWeightedBlock, KeepsBiasFp32)):
             module.__class__ = module.__class__.__bases__[1]
     return restored
 
 
 def _fuse_router(
-    router: nn.Module, routing: Routing, balancing: str | None, rate: float, center_bias: bool
+    router: nn.Module,
+    block: nn.Module,
+    routing: Routing,
+    balancing: str | None,
+    rate: float,
+    center_bias: bool,
 ) -> None:
     _switch_class(router, FusedRouter, moe_routing=routing)
-    weight = router.weight
+    weight = router.router_weight
     router.register_buffer(
         "tokens_per_expert",
         torch.zeros(weight.shape[0], dtype=torch.int64, device=weight.device),
@@ -151,14 +155,22 @@ def _fuse_router(
     router.moe_balancing = balancing
     router.moe_rate = rate
     router.moe_center_bias = center_bias
+    if (
+        routing.bias_argument is not None
+        and getattr(block, routing.bias_argument, None) is not None
+    ):
+        # Not a submodule: the router reads the bias its block passes it, to move it.
+        router.__dict__["moe_bias_block"] = block
+        if balancing == "loss_free":
+            _switch_class(block, KeepsBiasFp32, fp32_tensors=(routing.bias_argument,))
     if balancing != "loss_free":
         return
-    bias = getattr(router, BIAS, None)
+    bias = router.held_bias()
     if bias is None:
-        router.register_buffer(BIAS, torch.zeros(weight.shape[0], device=weight.device))
+        router.register_buffer(routing.bias, torch.zeros(weight.shape[0], device=weight.device))
         router.moe_added_bias = True
     elif bias.dtype != torch.float32:
-        router._buffers[BIAS] = bias.float()
+        bias.data = bias.data.float()  # in place: a Parameter (ERNIE's) stays the model's object
 
 
 def _unknown_score_function(router: nn.Module, routing: Routing) -> str | None:

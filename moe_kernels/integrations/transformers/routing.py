@@ -10,6 +10,7 @@ is not listed, or whose code changed, is not patched. Many families share one ro
 from __future__ import annotations
 
 from dataclasses import dataclass
+from operator import attrgetter
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -35,20 +36,31 @@ class Routing:
         score_fn: "softmax", "sigmoid" or "sqrtsoftplus"; or the name of the router's
             attribute holding its activation module (DeepSeek-V4's, from its config), one of
             ``SCORE_MODULES``.
-        fp32_logits: logits from fp32 copies of the tokens and the weight (DeepSeek-V3), else
-            ``F.linear`` in the model's dtype.
+        forwards: the digests (``router_source.forward_digest``) of the router ``forward``
+            codes this routing computes, each verified by the tests.
+        logits: "fp32": from fp32 copies of the tokens and the weight (DeepSeek-V3);
+            "input": ``F.linear`` in the tokens' dtype; "weight": the tokens cast to the
+            weight's dtype (MiniMax-M2, and Hunyuan-V1's fp32 gate).
         normalize: whether the k weights are divided by their sum: a constant, or the name of
             the router's attribute holding it.
-        weights_in_logits_dtype: the weights are cast to the logits' dtype (Qwen), else fp32.
+        norm_eps: added to that sum (``biased_topk``'s norm_eps).
+        norm_min: the least divisor, or the name of the router's attribute holding it (ERNIE).
+        weights_dtype: the weights' dtype: "fp32", the logits' ("logits", Qwen) or the tokens'
+            ("input", ERNIE).
         grouped: group-limited routing, read from the router's ``num_group`` and
             ``topk_group``: always, or where the router's attribute has the value of the
             (attribute, value) pair (DeepSeek-V2's ``topk_method``).
         group_score: how a group is scored (``biased_topk``'s group_score).
-        scaled: the weights are multiplied by the router's ``routed_scaling_factor``.
-        forwards: the digests (``router_source.forward_digest``) of the router ``forward``
-            codes this routing computes, each verified by the tests.
-        returns_fp32_logits: the logits are computed in the model's dtype but returned as fp32
-            (Granite); the weights still take the model's dtype.
+        scale: the name of the router's attribute the weights are multiplied by, if any.
+        weight: the path of the router's weight from the router ("gate.weight" where it is a
+            linear layer's).
+        bias: the path of the router's own loss-free bias from the router, where it holds one
+            (ERNIE's is in ``moe_statics``); ``patch`` adds one there where the model has none.
+        bias_argument: the name of the block's attribute holding the bias, where the block
+            passes it to the router's ``forward`` (MiniMax-M2, AFMoE); None where the router
+            holds its own.
+        returns_fp32_logits: the logits are computed as ``logits`` says but returned as fp32
+            (Granite, AFMoE); the weights are cast before.
         logits_bias: the router's ``bias`` adds to its logits (gpt-oss), a term of the model
             unlike the loss-free bias, which only chooses.
         scores_first: the router returns ``(weights, logits, ids)``, logits second where the
@@ -57,13 +69,18 @@ class Routing:
     """
 
     score_fn: str
-    fp32_logits: bool
-    normalize: bool | str
-    weights_in_logits_dtype: bool
     forwards: frozenset[str]
+    logits: str = "input"
+    normalize: bool | str = True
+    norm_eps: float = 0.0
+    norm_min: float | str = 0.0
+    weights_dtype: str = "fp32"
     grouped: bool | tuple[str, str] = False
     group_score: str = "top2"
-    scaled: bool = False
+    scale: str | None = None
+    weight: str = "weight"
+    bias: str = BIAS
+    bias_argument: str | None = None
     returns_fp32_logits: bool = False
     logits_bias: bool = False
     scores_first: bool = False
@@ -78,51 +95,115 @@ class Routing:
 
 DEEPSEEK_V3 = Routing(
     "sigmoid",
-    True,
-    "norm_topk_prob",
-    False,
     frozenset({"84897cf1e1d9"}),
+    logits="fp32",
+    normalize="norm_topk_prob",
     grouped=True,
-    scaled=True,
+    scale="routed_scaling_factor",
 )
 # DeepSeek-V2: fp32 softmax scores, unnormalised, scaled; groups (scored by their best expert)
 # where its topk_method says "group_limited_greedy".
 DEEPSEEK_V2 = Routing(
     "softmax",
-    True,
-    False,
-    False,
     frozenset({"722cb972537a"}),
+    logits="fp32",
+    normalize=False,
     grouped=("topk_method", "group_limited_greedy"),
     group_score="max",
-    scaled=True,
+    scale="routed_scaling_factor",
 )
 # DeepSeek-V4's learned routers (its hash routers are left whole): the config's score function
 # (sqrtsoftplus by default) in the model's dtype, always normalised, scaled.
-DEEPSEEK_V4 = Routing("score_fn", False, True, True, frozenset({"5e8aa95cf241"}), scaled=True)
-QWEN_MOE = Routing("softmax", False, "norm_topk_prob", True, frozenset({"793098f9664b"}))
-QWEN_VL_MOE = Routing("softmax", False, True, True, frozenset({"e372ef3a88a8"}))
-MIXTRAL = Routing("softmax", False, True, False, frozenset({"a27fa18e8112"}))
+DEEPSEEK_V4 = Routing(
+    "score_fn", frozenset({"5e8aa95cf241"}), weights_dtype="logits", scale="routed_scaling_factor"
+)
+QWEN_MOE = Routing(
+    "softmax", frozenset({"793098f9664b"}), normalize="norm_topk_prob", weights_dtype="logits"
+)
+QWEN_VL_MOE = Routing("softmax", frozenset({"e372ef3a88a8"}), weights_dtype="logits")
+# Aria: a softmax over the top-k logits in the model's dtype, which is the normalised softmax.
+ARIA = Routing("softmax", frozenset({"a3c4634f4874"}), weights_dtype="logits")
+MIXTRAL = Routing("softmax", frozenset({"a27fa18e8112"}))
 # Granite: softmax over the top-k logits, which is QWEN_VL's normalised softmax (transformers
 # 5.17's Granite routers, which return (ids, weights, logits), are not this code).
 GRANITE_MOE = Routing(
-    "softmax", False, True, True, frozenset({"6157a64b3d31"}), returns_fp32_logits=True
+    "softmax", frozenset({"6157a64b3d31"}), weights_dtype="logits", returns_fp32_logits=True
 )
-FLINT = Routing("sigmoid", True, "norm_topk_prob", False, frozenset({"902a0d9a4d4a"}))
-JAMBA = Routing("softmax", False, False, True, frozenset({"15e16f52d75c"}))
+FLINT = Routing("sigmoid", frozenset({"902a0d9a4d4a"}), logits="fp32", normalize="norm_topk_prob")
+JAMBA = Routing("softmax", frozenset({"15e16f52d75c"}), normalize=False, weights_dtype="logits")
 # MiniMax-M3: the fp32 sigmoid of logits in the model's dtype, with its bias, normalised.
-MINIMAX_M3 = Routing("sigmoid", False, True, False, frozenset({"a5730f5e2f8b"}))
+MINIMAX_M3 = Routing("sigmoid", frozenset({"a5730f5e2f8b"}))
+# MiniMax-M2: as MiniMax-M3, the bias being its block's.
+MINIMAX_M2 = Routing("sigmoid", frozenset({"a8b9bd48c782"}), logits="weight", bias_argument=BIAS)
+# HY-V3: fp32 sigmoid scores, the block's bias, normalised (the sum plus 1e-20) and scaled.
+HY_V3 = Routing(
+    "sigmoid",
+    frozenset({"c6dc11722dad"}),
+    logits="fp32",
+    norm_eps=1e-20,
+    scale="router_scaling_factor",
+    bias_argument=BIAS,
+)
+# AFMoE: a linear gate's logits, returned fp32; as HY-V3 otherwise, the bias its block's
+# ``expert_bias``.
+AFMOE = Routing(
+    "sigmoid",
+    frozenset({"68a4834cc3fc"}),
+    norm_eps=1e-20,
+    scale="route_scale",
+    weight="gate.weight",
+    bias_argument="expert_bias",
+    returns_fp32_logits=True,
+)
+# LFM2-MoE: sigmoid of logits in the model's dtype; the block's ``expert_bias`` where its config
+# uses one; the weights in the logits' dtype, optionally normalised (the sum plus 1e-6), scaled.
+LFM2_MOE = Routing(
+    "sigmoid",
+    frozenset({"c5ee328ebc5f"}),
+    normalize="norm_topk_prob",
+    norm_eps=1e-6,
+    weights_dtype="logits",
+    scale="routed_scaling_factor",
+    bias_argument="expert_bias",
+)
+# ERNIE 4.5: fp32 softmax, the bias in its ``moe_statics`` ([1, E]), the weight sum floored at
+# ``norm_min``, the weights in the tokens' dtype.
+ERNIE_4_5 = Routing(
+    "softmax",
+    frozenset({"5c5e298fef42"}),
+    logits="fp32",
+    norm_min="norm_min",
+    weights_dtype="input",
+    bias="moe_statics." + BIAS,
+)
+# Hunyuan-V1: its gate ``wg`` (fp32 in the checkpoints, which the tokens are cast to), softmax,
+# normalised, the weights in the logits' dtype.
+HUNYUAN_V1 = Routing(
+    "softmax",
+    frozenset({"bf07c486d627"}),
+    logits="weight",
+    weights_dtype="logits",
+    weight="wg.weight",
+)
 # gpt-oss: a softmax over the top-k of biased logits, which is the normalised softmax.
-GPT_OSS = Routing("softmax", False, True, True, frozenset({"b1633bd68b47"}), logits_bias=True)
+GPT_OSS = Routing("softmax", frozenset({"b1633bd68b47"}), weights_dtype="logits", logits_bias=True)
 # Llama 4: the sigmoid of the top-k logits, unnormalised (the top-k of the sigmoid scores: the
 # same experts, save where fp32's sigmoid rounds two logits above ~17 to 1.0 alike).
-LLAMA4 = Routing("sigmoid", False, False, True, frozenset({"6242f55b4598"}), scores_first=True)
+LLAMA4 = Routing(
+    "sigmoid",
+    frozenset({"6242f55b4598"}),
+    normalize=False,
+    weights_dtype="logits",
+    scores_first=True,
+)
 
 # model_type -> (router class, routing). Families missing from the installed transformers are
 # skipped when the table is resolved.
 ROUTERS: dict[str, tuple[str, Routing]] = {
     "deepseek_v3": ("DeepseekV3TopkRouter", DEEPSEEK_V3),
     "glm4_moe": ("Glm4MoeTopkRouter", DEEPSEEK_V3),
+    "glm4v_moe": ("Glm4vMoeTextTopkRouter", DEEPSEEK_V3),
+    "glm5_next": ("Glm5NextTextTopkRouter", DEEPSEEK_V3),
     "dots1": ("Dots1TopkRouter", DEEPSEEK_V3),
     "dots3_note": ("Dots3NoteTextTopkRouter", DEEPSEEK_V3),
     "kimi_linear": ("KimiLinearTopkRouter", DEEPSEEK_V3),
@@ -136,14 +217,25 @@ ROUTERS: dict[str, tuple[str, Routing]] = {
     "nemotron_h": ("NemotronHTopkRouter", DEEPSEEK_V3),
     "deepseek_v4": ("DeepseekV4TopKRouter", DEEPSEEK_V4),
     "deepseek_v2": ("DeepseekV2TopkRouter", DEEPSEEK_V2),
+    "deepseek_ocr2": ("DeepseekOcr2TextTopkRouter", DEEPSEEK_V2),
+    "unlimited_ocr": ("UnlimitedOcrTextTopkRouter", DEEPSEEK_V2),
     "hy_v4": ("HYV4TopkRouter", DEEPSEEK_V3),
+    "hy_v3": ("HYV3TopKRouter", HY_V3),
+    "afmoe": ("AfmoeTokenChoiceRouter", AFMOE),
+    "lfm2_moe": ("Lfm2MoeTopKRouter", LFM2_MOE),
+    "ernie4_5_moe": ("Ernie4_5_MoeTopKRouter", ERNIE_4_5),
+    "ernie4_5_vl_moe": ("Ernie4_5_VLMoeMoeTopKRouter", ERNIE_4_5),
+    "hunyuan_v1_moe": ("HunYuanMoEV1Gate", HUNYUAN_V1),
     "qwen2_moe": ("Qwen2MoeTopKRouter", QWEN_MOE),
     "qwen3_moe": ("Qwen3MoeTopKRouter", QWEN_MOE),
     "olmoe": ("OlmoeTopKRouter", QWEN_MOE),
     "mellum": ("MellumTopKRouter", QWEN_MOE),
     "qwen3_next": ("Qwen3NextTopKRouter", QWEN_MOE),
     "qwen3_5_moe": ("Qwen3_5MoeTopKRouter", QWEN_VL_MOE),
+    "qwen3_vl_moe": ("Qwen3VLMoeTextTopKRouter", QWEN_VL_MOE),
+    "qwen3_omni_moe": ("Qwen3OmniMoeThinkerTextTopKRouter", QWEN_MOE),
     "qwen4_exp": ("Qwen4ExpTextTopKRouter", QWEN_MOE),
+    "aria": ("AriaTextTopKRouter", ARIA),
     "granitemoe": ("GraniteMoeTopKRouter", GRANITE_MOE),
     "granitemoe_swa": ("GraniteMoeSWATopKRouter", GRANITE_MOE),
     "granitemoehybrid": ("GraniteMoeHybridTopKRouter", GRANITE_MOE),
@@ -155,6 +247,7 @@ ROUTERS: dict[str, tuple[str, Routing]] = {
     "flex_olmo": ("FlexOlmoTopKRouter", QWEN_MOE),
     "mixtral": ("MixtralTopKRouter", MIXTRAL),
     "minimax": ("MiniMaxTopKRouter", MIXTRAL),
+    "minimax_m2": ("MiniMaxM2TopKRouter", MINIMAX_M2),
     "minimax_m3_vl": ("MiniMaxM3VLTopKRouter", MINIMAX_M3),
 }
 
@@ -184,9 +277,10 @@ class FusedRouter(KeepsFp32):
 
     Holds, besides the router's own tensors: ``tokens_per_expert`` (a non-persistent [E] int64
     buffer: this training step's counts so far, of the tokens the model's ``attention_mask``
-    marks real, see ``padding``) and, with loss-free balancing, the bias the
-    choice adds (``e_score_correction_bias``: the model's own where it has one, else a new
-    one), kept fp32 whatever the model's dtype.
+    marks real, see ``padding``) and, with loss-free balancing, the bias the choice adds where
+    the router holds it (``Routing.bias``: the model's own where it has one, else a new one),
+    kept fp32 whatever the model's dtype. A bias the block passes to ``forward`` is the block's
+    (``Routing.bias_argument``), and ``patch`` keeps it fp32 there.
     """
 
     moe_routing: Routing
@@ -197,40 +291,70 @@ class FusedRouter(KeepsFp32):
     @property
     def fp32_tensors(self) -> tuple[str, ...]:
         # Without balancing the model's own bias follows the model's dtype, as it does unpatched.
-        return (BIAS,) if self.moe_balancing == "loss_free" else ()
+        if self.moe_balancing != "loss_free" or self.own_bias() is None:
+            return ()
+        return (self.moe_routing.bias,)
 
-    def forward(self, hidden_states: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def own_bias(self) -> Tensor | None:
+        """The bias the router holds (``Routing.bias``), or None."""
+        try:
+            return attrgetter(self.moe_routing.bias)(self)
+        except AttributeError:
+            return None
+
+    def held_bias(self) -> Tensor | None:
+        """The bias the router chooses with, as its holder holds it: its block's where the
+        block passes it (``patch`` sets ``moe_bias_block``), else its own; or None."""
+        block = self.__dict__.get("moe_bias_block")
+        return self.own_bias() if block is None else getattr(block, self.moe_routing.bias_argument)
+
+    def balancing_bias(self) -> Tensor | None:
+        """``held_bias`` as [E], a view, which loss-free balancing moves in place."""
+        bias = self.held_bias()
+        return None if bias is None else bias.view(-1)
+
+    @property
+    def router_weight(self) -> Tensor:
+        return attrgetter(self.moe_routing.weight)(self)
+
+    def forward(
+        self, hidden_states: Tensor, bias: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
         with nvtx_range("router"):
-            return self._route(hidden_states)
+            return self._route(hidden_states, self.own_bias() if bias is None else bias)
 
-    def _route(self, hidden_states: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _route(self, hidden_states: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         routing = self.moe_routing
-        x = hidden_states.reshape(-1, self.weight.shape[1])
-        if routing.fp32_logits:
-            logits = F.linear(x.float(), self.weight.float())
+        weight = self.router_weight
+        x = hidden_states.reshape(-1, weight.shape[1])
+        if routing.logits == "fp32":
+            logits = F.linear(x.float(), weight.float())
+        elif routing.logits == "weight":
+            logits = F.linear(x.to(weight.dtype), weight)
         else:
-            logits = F.linear(x, self.weight, self.bias if routing.logits_bias else None)
-        bias = getattr(self, BIAS, None)
+            logits = F.linear(x, weight, self.bias if routing.logits_bias else None)
         counting = self.training and not in_backward_pass()
         weights, ids, counts = ops.biased_topk(
             logits,
-            None if bias is None else bias.float(),
+            None if bias is None else bias.float().view(-1),
             self.top_k,
             score_function(self, routing),
             *routing.groups(self),
-            self._normalize(),
-            self.routed_scaling_factor if routing.scaled else 1.0,
+            bool(self._attribute(routing.normalize)),
+            1.0 if routing.scale is None else getattr(self, routing.scale),
             routing.group_score,
             token_mask=counted_tokens(x.shape[0], x.device) if counting else None,
+            norm_eps=routing.norm_eps,
+            norm_min=float(self._attribute(routing.norm_min)),
         )
         if counting:
             self.tokens_per_expert += counts
-        if routing.weights_in_logits_dtype:
-            weights = weights.to(logits.dtype)
+        if routing.weights_dtype != "fp32":
+            weights = weights.to(logits.dtype if routing.weights_dtype == "logits" else x.dtype)
         if routing.returns_fp32_logits:
             logits = logits.float()
         return (weights, logits, ids) if routing.scores_first else (logits, weights, ids)
 
-    def _normalize(self) -> bool:
-        normalize = self.moe_routing.normalize
-        return bool(getattr(self, normalize)) if isinstance(normalize, str) else normalize
+    def _attribute(self, value):
+        # A recipe's value, or the name of the router's attribute holding it.
+        return getattr(self, value) if isinstance(value, str) else value
