@@ -340,6 +340,24 @@ FAMILIES = {
         moe_num_shared_experts=1,
         head_dim=8,
     ),
+    # Cohere2-MoE: the config's score function (softmax by default; sigmoid in a test of its
+    # own), beside sliding-window attention.
+    "cohere2_moe": dict(
+        num_experts=8, intermediate_size=24, num_shared_experts=1, head_dim=8, sliding_window=4
+    ),
+    # Mistral 4: DeepSeek-V3's block and attention, a grouped softmax router; its causal LM is
+    # not in the auto mapping.
+    "mistral4": dict(DEEPSEEK_LIKE, **MLA, model_class="Mistral4ForCausalLM"),
+    # Laguna: sigmoid scores of soft-capped logits (a cap the tiny logits reach), its bias a
+    # Parameter; the block scales the experts' output.
+    "laguna": dict(
+        num_experts=8,
+        moe_intermediate_size=24,
+        shared_expert_intermediate_size=40,
+        head_dim=8,
+        moe_routed_scaling_factor=2.5,
+        moe_router_logit_softcapping=2.0,
+    ),
     # Multimodal families: their language model (``text_config``) in the whole model, with a
     # tiny vision tower, fed text only.
     "glm4v_moe": dict(
@@ -458,6 +476,29 @@ FAMILIES = {
         ),
         image_token_id=95,
     ),
+    "mistral_large4": dict(
+        text_config=dict(
+            DEEPSEEK_LIKE,
+            kv_lora_rank=16,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=8,
+            v_head_dim=8,
+            num_key_value_heads=4,
+            index_topk=4,
+            index_head_dim=8,
+            index_n_heads=2,
+        ),
+        vision_config=dict(
+            hidden_size=16,
+            intermediate_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            patch_size=2,
+            image_size=8,
+            head_dim=8,
+        ),
+        image_token_index=95,
+    ),
     # ERNIE 4.5-VL: text and vision experts in each block (text reaches only the text ones).
     "ernie4_5_vl_moe": dict(
         text_config=dict(
@@ -505,14 +546,18 @@ def tiny_model(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
     model_type = options.pop("model_type", family)
     text = options.pop("text_config", None)
     if text is None:
+        # A causal LM the auto mapping leaves out is named.
+        model_class = options.pop("model_class", None)
         config = transformers.AutoConfig.for_model(model_type, **{**COMMON, **options, **overrides})
-        auto = transformers.AutoModelForCausalLM
+        build = transformers.AutoModelForCausalLM.from_config
+        if model_class is not None:
+            build = getattr(transformers, model_class)._from_config
     else:
         text_config = {**COMMON, **text, **overrides}
         config = transformers.AutoConfig.for_model(model_type, text_config=text_config, **options)
-        auto = transformers.AutoModelForImageTextToText
+        build = transformers.AutoModelForImageTextToText.from_config
     torch.manual_seed(seed)
-    model = auto.from_config(config, attn_implementation="eager")
+    model = build(config, attn_implementation="eager")
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if (

@@ -10,7 +10,15 @@ from operator import attrgetter
 import pytest
 import torch
 import transformers
-from hf_families import COMMON, INSTALLED, TEXT_VOCAB, moe_blocks, text_blocks, tiny_model
+from hf_families import (
+    COMMON,
+    DEEPSEEK_MLA,
+    INSTALLED,
+    TEXT_VOCAB,
+    moe_blocks,
+    text_blocks,
+    tiny_model,
+)
 
 from conftest import backends_for, near_ties, on_backends
 from moe_kernels.integrations.transformers import (
@@ -154,7 +162,12 @@ def test_patch_switches_router_and_experts_of_every_block(family):
 @pytest.mark.parametrize("mode", ["train", "eval"])
 @pytest.mark.parametrize("family", INSTALLED)
 def test_block_outputs_and_gradients_equal_the_original(family, mode, device):
-    model = tiny_model(family).to(device)
+    assert_blocks_match_the_original(tiny_model(family).to(device), mode, device)
+
+
+def assert_blocks_match_the_original(model, mode, device):
+    """Each MoE block of ``model`` and its patched copy's: the same outputs, input gradients and
+    parameter gradients (fp32 tolerance) in ``mode``, on tie-free tokens."""
     fused = patched_copy(model)
     x = hidden_states(model, device=device)
     grad_out = torch.randn_like(x)
@@ -381,21 +394,21 @@ def test_unsupported_blocks_are_named_and_left_whole():
     "family,options",
     [
         (  # to do
-            "kolibri1",
+            "axk2",
             dict(
-                num_experts=8,
-                moe_intermediate_size=24,
-                shared_expert_intermediate_size=40,
-                head_dim=8,
-                sliding_window=4,
-                layer_types=["sliding_attention", "full_attention"],
+                DEEPSEEK_MLA,
+                first_k_dense_replace=0,
+                index_topk=4,
+                index_head_dim=8,
+                index_n_heads=2,
+                gated_norm_rank=4,
             ),
         ),
         ("phimoe", dict(num_local_experts=8)),  # left whole
     ],
 )
 def test_a_family_left_unpatched_is_warned_about_with_its_reason(family, options):
-    config = transformers.AutoConfig.for_model(family, **COMMON, **options)
+    config = transformers.AutoConfig.for_model(family, **{**COMMON, **options})
     model = transformers.AutoModelForCausalLM.from_config(config)
     reason = families.status_of(family)[1]
     state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
@@ -410,6 +423,24 @@ def test_a_family_left_unpatched_is_warned_about_with_its_reason(family, options
         )
     assert not any(isinstance(m, (FusedRouter, FusedExperts)) for m in model.modules())
     assert all(torch.equal(state[name], t) for name, t in model.state_dict().items())
+
+
+@pytest.mark.skipif("cohere2_moe" not in INSTALLED, reason="needs Cohere2-MoE's transformers")
+@pytest.mark.parametrize("norm_topk_prob", [True, False])
+def test_cohere2_moe_with_its_configs_sigmoid_scores(norm_topk_prob):
+    # The tiny config's default is softmax, which the family battery covers.
+    model = tiny_model("cohere2_moe", expert_selection_fn="sigmoid", norm_topk_prob=norm_topk_prob)
+    for mode in ("train", "eval"):
+        assert_blocks_match_the_original(model, mode, "cpu")
+
+
+@pytest.mark.skipif("cohere2_moe" not in INSTALLED, reason="needs Cohere2-MoE's transformers")
+def test_a_router_whose_score_function_the_ops_lack_is_left_whole_by_name():
+    model = tiny_model("cohere2_moe")
+    for _, block in moe_blocks(model):
+        block.gate.expert_selection_fn = "relu"  # unpatched, its top-k logits are the weights
+    with pytest.warns(UserWarning, match=r"its router's score function is 'relu', none of"):
+        assert patch(model) == 0
 
 
 @pytest.mark.skipif("deepseek_v4" not in INSTALLED, reason="needs DeepSeek-V4's transformers")

@@ -22,6 +22,7 @@ from .experts import FusedExperts, experts_recipe
 from .families import family_note
 from .padding import thread_attention_mask
 from .routing import (
+    SCORE_FUNCTIONS,
     SCORE_MODULES,
     FusedRouter,
     Routing,
@@ -175,8 +176,10 @@ def _fuse_router(
 
 def _unknown_score_function(router: nn.Module, routing: Routing) -> str | None:
     if score_function(router, routing) is None:
-        activation = type(getattr(router, routing.score_fn, None)).__name__
-        return f"its router's score function is {activation}, none of {list(SCORE_MODULES)}"
+        held = getattr(router, routing.score_fn, None)
+        name = repr(held) if isinstance(held, str) else type(held).__name__
+        known = [*SCORE_FUNCTIONS, *SCORE_MODULES]
+        return f"its router's score function is {name}, none of {known}"
     return None
 
 

@@ -9,9 +9,11 @@ is not listed, or whose code changed, is not patched. Many families share one ro
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from operator import attrgetter
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -34,15 +36,15 @@ class Routing:
 
     Attributes:
         score_fn: "softmax", "sigmoid" or "sqrtsoftplus"; or the name of the router's
-            attribute holding its activation module (DeepSeek-V4's, from its config), one of
-            ``SCORE_MODULES``.
+            attribute holding one of them (Cohere2-MoE's, from its config) or its activation
+            module (DeepSeek-V4's), one of ``SCORE_MODULES``.
         forwards: the digests (``router_source.forward_digest``) of the router ``forward``
             codes this routing computes, each verified by the tests.
         logits: "fp32": from fp32 copies of the tokens and the weight (DeepSeek-V3);
             "input": ``F.linear`` in the tokens' dtype; "weight": the tokens cast to the
             weight's dtype (MiniMax-M2, and Hunyuan-V1's fp32 gate).
-        normalize: whether the k weights are divided by their sum: a constant, or the name of
-            the router's attribute holding it.
+        normalize: whether the k weights are divided by their sum: a constant, the name of the
+            router's attribute holding it, or a function of the router (Cohere2-MoE's).
         norm_eps: added to that sum (``biased_topk``'s norm_eps).
         norm_min: the least divisor, or the name of the router's attribute holding it (ERNIE).
         weights_dtype: the weights' dtype: "fp32", the logits' ("logits", Qwen) or the tokens'
@@ -59,6 +61,9 @@ class Routing:
         bias_argument: the name of the block's attribute holding the bias, where the block
             passes it to the router's ``forward`` (MiniMax-M2, AFMoE); None where the router
             holds its own.
+        logit_softcap: the name of the router's attribute holding c, where its logits are
+            soft-capped (``c * tanh(logits / c)``, in fp32) wherever c > 0 (Laguna): the logits
+            it returns and scores.
         returns_fp32_logits: the logits are computed as ``logits`` says but returned as fp32
             (Granite, AFMoE); the weights are cast before.
         logits_bias: the router's ``bias`` adds to its logits (gpt-oss), a term of the model
@@ -71,7 +76,7 @@ class Routing:
     score_fn: str
     forwards: frozenset[str]
     logits: str = "input"
-    normalize: bool | str = True
+    normalize: bool | str | Callable[[nn.Module], bool] = True
     norm_eps: float = 0.0
     norm_min: float | str = 0.0
     weights_dtype: str = "fp32"
@@ -81,6 +86,7 @@ class Routing:
     weight: str = "weight"
     bias: str = BIAS
     bias_argument: str | None = None
+    logit_softcap: str | None = None
     returns_fp32_logits: bool = False
     logits_bias: bool = False
     scores_first: bool = False
@@ -98,6 +104,7 @@ DEEPSEEK_V3 = Routing(
     frozenset({"84897cf1e1d9"}),
     logits="fp32",
     normalize="norm_topk_prob",
+    norm_eps=1e-20,
     grouped=True,
     scale="routed_scaling_factor",
 )
@@ -115,7 +122,11 @@ DEEPSEEK_V2 = Routing(
 # DeepSeek-V4's learned routers (its hash routers are left whole): the config's score function
 # (sqrtsoftplus by default) in the model's dtype, always normalised, scaled.
 DEEPSEEK_V4 = Routing(
-    "score_fn", frozenset({"5e8aa95cf241"}), weights_dtype="logits", scale="routed_scaling_factor"
+    "score_fn",
+    frozenset({"5e8aa95cf241"}),
+    norm_eps=1e-20,
+    weights_dtype="logits",
+    scale="routed_scaling_factor",
 )
 QWEN_MOE = Routing(
     "softmax", frozenset({"793098f9664b"}), normalize="norm_topk_prob", weights_dtype="logits"
@@ -185,6 +196,45 @@ HUNYUAN_V1 = Routing(
     weights_dtype="logits",
     weight="wg.weight",
 )
+# Cohere2-MoE: the config's score function of the top-k logits in the model's dtype: softmax
+# (over the k, which is the normalised softmax) or sigmoid, normalised where the config says;
+# the weights in the tokens' dtype.
+COHERE2_MOE = Routing(
+    "expert_selection_fn",
+    frozenset({"f0614bb44a16"}),
+    normalize=lambda router: router.expert_selection_fn == "softmax" or router.norm_topk_prob,
+    weights_dtype="input",
+)
+# Mistral 4: a softmax in the model's dtype, group-limited (groups scored by their top two, the
+# others' experts masked with 0.0, which is -inf's choice for softmax scores, above 0 save where
+# they underflow), optionally normalised (the sum plus 1e-20), scaled.
+MISTRAL4 = Routing(
+    "softmax",
+    frozenset({"fa625a16c20d"}),
+    normalize="norm_topk_prob",
+    norm_eps=1e-20,
+    weights_dtype="logits",
+    grouped=True,
+    scale="routed_scaling_factor",
+)
+# Mistral Large 4: as Mistral 4, in fp32, always normalised.
+MISTRAL_LARGE4 = Routing(
+    "softmax",
+    frozenset({"4563205e9a5b"}),
+    logits="fp32",
+    norm_eps=1e-20,
+    grouped=True,
+    scale="routed_scaling_factor",
+)
+# Laguna: fp32 sigmoid scores of its soft-capped logits, its bias (a Parameter), normalised, the
+# weights in the tokens' dtype (its block scales the experts' output).
+LAGUNA = Routing(
+    "sigmoid",
+    frozenset({"e4c2564b3545"}),
+    weights_dtype="input",
+    logit_softcap="router_logit_softcapping",
+    returns_fp32_logits=True,
+)
 # gpt-oss: a softmax over the top-k of biased logits, which is the normalised softmax.
 GPT_OSS = Routing("softmax", frozenset({"b1633bd68b47"}), weights_dtype="logits", logits_bias=True)
 # Llama 4: the sigmoid of the top-k logits, unnormalised (the top-k of the sigmoid scores: the
@@ -246,6 +296,10 @@ ROUTERS: dict[str, tuple[str, Routing]] = {
     "llama4": ("Llama4Router", LLAMA4),
     "flex_olmo": ("FlexOlmoTopKRouter", QWEN_MOE),
     "mixtral": ("MixtralTopKRouter", MIXTRAL),
+    "cohere2_moe": ("Cohere2MoeTopKRouter", COHERE2_MOE),
+    "mistral4": ("Mistral4TopkRouter", MISTRAL4),
+    "mistral_large4": ("MistralLarge4TextTopkRouter", MISTRAL_LARGE4),
+    "laguna": ("LagunaTopKRouter", LAGUNA),
     "minimax": ("MiniMaxTopKRouter", MIXTRAL),
     "minimax_m2": ("MiniMaxM2TopKRouter", MINIMAX_M2),
     "minimax_m3_vl": ("MiniMaxM3VLTopKRouter", MINIMAX_M3),
@@ -253,11 +307,14 @@ ROUTERS: dict[str, tuple[str, Routing]] = {
 
 
 def score_function(router: nn.Module, routing: Routing) -> str | None:
-    """``biased_topk``'s score_fn for ``router``, or None where its activation module is none of
-    ``SCORE_MODULES``."""
+    """``biased_topk``'s score_fn for ``router``, or None where the one it holds is none of
+    ``SCORE_FUNCTIONS`` or ``SCORE_MODULES``."""
     if routing.score_fn in SCORE_FUNCTIONS:
         return routing.score_fn
-    return SCORE_MODULES.get(type(getattr(router, routing.score_fn, None)).__name__)
+    held = getattr(router, routing.score_fn, None)
+    if isinstance(held, str):
+        return held if held in SCORE_FUNCTIONS else None
+    return SCORE_MODULES.get(type(held).__name__)
 
 
 def supported_routers() -> dict[type[nn.Module], Routing]:
@@ -333,6 +390,9 @@ class FusedRouter(KeepsFp32):
             logits = F.linear(x.to(weight.dtype), weight)
         else:
             logits = F.linear(x, weight, self.bias if routing.logits_bias else None)
+        cap = 0.0 if routing.logit_softcap is None else getattr(self, routing.logit_softcap)
+        if cap > 0:
+            logits = torch.tanh(logits.float() / cap) * cap
         counting = self.training and not in_backward_pass()
         weights, ids, counts = ops.biased_topk(
             logits,
@@ -356,5 +416,7 @@ class FusedRouter(KeepsFp32):
         return (weights, logits, ids) if routing.scores_first else (logits, weights, ids)
 
     def _attribute(self, value):
-        # A recipe's value, or the name of the router's attribute holding it.
+        # A recipe's value, the name of the router's attribute holding it, or its function.
+        if callable(value):
+            return value(self)
         return getattr(self, value) if isinstance(value, str) else value
