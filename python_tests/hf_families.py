@@ -358,6 +358,34 @@ FAMILIES = {
         moe_routed_scaling_factor=2.5,
         moe_router_logit_softcapping=2.0,
     ),
+    # Beam: DeepSeek-V3's router, its block scaling the experts' sum; SwiGLU in fp32.
+    "beam": dict(
+        num_experts=8,
+        moe_intermediate_size=24,
+        n_group=4,
+        topk_group=2,
+        routed_scaling_factor=2.5,
+        head_dim=8,
+        mlp_layer_types=["sparse", "sparse"],
+    ),
+    "axk1": dict(DEEPSEEK_MLA),
+    # Inkling-2: soft-capped SwiGLU experts, the caps about the size of the tiny model's
+    # products so that they bite, beside its sliding-window and linear layers.
+    "inkling2": dict(
+        model_type="inkling2_text",
+        n_routed_experts=8,
+        moe_intermediate_size=24,
+        head_dim=8,
+        swa_num_attention_heads=4,
+        swa_num_key_value_heads=2,
+        swa_head_dim=8,
+        sliding_window_size=4,
+        d_rel=4,
+        rel_extent=8,
+        n_layers_per_attn_res_block=1,
+        mlp_gate_softcap=0.05,
+        mlp_up_softcap=0.08,
+    ),
     # Multimodal families: their language model (``text_config``) in the whole model, with a
     # tiny vision tower, fed text only.
     "glm4v_moe": dict(
@@ -498,6 +526,31 @@ FAMILIES = {
             head_dim=8,
         ),
         image_token_index=95,
+    ),
+    # Step-3.7: MiniMax-M3's router; SiLU clamped after the activation (a limit the tiny
+    # products reach), its block scaling the experts' sum.
+    "step3p7": dict(
+        text_config=dict(
+            num_local_experts=8,
+            moe_intermediate_size=24,
+            share_expert_dim=40,
+            head_dim=8,
+            mlp_layer_types=["sparse", "sparse"],
+            swiglu_limits=[0.05, 0.05],
+            moe_router_scaling_factor=2.5,
+            sliding_window=4,
+            num_sliding_attention_heads=4,
+        ),
+        vision_config=dict(
+            hidden_size=16,
+            intermediate_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=8,
+            patch_size=2,
+            mlp_ratio=16.0,
+        ),
+        image_token_id=95,
     ),
     # ERNIE 4.5-VL: text and vision experts in each block (text reaches only the text ones).
     "ernie4_5_vl_moe": dict(

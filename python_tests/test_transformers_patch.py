@@ -181,7 +181,12 @@ def assert_blocks_match_the_original(model, mode, device):
         torch.testing.assert_close(fused_grad_x, grad_x, **FP32)
         assert fused_grads.keys() == grads.keys()
         for name in grads:
-            torch.testing.assert_close(fused_grads[name], grads[name], **FP32, msg=name)
+            # fp32 rounding scales with a gradient's size: AXK-1's post-MLP norm divides by its
+            # small output's rms, magnifying the weights' gradients some hundredfold.
+            atol = FP32["atol"] * max(1.0, float(grads[name].abs().max()))
+            torch.testing.assert_close(
+                fused_grads[name], grads[name], rtol=FP32["rtol"], atol=atol, msg=name
+            )
 
 
 @CPU_AND_CUDA
@@ -194,7 +199,7 @@ def test_bf16_error_at_most_twice_the_original_blocks(family, device):
     grad_out = torch.randn_like(x)
     block = moe_blocks(model)[0][1]
     exact_out, exact_grad_x, _ = forward_backward(block, x, grad_out)
-    bf16_model = copy.deepcopy(model).to(torch.bfloat16)
+    bf16_model = in_bf16(model)
     fused_bf16 = patched_copy(bf16_model)
     x16, grad16 = x.detach().bfloat16(), grad_out.bfloat16()
     out, grad_x, _ = forward_backward(moe_blocks(bf16_model)[0][1], x16, grad16)
@@ -206,6 +211,18 @@ def test_bf16_error_at_most_twice_the_original_blocks(family, device):
 
     assert error(fused_out, exact_out) <= 2 * error(out, exact_out)
     assert error(fused_grad_x, exact_grad_x) <= 2 * error(grad_x, exact_grad_x)
+
+
+def in_bf16(model):
+    """A bf16 copy of ``model`` as ``from_pretrained(dtype=torch.bfloat16)`` loads it: the
+    tensors its class keeps in fp32 (``_keep_in_fp32_modules_strict``: Inkling-2's router,
+    whose forward takes fp32 weights only) stay fp32."""
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    keep = getattr(bf16, "_keep_in_fp32_modules_strict", None) or ()
+    for name, tensor in [*bf16.named_parameters(), *bf16.named_buffers()]:
+        if any(key in name for key in keep):
+            tensor.data = tensor.data.float()
+    return bf16
 
 
 @CPU_AND_CUDA

@@ -32,6 +32,9 @@ class ExpertsRecipe:
         biases: ``gate_up_proj_bias`` [E, 2F] and ``down_proj_bias`` [E, H] add to the products.
         glu: the SwiGLU variant (``ops.swiglu``): alpha (a number, or the attribute holding
             it), the attribute holding the limit, and the up offset; None: SwiGLU.
+        own_gate: the experts' own ``_apply_gate``, an elementwise function of each row's
+            [gate | up] products the recipe was verified to be (a soft-capped or post-clamped
+            SwiGLU), runs between the two grouped GEMMs, unfused, in place of ``glu``.
         digests: the ``router_source`` digests of the class's ``forward`` and ``_apply_gate``
             the recipe was verified against (None: transformers' default experts, recognised
             by their layout flags instead).
@@ -42,12 +45,13 @@ class ExpertsRecipe:
     interleaved: bool = False
     biases: bool = False
     glu: tuple[float | str, str, float] | None = None
+    own_gate: bool = False
     digests: tuple[str | None, str | None] | None = None
 
     @property
     def fused(self) -> bool:
         """Whether the activation runs in the first product's epilogue."""
-        return self.gated and not (self.interleaved or self.biases)
+        return self.gated and not (self.interleaved or self.biases or self.own_gate)
 
     def glu_of(self, experts: nn.Module) -> dict[str, float]:
         """The ``alpha``, ``limit`` and ``up_offset`` of ``experts`` ({} for SwiGLU)."""
@@ -74,6 +78,12 @@ ARIA = ExpertsRecipe(transposed=True, digests=("55ffe92f3c3e", "e0dd9c373504"))
 # epilogue.
 HY_V4 = ExpertsRecipe(glu=(1.0, "swiglu_limit", 0.0), digests=("a35da7d62505", "d0727b638544"))
 DEEPSEEK_V4 = ExpertsRecipe(glu=(1.0, "limit", 0.0), digests=("a35da7d62505", "71529536b176"))
+# Beam: SwiGLU computed in fp32, as the fused epilogue computes it.
+BEAM = ExpertsRecipe(digests=("a35da7d62505", "09826a8b199d"))
+# Step-3.7: SiLU clamped after the activation, up clamped; Inkling-2: a SwiGLU whose gate and up
+# factors are soft-capped, in fp32, its experts' outputs summed in fp32: their own gates.
+STEP3P7 = ExpertsRecipe(own_gate=True, digests=("a35da7d62505", "e73c0274c903"))
+INKLING2 = ExpertsRecipe(own_gate=True, digests=("167dd57b7773", "940a99606cd8"))
 # MiniMax-M3: gpt-oss's clamped alpha-SwiGLU on [gate | up], without biases: fused.
 MINIMAX_M3 = ExpertsRecipe(
     glu=("swiglu_alpha", "swiglu_limit", 1.0), digests=("a35da7d62505", "c2cd555edece")
@@ -88,6 +98,9 @@ EXPERTS: dict[str, tuple[str, ExpertsRecipe]] = {
     "hy_v4": ("HYV4Experts", HY_V4),
     "glm5_next": ("Glm5NextTextExperts", HY_V4),
     "aria": ("AriaExperts", ARIA),
+    "beam": ("BeamExperts", BEAM),
+    "step3p7": ("Step3p7Experts", STEP3P7),
+    "inkling2": ("Inkling2Experts", INKLING2),
     "deepseek_v4": ("DeepseekV4Experts", DEEPSEEK_V4),
     "nemotron_h": ("NemotronHExperts", NEMOTRON_H),
     "minimax_m3_vl": ("MiniMaxM3VLExperts", MINIMAX_M3),
@@ -102,7 +115,8 @@ def experts_recipe(experts: nn.Module) -> ExpertsRecipe | str:
             if not _verified(cls, recipe):
                 return "its experts' code in this transformers is not the code its recipe computes"
             activation = getattr(experts, "act_fn", None)
-            if recipe.gated and activation is not None and not _is_silu(activation):
+            swiglu = recipe.gated and not recipe.own_gate
+            if swiglu and activation is not None and not _is_silu(activation):
                 return f"its experts' activation is {_name_of(activation)}, not SiLU"
             return recipe
     return unsupported_experts(experts) or DEFAULT_SWIGLU
@@ -218,7 +232,9 @@ class FusedExperts(nn.Module):
         pre = self._product(rows, self.gate_up_proj, tokens_per_expert, "gate_up_proj_bias")
         if recipe.interleaved:  # [g0, u0, g1, u1, ...] -> [gate | up]
             pre = pre.unflatten(1, (-1, 2)).transpose(1, 2).flatten(1)
-        hidden = ops.swiglu(pre, **recipe.glu_of(self))
+        hidden = (
+            self._apply_gate(pre) if recipe.own_gate else ops.swiglu(pre, **recipe.glu_of(self))
+        )
         return self._product(hidden, self.down_proj, tokens_per_expert, "down_proj_bias")
 
     def _product(

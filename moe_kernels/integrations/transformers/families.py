@@ -34,18 +34,14 @@ LEFT_WHOLE_ROUTERS: dict[str, tuple[str, str]] = {
 # Families the ops can express once the named piece is added; until then ``patch`` leaves them
 # whole and names it.
 TO_DO: dict[str, str] = {
-    "axk1": "tests: its post-MLP norm magnifies fp32 rounding past rtol 1e-5",
     "axk2": "groups are optional; masked groups filled with 0, not -inf",
-    "beam": "its experts' own SwiGLU, computed in fp32",
     "dbrx": "separate w1, v1, w2 expert weights; routing in the block",
     "diffusion_gemma": "GELU-tanh gated experts; a normed, per-expert-scaled router",
     "gemma4": "GELU-tanh gated experts; a normed, per-expert-scaled router",
     "inkling": "shared experts share the routed weights' normalisation",
-    "inkling2": "soft-capped SwiGLU experts",
     "kolibri1": "the bias is added to the logits, not the scores",
     "muse_spark": "a norm after each expert; a logit multiplier",
     "openai_privacy_filter": "recipes: fp32 gpt-oss-like router and experts; tests: an encoder",
-    "step3p7": "its experts' own SwiGLU, clamped after the activation",
 }
 
 

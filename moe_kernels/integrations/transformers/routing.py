@@ -108,6 +108,24 @@ DEEPSEEK_V3 = Routing(
     grouped=True,
     scale="routed_scaling_factor",
 )
+# Beam: DeepSeek-V3's router without the scaling, which its block applies to the experts' sum.
+BEAM = Routing(
+    "sigmoid",
+    frozenset({"a21bc256ccf2"}),
+    logits="fp32",
+    normalize="norm_topk_prob",
+    norm_eps=1e-20,
+    grouped=True,
+)
+# Inkling-2: the score function of its config (an activation module) on fp32 logits, its bias,
+# normalised (the sum plus 1e-20), scaled.
+INKLING2 = Routing(
+    "score_fn",
+    frozenset({"5d9d14b7e6ed"}),
+    logits="fp32",
+    norm_eps=1e-20,
+    scale="routed_scaling_factor",
+)
 # DeepSeek-V2: fp32 softmax scores, unnormalised, scaled; groups (scored by their best expert)
 # where its topk_method says "group_limited_greedy".
 DEEPSEEK_V2 = Routing(
@@ -270,6 +288,10 @@ ROUTERS: dict[str, tuple[str, Routing]] = {
     "deepseek_ocr2": ("DeepseekOcr2TextTopkRouter", DEEPSEEK_V2),
     "unlimited_ocr": ("UnlimitedOcrTextTopkRouter", DEEPSEEK_V2),
     "hy_v4": ("HYV4TopkRouter", DEEPSEEK_V3),
+    "axk1": ("AXK1TopkRouter", DEEPSEEK_V3),
+    "beam": ("BeamTopKRouter", BEAM),
+    "inkling2": ("Inkling2TopKRouter", INKLING2),
+    "step3p7": ("Step3p7TopKRouter", MINIMAX_M3),
     "hy_v3": ("HYV3TopKRouter", HY_V3),
     "afmoe": ("AfmoeTokenChoiceRouter", AFMOE),
     "lfm2_moe": ("Lfm2MoeTopKRouter", LFM2_MOE),
