@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -340,6 +342,19 @@ FAMILIES = {
         moe_num_shared_experts=1,
         head_dim=8,
     ),
+    # Gemma 4: the router and experts are its decoder layers' own, beside their dense MLP;
+    # GELU-gated experts.
+    "gemma4": dict(
+        model_type="gemma4_text",
+        enable_moe_block=True,
+        num_experts=8,
+        top_k_experts=2,
+        moe_intermediate_size=24,
+        head_dim=8,
+        hidden_size_per_layer_input=0,
+        sliding_window=4,
+        layer_types=["sliding_attention", "full_attention"],
+    ),
     # Cohere2-MoE: the config's score function (softmax by default; sigmoid in a test of its
     # own), beside sliding-window attention.
     "cohere2_moe": dict(
@@ -614,18 +629,33 @@ def tiny_model(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if (
-                name.endswith(("gate.weight", "router.weight", "wg.weight"))
+                name.endswith(("gate.weight", "router.weight", "wg.weight", "router.proj.weight"))
                 and parameter.dim() == 2
                 and parameter.shape[0] > 1
             ):
                 parameter.normal_(0, 0.5)
             if name.endswith(("proj_bias", "router.bias")):  # gpt-oss's, zero when made
                 parameter.uniform_(-0.1, 0.1)
+            if name.endswith("per_expert_scale"):  # Gemma 4's, ones when made
+                parameter.uniform_(0.5, 1.5)
         # The routing biases, buffers or (ERNIE's, AFMoE's) Parameters.
         for name, tensor in [*model.named_buffers(), *model.named_parameters()]:
             if name.endswith(("e_score_correction_bias", "expert_bias")):
                 tensor.uniform_(-0.05, 0.05)
     return model.eval()
+
+
+def block_inputs(model: torch.nn.Module, block: torch.nn.Module, x: torch.Tensor) -> dict:
+    """The keyword arguments ``block`` takes beside its [B, S, H] tokens ``x``: none, save for a
+    whole decoder layer (Gemma 4's, whose router and experts sit beside its attention): its
+    rotary embeddings and an empty KV-sharing store."""
+    attention = getattr(block, "self_attn", None)
+    if attention is None:
+        return {}
+    positions = torch.arange(x.shape[1], device=x.device)[None]
+    rotary = model.get_decoder().rotary_emb(x, positions, attention.layer_type)
+    sharing = sys.modules[type(block).__module__].KVSharingDict
+    return dict(position_embeddings=rotary, shared_kv_states=sharing(None))
 
 
 def text_blocks(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:

@@ -84,6 +84,8 @@ BEAM = ExpertsRecipe(digests=("a35da7d62505", "09826a8b199d"))
 # factors are soft-capped, in fp32, its experts' outputs summed in fp32: their own gates.
 STEP3P7 = ExpertsRecipe(own_gate=True, digests=("a35da7d62505", "e73c0274c903"))
 INKLING2 = ExpertsRecipe(own_gate=True, digests=("167dd57b7773", "940a99606cd8"))
+# Gemma 4: transformers' default experts with a GELU (tanh) gate, its default gate function.
+GEMMA4 = ExpertsRecipe(own_gate=True, digests=("486e509ac627", "e0dd9c373504"))
 # MiniMax-M3: gpt-oss's clamped alpha-SwiGLU on [gate | up], without biases: fused.
 MINIMAX_M3 = ExpertsRecipe(
     glu=("swiglu_alpha", "swiglu_limit", 1.0), digests=("a35da7d62505", "c2cd555edece")
@@ -101,6 +103,7 @@ EXPERTS: dict[str, tuple[str, ExpertsRecipe]] = {
     "beam": ("BeamExperts", BEAM),
     "step3p7": ("Step3p7Experts", STEP3P7),
     "inkling2": ("Inkling2Experts", INKLING2),
+    "gemma4": ("Gemma4TextExperts", GEMMA4),
     "deepseek_v4": ("DeepseekV4Experts", DEEPSEEK_V4),
     "nemotron_h": ("NemotronHExperts", NEMOTRON_H),
     "minimax_m3_vl": ("MiniMaxM3VLExperts", MINIMAX_M3),

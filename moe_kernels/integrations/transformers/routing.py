@@ -61,6 +61,14 @@ class Routing:
         bias_argument: the name of the block's attribute holding the bias, where the block
             passes it to the router's ``forward`` (MiniMax-M2, AFMoE); None where the router
             holds its own.
+        top_k: the path of the router's k from the router ("config.top_k_experts").
+        prepare: what the router does to the tokens before its weight, as a function of the
+            router and the [T, H] tokens (Gemma 4's norm and scales); None: nothing.
+        expert_scale: the name of the router's attribute holding [E] factors that multiply the
+            weights of the chosen experts (Gemma 4's trained ``per_expert_scale``, which gets
+            its gradient through the gather); None: none.
+        returns_probabilities: the router returns the fp32 softmax of its logits in their
+            place (Gemma 4).
         logit_softcap: the name of the router's attribute holding c, where its logits are
             soft-capped (``c * tanh(logits / c)``, in fp32) wherever c > 0 (Laguna): the logits
             it returns and scores.
@@ -86,6 +94,10 @@ class Routing:
     weight: str = "weight"
     bias: str = BIAS
     bias_argument: str | None = None
+    top_k: str = "top_k"
+    prepare: Callable[[nn.Module, Tensor], Tensor] | None = None
+    expert_scale: str | None = None
+    returns_probabilities: bool = False
     logit_softcap: str | None = None
     returns_fp32_logits: bool = False
     logits_bias: bool = False
@@ -253,6 +265,17 @@ LAGUNA = Routing(
     logit_softcap="router_logit_softcapping",
     returns_fp32_logits=True,
 )
+# Gemma 4: its tokens RMS-normed and scaled before its projection, softmax, normalised, then
+# each chosen expert's weight multiplied by its trained scale; it returns the probabilities.
+GEMMA4 = Routing(
+    "softmax",
+    frozenset({"d8f02c57b4b5"}),
+    weight="proj.weight",
+    top_k="config.top_k_experts",
+    prepare=lambda router, x: router.norm(x) * router.scale * router.scalar_root_size,
+    expert_scale="per_expert_scale",
+    returns_probabilities=True,
+)
 # gpt-oss: a softmax over the top-k of biased logits, which is the normalised softmax.
 GPT_OSS = Routing("softmax", frozenset({"b1633bd68b47"}), weights_dtype="logits", logits_bias=True)
 # Llama 4: the sigmoid of the top-k logits, unnormalised (the top-k of the sigmoid scores: the
@@ -322,6 +345,7 @@ ROUTERS: dict[str, tuple[str, Routing]] = {
     "mistral4": ("Mistral4TopkRouter", MISTRAL4),
     "mistral_large4": ("MistralLarge4TextTopkRouter", MISTRAL_LARGE4),
     "laguna": ("LagunaTopKRouter", LAGUNA),
+    "gemma4": ("Gemma4TextRouter", GEMMA4),
     "minimax": ("MiniMaxTopKRouter", MIXTRAL),
     "minimax_m2": ("MiniMaxM2TopKRouter", MINIMAX_M2),
     "minimax_m3_vl": ("MiniMaxM3VLTopKRouter", MINIMAX_M3),
@@ -406,12 +430,13 @@ class FusedRouter(KeepsFp32):
         routing = self.moe_routing
         weight = self.router_weight
         x = hidden_states.reshape(-1, weight.shape[1])
+        inputs = x if routing.prepare is None else routing.prepare(self, x)
         if routing.logits == "fp32":
-            logits = F.linear(x.float(), weight.float())
+            logits = F.linear(inputs.float(), weight.float())
         elif routing.logits == "weight":
-            logits = F.linear(x.to(weight.dtype), weight)
+            logits = F.linear(inputs.to(weight.dtype), weight)
         else:
-            logits = F.linear(x, weight, self.bias if routing.logits_bias else None)
+            logits = F.linear(inputs, weight, self.bias if routing.logits_bias else None)
         cap = 0.0 if routing.logit_softcap is None else getattr(self, routing.logit_softcap)
         if cap > 0:
             logits = torch.tanh(logits.float() / cap) * cap
@@ -419,7 +444,7 @@ class FusedRouter(KeepsFp32):
         weights, ids, counts = ops.biased_topk(
             logits,
             None if bias is None else bias.float().view(-1),
-            self.top_k,
+            attrgetter(routing.top_k)(self),
             score_function(self, routing),
             *routing.groups(self),
             bool(self._attribute(routing.normalize)),
@@ -431,10 +456,14 @@ class FusedRouter(KeepsFp32):
         )
         if counting:
             self.tokens_per_expert += counts
+        if routing.expert_scale is not None:
+            weights = weights * getattr(self, routing.expert_scale)[ids]
         if routing.weights_dtype != "fp32":
             weights = weights.to(logits.dtype if routing.weights_dtype == "logits" else x.dtype)
         if routing.returns_fp32_logits:
             logits = logits.float()
+        if routing.returns_probabilities:
+            logits = F.softmax(logits, dim=-1, dtype=torch.float32)
         return (weights, logits, ids) if routing.scores_first else (logits, weights, ids)
 
     def _attribute(self, value):
