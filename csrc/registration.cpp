@@ -29,7 +29,8 @@ TORCH_LIBRARY(moe_kernels, m) {
   m.def(
       "biased_topk(Tensor logits, Tensor? bias, int k, str score_fn=\"sigmoid\", int n_groups=1, "
       "int topk_groups=1, bool normalize=True, float scale=1.0, str group_score=\"top2\", "
-      "Tensor? token_mask=None, float norm_eps=0.0, float norm_min=0.0) -> "
+      "Tensor? token_mask=None, float norm_eps=0.0, float norm_min=0.0, "
+      "str choose_on=\"scores\") -> "
       "(Tensor topk_weights, Tensor topk_ids, Tensor tokens_per_expert)");
   m.def(
       "biased_topk_backward(Tensor grad_weights, Tensor logits, Tensor topk_ids, str score_fn, "

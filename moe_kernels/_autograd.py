@@ -24,7 +24,7 @@ _ops = torch.ops.moe_kernels
 
 def _biased_topk_setup(ctx, inputs, output):
     logits, _bias, _k, score_fn, _n_groups, _topk_groups, normalize, scale = inputs[:8]
-    norm_eps, norm_min = inputs[10:]
+    norm_eps, norm_min = inputs[10:12]
     _weights, ids, _counts = output
     ctx.save_for_backward(logits, ids)
     ctx.score_fn, ctx.scaling = score_fn, (normalize, scale, norm_eps, norm_min)
@@ -37,7 +37,7 @@ def _biased_topk_backward(ctx, grad_weights, _grad_ids, _grad_counts):
         grad_logits = _ops.biased_topk_backward(
             grad_weights, logits, ids, ctx.score_fn, *ctx.scaling
         )
-    return (grad_logits,) + (None,) * 11
+    return (grad_logits,) + (None,) * 12
 
 
 torch.library.register_autograd(

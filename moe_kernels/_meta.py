@@ -41,6 +41,7 @@ def _(
     token_mask=None,
     norm_eps=0.0,
     norm_min=0.0,
+    choose_on="scores",
 ):
     _check_device(bias, logits, "bias", "logits")
     _check_device(token_mask, logits, "token_mask", "logits")

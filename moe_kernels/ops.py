@@ -37,6 +37,7 @@ def biased_topk(
     token_mask: Tensor | None = None,
     norm_eps: float = 0.0,
     norm_min: float = 0.0,
+    choose_on: str = "scores",
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Route each token to k experts, choosing with a loss-free balancing bias.
 
@@ -66,6 +67,9 @@ def biased_topk(
             does not move the loss-free bias).
         norm_eps: >= 0, added to the sum the weights are normalised by (AFMoE, LFM2).
         norm_min: >= 0, the least divisor the weights are normalised by (ERNIE 4.5).
+        choose_on: "scores" (``choice = scores + bias``) or "logits" (``choice = logits +
+            bias``, Kolibri-1: the bias shifts the logits for the choice); the weights are the
+            scores either way.
 
     Returns:
         topk_weights: [T, k] fp32 (fp64 for fp64 logits), differentiable w.r.t. ``logits``.
@@ -81,7 +85,7 @@ def biased_topk(
     """
     return _ops.biased_topk(
         logits, bias, k, score_fn, n_groups, topk_groups, normalize, scale, group_score, token_mask,
-        norm_eps, norm_min,
+        norm_eps, norm_min, choose_on,
     )  # fmt: skip
 
 

@@ -48,10 +48,12 @@ def biased_topk(
     token_mask: Tensor | None = None,
     norm_eps: float = 0.0,
     norm_min: float = 0.0,
+    choose_on: str = "scores",
 ) -> tuple[Tensor, Tensor, Tensor]:
     x = logits.to(_opmath(logits.dtype))
     scores = score(x, score_fn)
-    choice = scores if bias is None else scores + bias.to(scores.dtype)
+    choice = x if choose_on == "logits" else scores
+    choice = choice if bias is None else choice + bias.to(scores.dtype)
     choice = choice.masked_fill(choice.isnan(), float("-inf"))
     num_tokens, num_experts = choice.shape
     if n_groups > 1:

@@ -113,6 +113,7 @@ def near_ties(
     n_groups: int = 1,
     topk_groups: int = 1,
     group_score: str = "top2",
+    choose_on: str = "scores",
     **_,
 ) -> torch.Tensor:
     """[T] bool: the tokens whose routing a GPU may legitimately decide otherwise than the
@@ -131,7 +132,7 @@ def near_ties(
     x = logits.detach().cpu().double()
     scores = ref.score(x, score_fn)
     b = torch.zeros(x.shape[1], dtype=x.dtype) if bias is None else bias.detach().cpu().double()
-    choice = scores + b
+    choice = (x if choose_on == "logits" else scores) + b
     choice = choice.masked_fill(choice.isnan(), float("-inf"))  # as every backend does
     num_tokens, num_experts = choice.shape
     largest_choice = choice.abs().masked_fill(~choice.isfinite(), 0).amax(dim=1)

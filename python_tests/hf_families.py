@@ -355,6 +355,16 @@ FAMILIES = {
         sliding_window=4,
         layer_types=["sliding_attention", "full_attention"],
     ),
+    # Kolibri-1: its bias shifts the logits for the choice; a norm after its MLP.
+    "kolibri1": dict(
+        num_experts=8,
+        moe_intermediate_size=24,
+        shared_expert_intermediate_size=40,
+        head_dim=8,
+        sliding_window=4,
+        layer_types=["sliding_attention", "full_attention"],
+        norm_topk_prob=True,
+    ),
     # Cohere2-MoE: the config's score function (softmax by default; sigmoid in a test of its
     # own), beside sliding-window attention.
     "cohere2_moe": dict(

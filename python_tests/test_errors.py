@@ -140,6 +140,12 @@ CASES = {
         dict(scale=float("inf")),
         r"scale must be finite",
     ),
+    "choose_on": (
+        mk.biased_topk,
+        (logits(), None, 2),
+        dict(choose_on="choice"),
+        r"choose_on must be one of 'scores', 'logits', got 'choice'",
+    ),
     "norm_eps_negative": (
         mk.biased_topk,
         (logits(), None, 2),

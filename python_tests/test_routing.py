@@ -119,6 +119,33 @@ def test_normalisation_epsilon_and_floor(device, score_fn, norm_eps, floored):
     torch.testing.assert_close(on_device.grad.cpu(), ref_logits.grad, rtol=1e-5, atol=1e-6)
 
 
+@on_backends("biased_topk", "biased_topk_backward")
+@pytest.mark.parametrize("score_fn", SCORE_FNS)
+@pytest.mark.parametrize("n_groups,topk_groups", [(1, 1), (4, 2)])
+def test_choosing_on_the_logits(device, score_fn, n_groups, topk_groups):
+    """choose_on="logits": the bias shifts the logits for the choice (Kolibri-1), which picks
+    other experts than the biased scores would; the weights are the scores of those experts."""
+    logits = tie_free_logits(40, 32, seed=9)
+    bias = integer_bias(32)
+    kwargs = dict(score_fn=score_fn, n_groups=n_groups, topk_groups=topk_groups)
+    _, ids, _ = assert_routes_like_reference(device, logits, bias, 4, choose_on="logits", **kwargs)
+    by_scores = ref.biased_topk(logits, bias, 4, **kwargs)[1]
+    assert not torch.equal(ids, by_scores)
+    choice = logits + bias
+    if n_groups == 1:
+        assert torch.equal(ids, choice.topk(4, dim=-1).indices)
+
+    on_device = logits.to(device).requires_grad_()
+    ref_logits = logits.detach().clone().requires_grad_()
+    upstream = torch.randn(40, 4, generator=torch.Generator().manual_seed(2))
+    weights = mk.biased_topk(on_device, bias.to(device), 4, choose_on="logits", **kwargs)[0]
+    (weights * upstream.to(device)).sum().backward()
+    (
+        ref.biased_topk(ref_logits, bias, 4, choose_on="logits", **kwargs)[0] * upstream
+    ).sum().backward()
+    torch.testing.assert_close(on_device.grad.cpu(), ref_logits.grad, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize(
     "n_groups,topk_groups,topk,group_score",
     [

@@ -118,7 +118,7 @@ def assert_tie_free(block, x):
     router = router_of(block)
     routing = routing_of(router)
     logits, _, ids = decisions(block, router, x.detach().reshape(-1, x.shape[-1]))
-    groups = (*routing.groups(router), routing.group_score)
+    groups = (*routing.groups(router), routing.group_score, routing.choose_on)
     bias = choice_bias(block, router)
     score_fn = score_function(router, routing)
     assert not near_ties(logits, bias, ids.shape[1], score_fn, *groups).any()

@@ -117,7 +117,10 @@ void biased_topk_kernel(const RoutingParams& p, const at::Tensor& logits, const 
     for (int64_t t = begin; t < end; ++t) {
       compute_scores(logits_ptr + t * p.num_experts, p.num_experts, p.score_fn, s.scores.data());
       for (int64_t e = 0; e < p.num_experts; ++e) {
-        const acc_t c = s.scores[e] + (bias ? static_cast<acc_t>(bias[e]) : acc_t(0));
+        const acc_t chosen_on = p.choose_on_logits
+                                    ? static_cast<acc_t>(logits_ptr[t * p.num_experts + e])
+                                    : s.scores[e];
+        const acc_t c = chosen_on + (bias ? static_cast<acc_t>(bias[e]) : acc_t(0));
         s.choice[e] = std::isnan(c) ? -std::numeric_limits<acc_t>::infinity() : c;
       }
       int64_t* token_ids = ids_ptr + t * p.topk;
@@ -143,11 +146,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> biased_topk_cpu(
     const at::Tensor& logits_in, const std::optional<at::Tensor>& bias_in, int64_t k,
     c10::string_view score_fn, int64_t n_groups, int64_t topk_groups, bool normalize, double scale,
     c10::string_view group_score, const std::optional<at::Tensor>& token_mask_in, double norm_eps,
-    double norm_min) {
+    double norm_min, c10::string_view choose_on) {
   MOE_KERNELS_NVTX_RANGE("biased_topk");
   const RoutingParams p =
       check_biased_topk_args(logits_in, bias_in, k, score_fn, n_groups, topk_groups, normalize,
-                             scale, group_score, token_mask_in, norm_eps, norm_min);
+                             scale, group_score, token_mask_in, norm_eps, norm_min, choose_on);
   const at::Tensor logits = logits_in.contiguous();
   const at::Tensor bias = optional_contiguous(bias_in);
   const at::Tensor token_mask = optional_contiguous(token_mask_in);

@@ -32,11 +32,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> biased_topk_cuda(
     const at::Tensor& logits_in, const std::optional<at::Tensor>& bias_in, int64_t k,
     c10::string_view score_fn, int64_t n_groups, int64_t topk_groups, bool normalize, double scale,
     c10::string_view group_score, const std::optional<at::Tensor>& token_mask_in, double norm_eps,
-    double norm_min) {
+    double norm_min, c10::string_view choose_on) {
   MOE_KERNELS_NVTX_RANGE("biased_topk");
   const RoutingParams p =
       check_biased_topk_args(logits_in, bias_in, k, score_fn, n_groups, topk_groups, normalize,
-                             scale, group_score, token_mask_in, norm_eps, norm_min);
+                             scale, group_score, token_mask_in, norm_eps, norm_min, choose_on);
   check_device_limits(p.num_experts, p.n_groups);
   const device::DeviceGuard guard(logits_in.device());
   const at::Tensor logits = logits_in.contiguous();

@@ -182,7 +182,9 @@ __global__ void __launch_bounds__(kRoutingWarps* kWarpSize)
       const int e = i * kWarpSize + lane;
       choice[i] = negative_infinity<acc_t>();
       if (e >= num_experts) continue;
-      const acc_t c = score[i] + (bias != nullptr ? static_cast<acc_t>(bias[e]) : acc_t(0));
+      const acc_t chosen_on =
+          p.choose_on_logits ? static_cast<acc_t>(logits[t * num_experts + e]) : score[i];
+      const acc_t c = chosen_on + (bias != nullptr ? static_cast<acc_t>(bias[e]) : acc_t(0));
       choice[i] = c != c ? negative_infinity<acc_t>() : c;  // a NaN never wins
       live |= 1u << i;
     }

@@ -38,7 +38,8 @@ inline RoutingParams check_biased_topk_args(const at::Tensor& logits,
                                             int64_t topk_groups, bool normalize, double scale,
                                             std::string_view group_score,
                                             const std::optional<at::Tensor>& token_mask,
-                                            double norm_eps, double norm_min) {
+                                            double norm_eps, double norm_min,
+                                            std::string_view choose_on) {
   check_dim(logits, 2, "logits");
   check_floating(logits, "logits");
   const int64_t num_experts = logits.size(1);
@@ -68,6 +69,7 @@ inline RoutingParams check_biased_topk_args(const at::Tensor& logits,
   }
   const WeightScaling scaling = check_weight_scaling(normalize, scale, norm_eps, norm_min);
   check_choice(group_score, {"top2", "topk_per_group", "max"}, "group_score");
+  check_choice(choose_on, {"scores", "logits"}, "choose_on");
   int64_t group_score_size = group_score == "max" ? 1 : std::min<int64_t>(2, experts_per_group);
   if (group_score == "topk_per_group") {
     TORCH_CHECK(k % topk_groups == 0, "group_score='topk_per_group' needs topk_groups to divide ",
@@ -82,6 +84,7 @@ inline RoutingParams check_biased_topk_args(const at::Tensor& logits,
                        experts_per_group,
                        group_score_size,
                        parse_score_fn(score_fn),
+                       choose_on == "logits",
                        scaling};
 }
 
@@ -120,7 +123,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> biased_topk_cuda(
     const at::Tensor& logits, const std::optional<at::Tensor>& bias, int64_t k,
     c10::string_view score_fn, int64_t n_groups, int64_t topk_groups, bool normalize, double scale,
     c10::string_view group_score, const std::optional<at::Tensor>& token_mask, double norm_eps,
-    double norm_min);
+    double norm_min, c10::string_view choose_on);
 at::Tensor biased_topk_backward_cuda(const at::Tensor& grad_weights, const at::Tensor& logits,
                                      const at::Tensor& topk_ids, c10::string_view score_fn,
                                      bool normalize, double scale, double norm_eps,

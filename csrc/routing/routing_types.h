@@ -51,6 +51,9 @@ struct RoutingParams {
   // min(2, E/G); Megatron-Core's "topk_per_group" sums k / topk_groups.
   int64_t group_score_size;
   ScoreFn score_fn;
+  // The choice adds the bias to the logits rather than the scores (Kolibri-1); the weights are
+  // the scores either way.
+  bool choose_on_logits;
   WeightScaling scaling;
 };
 

@@ -69,6 +69,8 @@ class Routing:
             its gradient through the gather); None: none.
         returns_probabilities: the router returns the fp32 softmax of its logits in their
             place (Gemma 4).
+        choose_on: what the bias is added to for the choice (``biased_topk``'s choose_on):
+            "scores", or "logits" (Kolibri-1).
         logit_softcap: the name of the router's attribute holding c, where its logits are
             soft-capped (``c * tanh(logits / c)``, in fp32) wherever c > 0 (Laguna): the logits
             it returns and scores.
@@ -98,6 +100,7 @@ class Routing:
     prepare: Callable[[nn.Module, Tensor], Tensor] | None = None
     expert_scale: str | None = None
     returns_probabilities: bool = False
+    choose_on: str = "scores"
     logit_softcap: str | None = None
     returns_fp32_logits: bool = False
     logits_bias: bool = False
@@ -265,6 +268,15 @@ LAGUNA = Routing(
     logit_softcap="router_logit_softcapping",
     returns_fp32_logits=True,
 )
+# Kolibri-1: fp32 logits shifted by its bias for the choice, the weights their sigmoid,
+# optionally normalised.
+KOLIBRI1 = Routing(
+    "sigmoid",
+    frozenset({"b8ea17860f35"}),
+    logits="fp32",
+    normalize="norm_topk_prob",
+    choose_on="logits",
+)
 # Gemma 4: its tokens RMS-normed and scaled before its projection, softmax, normalised, then
 # each chosen expert's weight multiplied by its trained scale; it returns the probabilities.
 GEMMA4 = Routing(
@@ -346,6 +358,7 @@ ROUTERS: dict[str, tuple[str, Routing]] = {
     "mistral_large4": ("MistralLarge4TextTopkRouter", MISTRAL_LARGE4),
     "laguna": ("LagunaTopKRouter", LAGUNA),
     "gemma4": ("Gemma4TextRouter", GEMMA4),
+    "kolibri1": ("Kolibri1TopKRouter", KOLIBRI1),
     "minimax": ("MiniMaxTopKRouter", MIXTRAL),
     "minimax_m2": ("MiniMaxM2TopKRouter", MINIMAX_M2),
     "minimax_m3_vl": ("MiniMaxM3VLTopKRouter", MINIMAX_M3),
@@ -453,6 +466,7 @@ class FusedRouter(KeepsFp32):
             token_mask=counted_tokens(x.shape[0], x.device) if counting else None,
             norm_eps=routing.norm_eps,
             norm_min=float(self._attribute(routing.norm_min)),
+            choose_on=routing.choose_on,
         )
         if counting:
             self.tokens_per_expert += counts
