@@ -577,6 +577,44 @@ FAMILIES = {
         ),
         image_token_id=95,
     ),
+    # Muse Spark: a router with a logit multiplier; experts, between the block's projections,
+    # whose outputs pass a norm.
+    "muse_spark": dict(
+        text_config=dict(
+            num_local_experts=8,
+            moe_intermediate_size=24,
+            moe_hidden_size=32,
+            head_dim=8,
+            mlp_layer_types=["sparse", "sparse"],
+            sliding_window=16,
+        ),
+        vision_config=dict(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            patch_size=2,
+            pos_emb_height=4,
+            pos_emb_width=4,
+            max_position_embeddings=16,
+            patch_temporal=2,
+            merge_size=2,
+        ),
+        audio_config=dict(
+            patch_sizes=[4],
+            hidden_sizes=[16],
+            depths=[1],
+            num_hidden_layers=1,
+            mlp_ratio=2.0,
+            conv_kernel_size=3,
+            out_hidden_size=32,
+        ),
+        image_token_id=87,
+        video_token_id=88,
+        audio_token_id=89,
+        out_hidden_size=64,
+        projector_hidden_size=32,
+    ),
     # ERNIE 4.5-VL: text and vision experts in each block (text reaches only the text ones).
     "ernie4_5_vl_moe": dict(
         text_config=dict(

@@ -32,6 +32,9 @@ class ExpertsRecipe:
         biases: ``gate_up_proj_bias`` [E, 2F] and ``down_proj_bias`` [E, H] add to the products.
         glu: the SwiGLU variant (``ops.swiglu``): alpha (a number, or the attribute holding
             it), the attribute holding the limit, and the up offset; None: SwiGLU.
+        post_norm: the name of the experts' norm module applied to each expert's output row
+            before its weight (Muse Spark's ``post_expert_norm``, shared by the experts), or
+            None.
         own_gate: the experts' own ``_apply_gate``, an elementwise function of each row's
             [gate | up] products the recipe was verified to be (a soft-capped or post-clamped
             SwiGLU), runs between the two grouped GEMMs, unfused, in place of ``glu``.
@@ -46,6 +49,7 @@ class ExpertsRecipe:
     biases: bool = False
     glu: tuple[float | str, str, float] | None = None
     own_gate: bool = False
+    post_norm: str | None = None
     digests: tuple[str | None, str | None] | None = None
 
     @property
@@ -84,6 +88,8 @@ BEAM = ExpertsRecipe(digests=("a35da7d62505", "09826a8b199d"))
 # factors are soft-capped, in fp32, its experts' outputs summed in fp32: their own gates.
 STEP3P7 = ExpertsRecipe(own_gate=True, digests=("a35da7d62505", "e73c0274c903"))
 INKLING2 = ExpertsRecipe(own_gate=True, digests=("167dd57b7773", "940a99606cd8"))
+# Muse Spark: SwiGLU experts whose outputs pass their shared norm.
+MUSE_SPARK = ExpertsRecipe(post_norm="post_expert_norm", digests=("b61d18599b94", "e0dd9c373504"))
 # Gemma 4: transformers' default experts with a GELU (tanh) gate, its default gate function.
 GEMMA4 = ExpertsRecipe(own_gate=True, digests=("486e509ac627", "e0dd9c373504"))
 # MiniMax-M3: gpt-oss's clamped alpha-SwiGLU on [gate | up], without biases: fused.
@@ -104,6 +110,7 @@ EXPERTS: dict[str, tuple[str, ExpertsRecipe]] = {
     "step3p7": ("Step3p7Experts", STEP3P7),
     "inkling2": ("Inkling2Experts", INKLING2),
     "gemma4": ("Gemma4TextExperts", GEMMA4),
+    "muse_spark": ("MuseSparkExperts", MUSE_SPARK),
     "deepseek_v4": ("DeepseekV4Experts", DEEPSEEK_V4),
     "nemotron_h": ("NemotronHExperts", NEMOTRON_H),
     "minimax_m3_vl": ("MiniMaxM3VLExperts", MINIMAX_M3),
@@ -221,6 +228,8 @@ class FusedExperts(nn.Module):
                 )
             else:
                 rows = self._experts(rows, tokens_per_expert)
+            if self.moe_recipe.post_norm is not None:
+                rows = getattr(self, self.moe_recipe.post_norm)(rows)
         with nvtx_range("unpermute"):
             # Under autocast the products run in its dtype; the block's output keeps the input's.
             out = ops.unpermute(rows, row_map, None if weigh_inputs else weights)

@@ -38,7 +38,6 @@ TO_DO: dict[str, str] = {
     "dbrx": "separate w1, v1, w2 expert weights; routing in the block",
     "diffusion_gemma": "GELU-tanh gated experts; a normed, per-expert-scaled router",
     "inkling": "shared experts share the routed weights' normalisation",
-    "muse_spark": "a norm after each expert; a logit multiplier",
     "openai_privacy_filter": "recipes: fp32 gpt-oss-like router and experts; tests: an encoder",
 }
 

@@ -71,6 +71,8 @@ class Routing:
             place (Gemma 4).
         choose_on: what the bias is added to for the choice (``biased_topk``'s choose_on):
             "scores", or "logits" (Kolibri-1).
+        logit_scale: the name of the router's attribute holding a factor its fp32 logits are
+            multiplied by (Muse Spark's output multiplier): the logits it returns and scores.
         logit_softcap: the name of the router's attribute holding c, where its logits are
             soft-capped (``c * tanh(logits / c)``, in fp32) wherever c > 0 (Laguna): the logits
             it returns and scores.
@@ -101,6 +103,7 @@ class Routing:
     expert_scale: str | None = None
     returns_probabilities: bool = False
     choose_on: str = "scores"
+    logit_scale: str | None = None
     logit_softcap: str | None = None
     returns_fp32_logits: bool = False
     logits_bias: bool = False
@@ -277,6 +280,16 @@ KOLIBRI1 = Routing(
     normalize="norm_topk_prob",
     choose_on="logits",
 )
+# Muse Spark: fp32 logits times its output multiplier, sigmoid scores with its bias,
+# normalised (the sum plus 1e-15), scaled.
+MUSE_SPARK = Routing(
+    "sigmoid",
+    frozenset({"09b63f6a853b"}),
+    logits="fp32",
+    norm_eps=1e-15,
+    scale="routed_scaling_factor",
+    logit_scale="output_multiplier",
+)
 # Gemma 4: its tokens RMS-normed and scaled before its projection, softmax, normalised, then
 # each chosen expert's weight multiplied by its trained scale; it returns the probabilities.
 GEMMA4 = Routing(
@@ -359,6 +372,7 @@ ROUTERS: dict[str, tuple[str, Routing]] = {
     "laguna": ("LagunaTopKRouter", LAGUNA),
     "gemma4": ("Gemma4TextRouter", GEMMA4),
     "kolibri1": ("Kolibri1TopKRouter", KOLIBRI1),
+    "muse_spark": ("MuseSparkTopkRouter", MUSE_SPARK),
     "minimax": ("MiniMaxTopKRouter", MIXTRAL),
     "minimax_m2": ("MiniMaxM2TopKRouter", MINIMAX_M2),
     "minimax_m3_vl": ("MiniMaxM3VLTopKRouter", MINIMAX_M3),
@@ -450,6 +464,8 @@ class FusedRouter(KeepsFp32):
             logits = F.linear(inputs.to(weight.dtype), weight)
         else:
             logits = F.linear(inputs, weight, self.bias if routing.logits_bias else None)
+        if routing.logit_scale is not None:
+            logits = logits.float() * getattr(self, routing.logit_scale)
         cap = 0.0 if routing.logit_softcap is None else getattr(self, routing.logit_softcap)
         if cap > 0:
             logits = torch.tanh(logits.float() / cap) * cap
