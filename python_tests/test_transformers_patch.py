@@ -425,7 +425,7 @@ def test_unsupported_blocks_are_named_and_left_whole():
 @pytest.mark.parametrize(
     "family,options",
     [
-        (  # to do
+        (  # left whole: the choice it gives dropped groups
             "axk2",
             dict(
                 DEEPSEEK_MLA,
@@ -436,7 +436,7 @@ def test_unsupported_blocks_are_named_and_left_whole():
                 gated_norm_rank=4,
             ),
         ),
-        ("phimoe", dict(num_local_experts=8)),  # left whole
+        ("phimoe", dict(num_local_experts=8)),  # left whole: sparsemixer
     ],
 )
 def test_a_family_left_unpatched_is_warned_about_with_its_reason(family, options):

@@ -12,6 +12,10 @@ from .routing import ROUTERS
 
 # Families whose routing or experts the ops cannot express, each with the reason.
 LEFT_WHOLE: dict[str, str] = {
+    "axk2": (
+        "experts of dropped groups keep a choice of 0, not -inf: with negative biases they can "
+        "win, which biased_topk never lets happen"
+    ),
     "jetmoe": "its block routes and runs its experts itself (no router or experts module)",
     "longcat_flash": "zero-computation (identity) experts",
     "nllb_moe": "expert capacity drops tokens; one module per expert",
@@ -34,11 +38,12 @@ LEFT_WHOLE_ROUTERS: dict[str, tuple[str, str]] = {
 # Families the ops can express once the named piece is added; until then ``patch`` leaves them
 # whole and names it.
 TO_DO: dict[str, str] = {
-    "axk2": "groups are optional; masked groups filled with 0, not -inf",
     "dbrx": "separate w1, v1, w2 expert weights; routing in the block",
-    "diffusion_gemma": "GELU-tanh gated experts; a normed, per-expert-scaled router",
+    "diffusion_gemma": "tests: a block-diffusion encoder-decoder (Gemma 4's router and experts)",
     "inkling": "shared experts share the routed weights' normalisation",
-    "openai_privacy_filter": "recipes: fp32 gpt-oss-like router and experts; tests: an encoder",
+    "openai_privacy_filter": (
+        "experts computing in fp32 in any model dtype; tests: a token-classification encoder"
+    ),
 }
 
 
