@@ -32,14 +32,11 @@ inline WeightScaling check_weight_scaling(bool normalize, double scale, double n
   return WeightScaling{normalize, norm_eps, norm_min, scale};
 }
 
-inline RoutingParams check_biased_topk_args(const at::Tensor& logits,
-                                            const std::optional<at::Tensor>& bias, int64_t k,
-                                            std::string_view score_fn, int64_t n_groups,
-                                            int64_t topk_groups, bool normalize, double scale,
-                                            std::string_view group_score,
-                                            const std::optional<at::Tensor>& token_mask,
-                                            double norm_eps, double norm_min,
-                                            std::string_view choose_on) {
+inline RoutingParams check_biased_topk_args(
+    const at::Tensor& logits, const std::optional<at::Tensor>& bias, int64_t k,
+    std::string_view score_fn, int64_t n_groups, int64_t topk_groups, bool normalize, double scale,
+    std::string_view group_score, const std::optional<at::Tensor>& token_mask, double norm_eps,
+    double norm_min, std::string_view choose_on) {
   check_dim(logits, 2, "logits");
   check_floating(logits, "logits");
   const int64_t num_experts = logits.size(1);
