@@ -178,8 +178,9 @@ GRANITE_MOE = Routing(
 )
 FLINT = Routing("sigmoid", frozenset({"902a0d9a4d4a"}), logits="fp32", normalize="norm_topk_prob")
 JAMBA = Routing("softmax", frozenset({"15e16f52d75c"}), normalize=False, weights_dtype="logits")
-# MiniMax-M3: the fp32 sigmoid of logits in the model's dtype, with its bias, normalised.
-MINIMAX_M3 = Routing("sigmoid", frozenset({"a5730f5e2f8b"}))
+# MiniMax-M3 (and Step-3.7): the fp32 sigmoid of logits from the tokens cast to the weight's
+# dtype, with its bias, normalised.
+MINIMAX_M3 = Routing("sigmoid", frozenset({"a5730f5e2f8b"}), logits="weight")
 # MiniMax-M2: as MiniMax-M3, the bias being its block's.
 MINIMAX_M2 = Routing("sigmoid", frozenset({"a8b9bd48c782"}), logits="weight", bias_argument=BIAS)
 # HY-V3: fp32 sigmoid scores, the block's bias, normalised (the sum plus 1e-20) and scaled.
