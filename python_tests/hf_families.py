@@ -365,6 +365,16 @@ FAMILIES = {
         layer_types=["sliding_attention", "full_attention"],
         norm_topk_prob=True,
     ),
+    # The OpenAI privacy filter: a token-classification encoder (labelled with the tests'
+    # token ids), gpt-oss's router and experts in fp32, clamps that bite.
+    "openai_privacy_filter": dict(
+        num_local_experts=8,
+        head_dim=8,
+        sliding_window=4,
+        swiglu_limit=0.1,
+        num_labels=96,
+        model_class="OpenAIPrivacyFilterForTokenClassification",
+    ),
     # Cohere2-MoE: the config's score function (softmax by default; sigmoid in a test of its
     # own), beside sliding-window attention.
     "cohere2_moe": dict(

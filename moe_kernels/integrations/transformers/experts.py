@@ -32,6 +32,9 @@ class ExpertsRecipe:
         biases: ``gate_up_proj_bias`` [E, 2F] and ``down_proj_bias`` [E, H] add to the products.
         glu: the SwiGLU variant (``ops.swiglu``): alpha (a number, or the attribute holding
             it), the attribute holding the limit, and the up offset; None: SwiGLU.
+        fp32: the products, biases and activation run in fp32 whatever the model's dtype (the
+            OpenAI privacy filter's), the weights cast as its code casts them; else in the
+            model's (or autocast's) dtype.
         post_norm: the name of the experts' norm module applied to each expert's output row
             before its weight (Muse Spark's ``post_expert_norm``, shared by the experts), or
             None.
@@ -49,13 +52,14 @@ class ExpertsRecipe:
     biases: bool = False
     glu: tuple[float | str, str, float] | None = None
     own_gate: bool = False
+    fp32: bool = False
     post_norm: str | None = None
     digests: tuple[str | None, str | None] | None = None
 
     @property
     def fused(self) -> bool:
         """Whether the activation runs in the first product's epilogue."""
-        return self.gated and not (self.interleaved or self.biases or self.own_gate)
+        return self.gated and not (self.interleaved or self.biases or self.own_gate or self.fp32)
 
     def glu_of(self, experts: nn.Module) -> dict[str, float]:
         """The ``alpha``, ``limit`` and ``up_offset`` of ``experts`` ({} for SwiGLU)."""
@@ -88,6 +92,14 @@ BEAM = ExpertsRecipe(digests=("a35da7d62505", "09826a8b199d"))
 # factors are soft-capped, in fp32, its experts' outputs summed in fp32: their own gates.
 STEP3P7 = ExpertsRecipe(own_gate=True, digests=("a35da7d62505", "e73c0274c903"))
 INKLING2 = ExpertsRecipe(own_gate=True, digests=("167dd57b7773", "940a99606cd8"))
+# The OpenAI privacy filter: gpt-oss's experts on [gate | up], everything in fp32.
+OPENAI_PRIVACY_FILTER = ExpertsRecipe(
+    transposed=True,
+    biases=True,
+    glu=("alpha", "limit", 1.0),
+    fp32=True,
+    digests=("9fa3d17e85e3", "16dda23ffa11"),
+)
 # Muse Spark: SwiGLU experts whose outputs pass their shared norm.
 MUSE_SPARK = ExpertsRecipe(post_norm="post_expert_norm", digests=("b61d18599b94", "e0dd9c373504"))
 # Gemma 4: transformers' default experts with a GELU (tanh) gate, its default gate function.
@@ -111,6 +123,7 @@ EXPERTS: dict[str, tuple[str, ExpertsRecipe]] = {
     "inkling2": ("Inkling2Experts", INKLING2),
     "gemma4": ("Gemma4TextExperts", GEMMA4),
     "muse_spark": ("MuseSparkExperts", MUSE_SPARK),
+    "openai_privacy_filter": ("OpenAIPrivacyFilterExperts", OPENAI_PRIVACY_FILTER),
     "deepseek_v4": ("DeepseekV4Experts", DEEPSEEK_V4),
     "nemotron_h": ("NemotronHExperts", NEMOTRON_H),
     "minimax_m3_vl": ("MiniMaxM3VLExperts", MINIMAX_M3),
@@ -252,7 +265,11 @@ class FusedExperts(nn.Module):
     def _product(
         self, rows: Tensor, weight: Tensor, tokens_per_expert: Tensor, bias: str | None = None
     ) -> Tensor:
-        rows, weight = autocast_operands(rows, weight)
+        rows, weight = (
+            (rows.float(), weight.float())
+            if self.moe_recipe.fp32
+            else autocast_operands(rows, weight)
+        )
         out = ops.grouped_gemm(
             rows, weight, tokens_per_expert, not self.moe_recipe.transposed, self.moe_backend
         )

@@ -41,9 +41,6 @@ TO_DO: dict[str, str] = {
     "dbrx": "separate w1, v1, w2 expert weights; routing in the block",
     "diffusion_gemma": "tests: a block-diffusion encoder-decoder (Gemma 4's router and experts)",
     "inkling": "shared experts share the routed weights' normalisation",
-    "openai_privacy_filter": (
-        "experts computing in fp32 in any model dtype; tests: a token-classification encoder"
-    ),
 }
 
 

@@ -53,7 +53,8 @@ class Routing:
             ``topk_group``: always, or where the router's attribute has the value of the
             (attribute, value) pair (DeepSeek-V2's ``topk_method``).
         group_score: how a group is scored (``biased_topk``'s group_score).
-        scale: the name of the router's attribute the weights are multiplied by, if any.
+        scale: what the weights are multiplied by, if anything: the name of the router's
+            attribute holding it, or a function of the router (the privacy filter's 1 / k).
         weight: the path of the router's weight from the router ("gate.weight" where it is a
             linear layer's).
         bias: the path of the router's own loss-free bias from the router, where it holds one
@@ -94,7 +95,7 @@ class Routing:
     weights_dtype: str = "fp32"
     grouped: bool | tuple[str, str] = False
     group_score: str = "top2"
-    scale: str | None = None
+    scale: str | Callable[[nn.Module], float] | None = None
     weight: str = "weight"
     bias: str = BIAS
     bias_argument: str | None = None
@@ -291,6 +292,14 @@ MUSE_SPARK = Routing(
     scale="routed_scaling_factor",
     logit_scale="output_multiplier",
 )
+# The OpenAI privacy filter: gpt-oss's router in fp32, its weights divided by k.
+OPENAI_PRIVACY_FILTER = Routing(
+    "softmax",
+    frozenset({"2cbb97916de0"}),
+    logits="fp32",
+    scale=lambda router: 1 / router.top_k,
+    logits_bias=True,
+)
 # Gemma 4: its tokens RMS-normed and scaled before its projection, softmax, normalised, then
 # each chosen expert's weight multiplied by its trained scale; it returns the probabilities.
 GEMMA4 = Routing(
@@ -374,6 +383,7 @@ ROUTERS: dict[str, tuple[str, Routing]] = {
     "gemma4": ("Gemma4TextRouter", GEMMA4),
     "kolibri1": ("Kolibri1TopKRouter", KOLIBRI1),
     "muse_spark": ("MuseSparkTopkRouter", MUSE_SPARK),
+    "openai_privacy_filter": ("OpenAIPrivacyFilterTopKRouter", OPENAI_PRIVACY_FILTER),
     "minimax": ("MiniMaxTopKRouter", MIXTRAL),
     "minimax_m2": ("MiniMaxM2TopKRouter", MINIMAX_M2),
     "minimax_m3_vl": ("MiniMaxM3VLTopKRouter", MINIMAX_M3),
@@ -459,12 +469,14 @@ class FusedRouter(KeepsFp32):
         weight = self.router_weight
         x = hidden_states.reshape(-1, weight.shape[1])
         inputs = x if routing.prepare is None else routing.prepare(self, x)
+        logits_bias = self.bias if routing.logits_bias else None
         if routing.logits == "fp32":
-            logits = F.linear(inputs.float(), weight.float())
+            fp32_bias = None if logits_bias is None else logits_bias.float()
+            logits = F.linear(inputs.float(), weight.float(), fp32_bias)
         elif routing.logits == "weight":
             logits = F.linear(inputs.to(weight.dtype), weight)
         else:
-            logits = F.linear(inputs, weight, self.bias if routing.logits_bias else None)
+            logits = F.linear(inputs, weight, logits_bias)
         if routing.logit_scale is not None:
             logits = logits.float() * getattr(self, routing.logit_scale)
         cap = 0.0 if routing.logit_softcap is None else getattr(self, routing.logit_softcap)
@@ -478,7 +490,7 @@ class FusedRouter(KeepsFp32):
             score_function(self, routing),
             *routing.groups(self),
             bool(self._attribute(routing.normalize)),
-            1.0 if routing.scale is None else getattr(self, routing.scale),
+            1.0 if routing.scale is None else float(self._attribute(routing.scale)),
             routing.group_score,
             token_mask=counted_tokens(x.shape[0], x.device) if counting else None,
             norm_eps=routing.norm_eps,
