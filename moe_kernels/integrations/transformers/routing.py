@@ -466,22 +466,8 @@ class FusedRouter(KeepsFp32):
 
     def _route(self, hidden_states: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         routing = self.moe_routing
-        weight = self.router_weight
-        x = hidden_states.reshape(-1, weight.shape[1])
-        inputs = x if routing.prepare is None else routing.prepare(self, x)
-        logits_bias = self.bias if routing.logits_bias else None
-        if routing.logits == "fp32":
-            fp32_bias = None if logits_bias is None else logits_bias.float()
-            logits = F.linear(inputs.float(), weight.float(), fp32_bias)
-        elif routing.logits == "weight":
-            logits = F.linear(inputs.to(weight.dtype), weight)
-        else:
-            logits = F.linear(inputs, weight, logits_bias)
-        if routing.logit_scale is not None:
-            logits = logits.float() * getattr(self, routing.logit_scale)
-        cap = 0.0 if routing.logit_softcap is None else getattr(self, routing.logit_softcap)
-        if cap > 0:
-            logits = torch.tanh(logits.float() / cap) * cap
+        x = hidden_states.reshape(-1, self.router_weight.shape[1])
+        logits = self._logits(x)
         counting = self.training and not in_backward_pass()
         weights, ids, counts = ops.biased_topk(
             logits,
@@ -508,6 +494,26 @@ class FusedRouter(KeepsFp32):
         if routing.returns_probabilities:
             logits = F.softmax(logits, dim=-1, dtype=torch.float32)
         return (weights, logits, ids) if routing.scores_first else (logits, weights, ids)
+
+    def _logits(self, x: Tensor) -> Tensor:
+        """The router's logits of the [T, H] tokens, as its code computes them."""
+        routing = self.moe_routing
+        weight = self.router_weight
+        inputs = x if routing.prepare is None else routing.prepare(self, x)
+        logits_bias = self.bias if routing.logits_bias else None
+        if routing.logits == "fp32":
+            fp32_bias = None if logits_bias is None else logits_bias.float()
+            logits = F.linear(inputs.float(), weight.float(), fp32_bias)
+        elif routing.logits == "weight":
+            logits = F.linear(inputs.to(weight.dtype), weight)
+        else:
+            logits = F.linear(inputs, weight, logits_bias)
+        if routing.logit_scale is not None:
+            logits = logits.float() * getattr(self, routing.logit_scale)
+        cap = 0.0 if routing.logit_softcap is None else getattr(self, routing.logit_softcap)
+        if cap > 0:
+            logits = torch.tanh(logits.float() / cap) * cap
+        return logits
 
     def _attribute(self, value):
         # A recipe's value, the name of the router's attribute holding it, or its function.
