@@ -38,9 +38,15 @@ LEFT_WHOLE_ROUTERS: dict[str, tuple[str, str]] = {
 # Families the ops can express once the named piece is added; until then ``patch`` leaves them
 # whole and names it.
 TO_DO: dict[str, str] = {
-    "dbrx": "separate w1, v1, w2 expert weights; routing in the block",
+    "dbrx": (
+        "its block routes (its router returns logits only); experts in three [E*F, H] weights, "
+        "the last for x @ W"
+    ),
     "diffusion_gemma": "tests: a block-diffusion encoder-decoder (Gemma 4's router and experts)",
-    "inkling": "shared experts share the routed weights' normalisation",
+    "inkling": (
+        "its routed weights are normalised with its shared experts' sigmoid scores, whose "
+        "gammas its router returns too"
+    ),
 }
 
 
