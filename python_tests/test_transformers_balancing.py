@@ -23,6 +23,10 @@ from moe_kernels.integrations.transformers import (
 )
 from moe_kernels.integrations.transformers.routing import BIAS
 
+# The families' battery runs the same Python and CPU code in either build variant: slow, which
+# the CUDA build's CI step skips.
+pytestmark = pytest.mark.slow
+
 
 def routed_counts(model, ids):
     """The [E] counts each patched router records for one training forward of ``ids``."""
