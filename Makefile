@@ -38,12 +38,14 @@ test: build
 # that made it (compute-sanitizer's memcheck, without a GPU). Python is not linked with ASan, so its runtime
 # and libstdc++ are preloaded. --capture=sys: a sanitizer reports on file descriptor 2 as the
 # process dies, so pytest must not be capturing that descriptor. One schedule, the adversarial
-# one: a kernel touches the same addresses under either, and the other doubles the time.
+# one: a kernel touches the same addresses under either, and the other doubles the time. The
+# tests marked slow (the transformers families' battery) only drive the kernels the others test.
 ASAN_PRELOAD = $(shell gcc -print-file-name=libasan.so) $(shell gcc -print-file-name=libstdc++.so)
 test-asan: $(DEPS)
 	MOE_KERNELS_CUDA=0 MOE_KERNELS_SANITIZE=address,shift,bounds $(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
 	LD_PRELOAD="$(ASAN_PRELOAD)" ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=print_stacktrace=1 \
-		$(PY) -m pytest -q --capture=sys -k "(emu or cuda) and not emu-forward" python_tests
+		$(PY) -m pytest -q --capture=sys -m "not slow" -k "(emu or cuda) and not emu-forward" \
+		python_tests
 
 bench: build
 	$(PY) benchmarks/bench_ops.py --dtype fp32
