@@ -421,6 +421,21 @@ FAMILIES = {
         mlp_gate_softcap=0.05,
         mlp_up_softcap=0.08,
     ),
+    # Inkling: its shared experts' sigmoid scores join the routed weights' normalisation.
+    "inkling": dict(
+        model_type="inkling_text",
+        model_class="InklingForCausalLM",
+        n_routed_experts=8,
+        n_shared_experts=2,
+        moe_intermediate_size=24,
+        head_dim=8,
+        swa_num_attention_heads=4,
+        swa_num_key_value_heads=2,
+        swa_head_dim=8,
+        sliding_window_size=4,
+        d_rel=4,
+        rel_extent=8,
+    ),
     # Multimodal families: their language model (``text_config``) in the whole model, with a
     # tiny vision tower, fed text only.
     "glm4v_moe": dict(
@@ -694,7 +709,7 @@ def tiny_model(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
                 parameter.normal_(0, 0.5)
             if name.endswith(("proj_bias", "router.bias")):  # gpt-oss's, zero when made
                 parameter.uniform_(-0.1, 0.1)
-            if name.endswith("per_expert_scale"):  # Gemma 4's, ones when made
+            if name.endswith(("per_expert_scale", "gate.global_scale")):  # ones when made
                 parameter.uniform_(0.5, 1.5)
         # The routing biases, buffers or (ERNIE's, AFMoE's) Parameters.
         for name, tensor in [*model.named_buffers(), *model.named_parameters()]:

@@ -93,6 +93,8 @@ def decisions(block, router, x):
     if family_of(type(block)) == "afmoe":  # its block passes the router [B, S, H] tokens
         x = x[None]
     out = router(x, *bias)
+    if len(out) == 4:  # Inkling's: its shared experts' weights (gammas) fourth
+        out = out[:3]
     if len(out) == 2:  # Llama 4's: [T, E] scores, zero where an expert is not chosen; logits
         scores, logits = out
         weights, ids = scores.topk(router.top_k, dim=-1)
@@ -275,6 +277,21 @@ def test_routing_decisions_identical_and_counted(family, device):
         assert fused_weights.dtype == weights.dtype
         counts = torch.bincount(ids.flatten(), minlength=fused_router.tokens_per_expert.numel())
         assert torch.equal(fused_router.tokens_per_expert, counts)
+
+
+@pytest.mark.parametrize("family", INSTALLED)
+def test_router_logits_under_autocast_are_the_originals(family):
+    # Where the router's code turns autocast off (ERNIE, Flint, Inkling) they stay fp32; where
+    # it does not (DeepSeek-V3's fp32 copies), autocast computes them in its dtype.
+    model = tiny_model(family)
+    fused = patched_copy(model)
+    x = hidden_states(model).detach().reshape(-1, model.config.get_text_config().hidden_size)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for (_, block), (_, fused_block) in zip(moe_blocks(model), moe_blocks(fused), strict=True):
+            logits = decisions(block, router_of(block), x)[0]
+            fused_logits = decisions(fused_block, router_of_fused(fused_block), x)[0]
+            assert fused_logits.dtype == logits.dtype
+            torch.testing.assert_close(fused_logits, logits, rtol=0, atol=0)
 
 
 @CPU_AND_CUDA

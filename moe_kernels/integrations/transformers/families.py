@@ -43,10 +43,6 @@ TO_DO: dict[str, str] = {
         "the last for x @ W"
     ),
     "diffusion_gemma": "tests: a block-diffusion encoder-decoder (Gemma 4's router and experts)",
-    "inkling": (
-        "its routed weights are normalised with its shared experts' sigmoid scores, whose "
-        "gammas its router returns too"
-    ),
 }
 
 

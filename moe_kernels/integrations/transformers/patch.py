@@ -125,7 +125,7 @@ def unpatch(model: nn.Module) -> int:
             del module._buffers["tokens_per_expert"]
             if module.__dict__.pop("moe_added_bias", False):
                 del module._buffers[module.moe_routing.bias]
-            for attribute in ("moe_balancing", "moe_rate", "moe_center_bias", "moe_bias_block"):
+            for attribute in ("moe_balancing", "moe_rate", "moe_center_bias", "moe_block"):
                 module.__dict__.pop(attribute, None)
             module.__class__ = module.__class__.__bases__[1]
             restored += 1
@@ -147,28 +147,26 @@ def _fuse_router(
     center_bias: bool,
 ) -> None:
     _switch_class(router, FusedRouter, moe_routing=routing)
-    weight = router.router_weight
+    # Not a submodule: the router reads what its block holds for it (the bias the block passes
+    # it, to move it; DBRX's k).
+    router.__dict__["moe_block"] = block
+    device = router.router_weight.device
     router.register_buffer(
         "tokens_per_expert",
-        torch.zeros(weight.shape[0], dtype=torch.int64, device=weight.device),
+        torch.zeros(router.num_experts, dtype=torch.int64, device=device),
         persistent=False,
     )
     router.moe_balancing = balancing
     router.moe_rate = rate
     router.moe_center_bias = center_bias
-    if (
-        routing.bias_argument is not None
-        and getattr(block, routing.bias_argument, None) is not None
-    ):
-        # Not a submodule: the router reads the bias its block passes it, to move it.
-        router.__dict__["moe_bias_block"] = block
-        if balancing == "loss_free":
-            _switch_class(block, KeepsBiasFp32, fp32_tensors=(routing.bias_argument,))
     if balancing != "loss_free":
         return
+    argument = routing.bias_argument
+    if argument is not None and getattr(block, argument, None) is not None:
+        _switch_class(block, KeepsBiasFp32, fp32_tensors=(argument,))
     bias = router.held_bias()
     if bias is None:
-        router.register_buffer(routing.bias, torch.zeros(weight.shape[0], device=weight.device))
+        router.register_buffer(routing.bias, torch.zeros(router.num_experts, device=device))
         router.moe_added_bias = True
     elif bias.dtype != torch.float32:
         bias.data = bias.data.float()  # in place: a Parameter (ERNIE's) stays the model's object

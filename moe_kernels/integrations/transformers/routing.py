@@ -40,9 +40,11 @@ class Routing:
             module (DeepSeek-V4's), one of ``SCORE_MODULES``.
         forwards: the digests (``router_source.forward_digest``) of the router ``forward``
             codes this routing computes, each verified by the tests.
-        logits: "fp32": from fp32 copies of the tokens and the weight (DeepSeek-V3);
-            "input": ``F.linear`` in the tokens' dtype; "weight": the tokens cast to the
-            weight's dtype (MiniMax-M2, and Hunyuan-V1's fp32 gate).
+        logits: "fp32": from fp32 copies of the tokens and the weight (DeepSeek-V3), in
+            autocast's dtype where it is on, as the code's ``F.linear`` is; "forced_fp32": the
+            same with autocast off (ERNIE, Flint, Inkling); "input": ``F.linear`` in the tokens'
+            dtype; "weight": the tokens cast to the weight's dtype (MiniMax-M2, and Hunyuan-V1's
+            fp32 gate).
         normalize: whether the k weights are divided by their sum: a constant, the name of the
             router's attribute holding it, or a function of the router (Cohere2-MoE's).
         norm_eps: added to that sum (``biased_topk``'s norm_eps).
@@ -62,7 +64,8 @@ class Routing:
         bias_argument: the name of the block's attribute holding the bias, where the block
             passes it to the router's ``forward`` (MiniMax-M2, AFMoE); None where the router
             holds its own.
-        top_k: the path of the router's k from the router ("config.top_k_experts").
+        top_k: the path of the router's k from the router ("config.top_k_experts"; DBRX's is
+            its block's, "moe_block.top_k": ``patch`` gives the router its block).
         prepare: what the router does to the tokens before its weight, as a function of the
             router and the [T, H] tokens (Gemma 4's norm and scales); None: nothing.
         expert_scale: the name of the router's attribute holding [E] factors that multiply the
@@ -84,6 +87,14 @@ class Routing:
         scores_first: the router returns ``(weights, logits, ids)``, logits second where the
             model records them (Llama 4, whose block ``patch`` replaces: ``blocks``); else
             ``(logits, weights, ids)``.
+        always_chosen: the name of the router's attribute holding S, where its last S logits
+            are its shared experts', which every token chooses (Inkling): their scores join the
+            sum the weights are normalised by, their weights are returned fourth (the shared
+            experts' gammas), and their logits are neither returned nor counted. The choice
+            puts them first: a bias of fp32's largest value ties them above every routed
+            expert, in index order.
+        trained_scale: the name of the router's [1] Parameter the weights are multiplied by
+            (Inkling's ``global_scale``), which gets its gradient through the product.
     """
 
     score_fn: str
@@ -109,6 +120,8 @@ class Routing:
     returns_fp32_logits: bool = False
     logits_bias: bool = False
     scores_first: bool = False
+    always_chosen: str | None = None
+    trained_scale: str | None = None
 
     def groups(self, router: nn.Module) -> tuple[int, int]:
         """(n_groups, topk_groups) of ``router``'s routing: (1, 1) where it is not grouped."""
@@ -145,6 +158,18 @@ INKLING2 = Routing(
     norm_eps=1e-20,
     scale="routed_scaling_factor",
 )
+# Inkling: fp32 sigmoid scores (autocast off) over its routed and shared experts' logits, its bias on the
+# routed ones' for the choice, the weights of the chosen and shared experts normalised together
+# (a softmax of their log-sigmoids), scaled by its config and its trained global scale.
+INKLING = Routing(
+    "sigmoid",
+    frozenset({"004ac0c6e3a4"}),
+    logits="forced_fp32",
+    weights_dtype="input",
+    scale="route_scale",
+    always_chosen="n_shared_experts",
+    trained_scale="global_scale",
+)
 # DeepSeek-V2: fp32 softmax scores, unnormalised, scaled; groups (scored by their best expert)
 # where its topk_method says "group_limited_greedy".
 DEEPSEEK_V2 = Routing(
@@ -177,7 +202,9 @@ MIXTRAL = Routing("softmax", frozenset({"a27fa18e8112"}))
 GRANITE_MOE = Routing(
     "softmax", frozenset({"6157a64b3d31"}), weights_dtype="logits", returns_fp32_logits=True
 )
-FLINT = Routing("sigmoid", frozenset({"902a0d9a4d4a"}), logits="fp32", normalize="norm_topk_prob")
+FLINT = Routing(
+    "sigmoid", frozenset({"902a0d9a4d4a"}), logits="forced_fp32", normalize="norm_topk_prob"
+)
 JAMBA = Routing("softmax", frozenset({"15e16f52d75c"}), normalize=False, weights_dtype="logits")
 # MiniMax-M3 (and Step-3.7): the fp32 sigmoid of logits from the tokens cast to the weight's
 # dtype, with its bias, normalised.
@@ -215,12 +242,12 @@ LFM2_MOE = Routing(
     scale="routed_scaling_factor",
     bias_argument="expert_bias",
 )
-# ERNIE 4.5: fp32 softmax, the bias in its ``moe_statics`` ([1, E]), the weight sum floored at
+# ERNIE 4.5: fp32 softmax (autocast off), the bias in its ``moe_statics`` ([1, E]), the weight sum floored at
 # ``norm_min``, the weights in the tokens' dtype.
 ERNIE_4_5 = Routing(
     "softmax",
     frozenset({"5c5e298fef42"}),
-    logits="fp32",
+    logits="forced_fp32",
     norm_min="norm_min",
     weights_dtype="input",
     bias="moe_statics." + BIAS,
@@ -348,6 +375,7 @@ ROUTERS: dict[str, tuple[str, Routing]] = {
     "hy_v4": ("HYV4TopkRouter", DEEPSEEK_V3),
     "axk1": ("AXK1TopkRouter", DEEPSEEK_V3),
     "beam": ("BeamTopKRouter", BEAM),
+    "inkling": ("InklingTopkRouter", INKLING),
     "inkling2": ("Inkling2TopKRouter", INKLING2),
     "step3p7": ("Step3p7TopKRouter", MINIMAX_M3),
     "hy_v3": ("HYV3TopKRouter", HY_V3),
@@ -421,7 +449,8 @@ class FusedRouter(KeepsFp32):
     marks real, see ``padding``) and, with loss-free balancing, the bias the choice adds where
     the router holds it (``Routing.bias``: the model's own where it has one, else a new one),
     kept fp32 whatever the model's dtype. A bias the block passes to ``forward`` is the block's
-    (``Routing.bias_argument``), and ``patch`` keeps it fp32 there.
+    (``Routing.bias_argument``), and ``patch`` keeps it fp32 there. ``moe_block``, the block
+    ``patch`` found the router in, is an attribute, not a submodule.
     """
 
     moe_routing: Routing
@@ -445,9 +474,10 @@ class FusedRouter(KeepsFp32):
 
     def held_bias(self) -> Tensor | None:
         """The bias the router chooses with, as its holder holds it: its block's where the
-        block passes it (``patch`` sets ``moe_bias_block``), else its own; or None."""
-        block = self.__dict__.get("moe_bias_block")
-        return self.own_bias() if block is None else getattr(block, self.moe_routing.bias_argument)
+        block passes it (``Routing.bias_argument``) and has one, else its own; or None."""
+        argument = self.moe_routing.bias_argument
+        held = None if argument is None else getattr(self.moe_block, argument, None)
+        return self.own_bias() if held is None else held
 
     def balancing_bias(self) -> Tensor | None:
         """``held_bias`` as [E], a view, which loss-free balancing moves in place."""
@@ -458,21 +488,40 @@ class FusedRouter(KeepsFp32):
     def router_weight(self) -> Tensor:
         return attrgetter(self.moe_routing.weight)(self)
 
+    @property
+    def num_experts(self) -> int:
+        """E: the routed experts, whose choice is counted and balanced (the weight's rows but
+        those of the experts every token chooses, ``Routing.always_chosen``)."""
+        return self.router_weight.shape[0] - self._always_chosen()
+
+    def _always_chosen(self) -> int:
+        chosen = self.moe_routing.always_chosen
+        return 0 if chosen is None else getattr(self, chosen)
+
     def forward(
         self, hidden_states: Tensor, bias: Tensor | None = None
     ) -> tuple[Tensor, Tensor, Tensor]:
         with nvtx_range("router"):
             return self._route(hidden_states, self.own_bias() if bias is None else bias)
 
-    def _route(self, hidden_states: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    def _route(self, hidden_states: Tensor, bias: Tensor | None) -> tuple[Tensor, ...]:
         routing = self.moe_routing
         x = hidden_states.reshape(-1, self.router_weight.shape[1])
         logits = self._logits(x)
         counting = self.training and not in_backward_pass()
+        shared = self._always_chosen()
+        bias = None if bias is None else bias.float().view(-1)
+        if shared:
+            # Above any score plus bias: every token chooses them first, in index order.
+            routed_bias = logits.new_zeros(self.num_experts, dtype=torch.float32)
+            top = torch.finfo(torch.float32).max
+            bias = torch.cat(
+                [routed_bias if bias is None else bias, routed_bias.new_full((shared,), top)]
+            )
         weights, ids, counts = ops.biased_topk(
             logits,
-            None if bias is None else bias.float().view(-1),
-            attrgetter(routing.top_k)(self),
+            bias,
+            attrgetter(routing.top_k)(self) + shared,
             score_function(self, routing),
             *routing.groups(self),
             bool(self._attribute(routing.normalize)),
@@ -484,24 +533,39 @@ class FusedRouter(KeepsFp32):
             choose_on=routing.choose_on,
         )
         if counting:
-            self.tokens_per_expert += counts
+            self.tokens_per_expert += counts[: self.num_experts]
         if routing.expert_scale is not None:
             weights = weights * getattr(self, routing.expert_scale)[ids]
+        if routing.trained_scale is not None:
+            weights = weights * getattr(self, routing.trained_scale).float()
         if routing.weights_dtype != "fp32":
             weights = weights.to(logits.dtype if routing.weights_dtype == "logits" else x.dtype)
         if routing.returns_fp32_logits:
             logits = logits.float()
         if routing.returns_probabilities:
             logits = F.softmax(logits, dim=-1, dtype=torch.float32)
+        if shared:
+            routed = (
+                logits[:, :-shared],
+                weights[:, shared:].contiguous(),
+                ids[:, shared:].contiguous(),
+            )
+            return (*routed, weights[:, :shared].contiguous())
         return (weights, logits, ids) if routing.scores_first else (logits, weights, ids)
 
     def _logits(self, x: Tensor) -> Tensor:
         """The router's logits of the [T, H] tokens, as its code computes them."""
+        if self.moe_routing.logits == "forced_fp32":
+            with torch.autocast(x.device.type, enabled=False):
+                return self._logits_as_coded(x)
+        return self._logits_as_coded(x)
+
+    def _logits_as_coded(self, x: Tensor) -> Tensor:
         routing = self.moe_routing
         weight = self.router_weight
         inputs = x if routing.prepare is None else routing.prepare(self, x)
         logits_bias = self.bias if routing.logits_bias else None
-        if routing.logits == "fp32":
+        if routing.logits in ("fp32", "forced_fp32"):
             fp32_bias = None if logits_bias is None else logits_bias.float()
             logits = F.linear(inputs.float(), weight.float(), fp32_bias)
         elif routing.logits == "weight":
@@ -509,7 +573,7 @@ class FusedRouter(KeepsFp32):
         else:
             logits = F.linear(inputs, weight, logits_bias)
         if routing.logit_scale is not None:
-            logits = logits.float() * getattr(self, routing.logit_scale)
+            logits = logits * getattr(self, routing.logit_scale)
         cap = 0.0 if routing.logit_softcap is None else getattr(self, routing.logit_softcap)
         if cap > 0:
             logits = torch.tanh(logits.float() / cap) * cap
