@@ -73,6 +73,7 @@ QWEN_DELTANET_MOE = dict(
     linear_num_key_heads=2,
     linear_num_value_heads=4,
 )
+DBRX_FFN = dict(ffn_hidden_size=24, moe_num_experts=8, moe_top_k=2)
 # Tiny vision (and audio) towers of the multimodal families, whose tests feed text only; their
 # special tokens take the vocabulary's top ids, from TEXT_VOCAB on, which text never uses.
 TEXT_VOCAB = 87
@@ -421,6 +422,13 @@ FAMILIES = {
         mlp_gate_softcap=0.05,
         mlp_up_softcap=0.08,
     ),
+    # DBRX: its block routes; experts in three [E * F, H] weights.
+    "dbrx": dict(
+        # Its attention reads rope_theta there, and fails without clip_qkv (DBRX clips at 8).
+        attn_config=dict(kv_n_heads=2, rope_theta=1e4, clip_qkv=8.0),
+        ffn_config=DBRX_FFN,
+        d_model=32,  # the experts read it there: set through hidden_size, they miss it
+    ),
     # Inkling: its shared experts' sigmoid scores join the routed weights' normalisation.
     "inkling": dict(
         model_type="inkling_text",
@@ -702,7 +710,15 @@ def tiny_model(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if (
-                name.endswith(("gate.weight", "router.weight", "wg.weight", "router.proj.weight"))
+                name.endswith(
+                    (
+                        "gate.weight",
+                        "router.weight",
+                        "wg.weight",
+                        "router.proj.weight",
+                        "router.layer.weight",
+                    )
+                )
                 and parameter.dim() == 2
                 and parameter.shape[0] > 1
             ):

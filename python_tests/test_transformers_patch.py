@@ -12,6 +12,7 @@ import torch
 import transformers
 from hf_families import (
     COMMON,
+    DBRX_FFN,
     DEEPSEEK_MLA,
     INSTALLED,
     TEXT_VOCAB,
@@ -28,7 +29,7 @@ from moe_kernels.integrations.transformers import (
     supported_routers,
     unpatch,
 )
-from moe_kernels.integrations.transformers.blocks import BLOCKS, FusedInputWeightedBlock
+from moe_kernels.integrations.transformers.blocks import BLOCKS
 from moe_kernels.integrations.transformers.experts import FusedExperts
 from moe_kernels.integrations.transformers.router_source import family_of
 from moe_kernels.integrations.transformers.routing import BIAS, FusedRouter, score_function
@@ -93,6 +94,9 @@ def decisions(block, router, x):
     if family_of(type(block)) == "afmoe":  # its block passes the router [B, S, H] tokens
         x = x[None]
     out = router(x, *bias)
+    if isinstance(out, torch.Tensor):  # DBRX's logits, from which its block routes
+        weights, ids = block.route_tokens_to_experts(out)
+        return out, weights, ids
     if len(out) == 4:  # Inkling's: its shared experts' weights (gammas) fourth
         out = out[:3]
     if len(out) == 2:  # Llama 4's: [T, E] scores, zero where an expert is not chosen; logits
@@ -157,7 +161,7 @@ def test_patch_switches_router_and_experts_of_every_block(family):
     ):
         assert name == fused_name
         if family in BLOCKS:  # the block's class switched too, to a subclass of its own
-            assert isinstance(fused_block, FusedInputWeightedBlock)
+            assert isinstance(fused_block, BLOCKS[family].fused)
             assert type(fused_block).__bases__[1] is type(block)
         else:
             assert type(block) is type(fused_block)
@@ -484,6 +488,40 @@ def test_a_family_left_unpatched_is_warned_about_with_its_reason(family, options
         )
     assert not any(isinstance(m, (FusedRouter, FusedExperts)) for m in model.modules())
     assert all(torch.equal(state[name], t) for name, t in model.state_dict().items())
+
+
+@pytest.mark.skipif("dbrx" not in INSTALLED, reason="needs DBRX's transformers")
+def test_dbrx_jitters_its_tokens_as_the_original_and_may_leave_its_weights_unnormalised():
+    # Its router multiplies its block's tokens in place by noise in training, which the block's
+    # experts then take; the family battery's config has neither the noise nor this routing.
+    ffn = dict(DBRX_FFN, moe_jitter_eps=0.2, moe_normalize_expert_weights=None)
+    model = tiny_model("dbrx", ffn_config=ffn).train()
+    fused = patched_copy(model).train()
+    x = hidden_states(model)
+    grad_out = torch.randn_like(x)
+    for (_, block), (_, fused_block) in zip(moe_blocks(model), moe_blocks(fused), strict=True):
+        results = []
+        for each in (block, fused_block):
+            torch.manual_seed(7)  # the same noise
+            tokens = x.detach().clone().requires_grad_()
+            out = each(tokens * 1.0)  # not a leaf: the noise multiplies it in place
+            out.backward(grad_out)
+            grads = {name: p.grad.clone() for name, p in each.named_parameters()}
+            results.append((out.detach(), tokens.grad, grads))
+        (out, grad_x, grads), (fused_out, fused_grad_x, fused_grads) = results
+        assert not torch.equal(out, block.eval()(x.detach()))  # the noise changed the output
+        assert_close_fp32(fused_out, out)
+        assert_close_fp32(fused_grad_x, grad_x)
+        for name in grads:
+            assert_close_fp32(fused_grads[name], grads[name], msg=name)
+
+
+@pytest.mark.skipif("dbrx" not in INSTALLED, reason="needs DBRX's transformers")
+def test_dbrx_weights_divided_by_another_norm_than_their_sum_are_left_whole_by_name():
+    model = tiny_model("dbrx", ffn_config=dict(DBRX_FFN, moe_normalize_expert_weights=2.0))
+    with pytest.warns(UserWarning, match=r"divided by their 2.0-norm, not their sum"):
+        assert patch(model) == 0
+    assert not any(isinstance(m, (FusedRouter, FusedExperts)) for m in model.modules())
 
 
 @pytest.mark.skipif("cohere2_moe" not in INSTALLED, reason="needs Cohere2-MoE's transformers")

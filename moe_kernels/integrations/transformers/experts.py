@@ -2,11 +2,13 @@
 experts of transformers' default layout with the activation fused into the first product, and the
 experts of a recipe of their own: gpt-oss's (bias terms, interleaved gate and up columns, a
 clamped alpha-SwiGLU) as the products, their biases and ``ops.swiglu``; non-gated experts
-(Nemotron-H's relu^2) as the two products with the experts' own activation module between."""
+(Nemotron-H's relu^2) as the two products with the experts' own activation module between;
+experts whose gate, up and down weights are separate (DBRX's) as three products."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from operator import attrgetter
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -17,6 +19,19 @@ from ...experts import autocast_operands, swiglu_experts
 from .router_source import class_forward_digest, family_of, installed_class
 
 SILU_CLASSES = ("SiLU", "SiLUActivation")
+
+
+@dataclass(frozen=True)
+class SplitWeights:
+    """Experts whose gate, up and down weights are separate [E * F, H] tensors (DBRX's
+    ``mlp.w1``, ``mlp.v1`` and ``mlp.w2``): gate and up in ``nn.Linear`` layout, down stored for
+    ``x @ W``, each expert's F rows in turn; the paths from the experts module, with that of
+    its activation module, applied to the gate product which then multiplies the up one."""
+
+    gate: str
+    up: str
+    down: str
+    activation: str
 
 
 @dataclass(frozen=True)
@@ -41,9 +56,13 @@ class ExpertsRecipe:
         own_gate: the experts' own ``_apply_gate``, an elementwise function of each row's
             [gate | up] products the recipe was verified to be (a soft-capped or post-clamped
             SwiGLU), runs between the two grouped GEMMs, unfused, in place of ``glu``.
+        split: separate gate, up and down weights (``SplitWeights``), run as three grouped
+            GEMMs without copying them, the experts' activation between; None: stacked ones.
         digests: the ``router_source`` digests of the class's ``forward`` and ``_apply_gate``
             the recipe was verified against (None: transformers' default experts, recognised
             by their layout flags instead).
+        inner: (class name, ``forward`` digest) of a module of the family that the experts'
+            forward calls for each expert (DBRX's ``DbrxExpertGLU``), verified too; or None.
     """
 
     gated: bool = True
@@ -54,12 +73,20 @@ class ExpertsRecipe:
     own_gate: bool = False
     fp32: bool = False
     post_norm: str | None = None
+    split: SplitWeights | None = None
     digests: tuple[str | None, str | None] | None = None
+    inner: tuple[str, str] | None = None
 
     @property
     def fused(self) -> bool:
         """Whether the activation runs in the first product's epilogue."""
-        return self.gated and not (self.interleaved or self.biases or self.own_gate or self.fp32)
+        unfused = self.interleaved or self.biases or self.own_gate or self.fp32 or self.split
+        return self.gated and not unfused
+
+    def num_experts(self, experts: nn.Module) -> int:
+        if self.split is not None:
+            return experts.num_experts
+        return (experts.gate_up_proj if self.gated else experts.up_proj).shape[0]
 
     def glu_of(self, experts: nn.Module) -> dict[str, float]:
         """The ``alpha``, ``limit`` and ``up_offset`` of ``experts`` ({} for SwiGLU)."""
@@ -110,6 +137,12 @@ MINIMAX_M3 = ExpertsRecipe(
 )
 # Nemotron-H: non-gated experts, down(act(up(x))), act its config's (relu^2 by default).
 NEMOTRON_H = ExpertsRecipe(gated=False, digests=("4af351fd35c3", "e0dd9c373504"))
+# DBRX: act(x @ w1_e^T) * (x @ v1_e^T) @ w2_e, act its config's (SiLU by default).
+DBRX = ExpertsRecipe(
+    split=SplitWeights("mlp.w1", "mlp.v1", "mlp.w2", "mlp.activation_fn"),
+    digests=("566d64911075", None),
+    inner=("DbrxExpertGLU", "76eb06668268"),
+)
 
 # Experts classes with a recipe of their own: family -> (class name, recipe).
 EXPERTS: dict[str, tuple[str, ExpertsRecipe]] = {
@@ -127,6 +160,7 @@ EXPERTS: dict[str, tuple[str, ExpertsRecipe]] = {
     "deepseek_v4": ("DeepseekV4Experts", DEEPSEEK_V4),
     "nemotron_h": ("NemotronHExperts", NEMOTRON_H),
     "minimax_m3_vl": ("MiniMaxM3VLExperts", MINIMAX_M3),
+    "dbrx": ("DbrxExperts", DBRX),
 }
 
 
@@ -135,7 +169,7 @@ def experts_recipe(experts: nn.Module) -> ExpertsRecipe | str:
     cls = type(experts)
     for family, (name, recipe) in EXPERTS.items():
         if cls.__name__ == name and family_of(cls) == family:
-            if not _verified(cls, recipe):
+            if not _verified(cls, recipe, family):
                 return "its experts' code in this transformers is not the code its recipe computes"
             activation = getattr(experts, "act_fn", None)
             swiglu = recipe.gated and not recipe.own_gate
@@ -151,13 +185,19 @@ def supported_experts() -> set[type[nn.Module]]:
     found = set()
     for family, (name, recipe) in EXPERTS.items():
         cls = installed_class(family, name)
-        if cls is not None and _verified(cls, recipe):
+        if cls is not None and _verified(cls, recipe, family):
             found.add(cls)
     return found
 
 
-def _verified(cls: type, recipe: ExpertsRecipe) -> bool:
-    return (class_forward_digest(cls), class_forward_digest(cls, "_apply_gate")) == recipe.digests
+def _verified(cls: type, recipe: ExpertsRecipe, family: str) -> bool:
+    methods = (class_forward_digest(cls), class_forward_digest(cls, "_apply_gate"))
+    if recipe.inner is not None:
+        name, digest = recipe.inner
+        inner = installed_class(family, name)
+        if inner is None or class_forward_digest(inner) != digest:
+            return False
+    return methods == recipe.digests
 
 
 def unsupported_experts(experts: nn.Module) -> str | None:
@@ -224,7 +264,7 @@ class FusedExperts(nn.Module):
         experts' outputs, or with ``weigh_inputs`` the sum of their experts' outputs on the
         weighted tokens (Llama 4)."""
         with nvtx_range("permute"):
-            num_experts = (self.gate_up_proj if self.moe_recipe.gated else self.up_proj).shape[0]
+            num_experts = self.moe_recipe.num_experts(self)
             rows, row_map, tokens_per_expert = ops.permute(hidden_states, ids, num_experts)
             if weigh_inputs:
                 rows = ops.permute_with_map(hidden_states, row_map, weights, rows.shape[0])
@@ -251,6 +291,8 @@ class FusedExperts(nn.Module):
     def _experts(self, rows: Tensor, tokens_per_expert: Tensor) -> Tensor:
         """The recipe's products, biases and activation, unfused."""
         recipe = self.moe_recipe
+        if recipe.split is not None:
+            return self._split_experts(rows, tokens_per_expert, recipe.split)
         if not recipe.gated:
             hidden = self.act_fn(self._product(rows, self.up_proj, tokens_per_expert))
             return self._product(hidden, self.down_proj, tokens_per_expert)
@@ -262,17 +304,36 @@ class FusedExperts(nn.Module):
         )
         return self._product(hidden, self.down_proj, tokens_per_expert, "down_proj_bias")
 
+    def _split_experts(
+        self, rows: Tensor, tokens_per_expert: Tensor, split: SplitWeights
+    ) -> Tensor:
+        num_experts = self.moe_recipe.num_experts(self)
+
+        def per_expert(path: str) -> Tensor:  # [E * F, H] -> [E, F, H], a view
+            weight = attrgetter(path)(self)
+            return weight.view(num_experts, -1, weight.shape[-1])
+
+        gate = self._product(rows, per_expert(split.gate), tokens_per_expert, linear_layout=True)
+        up = self._product(rows, per_expert(split.up), tokens_per_expert, linear_layout=True)
+        hidden = attrgetter(split.activation)(self)(gate) * up
+        return self._product(hidden, per_expert(split.down), tokens_per_expert, linear_layout=False)
+
     def _product(
-        self, rows: Tensor, weight: Tensor, tokens_per_expert: Tensor, bias: str | None = None
+        self,
+        rows: Tensor,
+        weight: Tensor,
+        tokens_per_expert: Tensor,
+        bias: str | None = None,
+        linear_layout: bool | None = None,
     ) -> Tensor:
         rows, weight = (
             (rows.float(), weight.float())
             if self.moe_recipe.fp32
             else autocast_operands(rows, weight)
         )
-        out = ops.grouped_gemm(
-            rows, weight, tokens_per_expert, not self.moe_recipe.transposed, self.moe_backend
-        )
+        if linear_layout is None:
+            linear_layout = not self.moe_recipe.transposed
+        out = ops.grouped_gemm(rows, weight, tokens_per_expert, linear_layout, self.moe_backend)
         if bias is None or not self.moe_recipe.biases:
             return out
         # Each row's expert's bias (the rows are the experts' segments, in order).

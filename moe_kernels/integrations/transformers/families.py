@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from .blocks import BLOCKS, block_code_matches
 from .experts import EXPERTS
 from .router_source import family_of
 from .routing import ROUTERS
@@ -38,10 +39,6 @@ LEFT_WHOLE_ROUTERS: dict[str, tuple[str, str]] = {
 # Families the ops can express once the named piece is added; until then ``patch`` leaves them
 # whole and names it.
 TO_DO: dict[str, str] = {
-    "dbrx": (
-        "its block routes (its router returns logits only); experts in three [E*F, H] weights, "
-        "the last for x @ W"
-    ),
     "diffusion_gemma": "tests: a block-diffusion encoder-decoder (Gemma 4's router and experts)",
 }
 
@@ -49,6 +46,7 @@ TO_DO: dict[str, str] = {
 # Why a family of ROUTERS is not patched in a transformers version whose code differs.
 CHANGED_ROUTER = "its router's code in this transformers is not the code its recipe computes"
 CHANGED_EXPERTS = "its experts' code in this transformers is not the code its recipe computes"
+CHANGED_BLOCK = "its block's code in this transformers is not the code its recipe computes"
 
 
 def status_of(
@@ -65,6 +63,10 @@ def status_of(
                 return "to do", CHANGED_ROUTER
             if family in EXPERTS and not _experts_code_matches(family, method_digests):
                 return "to do", CHANGED_EXPERTS
+            if family in BLOCKS and not block_code_matches(
+                BLOCKS[family], method_digests.get(BLOCKS[family].name, {})
+            ):
+                return "to do", CHANGED_BLOCK
         partly = [reason for f, reason in LEFT_WHOLE_ROUTERS.values() if f == family]
         return "patched", "; ".join(f"left whole: {reason}" for reason in partly)
     if family in LEFT_WHOLE:
@@ -78,6 +80,10 @@ def _experts_code_matches(family: str, method_digests: dict[str, dict[str, str]]
     name, recipe = EXPERTS[family]
     methods = method_digests.get(name, {})
     forward, apply_gate = recipe.digests
+    if recipe.inner is not None:
+        inner, digest = recipe.inner
+        if method_digests.get(inner, {}).get("forward") != digest:
+            return False
     # A gating function the source does not define is the decorator's default.
     return (
         methods.get("forward") == forward and methods.get("_apply_gate", apply_gate) == apply_gate

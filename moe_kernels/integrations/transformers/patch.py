@@ -17,7 +17,7 @@ from torch import nn
 
 from ... import ops
 from ..._arguments import check_number
-from .blocks import FusedInputWeightedBlock, KeepsBiasFp32, block_to_fuse
+from .blocks import FusedBlock, KeepsBiasFp32, block_to_fuse
 from .experts import FusedExperts, experts_recipe
 from .families import family_note
 from .padding import thread_attention_mask
@@ -51,7 +51,7 @@ def patch(
     of ``routing.ROUTERS`` (with the code its recipe computes) and its experts are SwiGLU
     experts in transformers' stacked layout or have a recipe of their own
     (``experts.EXPERTS``), else left alone and named in a warning (never half-patched). A block
-    whose own forward cannot run them (Llama 4's, ``blocks``) is switched too.
+    whose own forward cannot run them (Llama 4's, DBRX's: ``blocks``) is switched too.
 
     Args:
         model: a transformers model (or any module holding such blocks).
@@ -74,7 +74,7 @@ def patch(
     check_number("rate", rate)
     if backend not in ops.GROUPED_GEMM_BACKENDS:
         raise ValueError(f"backend must be one of {ops.GROUPED_GEMM_BACKENDS}, got {backend!r}")
-    fused = (FusedRouter, FusedExperts, FusedInputWeightedBlock, KeepsBiasFp32)
+    fused = (FusedRouter, FusedExperts, FusedBlock, KeepsBiasFp32)
     if any(isinstance(module, fused) for module in model.modules()):
         raise ValueError("model is already patched: unpatch(model) first")
     routers = supported_routers()
@@ -106,8 +106,8 @@ def patch(
         _switch_class(experts, FusedExperts)
         experts.moe_backend = backend
         experts.moe_recipe = recipe
-        if fuse_block:
-            _switch_class(block, FusedInputWeightedBlock)
+        if fuse_block is not None:
+            _switch_class(block, fuse_block)
         patched += 1
     if patched:
         model.__dict__[_MASK_HOOKS] = thread_attention_mask(model)
@@ -133,7 +133,7 @@ def unpatch(model: nn.Module) -> int:
             module.__dict__.pop("moe_backend", None)
             module.__dict__.pop("moe_recipe", None)
             module.__class__ = module.__class__.__bases__[1]
-        elif isinstance(module, (FusedInputWeightedBlock, KeepsBiasFp32)):
+        elif isinstance(module, (FusedBlock, KeepsBiasFp32)):
             module.__class__ = module.__class__.__bases__[1]
     return restored
 

@@ -48,12 +48,12 @@ def class_forward_digest(cls: type, method: str = "forward") -> str | None:
 
 
 def module_method_digests(source: str) -> dict[str, dict[str, str]]:
-    """{class name: {method: digest}} of the ``forward`` and ``_apply_gate`` methods the classes
-    of a module's source define (a method a decorator adds is not in the source)."""
+    """{class name: {method: digest}} of the methods the classes of a module's source define (a
+    method a decorator adds is not in the source)."""
     digests: dict[str, dict[str, str]] = {}
     for node in ast.parse(source).body:
         if isinstance(node, ast.ClassDef):
             for item in node.body:
-                if isinstance(item, ast.FunctionDef) and item.name in ("forward", "_apply_gate"):
+                if isinstance(item, ast.FunctionDef):
                     digests.setdefault(node.name, {})[item.name] = forward_digest(item)
     return digests

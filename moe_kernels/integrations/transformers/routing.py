@@ -338,6 +338,28 @@ GEMMA4 = Routing(
     expert_scale="per_expert_scale",
     returns_probabilities=True,
 )
+
+
+def _dbrx_jitter(router: nn.Module, x: Tensor) -> Tensor:
+    # In place, as DBRX's router multiplies its block's tokens, which its experts then take.
+    if router.training and router.moe_jitter_eps is not None:
+        eps = router.moe_jitter_eps
+        x *= torch.empty_like(x).uniform_(1.0 - eps, 1.0 + eps)
+    return x
+
+
+# DBRX: its block routes from its router's logits (of its tokens jittered in training where its
+# config says): a softmax in the logits' dtype, the top-k divided by their 1-norm (their sum)
+# where its block says so (``blocks`` refuses another norm).
+DBRX = Routing(
+    "softmax",
+    frozenset({"81b62d3f032c"}),
+    normalize=lambda router: router.moe_block.moe_normalize_expert_weights is not None,
+    weights_dtype="logits",
+    weight="layer.weight",
+    top_k="moe_block.top_k",
+    prepare=_dbrx_jitter,
+)
 # gpt-oss: a softmax over the top-k of biased logits, which is the normalised softmax.
 GPT_OSS = Routing("softmax", frozenset({"b1633bd68b47"}), weights_dtype="logits", logits_bias=True)
 # Llama 4: the sigmoid of the top-k logits, unnormalised (the top-k of the sigmoid scores: the
@@ -402,6 +424,7 @@ ROUTERS: dict[str, tuple[str, Routing]] = {
     "jamba": ("JambaTopKRouter", JAMBA),
     "gpt_oss": ("GptOssTopKRouter", GPT_OSS),
     "llama4": ("Llama4Router", LLAMA4),
+    "dbrx": ("DbrxRouter", DBRX),
     "flex_olmo": ("FlexOlmoTopKRouter", QWEN_MOE),
     "mixtral": ("MixtralTopKRouter", MIXTRAL),
     "cohere2_moe": ("Cohere2MoeTopKRouter", COHERE2_MOE),
