@@ -648,6 +648,35 @@ FAMILIES = {
         out_hidden_size=64,
         projector_hidden_size=32,
     ),
+    # DiffusionGemma: block diffusion, Gemma 4's router and experts in the decoder layers of its
+    # encoder (over the prompt) and its decoder (over a canvas of its own length).
+    "diffusion_gemma": dict(
+        text_config=dict(
+            num_experts=8,
+            top_k_experts=2,
+            moe_intermediate_size=24,
+            head_dim=8,
+            global_head_dim=8,
+            # Wider than the tests' prompts: its decoder's sliding layers read the last window
+            # of the prompt's cache, which a right-padded prompt would fill with padding.
+            sliding_window=16,
+            layer_types=["sliding_attention", "full_attention"],
+        ),
+        vision_config=dict(
+            hidden_size=16,
+            intermediate_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            head_dim=8,
+            patch_size=2,
+        ),
+        image_token_id=87,
+        boi_token_id=88,
+        eoi_token_id=89,
+        canvas_length=8,
+        model_class="DiffusionGemmaForBlockDiffusion",
+    ),
     # ERNIE 4.5-VL: text and vision experts in each block (text reaches only the text ones).
     "ernie4_5_vl_moe": dict(
         text_config=dict(
@@ -683,6 +712,10 @@ INSTALLED = [
     )
 ]
 
+# The causal LMs (every family but the block-diffusion ones, see ``canvas``).
+BLOCK_DIFFUSION = [family for family in INSTALLED if "canvas_length" in FAMILIES[family]]
+CAUSAL_LMS = [family for family in INSTALLED if family not in BLOCK_DIFFUSION]
+
 
 def tiny_model(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
     """A randomly initialised tiny causal LM of ``family``, fp32, in eval mode, whose routers
@@ -694,17 +727,17 @@ def tiny_model(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
     # A language model may have a model type of its own ("<family>_text").
     model_type = options.pop("model_type", family)
     text = options.pop("text_config", None)
+    # A model class the auto mapping leaves out is named.
+    model_class = options.pop("model_class", None)
     if text is None:
-        # A causal LM the auto mapping leaves out is named.
-        model_class = options.pop("model_class", None)
         config = transformers.AutoConfig.for_model(model_type, **{**COMMON, **options, **overrides})
         build = transformers.AutoModelForCausalLM.from_config
-        if model_class is not None:
-            build = getattr(transformers, model_class)._from_config
     else:
         text_config = {**COMMON, **text, **overrides}
         config = transformers.AutoConfig.for_model(model_type, text_config=text_config, **options)
         build = transformers.AutoModelForImageTextToText.from_config
+    if model_class is not None:
+        build = getattr(transformers, model_class)._from_config
     torch.manual_seed(seed)
     model = build(config, attn_implementation="eager")
     with torch.no_grad():
@@ -736,15 +769,54 @@ def tiny_model(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
 
 def block_inputs(model: torch.nn.Module, block: torch.nn.Module, x: torch.Tensor) -> dict:
     """The keyword arguments ``block`` takes beside its [B, S, H] tokens ``x``: none, save for a
-    whole decoder layer (Gemma 4's, whose router and experts sit beside its attention): its
-    rotary embeddings and an empty KV-sharing store."""
+    whole decoder layer (Gemma 4's and DiffusionGemma's, whose router and experts sit beside
+    their attention): its rotary embeddings and, where the family shares KV across layers, an
+    empty KV-sharing store."""
     attention = getattr(block, "self_attn", None)
     if attention is None:
         return {}
     positions = torch.arange(x.shape[1], device=x.device)[None]
-    rotary = model.get_decoder().rotary_emb(x, positions, attention.layer_type)
-    sharing = sys.modules[type(block).__module__].KVSharingDict
-    return dict(position_embeddings=rotary, shared_kv_states=sharing(None))
+    rotary = next(m for name, m in model.named_modules() if name.endswith("rotary_emb"))
+    inputs = dict(position_embeddings=rotary(x, positions, attention.layer_type))
+    sharing = getattr(sys.modules[type(block).__module__], "KVSharingDict", None)
+    if sharing is not None:
+        inputs["shared_kv_states"] = sharing(None)
+    return inputs
+
+
+# Block diffusion (DiffusionGemma): the model denoises a canvas of its config's length (its
+# decoder's tokens, all real) given a prompt (its encoder's, the ids), and computes no loss.
+def canvas(model: torch.nn.Module, batch: int) -> torch.Tensor | None:
+    """A fixed [batch, canvas_length] canvas of text ids for a block-diffusion model, else None."""
+    length = getattr(model.config, "canvas_length", None)
+    if length is None:
+        return None
+    return (torch.arange(length) * 7 % (TEXT_VOCAB - 3) + 3).expand(batch, -1)
+
+
+def forward_inputs(
+    model: torch.nn.Module, ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> dict:
+    """What ``model``'s forward takes beside the [B, S] ``ids``: none, save for a block-diffusion
+    model, its canvas and, where the prompts are padded (``attention_mask``), what its decoder
+    then needs to see them as unpadded: the mask over its cache and canvas, and the canvas's
+    positions after each prompt's real tokens."""
+    tokens = canvas(model, ids.shape[0])
+    if tokens is None:
+        return {}
+    inputs = {"decoder_input_ids": tokens.to(ids.device)}
+    if attention_mask is not None:
+        after = attention_mask.sum(-1, keepdim=True)
+        inputs["decoder_attention_mask"] = torch.cat([attention_mask, torch.ones_like(tokens)], 1)
+        inputs["decoder_position_ids"] = after + torch.arange(tokens.shape[1], device=ids.device)
+    return inputs
+
+
+def routed_tokens(model: torch.nn.Module, name: str, ids: torch.Tensor) -> int:
+    """How many tokens block ``name`` of ``model`` routes for the [B, S] ``ids``: B * S, save in
+    a block-diffusion decoder (B * canvas_length)."""
+    tokens = canvas(model, ids.shape[0])
+    return tokens.numel() if tokens is not None and ".decoder." in name else ids.numel()
 
 
 def text_blocks(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:

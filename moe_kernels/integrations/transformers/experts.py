@@ -155,6 +155,7 @@ EXPERTS: dict[str, tuple[str, ExpertsRecipe]] = {
     "step3p7": ("Step3p7Experts", STEP3P7),
     "inkling2": ("Inkling2Experts", INKLING2),
     "gemma4": ("Gemma4TextExperts", GEMMA4),
+    "diffusion_gemma": ("DiffusionGemmaTextExperts", GEMMA4),
     "muse_spark": ("MuseSparkExperts", MUSE_SPARK),
     "openai_privacy_filter": ("OpenAIPrivacyFilterExperts", OPENAI_PRIVACY_FILTER),
     "deepseek_v4": ("DeepseekV4Experts", DEEPSEEK_V4),

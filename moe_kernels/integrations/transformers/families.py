@@ -38,9 +38,7 @@ LEFT_WHOLE_ROUTERS: dict[str, tuple[str, str]] = {
 
 # Families the ops can express once the named piece is added; until then ``patch`` leaves them
 # whole and names it.
-TO_DO: dict[str, str] = {
-    "diffusion_gemma": "tests: a block-diffusion encoder-decoder (Gemma 4's router and experts)",
-}
+TO_DO: dict[str, str] = {}
 
 
 # Why a family of ROUTERS is not patched in a transformers version whose code differs.

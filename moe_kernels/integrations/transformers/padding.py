@@ -3,13 +3,17 @@ counts take only real tokens: padding is routed as the model routes it, but not 
 
 transformers' MoE blocks never see the mask, and their models are not changed: ``patch`` puts a
 forward pre-hook on the model it is given that holds the call's ``attention_mask`` (a context
-variable, so each thread sees its own call's) until the forward returns.
+variable, so each thread sees its own call's) until the forward returns. A decoder inside the
+model whose tokens that mask does not cover (DiffusionGemma's, over its canvas, whose forward
+takes a ``decoder_attention_mask`` over its cache and canvas instead) holds none while it runs:
+its blocks count every token.
 """
 
 from __future__ import annotations
 
 import inspect
 import warnings
+from collections.abc import Mapping
 from contextvars import ContextVar
 
 import torch
@@ -22,27 +26,50 @@ _attention_mask: ContextVar[Tensor | None] = ContextVar("moe_attention_mask", de
 def thread_attention_mask(model: nn.Module) -> list[RemovableHandle]:
     """Hooks ``model`` so that its routers see the ``attention_mask`` of each forward call; the
     handles remove the hooks. A model whose ``forward`` takes no ``attention_mask`` gets none."""
+    signature = _signature(model)
+    if "attention_mask" not in _parameters(signature):
+        return []
+    handles = _hold_mask_while_running(model, signature)
+    for module in model.modules():
+        parameters = _parameters(_signature(module))
+        if "decoder_attention_mask" in parameters and "attention_mask" not in parameters:
+            handles += _hold_mask_while_running(module, None)
+    return handles
+
+
+def _signature(module: nn.Module) -> inspect.Signature | None:
     try:
-        signature = inspect.signature(model.forward)
+        return inspect.signature(module.forward)
     except (TypeError, ValueError):
-        return []
-    if "attention_mask" not in signature.parameters:
-        return []
+        return None
+
+
+def _parameters(signature: inspect.Signature | None) -> Mapping[str, inspect.Parameter]:
+    return {} if signature is None else signature.parameters
+
+
+def _hold_mask_while_running(
+    module: nn.Module, signature: inspect.Signature | None
+) -> list[RemovableHandle]:
+    """Hooks that hold the ``attention_mask`` of each call of ``module`` (its forward's
+    ``signature``; None: no mask) while it runs."""
     entered = []
 
     def enter(_module, args, kwargs):
-        try:
-            mask = signature.bind_partial(*args, **kwargs).arguments.get("attention_mask")
-        except TypeError:  # the forward itself will name the bad call
-            mask = None
+        mask = None
+        if signature is not None:
+            try:
+                mask = signature.bind_partial(*args, **kwargs).arguments.get("attention_mask")
+            except TypeError:  # the forward itself will name the bad call
+                pass
         entered.append(_attention_mask.set(mask if isinstance(mask, Tensor) else None))
 
     def leave(_module, _args, _output):
         _attention_mask.reset(entered.pop())
 
     return [
-        model.register_forward_pre_hook(enter, with_kwargs=True),
-        model.register_forward_hook(leave, always_call=True),
+        module.register_forward_pre_hook(enter, with_kwargs=True),
+        module.register_forward_hook(leave, always_call=True),
     ]
 
 

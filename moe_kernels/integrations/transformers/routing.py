@@ -432,6 +432,7 @@ ROUTERS: dict[str, tuple[str, Routing]] = {
     "mistral_large4": ("MistralLarge4TextTopkRouter", MISTRAL_LARGE4),
     "laguna": ("LagunaTopKRouter", LAGUNA),
     "gemma4": ("Gemma4TextRouter", GEMMA4),
+    "diffusion_gemma": ("DiffusionGemmaTextRouter", GEMMA4),
     "kolibri1": ("Kolibri1TopKRouter", KOLIBRI1),
     "muse_spark": ("MuseSparkTopkRouter", MUSE_SPARK),
     "openai_privacy_filter": ("OpenAIPrivacyFilterTopKRouter", OPENAI_PRIVACY_FILTER),
