@@ -7,6 +7,7 @@ place of code it does not compute. The digest is of the function's statements as
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import importlib
 import inspect
@@ -40,9 +41,17 @@ def forward_digest(function: ast.FunctionDef) -> str:
 
 def class_forward_digest(cls: type, method: str = "forward") -> str | None:
     """The digest of ``cls.<method>`` (None when its source cannot be read)."""
+    function = getattr(cls, method, None)
+    return None if function is None else _function_digest(function)
+
+
+# Per function object, so that a method replaced on its class is read again; reading and
+# parsing the source of every recipe's class is what ``patch`` would otherwise spend its time on.
+@functools.cache
+def _function_digest(function: object) -> str | None:
     try:
-        source = textwrap.dedent(inspect.getsource(getattr(cls, method)))
-    except (AttributeError, OSError, TypeError):
+        source = textwrap.dedent(inspect.getsource(function))
+    except (OSError, TypeError):
         return None
     return forward_digest(ast.parse(source).body[0])
 
