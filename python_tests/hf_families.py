@@ -90,6 +90,10 @@ QWEN_VISION = dict(
     deepstack_visual_indexes=[0],
 )
 QWEN_VISION_TOKENS = dict(image_token_id=93, video_token_id=94, vision_start_token_id=90)
+# The tiny vision tower of the families whose vision configs take transformers' common keys.
+TINY_VISION = dict(
+    hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, patch_size=2
+)
 GLM_VISION = dict(
     depth=1,
     hidden_size=16,
@@ -574,15 +578,7 @@ FAMILIES = {
             index_head_dim=8,
             index_n_heads=2,
         ),
-        vision_config=dict(
-            hidden_size=16,
-            intermediate_size=16,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            patch_size=2,
-            image_size=8,
-            head_dim=8,
-        ),
+        vision_config=dict(TINY_VISION, image_size=8, head_dim=8),
         image_token_index=95,
     ),
     # Step-3.7: MiniMax-M3's router; SiLU clamped after the activation (a limit the tiny
@@ -599,15 +595,7 @@ FAMILIES = {
             sliding_window=4,
             num_sliding_attention_heads=4,
         ),
-        vision_config=dict(
-            hidden_size=16,
-            intermediate_size=16,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            image_size=8,
-            patch_size=2,
-            mlp_ratio=16.0,
-        ),
+        vision_config=dict(TINY_VISION, image_size=8, mlp_ratio=16.0),
         image_token_id=95,
     ),
     # Muse Spark: a router with a logit multiplier; experts, between the block's projections,
@@ -662,15 +650,7 @@ FAMILIES = {
             sliding_window=16,
             layer_types=["sliding_attention", "full_attention"],
         ),
-        vision_config=dict(
-            hidden_size=16,
-            intermediate_size=16,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-            head_dim=8,
-            patch_size=2,
-        ),
+        vision_config=dict(TINY_VISION, num_key_value_heads=2, head_dim=8),
         image_token_id=87,
         boi_token_id=88,
         eoi_token_id=89,
