@@ -158,9 +158,9 @@ INKLING2 = Routing(
     norm_eps=1e-20,
     scale="routed_scaling_factor",
 )
-# Inkling: fp32 sigmoid scores (autocast off) over its routed and shared experts' logits, its bias on the
-# routed ones' for the choice, the weights of the chosen and shared experts normalised together
-# (a softmax of their log-sigmoids), scaled by its config and its trained global scale.
+# Inkling: fp32 sigmoid scores (autocast off) of its routed and shared experts' logits, its bias
+# on the routed ones' for the choice, the weights of the chosen and shared experts normalised
+# together (a softmax of their log-sigmoids), scaled by its config and its trained global scale.
 INKLING = Routing(
     "sigmoid",
     frozenset({"004ac0c6e3a4"}),
@@ -242,8 +242,8 @@ LFM2_MOE = Routing(
     scale="routed_scaling_factor",
     bias_argument="expert_bias",
 )
-# ERNIE 4.5: fp32 softmax (autocast off), the bias in its ``moe_statics`` ([1, E]), the weight sum floored at
-# ``norm_min``, the weights in the tokens' dtype.
+# ERNIE 4.5: fp32 softmax (autocast off), the bias in its ``moe_statics`` ([1, E]), the weight
+# sum floored at ``norm_min``, the weights in the tokens' dtype.
 ERNIE_4_5 = Routing(
     "softmax",
     frozenset({"5c5e298fef42"}),
@@ -536,12 +536,7 @@ class FusedRouter(KeepsFp32):
         shared = self._always_chosen()
         bias = None if bias is None else bias.float().view(-1)
         if shared:
-            # Above any score plus bias: every token chooses them first, in index order.
-            routed_bias = logits.new_zeros(self.num_experts, dtype=torch.float32)
-            top = torch.finfo(torch.float32).max
-            bias = torch.cat(
-                [routed_bias if bias is None else bias, routed_bias.new_full((shared,), top)]
-            )
+            bias = self._choosing_shared_first(bias, shared, logits.device)
         weights, ids, counts = ops.biased_topk(
             logits,
             bias,
@@ -576,6 +571,12 @@ class FusedRouter(KeepsFp32):
             )
             return (*routed, weights[:, :shared].contiguous())
         return (weights, logits, ids) if routing.scores_first else (logits, weights, ids)
+
+    def _choosing_shared_first(self, bias: Tensor | None, shared: int, device) -> Tensor:
+        """The [E + S] bias that makes every token choose the ``shared`` experts first: fp32's
+        largest value, above any score plus bias, which they tie at (the lower index first)."""
+        routed = torch.zeros(self.num_experts, device=device) if bias is None else bias
+        return torch.cat([routed, routed.new_full((shared,), torch.finfo(torch.float32).max)])
 
     def _logits(self, x: Tensor) -> Tensor:
         """The router's logits of the [T, H] tokens, as its code computes them."""
