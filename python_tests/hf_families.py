@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from functools import partial
 
 import pytest
 import torch
@@ -527,6 +528,29 @@ FAMILIES = {
         user_token_id=87,
         **QWEN_VISION_TOKENS,
     ),
+    # Qwen3-Omni's talker, its speech-codec language model (Qwen's router, a gated shared
+    # expert), fed embeddings (in the whole model, the thinker's states). Its model reads
+    # spatial_merge_size and its loss vocab_size from its own config, which has neither.
+    "qwen3_omni_moe_talker": dict(
+        config_class="Qwen3OmniMoeTalkerConfig",
+        model_class="Qwen3OmniMoeTalkerForConditionalGeneration",
+        router="Qwen3OmniMoeTalkerTextTopKRouter",
+        text_config=dict(
+            head_dim=8,
+            num_experts=8,
+            moe_intermediate_size=24,
+            shared_expert_intermediate_size=40,
+            norm_topk_prob=True,
+            rope_parameters=QWEN_MROPE,
+        ),
+        code_predictor_config=dict(COMMON, head_dim=8),
+        num_code_groups=4,
+        thinker_hidden_size=32,
+        spatial_merge_size=1,
+        vocab_size=96,
+        # Its initialisation leaves its experts' weights as torch.empty made them.
+        uninitialised_experts=True,
+    ),
     # DeepSeek-V2's router in two OCR models.
     "deepseek_ocr2": dict(
         text_config=dict(
@@ -685,7 +709,10 @@ FAMILIES = {
 INSTALLED = [
     family
     for family in FAMILIES
-    if any(cls.__name__ == ROUTERS[family][0] for cls in supported_routers())
+    if any(
+        cls.__name__ == FAMILIES[family].get("router", ROUTERS.get(family, ("",))[0])
+        for cls in supported_routers()
+    )
     and (
         family not in EXPERTS
         or any(cls.__name__ == EXPERTS[family][0] for cls in supported_experts())
@@ -704,17 +731,25 @@ def tiny_model(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
     A family whose language model has no causal-LM class of its own is built whole, with its
     tiny vision tower (``text_config``; ``overrides`` go to the language model)."""
     options = dict(FAMILIES[family])
+    options.pop("router", None)
+    uninitialised_experts = options.pop("uninitialised_experts", False)
     # A language model may have a model type of its own ("<family>_text").
     model_type = options.pop("model_type", family)
     text = options.pop("text_config", None)
-    # A model class the auto mapping leaves out is named.
+    # A model or config class the auto mapping leaves out is named.
     model_class = options.pop("model_class", None)
+    config_class = options.pop("config_class", None)
     if text is None:
         config = transformers.AutoConfig.for_model(model_type, **{**COMMON, **options, **overrides})
         build = transformers.AutoModelForCausalLM.from_config
     else:
         text_config = {**COMMON, **text, **overrides}
-        config = transformers.AutoConfig.for_model(model_type, text_config=text_config, **options)
+        make_config = (
+            getattr(transformers, config_class)
+            if config_class is not None
+            else partial(transformers.AutoConfig.for_model, model_type)
+        )
+        config = make_config(text_config=text_config, **options)
         build = transformers.AutoModelForImageTextToText.from_config
     if model_class is not None:
         build = getattr(transformers, model_class)._from_config
@@ -740,6 +775,8 @@ def tiny_model(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
                 parameter.uniform_(-0.1, 0.1)
             if name.endswith(("per_expert_scale", "gate.global_scale")):  # ones when made
                 parameter.uniform_(0.5, 1.5)
+            if uninitialised_experts and ".experts." in name:
+                parameter.normal_(0, 0.02)
         # The routing biases, buffers or (ERNIE's, AFMoE's) Parameters.
         for name, tensor in [*model.named_buffers(), *model.named_parameters()]:
             if name.endswith(("e_score_correction_bias", "expert_bias")):
@@ -774,13 +811,20 @@ def canvas(model: torch.nn.Module, batch: int) -> torch.Tensor | None:
     return (torch.arange(length) * 7 % (TEXT_VOCAB - 3) + 3).expand(batch, -1)
 
 
+# Models fed embeddings, whose forward leaves ids aside (Qwen3-Omni's talker).
+FED_EMBEDDINGS = ("Qwen3OmniMoeTalkerForConditionalGeneration",)
+
+
 def forward_inputs(
     model: torch.nn.Module, ids: torch.Tensor, attention_mask: torch.Tensor | None = None
 ) -> dict:
-    """What ``model``'s forward takes beside the [B, S] ``ids``: none, save for a block-diffusion
-    model, its canvas and, where the prompts are padded (``attention_mask``), what its decoder
-    then needs to see them as unpadded: the mask over its cache and canvas, and the canvas's
-    positions after each prompt's real tokens."""
+    """What ``model``'s forward takes beside the [B, S] ``ids``: none, save for a model fed
+    embeddings, those of the ids by its own embedding; and for a block-diffusion model, its
+    canvas and, where the prompts are padded (``attention_mask``), what its decoder then needs
+    to see them as unpadded: the mask over its cache and canvas, and the canvas's positions
+    after each prompt's real tokens."""
+    if type(model).__name__ in FED_EMBEDDINGS:
+        return {"inputs_embeds": model.get_input_embeddings()(ids)}
     tokens = canvas(model, ids.shape[0])
     if tokens is None:
         return {}

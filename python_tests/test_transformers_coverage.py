@@ -2,6 +2,7 @@
 transformers is classified, the tables agree with each other and with the source, and the
 README's table is the one ``coverage`` writes."""
 
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,10 @@ pytest.importorskip("transformers")
 
 from moe_kernels.integrations.transformers import coverage, families
 from moe_kernels.integrations.transformers.experts import EXPERTS, supported_experts
-from moe_kernels.integrations.transformers.router_source import installed_class
+from moe_kernels.integrations.transformers.router_source import (
+    installed_class,
+    module_method_digests,
+)
 from moe_kernels.integrations.transformers.routing import ROUTERS, supported_routers
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -58,6 +62,35 @@ def test_the_families_read_as_patched_are_those_patch_supports():
             family.name not in EXPERTS or EXPERTS[family.name][0] in experts
         )
         assert (family.status == "patched") == supported, family
+
+
+@pytest.mark.parametrize(
+    "family,cls,method,status,reason",
+    [
+        ("qwen3_moe", "Qwen3MoeTopKRouter", "forward", "to do", families.CHANGED_ROUTER),
+        ("dbrx", "DbrxFFN", "route_tokens_to_experts", "to do", families.CHANGED_BLOCK),
+        ("dbrx", "DbrxExpertGLU", "forward", "to do", families.CHANGED_EXPERTS),
+        (
+            "qwen3_omni_moe",
+            "Qwen3OmniMoeTalkerTextTopKRouter",
+            "forward",
+            "patched",
+            f"left whole: Qwen3OmniMoeTalkerTextTopKRouter: {families.CHANGED_ROUTER}",
+        ),
+    ],
+)
+def test_a_family_whose_code_changed_is_classified_by_what_changed(
+    family, cls, method, status, reason
+):
+    # Its source as read, then one method changed: the router, the block that routes, the
+    # module its experts call, or the router of its other language model.
+    modeling = Path(importlib.util.find_spec(f"transformers.models.{family}").origin).parent
+    source = (modeling / f"modeling_{family}.py").read_text(encoding="utf-8")
+    digests = module_method_digests(source)
+    if cls not in digests or families.status_of(family, digests) != ("patched", ""):
+        pytest.skip(f"this transformers has no {cls}, or {family} is not wholly patched here")
+    digests[cls][method] = "0" * 12
+    assert families.status_of(family, digests) == (status, reason)
 
 
 def test_the_readme_table_is_the_generated_one():

@@ -9,7 +9,7 @@ from torch import nn
 from .blocks import BLOCKS, block_code_matches
 from .experts import EXPERTS
 from .router_source import family_of
-from .routing import ROUTERS
+from .routing import OTHER_ROUTERS, ROUTERS
 
 # Families whose routing or experts the ops cannot express, each with the reason.
 LEFT_WHOLE: dict[str, str] = {
@@ -28,12 +28,6 @@ LEFT_WHOLE: dict[str, str] = {
 # Routers left whole in a family ``patch`` otherwise covers: class -> (family, reason).
 LEFT_WHOLE_ROUTERS: dict[str, tuple[str, str]] = {
     "DeepseekV4HashRouter": ("deepseek_v4", "its hash layers pick experts by a token-id table"),
-    # Qwen's router (QWEN_MOE's code) in the talker's blocks, untested: the tests build the
-    # thinker, which is the family's language model.
-    "Qwen3OmniMoeTalkerTextTopKRouter": (
-        "qwen3_omni_moe",
-        "its talker's blocks: to do (the tests build its thinker)",
-    ),
 }
 
 # Families the ops can express once the named piece is added; until then ``patch`` leaves them
@@ -66,6 +60,14 @@ def status_of(
             ):
                 return "to do", CHANGED_BLOCK
         partly = [reason for f, reason in LEFT_WHOLE_ROUTERS.values() if f == family]
+        if method_digests is not None:
+            partly += [
+                f"{name}: {CHANGED_ROUTER}"
+                for name, (f, routing) in OTHER_ROUTERS.items()
+                if f == family
+                and name in method_digests
+                and method_digests[name].get("forward") not in routing.forwards
+            ]
         return "patched", "; ".join(f"left whole: {reason}" for reason in partly)
     if family in LEFT_WHOLE:
         return "left whole", LEFT_WHOLE[family]

@@ -441,6 +441,13 @@ ROUTERS: dict[str, tuple[str, Routing]] = {
     "minimax_m3_vl": ("MiniMaxM3VLTopKRouter", MINIMAX_M3),
 }
 
+# Routers of a family beside its ``ROUTERS`` one, in another of its language models: class ->
+# (family, routing).
+OTHER_ROUTERS: dict[str, tuple[str, Routing]] = {
+    # Qwen3-Omni's talker, its speech-codec language model beside its thinker.
+    "Qwen3OmniMoeTalkerTextTopKRouter": ("qwen3_omni_moe", QWEN_MOE),
+}
+
 
 def score_function(router: nn.Module, routing: Routing) -> str | None:
     """``biased_topk``'s score_fn for ``router``, or None where the one it holds is none of
@@ -455,9 +462,11 @@ def score_function(router: nn.Module, routing: Routing) -> str | None:
 
 def supported_routers() -> dict[type[nn.Module], Routing]:
     """The router classes of the installed transformers that ``patch`` replaces: those of
-    ``ROUTERS`` whose ``forward`` is code their recipe was verified against."""
+    ``ROUTERS`` and ``OTHER_ROUTERS`` whose ``forward`` is code their recipe was verified
+    against."""
     found = {}
-    for family, (name, routing) in ROUTERS.items():
+    rows = [*ROUTERS.items(), *((f, (name, r)) for name, (f, r) in OTHER_ROUTERS.items())]
+    for family, (name, routing) in rows:
         cls = installed_class(family, name)
         if cls is not None and class_forward_digest(cls) in routing.forwards:
             found[cls] = routing
