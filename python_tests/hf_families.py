@@ -719,14 +719,16 @@ INSTALLED = [
     )
 ]
 
-# The causal LMs (every family but the block-diffusion ones, see ``canvas``).
+# The block-diffusion families (see ``canvas``), and the causal LMs: every other one.
 BLOCK_DIFFUSION = [family for family in INSTALLED if "canvas_length" in FAMILIES[family]]
 CAUSAL_LMS = [family for family in INSTALLED if family not in BLOCK_DIFFUSION]
 
 
 def tiny_model(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
-    """A randomly initialised tiny causal LM of ``family``, fp32, in eval mode, whose routers
-    have spread-out logits (no near-ties) and, where the family has one, a nonzero bias.
+    """A randomly initialised tiny model of ``family`` (a test case of ``FAMILIES``), fp32, in
+    eval mode, whose routers have spread-out logits (no near-ties) and, where the family has
+    one, a nonzero bias: its causal LM, or the class ``model_class`` names (an encoder, a block
+    diffusion model, a talker).
 
     A family whose language model has no causal-LM class of its own is built whole, with its
     tiny vision tower (``text_config``; ``overrides`` go to the language model)."""
@@ -828,7 +830,8 @@ def forward_inputs(
     tokens = canvas(model, ids.shape[0])
     if tokens is None:
         return {}
-    inputs = {"decoder_input_ids": tokens.to(ids.device)}
+    tokens = tokens.to(ids.device)
+    inputs = {"decoder_input_ids": tokens}
     if attention_mask is not None:
         after = attention_mask.sum(-1, keepdim=True)
         inputs["decoder_attention_mask"] = torch.cat([attention_mask, torch.ones_like(tokens)], 1)
