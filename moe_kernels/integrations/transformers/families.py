@@ -11,13 +11,19 @@ from .experts import EXPERTS
 from .router_source import family_of
 from .routing import OTHER_ROUTERS, ROUTERS
 
-# Families whose routing or experts the ops cannot express, each with the reason.
+# Families patch leaves whole, each with the reason: the ops cannot express their routing or
+# experts, or a fused module could not keep their modules' contract at the ops' speed.
 LEFT_WHOLE: dict[str, str] = {
     "axk2": (
         "experts of dropped groups keep a choice of 0, not -inf: with negative biases they can "
         "win, which biased_topk never lets happen"
     ),
-    "jetmoe": "its block routes and runs its experts itself (no router or experts module)",
+    "jetmoe": (
+        "its block runs its experts itself (no experts module), from a gating module (its "
+        "attention experts' too) that returns a dispatch plan sorted by expert, with per-expert "
+        "sizes as a Python list, which its model records by position: a fused router would "
+        "rebuild that plan, a sort and a host sync per layer"
+    ),
     "longcat_flash": "zero-computation (identity) experts",
     "nllb_moe": "expert capacity drops tokens; one module per expert",
     "phimoe": "sparsemixer routing: a masked softmax per slot, sampled in training",
