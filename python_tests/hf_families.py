@@ -821,12 +821,15 @@ def forward_inputs(
     model: torch.nn.Module, ids: torch.Tensor, attention_mask: torch.Tensor | None = None
 ) -> dict:
     """What ``model``'s forward takes beside the [B, S] ``ids``: none, save for a model fed
-    embeddings, those of the ids by its own embedding; and for a block-diffusion model, its
+    embeddings, those of the ids by its own embedding, and their positions (which transformers
+    5.17's talker would compute from ids it is not given); and for a block-diffusion model, its
     canvas and, where the prompts are padded (``attention_mask``), what its decoder then needs
     to see them as unpadded: the mask over its cache and canvas, and the canvas's positions
     after each prompt's real tokens."""
     if type(model).__name__ in FED_EMBEDDINGS:
-        return {"inputs_embeds": model.get_input_embeddings()(ids)}
+        real = torch.ones_like(ids) if attention_mask is None else attention_mask
+        positions = (real.cumsum(-1) - 1).clamp(min=0)
+        return {"inputs_embeds": model.get_input_embeddings()(ids), "position_ids": positions}
     tokens = canvas(model, ids.shape[0])
     if tokens is None:
         return {}
