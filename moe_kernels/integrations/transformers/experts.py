@@ -83,6 +83,22 @@ class ExpertsRecipe:
         unfused = self.interleaved or self.biases or self.own_gate or self.fp32 or self.split
         return self.gated and not unfused
 
+    def code_matches(self, name: str, method_digests: dict[str, dict[str, str | None]]) -> bool:
+        """Whether the experts class ``name`` (and its ``inner`` module), as ``method_digests``
+        ({class name: {method: digest}}) reads them, have the code the recipe was verified
+        against."""
+        forward, apply_gate = self.digests
+        if self.inner is not None:
+            inner, digest = self.inner
+            if method_digests.get(inner, {}).get("forward") != digest:
+                return False
+        methods = method_digests.get(name, {})
+        # A gating function a source does not define is the decorator's default.
+        return (
+            methods.get("forward") == forward
+            and methods.get("_apply_gate", apply_gate) == apply_gate
+        )
+
     def num_experts(self, experts: nn.Module) -> int:
         if self.split is not None:
             return experts.num_experts
@@ -192,13 +208,18 @@ def supported_experts() -> set[type[nn.Module]]:
 
 
 def _verified(cls: type, recipe: ExpertsRecipe, family: str) -> bool:
-    methods = (class_forward_digest(cls), class_forward_digest(cls, "_apply_gate"))
+    # The installed classes' digests; a gating function a decorator adds is read too.
+    digests = {
+        cls.__name__: {
+            "forward": class_forward_digest(cls),
+            "_apply_gate": class_forward_digest(cls, "_apply_gate"),
+        }
+    }
     if recipe.inner is not None:
-        name, digest = recipe.inner
-        inner = installed_class(family, name)
-        if inner is None or class_forward_digest(inner) != digest:
-            return False
-    return methods == recipe.digests
+        inner = installed_class(family, recipe.inner[0])
+        if inner is not None:
+            digests[inner.__name__] = {"forward": class_forward_digest(inner)}
+    return recipe.code_matches(cls.__name__, digests)
 
 
 def unsupported_experts(experts: nn.Module) -> str | None:

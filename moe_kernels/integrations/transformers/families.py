@@ -59,7 +59,8 @@ def status_of(
         if method_digests is not None:
             if method_digests.get(name, {}).get("forward") not in routing.forwards:
                 return "to do", CHANGED_ROUTER
-            if family in EXPERTS and not _experts_code_matches(family, method_digests):
+            experts_name, recipe = EXPERTS.get(family, ("", None))
+            if recipe is not None and not recipe.code_matches(experts_name, method_digests):
                 return "to do", CHANGED_EXPERTS
             if family in BLOCKS and not block_code_matches(
                 BLOCKS[family], method_digests.get(BLOCKS[family].name, {})
@@ -80,20 +81,6 @@ def status_of(
     if family in TO_DO:
         return "to do", TO_DO[family]
     return None
-
-
-def _experts_code_matches(family: str, method_digests: dict[str, dict[str, str]]) -> bool:
-    name, recipe = EXPERTS[family]
-    methods = method_digests.get(name, {})
-    forward, apply_gate = recipe.digests
-    if recipe.inner is not None:
-        inner, digest = recipe.inner
-        if method_digests.get(inner, {}).get("forward") != digest:
-            return False
-    # A gating function the source does not define is the decorator's default.
-    return (
-        methods.get("forward") == forward and methods.get("_apply_gate", apply_gate) == apply_gate
-    )
 
 
 def family_note(module: nn.Module) -> str:
