@@ -75,6 +75,18 @@ QWEN_DELTANET_MOE = dict(
     linear_num_value_heads=4,
 )
 DBRX_FFN = dict(ffn_hidden_size=24, moe_num_experts=8, moe_top_k=2)
+# Inkling's and Inkling-2's experts, and their sliding-window and relative-position attention.
+INKLING_LIKE = dict(
+    n_routed_experts=8,
+    moe_intermediate_size=24,
+    head_dim=8,
+    swa_num_attention_heads=4,
+    swa_num_key_value_heads=2,
+    swa_head_dim=8,
+    sliding_window_size=4,
+    d_rel=4,
+    rel_extent=8,
+)
 # Tiny vision (and audio) towers of the multimodal families, whose tests feed text only; their
 # special tokens take the vocabulary's top ids, from TEXT_VOCAB on, which text never uses.
 TEXT_VOCAB = 87
@@ -413,16 +425,8 @@ FAMILIES = {
     # Inkling-2: soft-capped SwiGLU experts, the caps about the size of the tiny model's
     # products so that they bite, beside its sliding-window and linear layers.
     "inkling2": dict(
+        INKLING_LIKE,
         model_type="inkling2_text",
-        n_routed_experts=8,
-        moe_intermediate_size=24,
-        head_dim=8,
-        swa_num_attention_heads=4,
-        swa_num_key_value_heads=2,
-        swa_head_dim=8,
-        sliding_window_size=4,
-        d_rel=4,
-        rel_extent=8,
         n_layers_per_attn_res_block=1,
         mlp_gate_softcap=0.05,
         mlp_up_softcap=0.08,
@@ -436,18 +440,10 @@ FAMILIES = {
     ),
     # Inkling: its shared experts' sigmoid scores join the routed weights' normalisation.
     "inkling": dict(
+        INKLING_LIKE,
         model_type="inkling_text",
         model_class="InklingForCausalLM",
-        n_routed_experts=8,
         n_shared_experts=2,
-        moe_intermediate_size=24,
-        head_dim=8,
-        swa_num_attention_heads=4,
-        swa_num_key_value_heads=2,
-        swa_head_dim=8,
-        sliding_window_size=4,
-        d_rel=4,
-        rel_extent=8,
     ),
     # Multimodal families: their language model (``text_config``) in the whole model, with a
     # tiny vision tower, fed text only.
